@@ -1,0 +1,239 @@
+"""``CGGRLoss``: cross-entropy over the hardest tokens only.
+
+Shape legend: B batch, T sequence length, N = B·T tokens, V vocabulary, K kept tokens.
+
+Dataflow of one call:
+
+    logits (N, V) ──token_scores (no grad, fp32, chunked)──> entropy, confidence, margin, nll   (N,)
+                  ──difficulty + select_tokens──────────────> mask (N,) bool, K = mask.sum() on device
+    loss = Σ_selected nll / K                                  (reduction='mean'; 'sum' drops the / K)
+    backward: d logits = (softmax(z) - onehot(target)) · w     w = mask / K, recomputed chunk by chunk
+
+The nll of every token is a by-product of scoring, so the forward reads the logits once; the backward writes
+the gradient in the logits' dtype without an fp32 copy of (N, V). What this saves: the loss and the LM-head
+backward of easy tokens. It does NOT shrink the backward through the transformer body (attention spreads
+every token's gradient to earlier positions); use :class:`cggr.CGGRModel` for that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cggr._validation import (
+    REDUCTIONS,
+    SCORING_MODES,
+    SELECTION_STRATEGIES,
+    check_choice,
+    check_finite_float,
+    check_int,
+    check_logits_targets,
+)
+from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, difficulty, token_scores
+from cggr.selection import RatioSchedule, dynamic_ratio, select_tokens
+
+
+class _SelectedCrossEntropy(torch.autograd.Function):
+    """loss = Σ_n w_n · nll_n with nll precomputed in fp32; backward recomputes softmax chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, weights: Tensor, nll: Tensor, rows: int) -> Tensor:
+        # logits (N, V) any float dtype; targets (N,) long with ignored entries already weighted 0;
+        # weights (N,) fp32; nll (N,) fp32 (0 at ignored positions).
+        ctx.save_for_backward(logits, targets, weights)
+        ctx.rows = rows
+        return (weights * nll).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, targets, weights = ctx.saved_tensors
+        n, _ = logits.shape
+        grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
+        coef = (weights * grad_out).unsqueeze(-1)  # (N, 1) fp32
+        for start in range(0, n, ctx.rows):
+            stop = min(start + ctx.rows, n)
+            p = torch.softmax(logits[start:stop].float(), dim=-1)  # (c, V) fp32
+            p.scatter_add_(1, targets[start:stop].unsqueeze(-1), torch.full_like(p[:, :1], -1.0))
+            grad[start:stop] = (p * coef[start:stop]).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+class CGGRLoss(nn.Module):
+    """Selective cross-entropy: only the hardest tokens contribute to the loss and its gradient.
+
+    Args:
+        scoring: Difficulty signal: ``'entropy'``, ``'margin'``, ``'loss'`` or ``'combined'``.
+        selection: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` or ``'random'``.
+        num_strata: Buckets for ``stratified``.
+        min_tokens_per_sequence: Per-sequence floor for ``sequence_aware`` (3-D inputs: per row of B).
+        dynamic_threshold: Scale the ratio by the batch's mean confidence (ignored by ``fixed_quota``).
+        threshold_sensitivity: Strength of the dynamic threshold.
+        min_tokens_ratio: Share of valid tokens kept once warm-up is over, in (0, 1].
+        warmup_steps: Steps over which the kept share falls linearly from 1 to ``min_tokens_ratio``.
+        ignore_index: Target value to ignore.
+        reduction: ``'mean'`` over the selected tokens, or ``'sum'``.
+        seed: Seed of the random source used by ``stratified`` and ``random`` (``None``: drawn from torch's
+            global generator on first use, so ``torch.manual_seed`` makes runs repeatable).
+        chunk_size: Rows of logits processed at once in scoring and backward (default: ~16 Mi elements).
+
+    Call ``step()`` after each optimizer step to advance the curriculum. ``step_count`` is a buffer, so
+    ``state_dict()`` carries the curriculum across a resume. Inputs: logits (B, T, V) or (N, V), targets
+    (B, T) or (N,) already aligned with the logits (no shift), any float dtype for logits.
+    """
+
+    step_count: Tensor
+
+    def __init__(
+        self,
+        scoring: str = "combined",
+        selection: str = "topk",
+        num_strata: int = 4,
+        min_tokens_per_sequence: int = 1,
+        dynamic_threshold: bool = True,
+        threshold_sensitivity: float = 0.5,
+        min_tokens_ratio: float = 0.25,
+        warmup_steps: int = 1000,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        seed: int | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
+        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
+        self.num_strata = check_int("num_strata", num_strata, minimum=1)
+        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
+        if not isinstance(dynamic_threshold, bool):
+            raise TypeError(f"dynamic_threshold must be a bool, got {dynamic_threshold!r}")
+        self.dynamic_threshold = dynamic_threshold
+        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
+        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        if seed is not None:
+            check_int("seed", seed, minimum=0)
+        self.seed = seed
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0  # host mirror of step_count: the schedule never reads the device
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._last: dict[str, Tensor] = {}
+        self.register_load_state_dict_post_hook(_sync_step_from_buffer)
+
+    # ------------------------------------------------------------------ curriculum
+    @property
+    def min_tokens_ratio(self) -> float:
+        return self.schedule.min_tokens_ratio
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.warmup_steps
+
+    @property
+    def current_ratio(self) -> float:
+        """Scheduled share of tokens kept at the current step (before the dynamic threshold)."""
+        return self.schedule(self._step)
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step (no host sync)."""
+        self._step += 1
+        self.step_count.add_(1)
+
+    # ------------------------------------------------------------------ forward
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.selection not in ("stratified", "random"):
+            return None
+        gen = self._generators.get(device)
+        if gen is None:
+            seed = self.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            self._generators[device] = gen
+        return gen
+
+    def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
+        """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
+        scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        diff = difficulty(scores, self.scoring)
+        valid = scores.valid
+        n_valid = valid.sum()
+        ratio: float | Tensor = self.schedule(self._step)
+        mean_conf = (scores.confidence * valid).sum() / n_valid.clamp(min=1)
+        if self.dynamic_threshold and self.selection != "fixed_quota":
+            ratio = dynamic_ratio(ratio, mean_conf, self.threshold_sensitivity)
+        mask = select_tokens(
+            diff,
+            valid,
+            ratio,
+            strategy=self.selection,
+            num_strata=self.num_strata,
+            min_tokens_per_sequence=self.min_tokens_per_sequence,
+            generator=self._generator(logits.device),
+        )
+        self._last = {
+            "tokens_selected": mask.sum().detach(),
+            "tokens_total": n_valid.detach(),
+            "ratio": torch.as_tensor(ratio).detach(),
+            "avg_confidence": mean_conf.detach(),
+            "avg_entropy": ((scores.entropy * valid).sum() / n_valid.clamp(min=1)).detach(),
+        }
+        return mask, scores
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy over the selected tokens.
+
+        Args:
+            logits: (B, T, V) or (N, V).
+            targets: (B, T) or (N,) aligned with ``logits``; ``ignore_index`` entries are skipped.
+
+        Returns:
+            0-d fp32 loss. 0.0 (still differentiable) when every target is ignored.
+        """
+        check_logits_targets(logits, targets, ignore_index=self.ignore_index)
+        mask, scores = self.select(logits, targets)
+        vocab = logits.shape[-1]
+        flat_mask = mask.reshape(-1)
+        weights = flat_mask.float()
+        if self.reduction == "mean":
+            weights = weights / flat_mask.sum().clamp(min=1)
+        safe_targets = torch.where(scores.valid, targets, 0).reshape(-1)
+        rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+        return _SelectedCrossEntropy.apply(
+            logits.reshape(-1, vocab), safe_targets, weights, scores.nll.reshape(-1), rows
+        )
+
+    # ------------------------------------------------------------------ metrics
+    def get_metrics(self) -> dict[str, float]:
+        """Host-side metrics of the last forward (this syncs; call it outside the hot path)."""
+        out: dict[str, float] = {
+            "step": self._step,
+            "scheduled_ratio": self.current_ratio,
+        }
+        if self._last:
+            vals = {k: float(v) for k, v in self._last.items()}
+            total = vals["tokens_total"]
+            out.update(
+                token_ratio=vals["tokens_selected"] / total if total > 0 else 0.0,
+                effective_ratio=vals["ratio"],
+                tokens_selected=int(vals["tokens_selected"]),
+                tokens_total=int(total),
+                avg_confidence=vals["avg_confidence"],
+                avg_entropy=vals["avg_entropy"],
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
+            f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}"
+        )
+
+
+def _sync_step_from_buffer(module: CGGRLoss, incompatible_keys) -> None:
+    module._step = int(module.step_count)
