@@ -1,0 +1,80 @@
+"""Independent fp64 brute-force references used by the tests (naive loops and textbook formulas)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def scores_fp64(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int = -100) -> dict:
+    """Entropy, confidence, margin, nll of every row, computed row by row in float64."""
+    z = logits.detach().double().reshape(-1, logits.shape[-1]).cpu()
+    t = targets.reshape(-1).cpu() if targets is not None else None
+    out = {"entropy": [], "confidence": [], "margin": [], "nll": []}
+    for i in range(z.shape[0]):
+        row = z[i]
+        p = torch.exp(row - row.max())
+        p = p / p.sum()
+        ent = -sum(float(pj) * math.log(float(pj)) for pj in p if pj > 0)
+        ps = sorted((float(x) for x in p), reverse=True)
+        out["entropy"].append(ent)
+        out["confidence"].append(ps[0])
+        out["margin"].append(ps[0] - ps[1] if len(ps) > 1 else ps[0])
+        if t is not None:
+            if int(t[i]) == ignore_index:
+                out["nll"].append(0.0)
+            else:
+                lse = float(row.max()) + math.log(float(torch.exp(row - row.max()).sum()))
+                out["nll"].append(lse - float(row[int(t[i])]))
+    shape = logits.shape[:-1]
+    res = {k: torch.tensor(v, dtype=torch.float64).view(shape) for k, v in out.items() if v}
+    res["nll"] = res.get("nll")
+    return res
+
+
+def difficulty_fp64(ref: dict, mode: str, vocab: int) -> torch.Tensor:
+    has_nll = ref["nll"] is not None
+    if mode == "entropy":
+        return ref["entropy"]
+    if mode == "margin":
+        return 1 - ref["margin"]
+    if mode == "loss":
+        return ref["nll"] if has_nll else ref["entropy"]
+    inv = 1 / math.log(vocab) if vocab > 1 else 0.0
+    d = ref["entropy"] * inv + (1 - ref["margin"])
+    return d + ref["nll"] * inv if has_nll else d
+
+
+def k_of(ratio: float, n_valid: int) -> int:
+    """K = max(1, round-half-up(ratio · n_valid)), 0 for an empty batch."""
+    if n_valid == 0:
+        return 0
+    return min(n_valid, max(1, math.floor(ratio * n_valid + 0.5)))
+
+
+def topk_set(diff: torch.Tensor, valid: torch.Tensor, ratio: float) -> set[int]:
+    """Indices (flattened) of the K hardest valid tokens, by a plain Python sort."""
+    d = diff.reshape(-1).tolist()
+    v = valid.reshape(-1).tolist()
+    idx = [i for i in range(len(d)) if v[i]]
+    idx.sort(key=lambda i: (-(math.inf if math.isnan(d[i]) else d[i]), i))
+    return set(idx[: k_of(ratio, len(idx))])
+
+
+def stratified_quotas(k: int, sizes: list[int]) -> list[int]:
+    """Quota per bucket ∝ S - i (largest remainder to the hardest), capped, overflow to the hardest with room."""
+    s = len(sizes)
+    w = [s - i for i in range(s)]
+    total = sum(w)
+    q = [k * wi // total for wi in w]
+    rem = k - sum(q)
+    for i in range(rem):
+        q[i] += 1
+    q = [min(qi, si) for qi, si in zip(q, sizes)]
+    over = k - sum(q)
+    for i in range(s):
+        add = min(over, sizes[i] - q[i])
+        q[i] += add
+        over -= add
+    return q
