@@ -1,0 +1,34 @@
+"""Every Python example in the README runs, and CI runs exactly the README's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_python_examples_run_in_order():
+    pytest.importorskip("transformers")
+    blocks = _blocks("python")
+    assert len(blocks) >= 5
+    namespace: dict = {"__name__": "readme"}
+    for i, code in enumerate(blocks):
+        try:
+            exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+        except Exception as exc:  # re-raise with the block's text, so a failure says which example broke
+            raise AssertionError(f"README python block {i} failed:\n{code}") from exc
+
+
+def test_ci_runs_the_readme_test_command():
+    test_commands = [b.strip() for b in _blocks("bash") if "pytest" in b]
+    assert len(test_commands) == 1, test_commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_commands[0] in ci.splitlines()
