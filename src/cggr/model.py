@@ -1,0 +1,527 @@
+"""``CGGRScorer`` (token masks from a cheap router) and ``CGGRModel`` (train only on the hardest sequences).
+
+Shape legend: B batch, T sequence length, V vocabulary, k selected sequences (k = max(1, round(ratio · B))),
+K kept tokens.
+
+Dataflow of one ``CGGRModel`` training call::
+
+    input_ids (B, T) ──router (first layers, no grad)──> logits (B, T, V)
+        ──scores (fp32; fused on CUDA)──> difficulty (B, T) ──mean over valid tokens──> seq score (B,)
+        ──topk (k, static)──> idx (k,) ──index_select──> input_ids (k, T), labels (k, T)
+        ──full model (with grad)──> logits (k, T, V) ──cross-entropy over valid targets──> loss
+
+Cost ≈ router (about k_layers/L of a no-grad forward) + ratio × one full training step. Everything stays on the
+device: k is a Python int fixed by the ratio, selection uses ``torch.topk``/``index_select`` (no ``nonzero``,
+``.item()`` or ``.tolist()``), so with a fixed ratio the step is ``torch.compile``/CUDA-graph friendly.
+Metrics that need host values are computed lazily in ``get_metrics()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cggr._validation import (
+    SCORING_MODES,
+    SELECTION_STRATEGIES,
+    check_choice,
+    check_finite_float,
+    check_int,
+    check_ratio,
+)
+from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
+from cggr.scoring import TokenScores, difficulty, token_scores
+from cggr.selection import RatioSchedule, dynamic_ratio, select_sequences, select_tokens
+
+# Model types trained with unshifted (masked-LM) labels when no ``causal`` flag is given.
+_MASKED_LM_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "camembert",
+        "distilbert",
+        "albert",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "modernbert",
+        "mpnet",
+        "ernie",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _fused_scores_impl(logits: Tensor, targets: Tensor | None, ignore_index: int) -> tuple[Tensor, ...]:
+    # logits (N, V) any float dtype; targets (N,) or None. Written so that inductor fuses it into a couple of
+    # row reductions over the logits, reading them in their own dtype without an fp32 copy of (N, V).
+    z = logits.float()
+    m1, i1 = z.max(dim=-1)  # (N,)
+    lse = torch.logsumexp(z, dim=-1)  # (N,)
+    ez = (torch.exp(z - lse.unsqueeze(-1)) * z).sum(dim=-1)  # Σ p z
+    entropy = (lse - ez).clamp_min(0.0)
+    confidence = torch.exp(m1 - lse)
+    cols = torch.arange(z.shape[-1], device=z.device)
+    m2 = torch.where(cols == i1.unsqueeze(-1), -torch.inf, z).amax(dim=-1)  # exact 2nd largest (dups kept)
+    margin = confidence - torch.exp(m2 - lse)
+    if targets is None:
+        return entropy, confidence, margin
+    ok = targets != ignore_index
+    zt = torch.gather(z, 1, torch.where(ok, targets, 0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(ok, lse - zt, 0.0)
+    return entropy, confidence, margin, nll
+
+
+_compiled_scores: Callable[..., tuple[Tensor, ...]] | None = None
+
+
+def _use_fused(device: torch.device, fused: bool | None) -> bool:
+    if os.environ.get("CGGR_IMPL", "").lower() == "torch":
+        return False
+    if fused is None:
+        return device.type == "cuda"
+    return fused
+
+
+@torch.no_grad()
+def router_scores(
+    logits: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100, fused: bool | None = None
+) -> TokenScores:
+    """:func:`cggr.scoring.token_scores` of router logits, optionally through a fused compiled path.
+
+    Args:
+        logits: (B, T, V) or (N, V) router logits.
+        targets: Aligned targets of ``logits.shape[:-1]`` or ``None``.
+        ignore_index: Ignored target value.
+        fused: ``True``: one ``torch.compile``-fused pass (≈ two reads of the logits, no fp32 copy);
+            ``False``: the chunked reference :func:`cggr.scoring.token_scores`; ``None`` (default): fused on
+            CUDA. ``CGGR_IMPL=torch`` forces the reference.
+
+    Returns:
+        :class:`cggr.scoring.TokenScores` (fp32).
+    """
+    if not _use_fused(logits.device, fused):
+        return token_scores(logits, targets, ignore_index=ignore_index)
+    global _compiled_scores
+    if _compiled_scores is None:
+        _compiled_scores = torch.compile(_fused_scores_impl, fullgraph=True)
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    flat_t = targets.reshape(-1) if targets is not None else None
+    outs = _compiled_scores(logits.reshape(-1, vocab), flat_t, ignore_index)
+    outs = [o.view(lead) for o in outs]
+    return TokenScores(
+        entropy=outs[0],
+        confidence=outs[1],
+        margin=outs[2],
+        nll=outs[3] if targets is not None else None,
+        valid=(targets != ignore_index) if targets is not None else None,
+        vocab_size=vocab,
+    )
+
+
+def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor | None, **kw) -> Tensor:
+    with torch.no_grad():
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
+        out = router(input_ids, **kw)
+    logits = out.logits if hasattr(out, "logits") else out
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"router must return logits of shape (B, T, V) = ({input_ids.shape[0]}, {input_ids.shape[1]}, V), "
+            f"got {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+        )
+    return logits
+
+
+def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or t.dim() != 2:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a (B, T) tensor, got {got}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {tuple(shape)}")
+
+
+def _resolve_router(model: nn.Module, router: Callable[..., Any] | None, num_router_layers: int) -> Any:
+    if router is None:
+        return create_truncated_router(model, num_router_layers)
+    if not callable(router):
+        raise TypeError(f"router must be a TruncatedRouter or a callable returning logits, got {type(router)}")
+    return router
+
+
+# ---------------------------------------------------------------------------------------------- scorer
+class CGGRScorer(nn.Module):
+    """Per-token difficulty and a keep-mask from a router, for null routing (e.g. ``PersistentTRMLP``).
+
+    Args:
+        router: A :class:`cggr.TruncatedRouter` (or any callable ``router(input_ids, attention_mask=...)``
+            returning (B, T, V) logits or an object with ``.logits``). Only a ``TruncatedRouter`` (which owns
+            no parameters) is registered as a submodule; any other router is held by plain reference so that
+            its parameters are never counted twice.
+        scoring, selection, num_strata, min_tokens_per_sequence, dynamic_threshold, threshold_sensitivity,
+        min_tokens_ratio, warmup_steps, ignore_index, seed: As in :class:`cggr.CGGRLoss`.
+        fused_scoring: See :func:`router_scores`.
+
+    Call: ``difficulty, mask, info = scorer(input_ids, targets=None, attention_mask=None)`` where ``targets``
+    (B, T) are aligned with the logits (already shifted) and enable the nll term; ``attention_mask`` zeros and
+    ``ignore_index`` targets are never selected. ``difficulty`` is (B, T) fp32, ``mask`` (B, T) bool, ``info``
+    a dict of device tensors: current_ratio, tokens_selected, tokens_total, confidence, entropy.
+    """
+
+    step_count: Tensor
+
+    def __init__(
+        self,
+        router: Callable[..., Any] | nn.Module,
+        min_tokens_ratio: float = 0.25,
+        scoring: str = "combined",
+        selection: str = "topk",
+        num_strata: int = 4,
+        min_tokens_per_sequence: int = 1,
+        dynamic_threshold: bool = True,
+        threshold_sensitivity: float = 0.5,
+        warmup_steps: int = 1000,
+        ignore_index: int = -100,
+        seed: int | None = None,
+        fused_scoring: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(router):
+            raise TypeError(f"router must be a TruncatedRouter or a callable returning logits, got {type(router)}")
+        _set_router(self, router)
+        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
+        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
+        self.num_strata = check_int("num_strata", num_strata, minimum=1)
+        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
+        if not isinstance(dynamic_threshold, bool):
+            raise TypeError(f"dynamic_threshold must be a bool, got {dynamic_threshold!r}")
+        self.dynamic_threshold = dynamic_threshold
+        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
+        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.fused_scoring = fused_scoring
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0
+        self._ratio = self.schedule(0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.register_load_state_dict_post_hook(_sync_step)
+
+    @property
+    def current_ratio(self) -> float:
+        """Scheduled share of tokens kept at the current step (before the dynamic threshold)."""
+        return self._ratio
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step (no host sync)."""
+        self._step += 1
+        self._ratio = self.schedule(self._step)
+        self.step_count.add_(1)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.selection not in ("stratified", "random"):
+            return None
+        return _get_generator(self._generators, device, self.seed)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **router_kwargs: Any,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Score every token and select the hardest.
+
+        Returns:
+            ``(difficulty (B, T) fp32, mask (B, T) bool, info)``.
+        """
+        _check_2d("input_ids", input_ids)
+        _check_2d("targets", targets, input_ids.shape)
+        _check_2d("attention_mask", attention_mask, input_ids.shape)
+        logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)  # (B, T, V)
+        scores = router_scores(logits, targets, ignore_index=self.ignore_index, fused=self.fused_scoring)
+        diff = difficulty(scores, self.scoring)  # (B, T) fp32
+        valid = scores.valid if scores.valid is not None else torch.ones_like(diff, dtype=torch.bool)
+        if attention_mask is not None:
+            valid = valid & attention_mask.bool()
+        n_valid = valid.sum()
+        denom = n_valid.clamp(min=1)
+        mean_conf = (scores.confidence * valid).sum() / denom
+        ratio: float | Tensor = self._ratio
+        if self.dynamic_threshold and self.selection != "fixed_quota":
+            ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
+        mask = select_tokens(
+            diff,
+            valid,
+            ratio,
+            strategy=self.selection,
+            num_strata=self.num_strata,
+            min_tokens_per_sequence=self.min_tokens_per_sequence,
+            generator=self._generator(diff.device),
+        )
+        info = {
+            "current_ratio": torch.as_tensor(ratio, dtype=torch.float32, device=diff.device),
+            "tokens_selected": mask.sum(),
+            "tokens_total": n_valid,
+            "confidence": mean_conf,
+            "entropy": (scores.entropy * valid).sum() / denom,
+        }
+        return diff, mask, info
+
+    def extra_repr(self) -> str:
+        return (
+            f"scoring={self.scoring!r}, selection={self.selection!r}, "
+            f"min_tokens_ratio={self.schedule.min_tokens_ratio}, warmup_steps={self.schedule.warmup_steps}, "
+            f"dynamic_threshold={self.dynamic_threshold}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- model
+def is_masked_lm(model: nn.Module) -> bool:
+    """True for masked-LM heads (BERT/RoBERTa-style: labels are not shifted)."""
+    model = unwrap_model(model)
+    if "MaskedLM" in type(model).__name__:
+        return True
+    cfg = getattr(model, "config", None)
+    return bool(
+        cfg is not None
+        and getattr(cfg, "model_type", None) in _MASKED_LM_TYPES
+        and not getattr(cfg, "is_decoder", False)
+    )
+
+
+class CGGRModel(nn.Module):
+    """Batch split: score the batch with a truncated router, train the full model on the hardest sequences.
+
+    Args:
+        model: A Hugging Face causal LM or masked LM (anything whose output has ``.logits``).
+        router: Router returning (B, T, V) logits; default ``create_truncated_router(model, num_router_layers)``.
+        num_router_layers: Layers of the default router.
+        min_tokens_ratio: Share of the batch's sequences trained on once warm-up is over, in (0, 1].
+        warmup_steps: Steps over which the share falls linearly from 1 to ``min_tokens_ratio``.
+        scoring: Token difficulty: ``'entropy'``, ``'margin'``, ``'loss'`` or ``'combined'``.
+        selection: ``'topk'`` (hardest sequences) or ``'random'`` (the control; the router is not run).
+        token_ratio: If set, inside the selected sequences only the hardest ``token_ratio`` share of valid
+            tokens (by router difficulty) contributes to the loss.
+        ignore_index: Label value to ignore.
+        causal: Shift labels HF-style (position t predicts label t+1). ``None``: ``False`` for masked LMs.
+        seed: Seed of the ``random`` control's generator.
+        fused_scoring: See :func:`router_scores`.
+
+    ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
+    ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
+    sequences (0.0 with grad when there are none). Positions with ``attention_mask == 0`` are treated as
+    ``ignore_index`` labels. Call ``step()`` after each optimizer step; ``step_count`` is a buffer, so
+    ``state_dict()`` carries the curriculum. ``parameters()`` are the model's, each once.
+    """
+
+    step_count: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        router: Callable[..., Any] | None = None,
+        num_router_layers: int = 4,
+        min_tokens_ratio: float = 0.25,
+        warmup_steps: int = 1000,
+        scoring: str = "combined",
+        selection: str = "topk",
+        token_ratio: float | None = None,
+        ignore_index: int = -100,
+        causal: bool | None = None,
+        seed: int | None = None,
+        fused_scoring: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_int("num_router_layers", num_router_layers, minimum=1)
+        self.model = model
+        _set_router(self, _resolve_router(model, router, num_router_layers))
+        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
+        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
+        self.selection = check_choice("selection", selection, ("topk", "random"))
+        self.token_ratio = None if token_ratio is None else check_ratio("token_ratio", token_ratio)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+        if causal is not None and not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool or None, got {causal!r}")
+        self.causal = (not is_masked_lm(model)) if causal is None else causal
+        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.fused_scoring = fused_scoring
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0
+        self._ratio = self.schedule(0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._last: dict[str, Tensor | int] = {}
+        self.register_load_state_dict_post_hook(_sync_step)
+
+    # ------------------------------------------------------------------ curriculum
+    @property
+    def current_ratio(self) -> float:
+        """Scheduled share of sequences trained on at the current step."""
+        return self._ratio
+
+    def num_selected_sequences(self, batch_size: int) -> int:
+        """k = max(1, round(ratio · B)) (round half up), at most B."""
+        return min(batch_size, max(1, math.floor(self._ratio * batch_size + 0.5)))
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step (no host sync)."""
+        self._step += 1
+        self._ratio = self.schedule(self._step)
+        self.step_count.add_(1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Train step loss over the hardest sequences, or the plain model output when ``labels`` is None.
+
+        Args:
+            input_ids: (B, T) token ids.
+            labels: (B, T) HF-style labels (shifted inside for causal LMs), ``ignore_index`` ignored.
+            attention_mask: (B, T) 1 = token, 0 = padding.
+            **kwargs: Extra model inputs; tensors with leading dim B (e.g. ``token_type_ids``,
+                ``position_ids``) are sliced to the selected sequences.
+        """
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError("input_ids is required when labels are given (the router scores token ids)")
+        _check_2d("input_ids", input_ids)
+        _check_2d("labels", labels, input_ids.shape)
+        _check_2d("attention_mask", attention_mask, input_ids.shape)
+        batch = input_ids.shape[0]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
+        if self.causal:  # position t predicts label t+1; the last position predicts nothing
+            targets = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)  # (B, T)
+        else:
+            targets = labels
+        valid = targets != self.ignore_index  # (B, T)
+        k = self.num_selected_sequences(batch)
+
+        need_scores = (self.selection == "topk" and k < batch) or self.token_ratio is not None
+        tok_diff: Tensor | None = None
+        if need_scores:
+            r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
+            scores = router_scores(r_logits, targets, ignore_index=self.ignore_index, fused=self.fused_scoring)
+            del r_logits
+            tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
+            n_tok = valid.sum(-1)  # (B,)
+            seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
+            seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
+            n_all = n_tok.sum().clamp(min=1)
+            self._last["router_confidence"] = (scores.confidence * valid).sum() / n_all
+            self._last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+        if self.selection == "random":
+            gen = _get_generator(self._generators, input_ids.device, self.seed)
+            idx = torch.randperm(batch, device=input_ids.device, generator=gen)[:k]
+        elif k == batch:
+            idx = torch.arange(batch, device=input_ids.device)
+        else:
+            idx = select_sequences(seq_score, k)  # (k,)
+
+        sub_ids = input_ids.index_select(0, idx)  # (k, T)
+        sub_targets = targets.index_select(0, idx)  # (k, T)
+        sub_mask = attention_mask.index_select(0, idx) if attention_mask is not None else None
+        sub_kwargs = _batch_kwargs(kwargs, batch, idx)
+        out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
+        vocab = logits.shape[-1]
+        sub_valid = sub_targets != self.ignore_index  # (k, T)
+        safe_targets = torch.where(sub_valid, sub_targets, 0)
+        if self.token_ratio is not None:
+            keep = select_tokens(tok_diff.index_select(0, idx), sub_valid, self.token_ratio)  # (k, T)
+        else:
+            keep = sub_valid
+        nll = F.cross_entropy(logits.float().view(-1, vocab), safe_targets.view(-1), reduction="none")  # (k·T,)
+        n_keep = keep.sum()
+        loss = (nll * keep.view(-1)).sum() / n_keep.clamp(min=1)
+
+        self._last.update(
+            indices=idx.detach(),
+            tokens_selected=n_keep.detach(),
+            tokens_total=valid.sum().detach(),
+            sequences_selected=k,
+            batch_size=batch,
+        )
+        return loss
+
+    # ------------------------------------------------------------------ metrics
+    def get_metrics(self) -> dict[str, Any]:
+        """Host-side metrics of the last call (this syncs; call it outside the hot path)."""
+        out: dict[str, Any] = {"step": self._step, "scheduled_ratio": self._ratio}
+        if self._last:
+            for key, val in self._last.items():
+                if key == "indices":
+                    out["selected_indices"] = [int(i) for i in val.cpu()]
+                elif isinstance(val, Tensor):
+                    out[key] = float(val) if val.is_floating_point() else int(val)
+                else:
+                    out[key] = val
+            total = out.get("tokens_total", 0)
+            out["token_ratio"] = out["tokens_selected"] / total if total else 0.0
+            out["sequence_ratio"] = out["sequences_selected"] / out["batch_size"]
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"min_tokens_ratio={self.schedule.min_tokens_ratio}, warmup_steps={self.schedule.warmup_steps}, "
+            f"scoring={self.scoring!r}, selection={self.selection!r}, token_ratio={self.token_ratio}, "
+            f"causal={self.causal}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _batch_kwargs(kwargs: dict[str, Any], batch: int, idx: Tensor | None = None) -> dict[str, Any]:
+    out = {}
+    for key, val in kwargs.items():
+        if isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch and idx is not None:
+            val = val.index_select(0, idx)
+        out[key] = val
+    return out
+
+
+def _set_router(owner: nn.Module, router: Any) -> None:
+    if isinstance(router, TruncatedRouter):
+        owner.router = router  # registers no parameters of its own
+    else:
+        object.__setattr__(owner, "router", router)  # plain reference: no duplicate parameters, no cycles
+
+
+def _get_generator(cache: dict, device: torch.device, seed: int | None) -> torch.Generator:
+    gen = cache.get(device)
+    if gen is None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        cache[device] = gen
+    return gen
+
+
+def _sync_step(module: nn.Module, incompatible_keys) -> None:
+    module._step = int(module.step_count)
+    module._ratio = module.schedule(module._step)
+
+
+__all__ = ["CGGRModel", "CGGRScorer", "is_masked_lm", "router_scores"]

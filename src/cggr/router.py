@@ -1,0 +1,267 @@
+"""Truncated router: the model's own embeddings, its first k layers and its own final norm and head.
+
+Shape legend: B batch, T sequence length, V vocabulary, L the model's layer count, k router layers.
+
+How it is built (DESIGN §5, the "shallow shell"): new objects are made only along the path from the root
+module to the decoder-layer ``ModuleList`` (``copy.copy`` of each module plus copies of its
+``_modules/_parameters/_buffers`` dicts), that list is replaced by ``nn.ModuleList(layers[:k])`` and every config
+on the path by a copy with ``num_hidden_layers = k`` (and ``layer_types[:k]`` where present). The router then
+calls the shell's OWN ``forward``, so every family-specific detail (Gemma's embedding scale and final softcap,
+ALiBi, GPT-2's ``wpe``, BERT's MLM head, Mamba's mixer) applies unchanged. No parameter or buffer is copied:
+every tensor the router touches is the model's.
+
+    model ──path──> shell root ──path──> shell body ──> ModuleList(layers[:k])      (new objects: path only)
+       └── embeddings, norms, head, layers: the very same modules (shared, never copied)
+
+The router holds the model by a plain (non-module) reference, so it registers no submodules: its
+``state_dict()`` and ``parameters()`` are empty, an optimizer over ``CGGRModel.parameters()`` sees every
+parameter once, and ``router.eval()`` does not change the model's mode.
+
+A shell goes stale when the model's structure changes (``set_attn_implementation``, ``resize_token_embeddings``
+replacing the embeddings or head, PEFT wrapping a module). The router keys a cache on the identity of every
+object on the path, their direct children and tensors, the first k layers and the attention implementation,
+and rebuilds the shell when the key changes (checked on every eager call; skipped while ``torch.compile``
+traces, where dynamo's own guards apply).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cggr._validation import check_int
+
+# Attribute paths from a (task-head) model to its layer list, per family.
+_LAYER_PATHS: tuple[tuple[str, ...], ...] = (
+    ("model", "layers"),  # Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text), Phi-3
+    ("transformer", "h"),  # GPT-2, GPT-J, Falcon
+    ("gpt_neox", "layers"),  # GPT-NeoX
+    ("bert", "encoder", "layer"),  # BERT
+    ("roberta", "encoder", "layer"),  # RoBERTa
+    ("backbone", "layers"),  # Mamba, Mamba2
+    ("layers",),  # bare decoder models (LlamaModel, MambaModel, ...)
+    ("h",),  # GPT2Model, GPTJModel, FalconModel
+    ("encoder", "layer"),  # BertModel, RobertaModel
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT (``get_base_model()``) wrappers."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
+            model = model.get_base_model()
+        elif type(model).__name__ == "FullyShardedDataParallel" and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+    return model
+
+
+def find_layer_path(model: nn.Module) -> tuple[str, ...] | None:
+    """Attribute path from ``model`` to its list of transformer/SSM blocks, or ``None`` when unknown."""
+    for path in _LAYER_PATHS:
+        obj: Any = model
+        for name in path:
+            obj = obj._modules.get(name) if isinstance(obj, nn.Module) else None
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return path
+    return None
+
+
+def _attn_impl(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    shell = copy.copy(module)
+    shell._modules = dict(module._modules)
+    shell._parameters = dict(module._parameters)
+    shell._buffers = dict(module._buffers)
+    return shell
+
+
+def _truncated_config(config: Any, k: int) -> Any:
+    cfg = copy.copy(config)
+    cfg.num_hidden_layers = k  # attribute_map turns this into n_layer / num_layers where the family uses them
+    layer_types = getattr(config, "layer_types", None)
+    derived = isinstance(getattr(type(config), "layer_types", None), property)  # Mamba: computed from the count
+    if isinstance(layer_types, list | tuple) and not derived:
+        cfg.layer_types = list(layer_types[:k])
+    return cfg
+
+
+class TruncatedRouter(nn.Module):
+    """Cheap difficulty model: the model's embeddings + its first ``num_layers`` layers + its own norm and head.
+
+    Build it with :func:`create_truncated_router`. Calling it runs under ``torch.no_grad()`` and returns the
+    logits ``(B, T, V)`` of the truncated model (the full model's logits when the architecture is unknown:
+    ``passthrough``). It shares every parameter with the model and registers none of them.
+
+    Args:
+        model: A Hugging Face model (causal LM, masked LM or bare backbone), possibly wrapped in DDP/PEFT.
+        num_layers: Layers kept, >= 1. ``num_layers >= L`` gives the full model.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int = 4) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.num_layers = check_int("num_layers", num_layers, minimum=1)
+        # Plain references (object.__setattr__ bypasses nn.Module registration): no duplicate parameters.
+        object.__setattr__(self, "_wrapped", model)
+        self._shell: nn.Module | None = None
+        self._key: tuple | None = None
+        self._path: tuple[str, ...] | None = None
+        self._forward_kwargs: frozenset[str] = frozenset()
+        self.passthrough = False
+        self._refresh()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def model(self) -> nn.Module:
+        """The (unwrapped) model this router reads from."""
+        return unwrap_model(self._wrapped)
+
+    def _path_objects(self, root: nn.Module) -> list[nn.Module]:
+        objs = [root]
+        for name in self._path or ():
+            objs.append(objs[-1]._modules[name])
+        return objs
+
+    def _cache_key(self, root: nn.Module) -> tuple:
+        path = find_layer_path(root)
+        if path is None:
+            return (id(root), None, _attn_impl(root))
+        key: list[Any] = [id(root), path, _attn_impl(root), getattr(getattr(root, "config", None), "vocab_size", None)]
+        obj: Any = root
+        for name in path:
+            key.append(tuple((n, id(m)) for n, m in obj._modules.items()))
+            key.append(tuple((n, id(p)) for n, p in obj._parameters.items()))
+            key.append(tuple((n, id(b)) for n, b in obj._buffers.items()))
+            obj = obj._modules[name]
+        key.append(tuple(id(layer) for layer in list(obj)[: self.num_layers]))
+        return tuple(key)
+
+    def _refresh(self) -> None:
+        root = self.model
+        key = self._cache_key(root)
+        if key == self._key:
+            return
+        self._key = key
+        self._path = find_layer_path(root)
+        if self._path is None:
+            if not self.passthrough:
+                warnings.warn(
+                    f"create_truncated_router: no known layer list in {type(root).__name__}; "
+                    "using the full model as its own router (passthrough, no speed-up from the router).",
+                    stacklevel=3,
+                )
+            self.passthrough = True
+            object.__setattr__(self, "_shell", root)
+        else:
+            self.passthrough = False
+            object.__setattr__(self, "_shell", self._build_shell(root))  # plain attribute, not a submodule
+        self._forward_kwargs = frozenset(inspect.signature(self._shell.forward).parameters)
+
+    def _build_shell(self, root: nn.Module) -> nn.Module:
+        originals = self._path_objects(root)  # root, ..., layer list
+        layers = originals[-1]
+        k = min(self.num_layers, len(layers))
+        configs: dict[int, Any] = {}
+        shells = [_shallow_copy(m) for m in originals[:-1]]
+        for shell, orig in zip(shells, originals[:-1], strict=True):
+            cfg = getattr(orig, "config", None)
+            if cfg is not None and hasattr(cfg, "num_hidden_layers"):
+                if id(cfg) not in configs:
+                    configs[id(cfg)] = _truncated_config(cfg, k)
+                shell.__dict__["config"] = configs[id(cfg)]
+        for parent, child, name in zip(shells[:-1], shells[1:], self._path[:-1], strict=True):
+            parent._modules[name] = child
+        shells[-1]._modules[self._path[-1]] = nn.ModuleList(list(layers)[:k])
+        return shells[0]
+
+    @property
+    def layers_used(self) -> int:
+        """Number of layers the router runs (L for passthrough)."""
+        if self.passthrough or self._path is None:
+            return -1
+        return len(self._path_objects(self._shell)[-1])
+
+    # ------------------------------------------------------------------ forward
+    def _sync_training(self) -> None:
+        # The shells are snapshots: keep their train/eval flag equal to the module they copy.
+        root = self.model
+        if self._shell is root:
+            return
+        for shell, orig in zip(self._path_objects(self._shell)[:-1], self._path_objects(root)[:-1], strict=True):
+            shell.training = orig.training
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Logits of the truncated model.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 = real token, 0 = padding (optional).
+            **kwargs: Forwarded to the model's forward (e.g. ``position_ids``, ``token_type_ids``).
+
+        Returns:
+            (B, T, V) logits in the model's dtype, without grad.
+        """
+        if not torch.compiler.is_compiling():
+            self._refresh()
+            self._sync_training()
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if "use_cache" in self._forward_kwargs:
+            kwargs.setdefault("use_cache", False)
+        out = self._shell(input_ids=input_ids, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"router model {type(self._shell).__name__} returned {type(out).__name__} without logits; "
+                "use a model with a language-modelling head"
+            )
+        return logits
+
+    def extra_repr(self) -> str:
+        kind = "passthrough" if self.passthrough else f"layers={self.layers_used}, path={'.'.join(self._path)}"
+        return f"model={type(self.model).__name__}, num_layers={self.num_layers}, {kind}"
+
+    # The router owns no tensors: keep it that way even if someone calls .to()/.cuda() on it.
+    def _apply(self, fn, recurse: bool = True):
+        return self
+
+
+def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedRouter:
+    """Router over the first ``num_layers`` layers of ``model``, sharing all of its weights (nothing copied).
+
+    Supported families (exact logits, tested): Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text),
+    Phi-3, GPT-2, GPT-J, Falcon (rotary and ALiBi), GPT-NeoX, BERT, RoBERTa, Mamba, Mamba2. Any other model
+    whose layer list is not found is used whole (``passthrough``) with a warning naming its class.
+
+    Args:
+        model: The model to route for (DDP/FSDP/PEFT/compile wrappers are unwrapped).
+        num_layers: Layers the router runs, >= 1.
+
+    Returns:
+        A :class:`TruncatedRouter`; ``router(input_ids, attention_mask=...)`` gives (B, T, V) logits.
+    """
+    return TruncatedRouter(model, num_layers)
+
+
+__all__ = ["TruncatedRouter", "create_truncated_router", "find_layer_path", "unwrap_model"]
