@@ -1,0 +1,405 @@
+"""Data for ``cggr race``: corpora, tokenizer, train / held-out split, batches in a fixed order. No downloads.
+
+Shape legend: T tokens per sequence; N_train / N_eval sequences.
+
+Sources (``--data``):
+
+* ``code`` (default): the ``.py`` files of the running Python's standard library (``sysconfig`` ``stdlib``
+  path; ``site-packages``, ``dist-packages`` and the test suites excluded).
+* ``arithmetic``: generated GSM8K-style word problems (:mod:`cggr.cli.arithmetic`), one problem per sequence,
+  padded; held-out accuracy by greedy decoding.
+* a path: a text file, a folder of text files (recursively; files that are not UTF-8 are skipped), or a
+  ``.jsonl`` file whose lines are objects with a ``text`` field.
+
+Split: by document (file, JSONL line, or ~100-line chunk of a single text file), held out iff a SHA-256 of its
+key (relative path / line number and content) falls in the held-out 10%, so nothing of a held-out document is
+ever trained on. Tokenizer: byte-level BPE (digits split individually) trained on the training split with the
+``tokenizers`` library, cached with the token ids under ``$CGGR_CACHE_DIR`` or ``$XDG_CACHE_HOME/cggr`` or
+``~/.cache/cggr``, keyed by a hash of the settings and the file list (path, size, mtime). A pretrained
+``--model`` folder brings its own tokenizer instead.
+
+Code and text documents are joined with an end-of-text token and cut into blocks of T tokens (every token is a
+target). The training order is a seeded permutation of the blocks, reshuffled every epoch
+(:class:`BatchStream`); every arm of a race draws from an identical stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cggr.cli.arithmetic import Problem, generate_split, is_heldout_text
+from cggr.cli.presets import CLIError
+
+EOS = "<|endoftext|>"
+HELDOUT_PERCENT = 10
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where tokenizers and token ids are cached (created on demand)."""
+    root = os.environ.get("CGGR_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "cggr"
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+class TextTokenizer:
+    """The few operations the race needs, over a ``tokenizers.Tokenizer`` or a transformers tokenizer."""
+
+    def __init__(self, backend: Any, *, eos_id: int, vocab_size: int, kind: str) -> None:
+        self.backend, self.eos_id, self.vocab_size, self.kind = backend, int(eos_id), int(vocab_size), kind
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.kind == "bpe":
+            return [e.ids for e in self.backend.encode_batch(list(texts))]
+        return self.backend(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` (digits split one by one) trained on ``texts``."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as exc:  # pragma: no cover
+        raise CLIError("the race needs the tokenizers library: pip install 'cggr[bench]'") from exc
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[EOS],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def _bpe_adapter(tokenizer: Any) -> TextTokenizer:
+    return TextTokenizer(tokenizer, eos_id=tokenizer.token_to_id(EOS), vocab_size=tokenizer.get_vocab_size(),
+                         kind="bpe")
+
+
+def pretrained_tokenizer(path: Path) -> TextTokenizer:
+    """The tokenizer saved with a pretrained model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--model: no usable tokenizer in {str(path)!r} ({exc})") from exc
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    if eos is None:
+        raise CLIError(f"--model: the tokenizer in {str(path)!r} has neither an eos nor a pad token")
+    return TextTokenizer(tok, eos_id=eos, vocab_size=len(tok), kind="hf")
+
+
+# ------------------------------------------------------------------------------------------------- corpora
+@dataclass
+class Document:
+    key: str  # what the split hashes: relative path (+ part) of the document
+    text: str
+
+
+def stdlib_documents() -> tuple[Path, list[Document]]:
+    """The ``.py`` files of this Python's standard library, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            docs.append(Document(rel.as_posix(), text))
+    return root, docs
+
+
+def path_documents(path: Path) -> list[Document]:
+    """Documents from a text file, a folder of text files, or a JSONL file with a ``text`` field."""
+    if not path.exists():
+        raise CLIError(f"--data: path {str(path)!r} does not exist (expected 'code', 'arithmetic' or a path)")
+    docs: list[Document] = []
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text.strip():
+                docs.append(Document(file.relative_to(path).as_posix(), text))
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CLIError(f"--data: line {i + 1} of {str(path)!r} is not JSON ({exc.msg})") from exc
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise CLIError(f"--data: line {i + 1} of {str(path)!r} has no string field 'text'")
+                if text.strip():
+                    docs.append(Document(f"{i}:{text[:200]}", text))
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"--data: {str(path)!r} is not a UTF-8 text file") from exc
+        for i in range(0, len(lines), 100):  # ~100-line documents, so a single file still splits
+            text = "".join(lines[i : i + 100])
+            if text.strip():
+                docs.append(Document(f"{i}:{text[:200]}", text))
+    return docs
+
+
+def split_documents(docs: Sequence[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, held-out) by a hash of each document's key; raises when either side ends up empty."""
+    train = [d for d in docs if not is_heldout_text(d.key, HELDOUT_PERCENT)]
+    heldout = [d for d in docs if is_heldout_text(d.key, HELDOUT_PERCENT)]
+    if not docs:
+        raise CLIError("--data: the corpus is empty (no non-empty UTF-8 text documents found)")
+    if not heldout or not train:
+        # tiny corpora: hold out the last document rather than nothing
+        if len(docs) < 2:
+            raise CLIError(f"--data: the corpus has {len(docs)} document; at least 2 are needed for a held-out split")
+        train, heldout = list(docs[:-1]), [docs[-1]]
+    return train, heldout
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+@dataclass
+class RaceData:
+    """Tokenised train and held-out sequences.
+
+    Attributes:
+        train_ids: (N_train, T) long. train_mask: (N_train, T) bool, False at padding.
+        eval_ids / eval_mask: (N_eval, T) held-out sequences for the held-out loss.
+        problems: Held-out arithmetic problems for accuracy (empty for text corpora).
+        tokenizer: For decoding (arithmetic accuracy).
+        info: Description recorded in the results (source, documents, tokens, cache key).
+    """
+
+    train_ids: torch.Tensor
+    train_mask: torch.Tensor
+    eval_ids: torch.Tensor
+    eval_mask: torch.Tensor
+    tokenizer: TextTokenizer
+    problems: list[Problem] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    train_keys: list[str] = field(default_factory=list)
+    heldout_keys: list[str] = field(default_factory=list)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train_ids.shape[1])
+
+
+def _cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+def _flat_ids(tokenizer: TextTokenizer, docs: Sequence[Document]) -> np.ndarray:
+    """Every document's ids followed by the end-of-text id, concatenated."""
+    out: list[int] = []
+    for ids in tokenizer.encode([d.text for d in docs]):
+        out.extend(ids)
+        out.append(tokenizer.eos_id)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _blocks(flat: np.ndarray, seq_len: int) -> torch.Tensor:
+    n = len(flat) // seq_len
+    return torch.from_numpy(flat[: n * seq_len].copy()).view(n, seq_len)  # (n, T)
+
+
+def _spread(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` blocks evenly spaced over ``blocks`` (the whole held-out set when it is smaller)."""
+    if blocks.shape[0] <= count:
+        return blocks
+    idx = torch.linspace(0, blocks.shape[0] - 1, count).round().long()
+    return blocks[idx]
+
+
+def load_text_data(
+    source: str, *, seq_len: int, vocab_size: int, eval_sequences: int, tokenizer: TextTokenizer | None = None
+) -> RaceData:
+    """The code corpus (``source='code'``) or a path, tokenised and cut into (·, T) blocks.
+
+    Args:
+        source: ``'code'`` or a path (file, folder, JSONL).
+        seq_len: T.
+        vocab_size: BPE vocabulary to train (ignored when ``tokenizer`` is given).
+        eval_sequences: Held-out blocks to evaluate on (spread over the held-out documents).
+        tokenizer: A pretrained model's tokenizer; ``None`` trains (or loads the cached) BPE.
+    """
+    if source == "code":
+        root, docs = stdlib_documents()
+        origin = f"Python {sysconfig.get_python_version()} standard library ({root})"
+        if not docs:
+            raise CLIError(f"--data code: no .py files found under {str(root)!r}")
+    else:
+        path = Path(source).expanduser().resolve()
+        docs = path_documents(path)
+        origin = str(path)
+    train_docs, heldout_docs = split_documents(docs)
+    fingerprint = [(d.key, len(d.text), hashlib.sha1(d.text.encode("utf-8")).hexdigest()[:8]) for d in docs]
+    key = _cache_key({"v": _CACHE_VERSION, "origin": origin, "docs": fingerprint, "vocab": vocab_size,
+                      "tok": tokenizer.backend.name_or_path if tokenizer is not None else "bpe"})
+    folder = cache_dir() / f"text-{key}"
+    tok_file, train_file, eval_file = folder / "tokenizer.json", folder / "train.npy", folder / "heldout.npy"
+    if tokenizer is None and tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = _bpe_adapter(Tokenizer.from_file(str(tok_file)))
+    if tokenizer is None:
+        bpe = train_bpe([d.text for d in train_docs], vocab_size)
+        tokenizer = _bpe_adapter(bpe)
+        folder.mkdir(parents=True, exist_ok=True)
+        bpe.save(str(tok_file))
+    if train_file.is_file() and eval_file.is_file():
+        train_flat, eval_flat = np.load(train_file), np.load(eval_file)
+        cached = True
+    else:
+        train_flat, eval_flat = _flat_ids(tokenizer, train_docs), _flat_ids(tokenizer, heldout_docs)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(train_file, train_flat)
+        np.save(eval_file, eval_flat)
+        cached = False
+    train = _blocks(train_flat, seq_len)
+    if train.shape[0] < 1:
+        raise CLIError(f"--data: the training split has {len(train_flat)} tokens, fewer than one sequence of {seq_len}")
+    held = _blocks(eval_flat, seq_len)
+    if held.shape[0] < 1:  # short held-out text: one padded sequence
+        held = torch.full((1, seq_len), tokenizer.eos_id, dtype=torch.long)
+        held[0, : len(eval_flat)] = torch.from_numpy(eval_flat[:seq_len])
+        held_mask = torch.zeros(1, seq_len, dtype=torch.bool)
+        held_mask[0, : len(eval_flat)] = True
+    else:
+        held = _spread(held, eval_sequences)
+        held_mask = torch.ones_like(held, dtype=torch.bool)
+    info = {
+        "source": source, "origin": origin, "documents": len(docs), "train_documents": len(train_docs),
+        "heldout_documents": len(heldout_docs), "train_tokens": len(train_flat), "heldout_tokens": len(eval_flat),
+        "train_sequences": int(train.shape[0]), "eval_sequences": int(held.shape[0]), "seq_len": seq_len,
+        "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "cache": str(folder), "cache_hit": cached,
+    }
+    return RaceData(train, torch.ones_like(train, dtype=torch.bool), held, held_mask, tokenizer, info=info,
+                    train_keys=[d.key for d in train_docs], heldout_keys=[d.key for d in heldout_docs])
+
+
+def _pad(rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (or cut) ``rows`` to (len(rows), T) ids and a bool mask that is False at padding."""
+    lengths = np.fromiter((min(len(r), seq_len) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]  # (n, T)
+    ids[mask] = np.fromiter((t for r in rows for t in list(r)[:seq_len]), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def load_arithmetic_data(
+    *, vocab_size: int, eval_sequences: int, num_train: int = 50_000, tokenizer: TextTokenizer | None = None
+) -> RaceData:
+    """Generated word problems: one per sequence, followed by end-of-text, right-padded to the longest.
+
+    The task is fixed (generator seed 1234, independent of ``--seed``); ids are cached like the text corpora.
+    """
+    key = _cache_key({"v": _CACHE_VERSION, "arith": num_train, "eval": eval_sequences, "vocab": vocab_size,
+                      "tok": tokenizer.backend.name_or_path if tokenizer is not None else "bpe"})
+    folder = cache_dir() / f"arith-{key}"
+    tok_file, arrays_file, problems_file = folder / "tokenizer.json", folder / "ids.npz", folder / "problems.json"
+    if tokenizer is None and tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = _bpe_adapter(Tokenizer.from_file(str(tok_file)))
+    if tokenizer is not None and arrays_file.is_file() and problems_file.is_file():
+        arrays = np.load(arrays_file)
+        train_ids, train_mask = torch.from_numpy(arrays["train_ids"]), torch.from_numpy(arrays["train_mask"])
+        eval_ids, eval_mask = torch.from_numpy(arrays["eval_ids"]), torch.from_numpy(arrays["eval_mask"])
+        stored = json.loads(problems_file.read_text(encoding="utf-8"))
+        heldout = [Problem(**p) for p in stored["heldout"]]
+        train_keys = stored["train_questions"]
+        cached = True
+    else:
+        train_problems, heldout = generate_split(num_train, eval_sequences, seed=1234)
+        if tokenizer is None:
+            bpe = train_bpe([p.text for p in train_problems], vocab_size)
+            folder.mkdir(parents=True, exist_ok=True)
+            bpe.save(str(tok_file))
+            tokenizer = _bpe_adapter(bpe)
+        train_rows = [[*ids, tokenizer.eos_id] for ids in tokenizer.encode([p.text for p in train_problems])]
+        eval_rows = [[*ids, tokenizer.eos_id] for ids in tokenizer.encode([p.text for p in heldout])]
+        seq_len = max(max(map(len, train_rows)), max(map(len, eval_rows)))
+        seq_len = -(-seq_len // 8) * 8  # round up to a multiple of 8
+        train_ids, train_mask = _pad(train_rows, seq_len, tokenizer.eos_id)
+        eval_ids, eval_mask = _pad(eval_rows, seq_len, tokenizer.eos_id)
+        train_keys = [p.question for p in train_problems]
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(arrays_file, train_ids=train_ids.numpy(), train_mask=train_mask.numpy(),
+                 eval_ids=eval_ids.numpy(), eval_mask=eval_mask.numpy())
+        problems_file.write_text(json.dumps({"heldout": [p.__dict__ for p in heldout],
+                                             "train_questions": train_keys}), encoding="utf-8")
+        cached = False
+    info = {
+        "source": "arithmetic", "origin": "generated GSM8K-style word problems (cggr.cli.arithmetic)",
+        "train_sequences": int(train_ids.shape[0]), "eval_sequences": len(heldout), "seq_len": int(train_ids.shape[1]),
+        "train_tokens": int(train_mask.sum()), "heldout_tokens": int(eval_mask.sum()),
+        "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "cache": str(folder), "cache_hit": cached,
+    }
+    return RaceData(train_ids, train_mask, eval_ids, eval_mask, tokenizer, problems=heldout, info=info,
+                    train_keys=train_keys, heldout_keys=[p.question for p in heldout])
+
+
+class BatchStream:
+    """Indices of training sequences in a seeded order: a fresh permutation every epoch.
+
+    Two streams built with the same ``num_sequences`` and ``seed`` yield the same indices whatever batch sizes
+    they are read with, so arms that scan more sequences per step read further along the same order.
+    """
+
+    def __init__(self, num_sequences: int, seed: int) -> None:
+        if num_sequences < 1:
+            raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
+        self.num_sequences = num_sequences
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(num_sequences, generator=self.generator)
+        self._pos = 0
+        self.epoch = 0
+        self.consumed = 0
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` sequence indices, (count,) long."""
+        parts, need = [], count
+        while need:
+            if self._pos == self.num_sequences:
+                self._order = torch.randperm(self.num_sequences, generator=self.generator)
+                self._pos, self.epoch = 0, self.epoch + 1
+            piece = self._order[self._pos : self._pos + need]
+            parts.append(piece)
+            self._pos += len(piece)
+            need -= len(piece)
+        self.consumed += count
+        return torch.cat(parts)
+
+
+__all__ = ["BatchStream", "Document", "RaceData", "TextTokenizer", "cache_dir", "load_arithmetic_data",
+           "load_text_data", "path_documents", "split_documents", "stdlib_documents", "train_bpe"]

@@ -1,0 +1,247 @@
+"""The ``cggr`` command: ``cggr info``, ``cggr bench``, ``cggr race``.
+
+User errors (unknown preset, missing path, ratio outside (0, 1], non-positive minutes, empty corpus) end the
+program with a one-line ``cggr <command>: error: ...`` message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from cggr.cli.presets import PRESETS, CLIError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``cggr race: error: <message> (see cggr race --help)``, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text}")
+        return value
+
+    return parse
+
+
+def _arms(text: str) -> tuple[str, ...]:
+    from cggr.cli.race import ARMS
+
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ARMS)}")
+    if len(set(arms)) != len(arms):
+        raise argparse.ArgumentTypeError(f"each arm at most once, got {text}")
+    return arms
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help=f"preset ({', '.join(PRESETS)}), a config.json (random init) or a local pretrained "
+                        "model folder (default: tiny)")
+    p.add_argument("--ratio", type=_ratio, default=0.25,
+                   help="share of sequences (cggr, random) or tokens (cggr-loss) trained on, in (0, 1] (default 0.25)")
+    p.add_argument("--router-layers", type=_positive_int("--router-layers"), default=None,
+                   help="layers of the truncated router (default: preset's; tiny 2, smollm 4)")
+    p.add_argument("--arms", type=_arms, default=None,
+                   help="comma-separated arms among standard,cggr,cggr-loss,random (default: all four)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cggr",
+        description="Confidence-Gated Gradient Routing: measure whether CGGR makes YOUR training faster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,race}", parser_class=_Parser)
+    sub.required = True
+
+    sub.add_parser("info", help="versions, device, kernels and attention backends",
+                   description="Print versions, the device, which kernels (Triton/PyTorch) and attention "
+                               "backends are available, and which would be used.")
+
+    bench = sub.add_parser(
+        "bench", help="training-step throughput of every arm, side by side",
+        description="Median step time (CUDA events on GPU, after warm-up), samples/s, speed-up over standard and "
+                    "peak memory of each arm on the same model and the same batch, for several (B, T).",
+    )
+    _common(bench)
+    bench.add_argument("--shapes", default=None, help="comma-separated BxT, e.g. 4x512,16x512 (default: preset's)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    bench.add_argument("--iters", type=_positive_int("--iters"), default=10, help="timed steps (default 10)")
+    bench.add_argument("--out", default="cggr-bench", help="output folder for bench.json and bench.md")
+    bench.add_argument("--name", default="bench", help="file stem of the outputs (default bench)")
+
+    race = sub.add_parser(
+        "race", help="plain training vs CGGR for the same wall-clock budget",
+        description="Train the same model from the same initialisation on the same data order in each arm "
+                    "(standard, cggr, cggr-loss, random control) for the same wall-clock budget; report steps, "
+                    "sequences and tokens processed, held-out loss (and accuracy) and the difference to standard. "
+                    "Writes <out>/race.json, race.md and race.png.",
+    )
+    _common(race)
+    race.add_argument("--data", default="code",
+                      help="code (Python's standard library, default), arithmetic (generated word problems), or a "
+                           "path: text file, folder of text files, JSONL with a 'text' field")
+    race.add_argument("--minutes", type=_positive_float("--minutes"), default=None,
+                      help="wall-clock training budget per arm (default: preset's; tiny 0.6)")
+    race.add_argument("--scan-multiplier", type=float, default=None,
+                      help="sequences the selecting arms scan per step, as a multiple of the standard batch "
+                           "(default 1/ratio: every arm trains on the same number per step; 1 = equal scan)")
+    race.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
+                      help="standard arm's sequences per step (default: preset's)")
+    race.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
+                      help="tokens per sequence for text data (default: preset's)")
+    race.add_argument("--lr", type=_positive_float("--lr"), default=None, help="peak learning rate (default: preset's)")
+    race.add_argument("--evals", type=_positive_int("--evals"), default=8,
+                      help="held-out evaluations per arm, at equal fractions of the budget (default 8)")
+    race.add_argument("--eval-sequences", type=_positive_int("--eval-sequences"), default=64,
+                      help="held-out sequences (or problems) evaluated (default 64)")
+    race.add_argument("--out", default="cggr-race", help="output folder (default ./cggr-race)")
+    race.add_argument("--name", default="race", help="file stem of the outputs (default race)")
+    race.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        mod = __import__(module)
+    except ImportError as exc:
+        return f"installed but not importable ({exc})"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def info() -> dict[str, object]:
+    """Versions, device, kernel and attention-backend availability (printed by ``cggr info``)."""
+    import cggr
+
+    cuda = torch.cuda.is_available()
+    triton = _version("triton")
+    forced = os.environ.get("CGGR_IMPL")
+    if forced == "torch":
+        kernels = "torch (forced by CGGR_IMPL=torch)"
+    elif cuda and triton and not triton.startswith("installed"):
+        kernels = "triton (CUDA device and Triton importable)"
+    elif cuda:
+        kernels = "torch (Triton not importable: pip install 'cggr[cuda]')"
+    else:
+        kernels = "torch (no CUDA device; Triton kernels run on CUDA only)"
+    out: dict[str, object] = {
+        "cggr": cggr.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton,
+        "transformers": _version("transformers"),
+        "tokenizers": _version("tokenizers"),
+        "flash_attn": _version("flash_attn"),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "cuda": torch.version.cuda if cuda else None,
+        "cuda_devices": torch.cuda.device_count() if cuda else 0,
+        "CGGR_IMPL": forced,
+        "kernels used": kernels,
+    }
+    try:
+        from cggr.flash import get_flash_attention_info
+    except ImportError:
+        sdpa = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+        out["attention backends"] = {"sdpa": sdpa, "eager": True, "flash_attention_2": out["flash_attn"] is not None}
+        out["attention used"] = "sdpa" if sdpa else "eager"
+    else:
+        out["attention backends"] = get_flash_attention_info()
+    return out
+
+
+def _print_info(data: dict[str, object]) -> None:
+    width = max(map(len, data))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            print(f"{key:<{width}}  " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            print(f"{key:<{width}}  {'–' if value is None else value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cggr`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            _print_info(info())
+        elif args.command == "bench":
+            from cggr.cli.bench import BenchConfig, run_bench
+            from cggr.cli.race import ARMS
+
+            shapes = args.shapes or "8x128"
+            if args.shapes is None and args.model in PRESETS:
+                preset = PRESETS[args.model]
+                shapes = f"{preset.batch_size}x{preset.seq_len},{preset.batch_size * 4}x{preset.seq_len}"
+            run_bench(BenchConfig(
+                model=args.model, shapes=shapes, arms=args.arms or ARMS, ratio=args.ratio,
+                router_layers=args.router_layers, device=args.device, dtype=args.dtype, warmup=args.warmup,
+                iters=args.iters, seed=args.seed, out=args.out, name=args.name,
+            ))
+        else:
+            from cggr.cli.race import ARMS, RaceConfig, run_race
+
+            run_race(RaceConfig(
+                model=args.model, data=args.data, minutes=args.minutes, ratio=args.ratio,
+                router_layers=args.router_layers, arms=args.arms or ARMS, device=args.device, seed=args.seed,
+                out=args.out, scan_multiplier=args.scan_multiplier, batch_size=args.batch_size, seq_len=args.seq_len,
+                lr=args.lr, evals=args.evals, eval_sequences=args.eval_sequences, dtype=args.dtype,
+                progress=not args.no_progress, name=args.name,
+            ))
+    except CLIError as exc:
+        print(f"cggr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

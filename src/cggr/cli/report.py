@@ -1,0 +1,155 @@
+"""Outputs of ``cggr race``: the summary table (stdout and Markdown), the JSON record and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cggr.cli.timing import markdown_table
+
+HOW_TO_READ = """\
+How to read it: every arm trained the same initial model on the same sequence order for the same wall-clock
+budget (evaluation excluded). *held-out loss* is the next-token cross-entropy (nats) on files never trained on;
+lower is better, and *Δ loss* is the difference to `standard` (negative = better than plain training).
+*sequences* counts sequences read (the selecting arms scan more per step than they train on), *backprop tok*
+the tokens that went through the full model's forward and backward, *loss tok* the tokens whose loss was
+trained on. `random` keeps the same share of sequences as `cggr` but picks them at random without running the
+router: if `cggr` does not beat `random`, the difficulty ranking did not help. `cggr-loss` back-propagates
+through every scanned token (masking the loss does not shrink the backward through the transformer body)."""
+
+
+def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One display row per arm, with differences to ``standard`` when it ran."""
+    base = next((a for a in arms if a["arm"] == "standard"), None)
+    rows = []
+    for a in arms:
+        loss, acc = a.get("heldout_loss"), a.get("accuracy")
+        row = {
+            "arm": a["arm"],
+            "steps": a["steps"],
+            "sequences": a["sequences_scanned"],
+            "tokens": a["tokens_scanned"],
+            "backprop tok": a["tokens_backpropagated"],
+            "loss tok": a["tokens_in_loss"],
+            "train s": a["train_seconds"],
+            "held-out loss": loss,
+        }
+        if base is not None and loss is not None and base.get("heldout_loss") is not None:
+            diff = loss - base["heldout_loss"]
+            row["Δ loss"] = f"{diff:+.4f} ({diff / base['heldout_loss']:+.1%})" if a is not base else "–"
+        if acc is not None:
+            row["accuracy"] = f"{acc:.1%}"
+            if base is not None and base.get("accuracy") is not None:
+                row["Δ acc"] = f"{100 * (acc - base['accuracy']):+.1f} pt" if a is not base else "–"
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    return cols
+
+
+def text_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table for the terminal."""
+    cols = _columns(rows)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
+    """Held-out loss (and accuracy, when measured) against training wall-clock time, one line per arm."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    arms = payload["arms"]
+    has_acc = any("accuracy" in p for a in arms for p in a["curve"])
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 8, 5), squeeze=False)
+    styles = {"standard": ("black", "o"), "cggr": ("tab:red", "s"), "cggr-loss": ("tab:blue", "^"),
+              "random": ("tab:gray", "x")}
+    for a in arms:
+        color, marker = styles.get(a["arm"], (None, "."))
+        t = [p["time_s"] for p in a["curve"]]
+        axes[0][0].plot(t, [p["heldout_loss"] for p in a["curve"]], label=f"{a['arm']} ({a['steps']} steps)",
+                        color=color, marker=marker, linewidth=1.8, markersize=5)
+        if has_acc:
+            pts = [(p["time_s"], 100 * p["accuracy"]) for p in a["curve"] if "accuracy" in p]
+            axes[0][1].plot(*zip(*pts), label=a["arm"], color=color, marker=marker, linewidth=1.8, markersize=5)
+    s = payload["settings"]
+    losses = [p["heldout_loss"] for a in arms for p in a["curve"][1:] if math.isfinite(p["heldout_loss"])]
+    if losses:  # zoom past the initial loss (it is identical for every arm and dwarfs the differences)
+        lo, hi = min(losses), max(losses)
+        axes[0][0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    axes[0][0].set_xlabel("training wall-clock time per arm (s; evaluation excluded)")
+    axes[0][0].set_ylabel("held-out loss (nats/token, lower is better)")
+    axes[0][0].grid(alpha=0.3)
+    axes[0][0].legend()
+    if has_acc:
+        axes[0][1].set_xlabel("training wall-clock time per arm (s)")
+        axes[0][1].set_ylabel("held-out exact-match accuracy (%)")
+        axes[0][1].grid(alpha=0.3)
+        axes[0][1].legend()
+    env = payload["environment"]
+    fig.suptitle(
+        f"cggr race: {s['model']} on {s['data']} · {s['minutes_per_arm']:g} min per arm · ratio {s['ratio']} · "
+        f"scan ×{s['scan_multiplier']:.3g} · {env['device']}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plot: bool = True) -> dict[str, str]:
+    """Write ``<out>/<name>.json``, ``.md`` and ``.png``; print the table; return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(payload["arms"])
+    payload["summary"] = rows
+    paths = {"json": str(out_dir / f"{name}.json"), "md": str(out_dir / f"{name}.md")}
+    if plot and plot_curves(payload, out_dir / f"{name}.png") is not None:
+        paths["png"] = str(out_dir / f"{name}.png")
+    s, env = payload["settings"], payload["environment"]
+    md = [
+        f"# cggr race: {s['model']} on {s['data']}", "",
+        f"`{env['command']}`", "",
+        f"{env['device']} · torch {env['torch']} · transformers {env['transformers']} · cggr {env['cggr']} · "
+        f"{env['utc']}", "",
+        f"{s['parameters'] / 1e6:.1f}M parameters, {s['num_layers']} layers; {s['minutes_per_arm']:g} min per arm; "
+        f"ratio {s['ratio']}; standard batch {s['batch_size']} sequences of {s['data_info']['seq_len']} tokens; "
+        f"selecting arms scan {s['scanned_per_step']} per step; router {s['router_layers']} layers; "
+        f"peak lr {s['lr']}, {s['schedule']}.", "",
+        markdown_table(rows, _columns(rows)), "",
+        HOW_TO_READ, "",
+    ]
+    if "png" in paths:
+        md[-1:-1] = [f"![held-out loss against wall-clock time]({name}.png)", ""]
+    Path(paths["md"]).write_text("\n".join(md), encoding="utf-8")
+    Path(paths["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    print(text_table(rows))
+    print("wrote " + ", ".join(paths.values()))
+    return paths
+
+
+__all__ = ["plot_curves", "summary_rows", "text_table", "write_race_outputs"]
