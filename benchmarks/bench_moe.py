@@ -141,14 +141,106 @@ SWEEP = {  # name -> options
 }
 
 
+def _median_ms(fn, iters=10):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+BREAKDOWN = {  # kernel -> candidate (block_m, block_n, block_k, warps, stages, programs_per_sm)
+    "up": [(128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 8, 4, 1), (128, 64, 64, 4, 4, 2),
+           (64, 128, 64, 4, 4, 2), (128, 128, 64, 8, 2, 2)],
+    "down": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 2),
+             (64, 256, 64, 4, 4, 2)],
+    "act_bwd": [(128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 64, 64, 4, 4, 2), (128, 256, 64, 8, 3, 1)],
+    "dx": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 2)],
+    "wgrad1": [(128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 4, 4, 2), (256, 128, 64, 8, 3, 1),
+               (128, 256, 32, 8, 4, 1)],
+    "wgrad2": [(128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 4, 4, 2), (256, 128, 64, 8, 3, 1),
+               (128, 256, 32, 8, 4, 1)],
+}
+
+
+def breakdown(shape):
+    """Time each launch of ours alone for several tile configurations, and the non-GEMM steps."""
+    from cggr.kernels import grouped_gemm as gg
+    from cggr.moe import aux_losses
+
+    n_tok, d, inter, n_exp, k = shape
+    m, _ = make_layer(d, inter, n_exp, k, False, GroupedMLPOptions())
+    x = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
+    w1, w2 = m.expert_w1.detach(), m.expert_w2.detach()
+    hc = w1.shape[2]
+    plan = route_tokens(x, m.router.weight.detach(), k)
+    rows = n_tok * k
+    new = lambda c: torch.empty(rows, c, device="cuda", dtype=torch.bfloat16)
+    a, h, yp, dh, dxp = new(inter), new(hc), new(d), new(hc), new(d)
+    dy = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
+    wts = plan.weights.float().contiguous()
+    dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+    gf = {"up": 2 * rows * d * hc, "down": 2 * rows * inter * d, "act_bwd": 2 * rows * inter * d,
+          "dx": 2 * rows * hc * d, "wgrad1": 2 * rows * d * hc, "wgrad2": 2 * rows * inter * d}
+    head = f"N={n_tok} d={d} I={inter} E={n_exp} k={k}"
+    for name, cands in BREAKDOWN.items():
+        for c in cands:
+            cfg = GemmConfig(*c[:5])
+            opts = GroupedMLPOptions(programs_per_sm=c[5])
+            if name == "up":
+                fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
+                    x, plan.tok, w1, plan.offs, a, None, None, h, n_rows=rows, K=d, N=inter, stride_be=w1.stride(0),
+                    stride_bk=w1.stride(1), stride_bn=w1.stride(2), act=0, cfg=cfg, opts=opts)
+            elif name == "down":
+                fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
+                    a, None, w2, plan.offs, yp, plan.pair, wts, None, n_rows=rows, K=inter, N=d,
+                    stride_be=w2.stride(0), stride_bk=w2.stride(1), stride_bn=w2.stride(2), act=-1, cfg=cfg, opts=opts)
+            elif name == "act_bwd":
+                fn = lambda cfg=cfg, opts=opts: gg._launch_act_bwd(
+                    dy, plan.tok, w2, plan.offs, h, wts, dh, act=0, cfg=cfg, opts=opts)
+            elif name == "dx":
+                fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
+                    dh, None, w1, plan.offs, dxp, plan.pair, None, None, n_rows=rows, K=hc, N=d,
+                    stride_be=w1.stride(0), stride_bk=w1.stride(2), stride_bn=w1.stride(1), act=-1, cfg=cfg, opts=opts)
+            elif name == "wgrad1":
+                fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
+                    x, plan.tok, dh, None, None, plan.offs, dw1, cfg=cfg, opts=opts)
+            else:
+                fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
+                    a, None, dy, plan.tok, wts, plan.offs, dw2, cfg=cfg, opts=opts)
+            ms = _median_ms(fn)
+            print(f"breakdown {head} {name:8s} cfg={c} {ms:.3f} ms {gf[name] / ms / 1e9:.0f} TFLOP/s", flush=True)
+    xr = x.clone().requires_grad_()
+    steps = {
+        "route": lambda: route_tokens(x, m.router.weight, k),
+        "aux": lambda: aux_losses(plan, k),
+        "sum_slots": lambda: gg._sum_slots(yp, plan.routed, k),
+        "fwd": lambda: m(x),
+        "fwd+bwd": lambda: torch.autograd.backward(list(m(xr)), [dy, torch.ones((), device="cuda")]),
+    }
+    for name, fn in steps.items():
+        print(f"breakdown {head} {name:8s} {_median_ms(fn):.3f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer iterations, no loop arm, no files")
     ap.add_argument("--sweep", action="store_true", help="time tile configurations of ours on the chosen shapes")
     ap.add_argument("--shapes", default="0,1,2", help="comma-separated indices into SHAPES")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--breakdown", action="store_true", help="time each kernel of ours alone, several configs")
     args = ap.parse_args()
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.breakdown:
+        for shape in shapes:
+            breakdown(shape)
+        return
     if args.sweep:
         for shape in shapes:
             for name, opts in SWEEP.items():

@@ -89,8 +89,8 @@ def test_triton_matches_oracle(case, dtype):
         err, err_torch = _rel(o, r), _rel(t, r)
         assert err < 2e-2 and err < 3 * err_torch + 1e-3, f"{name}: triton rel err {err:.3g}, torch {err_torch:.3g}"
     if mask is not None:
-        assert float(ours[0][~mask].abs().max(initial=0)) == 0.0
-        assert float(ours[1][~mask].abs().max(initial=0)) == 0.0
+        assert int(torch.count_nonzero(ours[0][~mask])) == 0
+        assert int(torch.count_nonzero(ours[1][~mask])) == 0
     # experts with no rows get an exact zero weight gradient
     empty = plan.counts[:n_exp] == 0
     if bool(empty.any()):

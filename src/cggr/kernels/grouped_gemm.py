@@ -327,6 +327,23 @@ def _launch_wgrad(lmat, l_idx, rmat, r_idx, r_scale, offs, out, *, cfg, opts):
     )
 
 
+def _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, *, act, cfg, opts):
+    """Launch the G = dy[tok] @ w2ᵀ kernel; fills dh (M, Hc) and returns the (n_col_tiles, M) dw partials."""
+    n_rows, d, inter = tok.shape[0], dy.shape[1], w2.shape[1]
+    n_col = _cdiv(inter, cfg.block_n)
+    dwp = torch.zeros(n_col, n_rows, device=dy.device, dtype=torch.float32)  # rows never visited stay 0
+    E = offs.shape[0] - 1
+    nprog = _num_programs(dy.device, (_cdiv(n_rows, cfg.block_m) + E) * n_col, opts)
+    _act_bwd_kernel[(nprog,)](
+        dy, tok, w2, offs, h, weights, dh, dwp,
+        E, d, inter, n_rows, dy.stride(0), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0), dh.stride(0),
+        ACT=act, EVEN_K=d % cfg.block_k == 0, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        E_PAD=triton.next_power_of_2(E + 1), NUM_PROGS=nprog, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return dwp
+
+
 def _sum_slots(pairs: torch.Tensor, routed: torch.Tensor, top_k: int) -> torch.Tensor:
     """(M, d) per-(token, slot) rows -> (N, d) sums over the k slots; rows of null-routed tokens are never
     written by the kernels, so their sums are replaced by 0 (masked_fill, not a multiply: garbage may be NaN)."""
@@ -364,20 +381,9 @@ class _GroupedExpertMLP(torch.autograd.Function):
         opts, act, top_k = ctx.opts, ctx.act, ctx.top_k
         dy = dy.contiguous().to(x.dtype)  # (N, d)
         n_rows, d = tok.shape[0], x.shape[1]
-        inter, hc = w2.shape[1], w1.shape[2]
-        cfg = opts.act_bwd
-        n_col = _cdiv(inter, cfg.block_n)
+        hc = w1.shape[2]
         dh = torch.empty(n_rows, hc, device=x.device, dtype=x.dtype)  # (M, Hc)
-        dwp = torch.zeros(n_col, n_rows, device=x.device, dtype=torch.float32)  # per-column-tile partials
-        E = offs.shape[0] - 1
-        nprog = _num_programs(x.device, (_cdiv(n_rows, cfg.block_m) + E) * n_col, opts)
-        _act_bwd_kernel[(nprog,)](
-            dy, tok, w2, offs, h, weights, dh, dwp,
-            E, d, inter, n_rows, dy.stride(0), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0), dh.stride(0),
-            ACT=act, EVEN_K=d % cfg.block_k == 0, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-            E_PAD=triton.next_power_of_2(E + 1), NUM_PROGS=nprog, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        dwp = _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, act=act, cfg=opts.act_bwd, opts=opts)
         dx = dw1 = dw2 = dweights = None
         if ctx.needs_input_grad[0]:
             dxp = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # (M, d) pair rows
