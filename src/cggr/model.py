@@ -59,27 +59,47 @@ _MASKED_LM_TYPES = frozenset(
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _fused_scores_impl(logits: Tensor, targets: Tensor | None, ignore_index: int) -> tuple[Tensor, ...]:
-    # logits (N, V) any float dtype; targets (N,) or None. Written so that inductor fuses it into a couple of
-    # row reductions over the logits, reading them in their own dtype without an fp32 copy of (N, V).
+def _fused_scores(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # logits (N, V) any float dtype. Written so that inductor emits two row-reduction kernels that read the
+    # logits in their own dtype (no fp32 copy of (N, V)):
+    #   pass 1: m1 = max z, i1 = argmax z
+    #   pass 2: S = Σ exp(z - m1), Σ exp(z - m1)·z, m2 = max_{j != i1} z   (all shifted by pass 1 only)
     z = logits.float()
     m1, i1 = z.max(dim=-1)  # (N,)
-    lse = torch.logsumexp(z, dim=-1)  # (N,)
-    ez = (torch.exp(z - lse.unsqueeze(-1)) * z).sum(dim=-1)  # Σ p z
-    entropy = (lse - ez).clamp_min(0.0)
-    confidence = torch.exp(m1 - lse)
+    e = torch.exp(z - m1.unsqueeze(-1))  # (N, V), fused into the reductions below
+    s = e.sum(dim=-1)  # (N,)
+    ez = (e * z).sum(dim=-1) / s  # Σ p z
     cols = torch.arange(z.shape[-1], device=z.device)
     m2 = torch.where(cols == i1.unsqueeze(-1), -torch.inf, z).amax(dim=-1)  # exact 2nd largest (dups kept)
+    lse = m1 + torch.log(s)
+    entropy = (lse - ez).clamp_min(0.0)
+    confidence = torch.exp(m1 - lse)
     margin = confidence - torch.exp(m2 - lse)
-    if targets is None:
-        return entropy, confidence, margin
+    return entropy, confidence, margin, lse, m1, i1
+
+
+def _fused_scores_targets(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+    entropy, confidence, margin, lse, _, _ = _fused_scores(logits)
     ok = targets != ignore_index
-    zt = torch.gather(z, 1, torch.where(ok, targets, 0).unsqueeze(-1)).squeeze(-1)
+    zt = torch.gather(logits, 1, torch.where(ok, targets, 0).unsqueeze(-1)).squeeze(-1).float()  # (N,)
     nll = torch.where(ok, lse - zt, 0.0)
     return entropy, confidence, margin, nll
 
 
-_compiled_scores: Callable[..., tuple[Tensor, ...]] | None = None
+def _fused_scores_no_targets(logits: Tensor) -> tuple[Tensor, ...]:
+    return _fused_scores(logits)[:3]
+
+
+_compiled: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def _compiled_fn(name: str) -> Callable[..., tuple[Tensor, ...]]:
+    fn = _compiled.get(name)
+    if fn is None:
+        base = _fused_scores_targets if name == "targets" else _fused_scores_no_targets
+        # dynamic=True: one graph for every (N, V); a new graph only per dtype.
+        fn = _compiled[name] = torch.compile(base, dynamic=True, fullgraph=True)
+    return fn
 
 
 def _use_fused(device: torch.device, fused: bool | None) -> bool:
@@ -109,13 +129,13 @@ def router_scores(
     """
     if not _use_fused(logits.device, fused):
         return token_scores(logits, targets, ignore_index=ignore_index)
-    global _compiled_scores
-    if _compiled_scores is None:
-        _compiled_scores = torch.compile(_fused_scores_impl, fullgraph=True)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
-    flat_t = targets.reshape(-1) if targets is not None else None
-    outs = _compiled_scores(logits.reshape(-1, vocab), flat_t, ignore_index)
+    flat = logits.reshape(-1, vocab)  # (N, V)
+    if targets is None:
+        outs = _compiled_fn("plain")(flat)
+    else:
+        outs = _compiled_fn("targets")(flat, targets.reshape(-1), ignore_index)
     outs = [o.view(lead) for o in outs]
     return TokenScores(
         entropy=outs[0],
@@ -421,6 +441,7 @@ class CGGRModel(nn.Module):
 
         need_scores = (self.selection == "topk" and k < batch) or self.token_ratio is not None
         tok_diff: Tensor | None = None
+        last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
             r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
             scores = router_scores(r_logits, targets, ignore_index=self.ignore_index, fused=self.fused_scoring)
@@ -430,8 +451,8 @@ class CGGRModel(nn.Module):
             seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
             seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
             n_all = n_tok.sum().clamp(min=1)
-            self._last["router_confidence"] = (scores.confidence * valid).sum() / n_all
-            self._last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+            last["router_confidence"] = (scores.confidence * valid).sum() / n_all
+            last["router_entropy"] = (scores.entropy * valid).sum() / n_all
         if self.selection == "random":
             gen = _get_generator(self._generators, input_ids.device, self.seed)
             idx = torch.randperm(batch, device=input_ids.device, generator=gen)[:k]
@@ -457,13 +478,14 @@ class CGGRModel(nn.Module):
         n_keep = keep.sum()
         loss = (nll * keep.view(-1)).sum() / n_keep.clamp(min=1)
 
-        self._last.update(
+        last.update(
             indices=idx.detach(),
             tokens_selected=n_keep.detach(),
             tokens_total=valid.sum().detach(),
             sequences_selected=k,
             batch_size=batch,
         )
+        self._last = last
         return loss
 
     # ------------------------------------------------------------------ metrics

@@ -1,0 +1,204 @@
+"""Benchmark: CGGRModel batch split vs standard training vs a random-sequence control (issue 3).
+
+Model: the SmolLM-135M architecture (LlamaConfig: vocab 49152, hidden 576, intermediate 1536, 30 layers, 9 heads,
+3 kv heads, tied embeddings), random init, bf16 weights, the model's default attention implementation, fused
+AdamW; one timed step = forward + backward + optimizer step + zero_grad.
+
+Arms:
+  standard  model(input_ids, labels=labels).loss on the whole batch
+  cggr      CGGRModel(ratio 0.25, 4-layer router, warmup 0): router scores the batch, the hardest
+            k = round(0.25 · B_scan) sequences are trained
+  random    CGGRModel(selection='random') at the same ratio: k random sequences, no router (the control)
+
+Protocols:
+  equal_scan  every arm receives the same B sequences per step (samples/s = B / step time)
+  free_lunch  standard trains on B; cggr and random scan 4·B sequences and train on B of them
+              (samples scanned/s = 4·B / step time); the step-time ratio to standard is the cost
+
+Also reported for the cggr arm (same run): router forward alone, scoring alone, and a standard step on the
+k selected sequences alone (the ceiling: router + scoring + sub-step).
+
+Usage: python benchmarks/bench_cggr_model.py [--shapes 4x512,16x512,16x2048,32x2048] [--iters 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from benchmarks._timing import markdown_table, time_fn, write_results
+
+from cggr import CGGRModel, create_truncated_router
+from cggr.model import router_scores
+from cggr.scoring import difficulty
+
+RATIO = 0.25
+ROUTER_LAYERS = 4
+SCAN_FACTOR = 4
+
+
+def smollm_135m(attn: str | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    if attn:
+        cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+
+
+def batches(n: int, b: int, t: int, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(b * 100003 + t)
+    return [torch.randint(0, vocab, (b, t), device="cuda", generator=g) for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4x512,16x512,16x2048,32x2048")
+    ap.add_argument("--free-lunch-shapes", default="4x512,16x512")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--attn", default=None, help="attention implementation (default: the model's default)")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--name", default="cggr_model")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+
+    model = smollm_135m(args.attn)
+    model.train()
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    router = create_truncated_router(model, ROUTER_LAYERS)
+    arms = {
+        "cggr": CGGRModel(model, router=router, min_tokens_ratio=RATIO, warmup_steps=0),
+        "random": CGGRModel(model, router=router, min_tokens_ratio=RATIO, warmup_steps=0, selection="random", seed=0),
+    }
+
+    def step_fn(arm: str, data: list[torch.Tensor]):
+        state = {"i": 0}
+
+        def step():
+            x = data[state["i"] % len(data)]
+            state["i"] += 1
+            if arm == "standard":
+                loss = model(input_ids=x, labels=x).loss
+            else:
+                loss = arms[arm](x, labels=x)
+                arms[arm].step()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    rows = []
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    fl_shapes = {tuple(int(v) for v in s.split("x")) for s in args.free_lunch_shapes.split(",") if s}
+    for b, t in shapes:
+        for protocol in ("equal_scan", "free_lunch"):
+            if protocol == "free_lunch" and (b, t) not in fl_shapes:
+                continue
+            scan = b if protocol == "equal_scan" else SCAN_FACTOR * b
+            std_data = batches(4, b, t, vocab)
+            scan_data = std_data if scan == b else batches(4, scan, t, vocab)
+            res = {}
+            for arm in ("standard", "cggr", "random"):
+                data = std_data if arm == "standard" else scan_data
+                torch.cuda.empty_cache()
+                res[arm] = time_fn(step_fn(arm, data), warmup=args.warmup, iters=args.iters)
+            base = res["standard"]
+            for arm, tm in res.items():
+                scanned = b if arm == "standard" else scan
+                trained = b if arm == "standard" else arms[arm].num_selected_sequences(scan)
+                rows.append(
+                    {
+                        "protocol": protocol,
+                        "B": b,
+                        "T": t,
+                        "arm": arm,
+                        "scanned": scanned,
+                        "trained": trained,
+                        "step_ms": tm.median_ms,
+                        "samples_per_s": scanned / tm.median_ms * 1e3,
+                        "peak_mem_gib": tm.peak_mem_gib,
+                        "step_time_vs_std": tm.median_ms / base.median_ms,
+                        "samples_per_s_vs_std": (scanned / tm.median_ms) / (b / base.median_ms),
+                        "mem_vs_std": tm.peak_mem_bytes / max(1, base.peak_mem_bytes),
+                    }
+                )
+            print(markdown_table(rows[-3:]), flush=True)
+            if protocol == "equal_scan":
+                # Breakdown of the cggr arm: router forward, scoring, and a step on the k sequences alone.
+                x = std_data[0]
+                k = arms["cggr"].num_selected_sequences(b)
+                targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+                r_ms = time_fn(lambda x=x: router(x), warmup=2, iters=args.iters).median_ms
+                logits = router(x)
+                s_ms = time_fn(
+                    lambda lg=logits, tg=targets: difficulty(router_scores(lg, tg), "combined"),
+                    warmup=2,
+                    iters=args.iters,
+                ).median_ms
+                del logits
+                sub = [d[:k].contiguous() for d in std_data]
+                sub_ms = time_fn(step_fn("standard", sub), warmup=2, iters=args.iters).median_ms
+                rows.append(
+                    {
+                        "protocol": "breakdown",
+                        "B": b,
+                        "T": t,
+                        "arm": f"router {r_ms:.1f} ms + scoring {s_ms:.1f} ms + step on k={k} {sub_ms:.1f} ms",
+                        "scanned": b,
+                        "trained": k,
+                        "step_ms": r_ms + s_ms + sub_ms,
+                        "samples_per_s": b / (r_ms + s_ms + sub_ms) * 1e3,
+                        "peak_mem_gib": float("nan"),
+                        "step_time_vs_std": (r_ms + s_ms + sub_ms) / base.median_ms,
+                        "samples_per_s_vs_std": base.median_ms / (r_ms + s_ms + sub_ms),
+                        "mem_vs_std": float("nan"),
+                    }
+                )
+                print(markdown_table(rows[-1:]), flush=True)
+
+    notes = (
+        "SmolLM-135M architecture (LlamaConfig, random init), bf16 weights, fused AdamW, attention "
+        f"implementation `{model.config._attn_implementation}`. One step = forward + backward + optimizer step. "
+        f"cggr: CGGRModel(min_tokens_ratio={RATIO}, {ROUTER_LAYERS}-layer router, warmup 0); random: same ratio, "
+        "random sequences, no router. equal_scan: every arm receives B sequences; free_lunch: cggr/random scan "
+        f"{SCAN_FACTOR}·B and train B, standard trains B. Ratios are to the standard arm of the same row group "
+        "(same process). 'breakdown' rows: the cggr step's parts timed separately (router forward, scoring, a "
+        "standard step on the k selected sequences); their sum is the ceiling for the cggr arm. Median of "
+        f"{args.iters} CUDA-event timings after {args.warmup} warm-up steps; random token data."
+    )
+    cols = [
+        "protocol", "B", "T", "arm", "scanned", "trained", "step_ms", "samples_per_s", "peak_mem_gib",
+        "step_time_vs_std", "samples_per_s_vs_std", "mem_vs_std",
+    ]  # fmt: skip
+    paths = write_results(
+        args.name, rows, title="CGGRModel batch split vs standard (SmolLM-135M shape)", notes=notes, columns=cols,
+        out_dir=args.out_dir,
+    )  # fmt: skip
+    print(markdown_table(rows, cols))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
