@@ -1,0 +1,476 @@
+"""Functional API: one-pass token scoring and the selective fused linear cross-entropy.
+
+Shape legend: B batch, T sequence length, N = B·T tokens, H hidden size, V vocabulary, K kept tokens,
+K_max a static (host-side) upper bound on K.
+
+Both ops dispatch on ``impl`` (DESIGN §6): ``'torch'`` is the pure-PyTorch path (CPU path and test oracle),
+``'triton'`` the CUDA kernels under :mod:`cggr.kernels`, ``'auto'`` picks Triton for CUDA tensors when Triton
+imports. An explicit ``'triton'`` that cannot run raises; the environment variable ``CGGR_IMPL=torch`` forces
+the PyTorch path everywhere.
+
+``linear_cross_entropy`` dataflow (both paths)::
+
+    hidden (N, H), weight (V, H) ──chunked logits + row statistics──> lse, entropy, confidence, margin, nll (N,)
+        ([N, V] is never materialised: chunks of rows, or of the vocabulary, live in a bounded workspace)
+    difficulty(scores, scoring) ──select_tokens (same rules as CGGRLoss)──> mask (N,), K = mask.sum()
+    loss = Σ_selected nll / K   ('mean'; 'sum' drops / K)
+    backward: logits recomputed for the K_max compact rows (selected rows first), gradients of hidden,
+              weight and bias come from the selected rows only.
+
+With ``ratio = 1`` (every valid token kept) and gradients needed, the Triton path computes the gradients
+during the forward (three GEMM passes instead of four) and the backward only scales them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from cggr._validation import (
+    REDUCTIONS,
+    SCORING_MODES,
+    SELECTION_STRATEGIES,
+    check_choice,
+    check_int,
+    check_logits_targets,
+    check_ratio,
+    check_target_range,
+)
+from cggr.scoring import TokenScores, difficulty
+from cggr.scoring import token_scores as _torch_token_scores
+from cggr.selection import dynamic_ratio, select_tokens
+
+Impl = Literal["auto", "torch", "triton"]
+IMPLS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, tensor: Tensor, *, op: str) -> str:
+    """Return ``'torch'`` or ``'triton'`` for ``impl`` and the tensor the op runs on (DESIGN §6)."""
+    check_choice("impl", impl, IMPLS)
+    if os.environ.get("CGGR_IMPL", "").strip().lower() == "torch" or impl == "torch":
+        return "torch"
+    on_gpu = tensor.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    dtype_ok = tensor.dtype in _TRITON_DTYPES
+    if impl == "triton":
+        if not _triton_importable():
+            raise RuntimeError(f"{op}(impl='triton') needs the 'triton' package, which is not importable")
+        if not on_gpu:
+            raise RuntimeError(f"{op}(impl='triton') needs CUDA tensors, got a tensor on {tensor.device}")
+        if not dtype_ok:
+            raise TypeError(f"{op}(impl='triton') supports float16, bfloat16 and float32, got {tensor.dtype}")
+        return "triton"
+    return "triton" if on_gpu and dtype_ok and _triton_importable() else "torch"
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def token_scores(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    impl: Impl = "auto",
+) -> TokenScores:
+    """Entropy, confidence, top-2 margin and nll of every token, fp32, in one read of the logits.
+
+    Same fields and semantics as :func:`cggr.scoring.token_scores` (the ``'torch'`` path and the oracle).
+    The Triton kernel reads each row once (online softmax with the exact top-2 and the target logit).
+
+    Args:
+        logits: (N, V) or (B, T, V), any floating dtype (Triton: float16, bfloat16, float32).
+        targets: (N,) or (B, T) class indices aligned with ``logits`` (no shift), or ``None``.
+        ignore_index: Target value marking positions to ignore (nll 0, ``valid`` False).
+        impl: ``'auto'``, ``'torch'`` or ``'triton'``.
+
+    Returns:
+        :class:`cggr.scoring.TokenScores`, tensors shaped ``logits.shape[:-1]``. No gradient flows.
+    """
+    check_logits_targets(logits, targets, ignore_index=ignore_index)
+    if resolve_impl(impl, logits, op="token_scores") == "torch":
+        return _torch_token_scores(logits, targets, ignore_index=ignore_index)
+    from cggr.kernels.scoring import token_scores_triton
+
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    with torch.no_grad():
+        ent, conf, marg, nll = token_scores_triton(
+            logits.detach().reshape(-1, vocab), targets.reshape(-1) if targets is not None else None, ignore_index
+        )
+    return TokenScores(
+        entropy=ent.view(lead),
+        confidence=conf.view(lead),
+        margin=marg.view(lead),
+        nll=nll.view(lead) if nll is not None else None,
+        valid=(targets != ignore_index) if targets is not None else None,
+        vocab_size=vocab,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """Less common knobs of :func:`linear_cross_entropy` (the same meaning as in :class:`cggr.CGGRLoss`).
+
+    Attributes:
+        num_strata: Buckets for ``selection='stratified'``.
+        min_tokens_per_sequence: Per-sequence floor for ``selection='sequence_aware'`` (rows of 3-D inputs).
+        threshold_sensitivity: ``None`` for a fixed ratio; a float turns on the dynamic threshold
+            ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1] (not for ``fixed_quota``).
+        generator: Random source for ``stratified`` and ``random`` (on the inputs' device).
+        workspace_bytes: Bound on the logits workspace of one chunk (bytes).
+    """
+
+    num_strata: int = 4
+    min_tokens_per_sequence: int = 1
+    threshold_sensitivity: float | None = None
+    generator: torch.Generator | None = None
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+
+    def __post_init__(self) -> None:
+        check_int("num_strata", self.num_strata, minimum=1)
+        check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, minimum=1)
+        check_int("workspace_bytes", self.workspace_bytes, minimum=1)
+        ts = self.threshold_sensitivity
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
+            raise ValueError(f"threshold_sensitivity must be None or a finite float, got {ts!r}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+
+
+class LinearCrossEntropyInfo(NamedTuple):
+    """What :func:`linear_cross_entropy` selected (``return_info=True``).
+
+    Attributes:
+        mask: Bool, shaped like ``targets``: the tokens whose loss and gradient count.
+        scores: :class:`cggr.scoring.TokenScores` of every token (fp32, shaped like ``targets``).
+        num_selected: 0-d long tensor, K.
+        ratio: 0-d fp32 tensor, the ratio used (after the dynamic threshold, if on).
+    """
+
+    mask: Tensor
+    scores: TokenScores
+    num_selected: Tensor
+    ratio: Tensor
+
+
+# ---------------------------------------------------------------------------------------------- torch path
+def _torch_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Raw logits of a chunk in the compute dtype (fp64 for fp64 inputs, else fp32), GEMM in the input dtype."""
+    z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return z.double() if z.dtype == torch.float64 else z.float()
+
+
+def _softcap(z: Tensor, softcap: float | None) -> Tensor:
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def _torch_forward_stats(hidden, weight, bias, targets, *, ignore_index, softcap, workspace_bytes, **_):
+    """Reference forward: (5, N) fp32 stats = lse, entropy, confidence, margin, nll (rows in chunks)."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
+    rows = max(1, min(n, workspace_bytes // (vocab * 8)))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        z = _softcap(_torch_logits(hidden[start:stop], weight, bias), softcap)  # (c, V)
+        sc = _torch_token_scores(z, targets[start:stop], ignore_index=ignore_index)
+        stats[0, start:stop] = torch.logsumexp(z, dim=-1)
+        stats[1, start:stop] = sc.entropy
+        stats[2, start:stop] = sc.confidence
+        stats[3, start:stop] = sc.margin
+        stats[4, start:stop] = sc.nll
+    return stats, (None, None, None)
+
+
+def _torch_backward_selected(
+    hidden, weight, bias, targets, lse, row_weights, idx, *, ignore_index, softcap, workspace_bytes,
+    need_hidden_grad, need_weight_grad, need_bias_grad,
+):
+    """Reference backward over the compact rows ``idx``, accumulated in fp32 (fp64 for fp64 inputs)."""
+    vocab = weight.shape[0]
+    k = idx.shape[0]
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    hs, ts = hidden.index_select(0, idx), targets.index_select(0, idx)
+    lses, ws = lse.index_select(0, idx).to(cdt), row_weights.index_select(0, idx).to(cdt)
+    d_hs = torch.zeros(k, hidden.shape[1], dtype=cdt, device=hidden.device)
+    d_w = torch.zeros(weight.shape, dtype=cdt, device=hidden.device) if need_weight_grad else None
+    d_b = torch.zeros(vocab, dtype=cdt, device=hidden.device) if need_bias_grad else None
+    w_c = weight.to(cdt)
+    rows = max(1, min(max(k, 1), workspace_bytes // (vocab * 8)))
+    for start in range(0, k, rows):
+        stop = min(k, start + rows)
+        zr = _torch_logits(hs[start:stop], weight, bias).to(cdt)
+        zc = _softcap(zr, softcap)
+        g = torch.exp(zc - lses[start:stop, None])  # softmax from the saved lse
+        t = ts[start:stop]
+        ok = t != ignore_index
+        g.scatter_add_(1, torch.where(ok, t, 0)[:, None], -ok.to(cdt)[:, None])
+        g = g * ws[start:stop, None]
+        if softcap is not None:
+            g = g * (1.0 - (zc / softcap) ** 2)
+        d_hs[start:stop] = g @ w_c
+        if d_w is not None:
+            d_w += g.t() @ hs[start:stop].to(cdt)
+        if d_b is not None:
+            d_b += g.sum(0)
+    d_hidden = torch.zeros_like(hidden).index_copy_(0, idx, d_hs.to(hidden.dtype)) if need_hidden_grad else None
+    return (
+        d_hidden,
+        d_w.to(weight.dtype) if d_w is not None else None,
+        d_b.to(bias.dtype) if d_b is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+@dataclass
+class _Plan:
+    """Static settings of one call plus a slot for the selection made inside the autograd forward."""
+
+    impl: str
+    ratio: float
+    scoring: str
+    selection: str
+    ignore_index: int
+    softcap: float | None
+    reduction: str
+    options: LinearCrossEntropyOptions
+    target_shape: tuple[int, ...]
+    grad_enabled: bool = True
+    info: LinearCrossEntropyInfo | None = None
+
+    def backend(self):
+        if self.impl == "triton":
+            from cggr.kernels import linear_cross_entropy as kernels
+
+            return kernels.forward_stats, kernels.backward_selected
+        return _torch_forward_stats, _torch_backward_selected
+
+    def keeps_all_valid(self) -> bool:
+        sens = self.options.threshold_sensitivity
+        return self.ratio == 1.0 and (sens is None or sens >= 0 or self.selection == "fixed_quota")
+
+    def k_max(self, n: int) -> int:
+        """Static bound on K: the scheduled ratio raised by the dynamic threshold, plus sequence floors."""
+        r_hi = self.ratio
+        sens = self.options.threshold_sensitivity
+        dyn = sens is not None and self.selection != "fixed_quota"
+        if dyn and sens > 0:
+            r_hi = min(1.0, self.ratio * (1.0 + sens))
+        k = min(n, max(1, math.floor(r_hi * n + 0.5)) + (1 if dyn else 0))
+        if self.selection == "sequence_aware":
+            rows = self.target_shape[0] if len(self.target_shape) == 2 else 1
+            k = min(n, k + rows * self.options.min_tokens_per_sequence)
+        return k
+
+
+class _SelectiveLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, plan: _Plan):
+        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) long
+        forward_stats, _ = plan.backend()
+        opts = plan.options
+        n = hidden.shape[0]
+        valid = targets != plan.ignore_index  # (N,)
+        n_valid = valid.sum()
+        need = ctx.needs_input_grad if plan.grad_enabled else (False, False, False)
+        wants_grad = need[0] or need[1] or (bias is not None and need[2])
+        fused = plan.impl == "triton" and wants_grad and plan.keeps_all_valid()
+        common = dict(ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=opts.workspace_bytes)
+        if fused:  # every valid token is kept: gradients in the same pass
+            w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1)
+            stats, grads = forward_stats(
+                hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
+                need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], **common,
+            )
+        else:
+            stats, grads = forward_stats(hidden, weight, bias, targets, **common)
+        shape = plan.target_shape
+        scores = TokenScores(
+            entropy=stats[1].view(shape), confidence=stats[2].view(shape), margin=stats[3].view(shape),
+            nll=stats[4].view(shape), valid=valid.view(shape), vocab_size=weight.shape[0],
+        )
+        if plan.keeps_all_valid():
+            mask = valid
+            ratio = torch.ones((), dtype=torch.float32, device=hidden.device)
+        else:
+            sel_ratio: float | Tensor = plan.ratio
+            ratio = torch.tensor(plan.ratio, dtype=torch.float32, device=hidden.device)
+            if opts.threshold_sensitivity is not None and plan.selection != "fixed_quota":
+                mean_conf = (stats[2] * valid).sum() / n_valid.clamp(min=1)
+                sel_ratio = ratio = dynamic_ratio(plan.ratio, mean_conf, opts.threshold_sensitivity)
+            mask = select_tokens(
+                difficulty(scores, plan.scoring), valid.view(shape), sel_ratio, strategy=plan.selection,
+                num_strata=opts.num_strata, min_tokens_per_sequence=opts.min_tokens_per_sequence,
+                generator=opts.generator,
+            ).reshape(-1)
+        k = mask.sum()
+        w = mask.float()
+        if plan.reduction == "mean":
+            w = w / k.clamp(min=1)
+        loss = (w * stats[4]).sum()
+        plan.info = LinearCrossEntropyInfo(mask=mask.view(shape), scores=scores, num_selected=k, ratio=ratio)
+        ctx.plan = plan
+        ctx.fused = fused
+        ctx.consumed = False
+        if fused:
+            ctx.grads = grads
+        elif wants_grad:
+            k_max = plan.k_max(n)
+            idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k_max]  # selected rows first
+            ctx.save_for_backward(hidden, weight, bias, targets, stats[0], w, idx)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.consumed:
+            raise RuntimeError("linear_cross_entropy does not support backward twice through the same graph")
+        ctx.consumed = True
+        plan = ctx.plan
+        need = ctx.needs_input_grad
+        if ctx.fused:
+            d_h, d_w, d_b = ctx.grads
+            ctx.grads = None
+            g = grad_out.float()
+            for t in (d_h, d_w, d_b):  # in place: the fused forward's buffers belong to this graph only
+                if t is not None:
+                    t.mul_(g.to(t.dtype))
+            return d_h, d_w, d_b, None, None
+        hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
+        _, backward_selected = plan.backend()
+        d_h, d_w, d_b = backward_selected(
+            hidden, weight, bias, targets, lse, w * grad_out.float(), idx, ignore_index=plan.ignore_index,
+            softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes, need_hidden_grad=need[0],
+            need_weight_grad=need[1], need_bias_grad=bias is not None and need[2],
+        )
+        return d_h, d_w, d_b, None, None
+
+
+# ---------------------------------------------------------------------------------------------- public op
+def _check_lce_inputs(hidden, weight, targets, bias, softcap) -> None:
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3) or not hidden.is_floating_point():
+        raise ValueError(
+            f"hidden must be a floating (N, H) or (B, T, H) tensor, got {hidden.dtype} {tuple(hidden.shape)}"
+        )
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a (V, H) tensor, got {shape}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} does not match hidden size H={hidden.shape[-1]} (expected (V, H))"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a ({weight.shape[0]},) tensor, got {shape}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must be {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}")
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an integer tensor of class indices, got {got}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} does not match hidden batch/seq shape {tuple(hidden.shape[:-1])}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets are on {targets.device} but hidden is on {hidden.device}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 < softcap < math.inf)
+    ):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ratio: float = 1.0,
+    scoring: str = "combined",
+    selection: str = "topk",
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    impl: Impl = "auto",
+    return_info: bool = False,
+    options: LinearCrossEntropyOptions | None = None,
+) -> Tensor | tuple[Tensor, LinearCrossEntropyInfo]:
+    """Selective cross-entropy of an LM head, straight from hidden states: the [N, V] logits never exist.
+
+    Scores every valid token from ``hidden @ weight.T (+ bias)`` (optionally soft-capped), keeps
+    K = max(1, round(ratio · n_valid)) of them with the same rules as :class:`cggr.CGGRLoss`, and returns the
+    cross-entropy over the kept tokens; the gradients of ``hidden``, ``weight`` and ``bias`` come from the kept
+    tokens only. With ``ratio=1`` it equals ``F.cross_entropy(hidden @ weight.T + bias, targets)``.
+
+    Args:
+        hidden: (N, H) or (B, T, H) hidden states (float16, bfloat16, float32; float64 on the torch path).
+        weight: (V, H) LM-head weight, same dtype and device.
+        targets: (N,) or (B, T) class indices aligned with ``hidden`` (no shift); ``ignore_index`` skipped.
+        bias: Optional (V,) head bias (e.g. GPT-J).
+        ratio: Share of the valid tokens kept, in (0, 1].
+        scoring: Difficulty signal: ``'entropy'``, ``'margin'``, ``'loss'`` or ``'combined'``.
+        selection: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` or ``'random'``.
+        ignore_index: Target value to ignore.
+        softcap: Final-logit soft-capping (Gemma 2/3): logits = softcap · tanh(z / softcap).
+        reduction: ``'mean'`` over the kept tokens or ``'sum'``.
+        impl: ``'auto'``, ``'torch'`` or ``'triton'``.
+        return_info: Also return a :class:`LinearCrossEntropyInfo` (mask, scores, K, ratio).
+        options: :class:`LinearCrossEntropyOptions` (strata, sequence floor, dynamic threshold, generator,
+            workspace size).
+
+    Returns:
+        0-d fp32 loss (0.0, still differentiable, when every target is ignored), and the info if asked.
+    """
+    _check_lce_inputs(hidden, weight, targets, bias, softcap)
+    check_ratio("ratio", ratio)
+    check_choice("scoring", scoring, SCORING_MODES)
+    check_choice("selection", selection, SELECTION_STRATEGIES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(return_info, bool):
+        raise TypeError(f"return_info must be a bool, got {return_info!r}")
+    options = options if options is not None else LinearCrossEntropyOptions()
+    if not isinstance(options, LinearCrossEntropyOptions):
+        raise TypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")
+    vocab, hsize = weight.shape
+    check_target_range(targets, vocab, ignore_index=ignore_index)
+    chosen = resolve_impl(impl, hidden, op="linear_cross_entropy")
+    plan = _Plan(
+        impl=chosen, ratio=float(ratio), scoring=scoring, selection=selection, ignore_index=ignore_index,
+        softcap=float(softcap) if softcap is not None else None, reduction=reduction, options=options,
+        target_shape=tuple(targets.shape), grad_enabled=torch.is_grad_enabled(),
+    )
+    h2 = hidden.reshape(-1, hsize).contiguous()
+    loss = _SelectiveLinearCE.apply(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
+    return (loss, plan.info) if return_info else loss
+
+
+__all__ = [
+    "LinearCrossEntropyInfo",
+    "LinearCrossEntropyOptions",
+    "linear_cross_entropy",
+    "resolve_impl",
+    "token_scores",
+]

@@ -1,0 +1,246 @@
+"""Triton path of the selective fused linear cross-entropy (``cggr.functional.linear_cross_entropy``).
+
+Shape legend: N tokens, H hidden size, V vocabulary, K_max static bound on the selected rows, C rows of a
+row chunk, Vc columns of a vocabulary chunk.
+
+The [N, V] logits are never materialised: matrix products run on cuBLAS in bounded chunks that live in one
+reusable workspace (``workspace_bytes``, default 256 MiB) and a Triton row kernel turns each chunk into
+statistics or gradients in place.
+
+Forward (scores of every token; no gradient)::
+
+    for each row chunk [C, H] of hidden:
+        z = hidden_c @ weight.T (+ bias)            cuBLAS, [C, V] in the input dtype, fp32 accumulation
+        _ce_rows_kernel(STATS)                      one read per row: lse, entropy, confidence, margin, nll
+                                                    (softcap applied on the fly: softcap·tanh(z / softcap))
+
+Forward with gradients (all valid tokens kept, e.g. ratio = 1; three GEMM passes, like Liger-Kernel)::
+
+    for each row chunk: z = hidden_c @ weight.T (+ bias)
+        _ce_rows_kernel(STATS + GRAD)   stats, then z <- (softmax(z) - onehot(target)) · w_row (· softcap')
+        d_hidden_c = z @ weight;  d_weight (+)= z.T @ hidden_c;  d_bias += Σ_rows z      (fp32 accumulate)
+
+Backward of the selected rows (recomputed logits of K_max compact rows only; three GEMM passes over K_max)::
+
+    hs = hidden[idx]  [K_max, H]   (idx: selected rows first, then zero-weight padding up to the static K_max)
+    for each vocabulary chunk [v0, v1):
+        z = hs @ weight[v0:v1].T (+ bias)           [K_max, Vc]
+        _ce_rows_kernel(GRAD, saved lse)            z <- (exp(z - lse) - onehot) · w_row · grad_out (· softcap')
+        d_weight[v0:v1] = z.T @ hs                  written once: exact, no accumulation across chunks
+        d_hs += z @ weight[v0:v1]                   fp32 accumulator [K_max, H]
+        d_bias[v0:v1] = Σ_rows z
+    d_hidden = zeros.index_copy(idx, d_hs)
+
+The public entry point (argument checks, selection, autograd) is :func:`cggr.functional.linear_cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cggr.kernels._utils import LOG2E, row_block, row_softmax_stats, softcap_fn
+from cggr.kernels.scoring import default_num_warps
+
+#: Default bound on the logits workspace (bytes).
+DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+@triton.jit
+def _ce_rows_kernel(
+    Z, stride_row, V, col_offset, T, ignore_index, WROW,
+    LSE, ENT, CONF, MARG, NLL, softcap,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = Z + row * stride_row
+    tgt = tl.load(T + row)
+    valid = tgt != ignore_index
+    local_t = tl.where(valid, tgt - col_offset, -1)  # target column inside this chunk (-1: none)
+    if COMPUTE_STATS:
+        lse, ent, conf, marg = row_softmax_stats(row_ptr, V, softcap, HAS_SOFTCAP, BLOCK)
+        zt = tl.load(row_ptr + tl.maximum(local_t, 0)).to(tl.float32)
+        if HAS_SOFTCAP:
+            zt = softcap_fn(zt, softcap)
+        tl.store(LSE + row, lse)
+        tl.store(ENT + row, ent)
+        tl.store(CONF + row, conf)
+        tl.store(MARG + row, marg)
+        tl.store(NLL + row, tl.where(valid, lse - zt, 0.0))
+    else:
+        lse = tl.load(LSE + row)
+    if WRITE_GRAD:
+        w = tl.load(WROW + row)
+        lse2 = lse * LOG2E
+        for start in range(0, V, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < V
+            z = tl.load(row_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                zc = softcap_fn(z, softcap)
+            else:
+                zc = z
+            p = tl.exp2(zc * LOG2E - lse2)
+            g = tl.where(offs == local_t, p - 1.0, p) * w
+            if HAS_SOFTCAP:
+                y = zc / softcap
+                g = g * (1.0 - y * y)
+            tl.store(row_ptr + offs, g.to(Z.dtype.element_ty), mask=m)
+
+
+def _launch_rows(z, targets, *, ignore_index, softcap, col_offset=0, row_weights=None, stats=None, lse=None):
+    """Run ``_ce_rows_kernel`` over the rows of the chunk ``z`` [c, Vc] (unit stride along Vc)."""
+    c, vc = z.shape
+    if c == 0:
+        return
+    nw = default_num_warps(vc, z.element_size())
+    blk = row_block(vc, z.element_size(), nw)
+    compute_stats = stats is not None
+    write_grad = row_weights is not None
+    dummy = targets
+    lse_buf = stats[0] if compute_stats else lse
+    ent, conf, marg, nll = stats[1:] if compute_stats else (dummy, dummy, dummy, dummy)
+    _ce_rows_kernel[(c,)](
+        z, z.stride(0), vc, col_offset, targets, ignore_index,
+        row_weights if write_grad else dummy,
+        lse_buf, ent, conf, marg, nll, float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats, WRITE_GRAD=write_grad,
+        BLOCK=blk, num_warps=nw,
+    )
+
+
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def chunk_rows(n: int, vocab: int, element_size: int, workspace_bytes: int) -> int:
+    """Rows per chunk so that a [C, V] chunk fits the workspace (at least 16, a multiple of 16)."""
+    rows = max(16, workspace_bytes // max(1, vocab * element_size))
+    rows = rows - rows % 16 if rows >= 32 else rows
+    return max(1, min(n, rows))
+
+
+def forward_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    workspace_bytes: int,
+    row_weights: Tensor | None = None,
+    need_hidden_grad: bool = False,
+    need_weight_grad: bool = False,
+    need_bias_grad: bool = False,
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Scores of every row; with ``row_weights`` also the gradients of Σ w_n · nll_n (three GEMM passes).
+
+    Args:
+        hidden: (N, H) contiguous.
+        weight: (V, H) contiguous, same dtype.
+        bias: (V,) or ``None``.
+        targets: (N,) long; ``ignore_index`` rows get nll 0.
+        row_weights: (N,) fp32 loss weight per row; when given, gradients are computed in this pass.
+
+    Returns:
+        ``(stats, (d_hidden, d_weight, d_bias))`` with stats (5, N) fp32 = lse, entropy, confidence, margin,
+        nll; the gradients are ``None`` unless asked for.
+    """
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
+    rows = chunk_rows(n, vocab, hidden.element_size(), workspace_bytes)
+    buf = torch.empty(rows * vocab, dtype=hidden.dtype, device=hidden.device)
+    grads = row_weights is not None
+    d_hidden = torch.empty_like(hidden) if grads and need_hidden_grad else None
+    d_weight = torch.empty_like(weight) if grads and need_weight_grad else None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grads and need_bias_grad else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        z = buf[: (stop - start) * vocab].view(stop - start, vocab)
+        h_c = hidden[start:stop]
+        _logits_into(z, h_c, weight, bias)
+        _launch_rows(
+            z, targets[start:stop], ignore_index=ignore_index, softcap=softcap,
+            row_weights=row_weights[start:stop] if grads else None,
+            stats=tuple(stats[i, start:stop] for i in range(5)),
+        )
+        if not grads:
+            continue
+        if d_hidden is not None:
+            torch.mm(z, weight, out=d_hidden[start:stop])
+        if d_weight is not None:
+            if start == 0:
+                torch.mm(z.t(), h_c, out=d_weight)
+            else:
+                d_weight.addmm_(z.t(), h_c)
+        if d_bias is not None:
+            d_bias += z.sum(0, dtype=torch.float32)
+    return stats, (d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
+
+
+def backward_selected(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    row_weights: Tensor,
+    idx: Tensor,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    workspace_bytes: int,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ w_n · nll_n from the compact rows ``idx`` only (see the module docstring).
+
+    Args:
+        hidden, weight, bias, targets: as in :func:`forward_stats`.
+        lse: (N,) fp32 log-sum-exp saved by the forward.
+        row_weights: (N,) fp32 weights, already multiplied by the upstream gradient; 0 outside the selection.
+        idx: (K_max,) long row indices, each at most once (padding rows carry weight 0).
+    """
+    vocab, _ = weight.shape
+    k = idx.shape[0]
+    hs = hidden.index_select(0, idx)  # (K_max, H)
+    ts = targets.index_select(0, idx)
+    lses = lse.index_select(0, idx)
+    ws = row_weights.index_select(0, idx)
+    cols = max(16, workspace_bytes // max(1, k * hidden.element_size()))
+    cols = min(vocab, cols - cols % 16 if cols >= 32 else cols)
+    one_chunk = cols >= vocab
+    buf = torch.empty(k * cols, dtype=hidden.dtype, device=hidden.device)
+    d_weight = torch.empty_like(weight) if need_weight_grad else None
+    d_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias_grad else None
+    d_hs = None
+    if need_hidden_grad and not one_chunk:
+        d_hs = torch.zeros(k, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        z = buf[: k * (v1 - v0)].view(k, v1 - v0)
+        _logits_into(z, hs, weight[v0:v1], bias[v0:v1] if bias is not None else None)
+        _launch_rows(
+            z, ts, ignore_index=ignore_index, softcap=softcap, col_offset=v0, row_weights=ws, lse=lses
+        )
+        if d_weight is not None:
+            torch.mm(z.t(), hs, out=d_weight[v0:v1])
+        if need_hidden_grad:
+            part = torch.mm(z, weight[v0:v1])  # (K_max, H) in the input dtype
+            if one_chunk:
+                d_hs = part
+            else:
+                d_hs += part
+        if d_bias is not None:
+            d_bias[v0:v1] = z.sum(0, dtype=torch.float32)
+    d_hidden = None
+    if need_hidden_grad:
+        d_hidden = torch.zeros_like(hidden).index_copy_(0, idx, d_hs.to(hidden.dtype))
+    return d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None
