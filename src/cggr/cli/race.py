@@ -64,6 +64,7 @@ class RaceConfig:
     progress: bool = True
     plot: bool = True
     name: str = "race"
+    train_problems: int = 50_000  # size of the generated arithmetic training pool
 
 
 def validate_config(cfg: RaceConfig) -> None:
@@ -278,7 +279,8 @@ def _prepare(cfg: RaceConfig) -> tuple[ModelSpec, RaceData]:
     tokenizer = pretrained_tokenizer(spec.path) if spec.kind == "pretrained" else None
     vocab = spec.preset.vocab_size
     if cfg.data == "arithmetic":
-        data = load_arithmetic_data(vocab_size=vocab, eval_sequences=cfg.eval_sequences, tokenizer=tokenizer)
+        data = load_arithmetic_data(vocab_size=vocab, eval_sequences=cfg.eval_sequences, tokenizer=tokenizer,
+                                    num_train=cfg.train_problems)
     else:
         seq_len = cfg.seq_len or spec.preset.seq_len
         data = load_text_data(cfg.data, seq_len=seq_len, vocab_size=vocab, eval_sequences=cfg.eval_sequences,
@@ -300,8 +302,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
     batch = cfg.batch_size or preset.batch_size
     multiplier = cfg.scan_multiplier if cfg.scan_multiplier is not None else 1.0 / cfg.ratio
     scan = max(1, round(batch * multiplier))
-    if round(cfg.ratio * scan) < 1:
-        raise CLIError(f"--ratio {cfg.ratio} selects no sequence of a scanned batch of {scan}")
+    kept = min(scan, max(1, math.floor(cfg.ratio * scan + 0.5)))  # sequences the selecting arms train on
     router_layers = cfg.router_layers or preset.router_layers
     if spec.num_layers and router_layers >= spec.num_layers:
         raise CLIError(f"--router-layers must be < the model's {spec.num_layers} layers, got {router_layers}")
@@ -311,7 +312,8 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
     n_params = sum(p.numel() for p in base.parameters())
     setup_seconds = time.perf_counter() - t_setup
     log(f"cggr race: {spec.name} ({n_params / 1e6:.1f}M parameters) on {data.info['origin']}, device {device}, "
-        f"{minutes:g} min per arm, ratio {cfg.ratio}, standard batch {batch}, selecting arms scan {scan}")
+        f"{minutes:g} min per arm, ratio {cfg.ratio}, standard batch {batch}, selecting arms scan {scan} "
+        f"and train on {kept}")
     fractions = [i / cfg.evals for i in range(cfg.evals + 1)]
     eval_bs = max(batch, 16)
     results: list[ArmResult] = []
@@ -380,6 +382,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         "model": spec.name, "model_kind": spec.kind, "parameters": n_params, "data": cfg.data,
         "minutes_per_arm": minutes,
         "ratio": cfg.ratio, "scan_multiplier": multiplier, "batch_size": batch, "scanned_per_step": scan,
+        "trained_per_step": kept,
         "router_layers": router_layers, "num_layers": spec.num_layers, "lr": lr, "warmup_fraction": WARMUP_FRACTION,
         "schedule": "linear warm-up, cosine to 0 over each arm's budget (by elapsed time)", "seed": cfg.seed,
         "device": str(device), "dtype": cfg.dtype, "evals": cfg.evals, "setup_seconds": round(setup_seconds, 1),

@@ -1,0 +1,139 @@
+"""Data of ``cggr race``: splits never overlap, the arithmetic task is right, the sequence order is fixed."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from cggr.cli.arithmetic import exact_match_accuracy, extract_answer, generate_split, make_problem
+from cggr.cli.data import BatchStream, Document, path_documents, split_documents, stdlib_documents
+from cggr.cli.presets import CLIError
+
+
+def _solve_story(question: str) -> int:
+    """Independent reference: read the story sentence by sentence and apply each operation."""
+    sentences = re.split(r"(?<=[.?])\s+", question)
+    value = int(re.search(r"has (\d+) ", sentences[0]).group(1))
+    for s in sentences[1:-1]:
+        if m := re.search(r"buys (\d+) \w+ with (\d+) ", s):
+            value += int(m.group(1)) * int(m.group(2))
+        elif m := re.search(r"gives (\d+) ", s):
+            value -= int(m.group(1))
+        elif m := re.search(r"finds (\d+) more", s):
+            value += int(m.group(1))
+        elif "doubles" in s:
+            value *= 2
+        elif m := re.search(r"among (\d+) people", s):
+            assert value % int(m.group(1)) == 0, s
+            value //= int(m.group(1))
+        else:
+            raise AssertionError(f"unparsed sentence {s!r}")
+        assert value >= 0
+    assert sentences[-1].startswith("How many")
+    return value
+
+
+def test_arithmetic_answers_match_an_independent_solver():
+    rng = random.Random(7)
+    for _ in range(3000):
+        p = make_problem(rng)
+        assert int(p.answer) == _solve_story(p.question), p.text
+        # every worked equation is true and the chain ends at the answer
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", p.solution):
+            a, b, c = int(a), int(b), int(c)
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b if a % b == 0 else None}[op] == c
+        assert p.solution.rstrip(".").split(" = ")[-1] == p.answer
+        assert p.text.endswith(f"\n#### {p.answer}") and p.text.startswith(p.prompt)
+
+
+def test_arithmetic_split_is_disjoint_and_deterministic():
+    train, heldout = generate_split(4000, 200, seed=3)
+    assert len(train) == 4000 and len(heldout) == 200
+    assert not {p.question for p in train} & {p.question for p in heldout}
+    assert len({p.question for p in heldout}) == 200
+    train2, heldout2 = generate_split(4000, 200, seed=3)
+    assert train2 == train and heldout2 == heldout
+
+
+def test_extract_answer_and_accuracy_on_hand_made_predictions():
+    assert extract_answer(" 3 + 4 = 7.\n#### 7") == "7"
+    assert extract_answer("#### 1,234 apples") == "1234"
+    assert extract_answer("####-5") == "-5"
+    assert extract_answer("the answer is 7") is None
+    assert extract_answer("#### 12\n#### 13") == "12"  # the first answer counts
+    completions = [
+        " 2 * 3 = 6. 6 + 1 = 7.\n#### 7",  # right
+        " 2 * 3 = 6.\n#### 6",  # wrong number
+        " no marker 7",  # no answer
+        "#### 1,024\nQuestion: more text",  # right, with a thousands separator and trailing text
+        "####  007",  # right as an integer
+        "#### 70",  # wrong: 70 is not 7
+    ]
+    answers = ["7", "7", "7", "1024", "7", "7"]
+    assert exact_match_accuracy(completions, answers) == pytest.approx(3 / 6)
+    assert exact_match_accuracy(["#### 5"], ["5"]) == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        exact_match_accuracy(["#### 1"], ["1", "2"])
+
+
+def test_stdlib_split_never_overlaps_and_excludes_site_packages():
+    _, docs = stdlib_documents()
+    assert len(docs) > 100
+    keys = [d.key for d in docs]
+    assert len(set(keys)) == len(keys)
+    assert not any(part in ("site-packages", "dist-packages") for k in keys for part in k.split("/"))
+    train, heldout = split_documents(docs)
+    assert {d.key for d in train}.isdisjoint(d.key for d in heldout)
+    assert len(train) + len(heldout) == len(docs)
+    assert 0.03 < len(heldout) / len(docs) < 0.2
+    assert split_documents(docs) == (train, heldout)  # deterministic
+
+
+def test_path_sources_and_their_split(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(30):
+        (folder / ("sub" if i % 2 else "") / f"f{i}.txt").write_text(f"document {i}\n" * 5)
+    (folder / "binary.bin").write_bytes(b"\xff\xfe\x00\x81")  # not UTF-8: skipped
+    docs = path_documents(folder)
+    assert len(docs) == 30
+    train, heldout = split_documents(docs)
+    assert heldout and {d.key for d in train}.isdisjoint(d.key for d in heldout)
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"row {i}", "id": i}) for i in range(12)) + "\n")
+    assert [d.text for d in path_documents(jsonl)] == [f"row {i}" for i in range(12)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "x"}\n')
+    with pytest.raises(CLIError, match="no string field 'text'"):
+        path_documents(bad)
+
+    single = tmp_path / "one.txt"
+    single.write_text("".join(f"line {i}\n" for i in range(450)))
+    parts = path_documents(single)
+    assert len(parts) == 5 and "".join(d.text for d in parts) == single.read_text()
+
+
+def test_empty_corpus_and_missing_path_raise(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("   \n")
+    with pytest.raises(CLIError, match="empty"):
+        split_documents(path_documents(tmp_path / "empty"))
+    with pytest.raises(CLIError, match="does not exist"):
+        path_documents(tmp_path / "missing")
+    with pytest.raises(CLIError, match="at least 2"):
+        split_documents([Document("a", "x")])
+
+
+def test_batch_stream_order_is_independent_of_read_size():
+    a, b = BatchStream(37, seed=5), BatchStream(37, seed=5)
+    seq_a = torch.cat([a.take(3) for _ in range(40)])  # 120 indices, crosses 3 epochs
+    seq_b = torch.cat([b.take(8) for _ in range(15)])
+    assert torch.equal(seq_a, seq_b)
+    for epoch in range(3):  # every epoch is a permutation of all sequences
+        assert sorted(seq_a[epoch * 37 : (epoch + 1) * 37].tolist()) == list(range(37))
+    assert not torch.equal(BatchStream(37, seed=6).take(37), BatchStream(37, seed=5).take(37))

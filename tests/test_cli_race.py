@@ -1,0 +1,102 @@
+"""``cggr race`` end to end with a few-second budget on every data source (CPU, small model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from cggr.cli.data import load_text_data  # noqa: E402
+from cggr.cli.main import main  # noqa: E402
+from cggr.cli.race import ARMS, RaceConfig, run_race  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CGGR_CACHE_DIR", str(tmp_path_factory.mktemp("cggr-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    transformers.LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ).to_json_file(path)
+    return path
+
+
+def _check_race(payload, *, with_accuracy: bool):
+    arms = payload["arms"]
+    assert [a["arm"] for a in arms] == list(ARMS)
+    # the same initial weights and the same initial held-out loss in every arm
+    assert len({a["init_digest"] for a in arms}) == 1
+    assert len({a["curve"][0]["heldout_loss"] for a in arms}) == 1
+    # the same data order: every arm reads a prefix of the same sequence stream
+    firsts = [a["first_sequences"] for a in arms]
+    n = min(map(len, firsts))
+    assert n >= 2 and all(f[:n] == firsts[0][:n] for f in firsts)
+    s = payload["settings"]
+    for a in arms:
+        assert a["steps"] >= 1
+        assert all(math.isfinite(p["heldout_loss"]) for p in a["curve"])
+        assert a["curve"][-1]["fraction"] == 1.0 and len(a["curve"]) == s["evals"] + 1
+        assert a["train_seconds"] >= s["minutes_per_arm"] * 60
+        per_step = s["batch_size"] if a["arm"] == "standard" else s["scanned_per_step"]
+        assert a["sequences_scanned"] == a["steps"] * per_step
+        if a["arm"] in ("cggr", "random"):  # they back-propagate the selected share of sequences only
+            assert a["tokens_backpropagated"] < a["tokens_scanned"]
+        else:
+            assert a["tokens_backpropagated"] == a["tokens_scanned"]
+        assert (a["router_tokens"] > 0) == (a["arm"] == "cggr")
+        if with_accuracy:
+            assert all(0.0 <= p["accuracy"] <= 1.0 for p in a["curve"])
+    for suffix in ("json", "md", "png"):
+        assert payload["paths"][suffix].endswith(suffix)
+    with open(payload["paths"]["json"], encoding="utf-8") as f:
+        stored = json.load(f)
+    assert stored["settings"]["ratio"] == s["ratio"] and len(stored["arms"]) == len(arms)
+
+
+def test_race_on_code_corpus(small_config, tmp_path):
+    cfg = RaceConfig(model=str(small_config), data="code", minutes=0.015, router_layers=1, batch_size=2, seq_len=32,
+                     evals=2, eval_sequences=8, out=str(tmp_path), progress=False)
+    payload = run_race(cfg, log=lambda *_: None)
+    _check_race(payload, with_accuracy=False)
+    assert payload["settings"]["scanned_per_step"] == 8  # 1 / ratio × the standard batch
+    data = load_text_data("code", seq_len=32, vocab_size=384, eval_sequences=8)
+    assert set(data.train_keys).isdisjoint(data.heldout_keys)
+    assert (tmp_path / "race.md").read_text().count("| standard |") == 1
+
+
+def test_race_on_arithmetic(small_config, tmp_path):
+    cfg = RaceConfig(model=str(small_config), data="arithmetic", minutes=0.015, router_layers=1, batch_size=4,
+                     evals=1, eval_sequences=6, out=str(tmp_path), progress=False, scan_multiplier=1.0,
+                     train_problems=3000)
+    payload = run_race(cfg, log=lambda *_: None)
+    _check_race(payload, with_accuracy=True)
+    assert payload["settings"]["scanned_per_step"] == 4  # --scan-multiplier 1: equal scan
+    assert payload["settings"]["trained_per_step"] == 1
+
+
+def test_race_on_a_jsonl_path_through_the_command_line(small_config, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6}) for i in range(200)]
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code = main(["race", "--model", str(small_config), "--data", str(corpus), "--minutes", "0.01",
+                 "--router-layers", "1", "--batch-size", "2", "--seq-len", "32", "--evals", "1",
+                 "--eval-sequences", "4", "--out", str(out), "--no-progress", "--arms", "standard,cggr,random"])
+    assert code == 0
+    payload = json.loads((out / "race.json").read_text())
+    assert [a["arm"] for a in payload["arms"]] == ["standard", "cggr", "random"]
+    assert all(math.isfinite(a["heldout_loss"]) for a in payload["arms"])
+    assert len({a["init_digest"] for a in payload["arms"]}) == 1
+    assert "held-out loss" in capsys.readouterr().out
