@@ -1,0 +1,152 @@
+"""Fused linear cross-entropy, forward + backward: cggr (ratio 1.0 and 0.25) vs eager, Liger-Kernel and CCE (issue 5).
+
+bf16, (N, H, V) in {(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)}; hidden ~ N(0, 1),
+weight ~ N(0, 1/H) (logits ~ N(0, 1)), targets uniform. Every arm computes d hidden and d weight through
+``torch.autograd.grad`` (no .grad accumulation). Time: median of CUDA-event timings after warm-up. Memory:
+peak allocated during the timed calls minus what was allocated before them (inputs), i.e. the arm's own
+workspace plus its gradients.
+
+Arms:
+  eager            logits = hidden @ weight.T (bf16), F.cross_entropy(logits.float(), targets)
+  cggr r=1.0       cggr.functional.linear_cross_entropy(ratio=1.0, impl='triton')
+  cggr r=0.25      cggr.functional.linear_cross_entropy(ratio=0.25, scoring='combined', selection='topk')
+  liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
+  cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
+  score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
+  cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
+
+    python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from benchmarks._timing import markdown_table, time_fn, write_results
+
+from cggr.functional import linear_cross_entropy
+from cggr.kernels.linear_cross_entropy import DEFAULT_WORKSPACE_BYTES, forward_stats
+from cggr.scoring import TokenScores, difficulty
+
+CASES = [(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)]
+
+
+def _optional_arms():
+    arms = {}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        print("liger-kernel not importable:", e)
+    else:
+        arms["liger"] = lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError as e:
+        print("cut-cross-entropy not importable:", e)
+    else:
+        arms["cce"] = lambda h, w, t: cce(h, w, t)
+    return arms
+
+
+def _score_then(fn, ratio):
+    """'Score every token (cggr Triton forward, no grad), then ``fn`` on the selected rows'."""
+
+    def run(h, w, t):
+        n = h.shape[0]
+        k = max(1, int(ratio * n + 0.5))
+        with torch.no_grad():
+            stats, _ = forward_stats(h.detach(), w.detach(), None, t, ignore_index=-100, softcap=None,
+                                     workspace_bytes=DEFAULT_WORKSPACE_BYTES)
+            sc = TokenScores(stats[1], stats[2], stats[3], stats[4], t != -100, w.shape[0])
+            idx = torch.topk(difficulty(sc, "combined"), k, sorted=False).indices
+        return fn(h[idx], w, t[idx])
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="0,1,2")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    extra = _optional_arms()
+    rows = []
+    for ci in [int(c) for c in args.cases.split(",")]:
+        rows += _bench_case(ci, extra, args)
+        torch.cuda.empty_cache()
+    _finish(rows, args)
+
+
+def _bench_case(ci: int, extra: dict, args) -> list[dict]:
+    dev = torch.device("cuda")
+    rows: list[dict] = []
+    n, h, v = CASES[ci]
+    gen = torch.Generator(device=dev).manual_seed(ci)
+    hidden = torch.randn(n, h, device=dev, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=dev, generator=gen) / h**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=dev, generator=gen)
+
+    arms = {}
+    if not args.skip_eager:
+        arms["eager (materialised logits)"] = lambda hh, ww, tt: F.cross_entropy((hh @ ww.t()).float(), tt)
+    arms["cggr r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton")
+    arms["cggr r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton")
+    for name, fn in extra.items():
+        arms[name] = fn
+    if "cce" in extra:
+        arms["score all + cce on 25%"] = _score_then(extra["cce"], 0.25)
+        quarter = torch.arange(0, n, 4, device=dev)
+        arms["cce on fixed 25% rows (ref)"] = lambda hh, ww, tt, q=quarter: extra["cce"](hh[q], ww, tt[q])
+
+    results = {}
+    for name, fn in arms.items():
+        def step(fn=fn):
+            loss = fn(hidden, weight, targets)
+            return torch.autograd.grad(loss, (hidden, weight))
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        try:
+            tm = time_fn(step, warmup=args.warmup, iters=args.iters)
+        except torch.OutOfMemoryError as e:  # eager at the largest shape on a smaller GPU
+            print(name, "OOM:", e)
+            continue
+        results[name] = tm
+        rows.append({"N": n, "H": h, "V": v, "arm": name, "ms": tm.median_ms,
+                     "peak_extra_MiB": (tm.peak_mem_bytes - before) / 2**20})
+        print(f"({n},{h},{v}) {name}: {tm.median_ms:.2f} ms, {(tm.peak_mem_bytes - before) / 2**20:.0f} MiB",
+              flush=True)
+    best_full = min((results[a].median_ms for a in ("liger", "cce") if a in results), default=float("nan"))
+    for r in rows:
+        r["vs_best_liger_cce_r1"] = best_full / r["ms"]
+    return rows
+
+
+def _finish(rows: list[dict], args) -> None:
+    cols = ["N", "H", "V", "arm", "ms", "peak_extra_MiB", "vs_best_liger_cce_r1"]
+    notes = (
+        "Forward + backward (d hidden, d weight), bf16, median of CUDA-event timings after warm-up. "
+        "vs_best_liger_cce_r1 = (faster of Liger/CCE at full ratio) / arm time: > 1 is faster. "
+        "peak_extra_MiB = peak allocated during the timed calls - allocated before (inputs). "
+        "Inputs: hidden ~ N(0,1), weight ~ N(0,1/H) (logits ~ N(0,1)); CCE's gradient filter is data dependent."
+    )
+    paths = write_results("linear_ce", rows, title="Fused linear cross-entropy: fwd+bwd time and memory",
+                          notes=notes, columns=cols, out_dir=args.out)
+    print(markdown_table(rows, cols))
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
