@@ -24,6 +24,7 @@ Usage: python benchmarks/bench_cggr_model.py [--shapes 4x512,16x512,16x2048,32x2
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,15 +33,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from benchmarks._timing import markdown_table, time_fn, write_results
+from benchmarks._timing import Timing, markdown_table, time_fn, write_results
 
 from cggr import CGGRModel, create_truncated_router
 from cggr.model import router_scores
 from cggr.scoring import difficulty
 
+ARMS = ("standard", "cggr", "random")
 RATIO = 0.25
 ROUTER_LAYERS = 4
 SCAN_FACTOR = 4
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
 def smollm_135m(attn: str | None):
@@ -73,7 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4x512,16x512,16x2048,32x2048")
     ap.add_argument("--free-lunch-shapes", default="4x512,16x512")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=8, help="timed steps per arm per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the arms")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attn", default=None, help="attention implementation (default: the model's default)")
     ap.add_argument("--out-dir", default=None)
@@ -119,11 +127,17 @@ def main() -> None:
             scan = b if protocol == "equal_scan" else SCAN_FACTOR * b
             std_data = batches(4, b, t, vocab)
             scan_data = std_data if scan == b else batches(4, scan, t, vocab)
-            res = {}
-            for arm in ("standard", "cggr", "random"):
-                data = std_data if arm == "standard" else scan_data
-                torch.cuda.empty_cache()
-                res[arm] = time_fn(step_fn(arm, data), warmup=args.warmup, iters=args.iters)
+            # Arms interleaved over several rounds (drift and clock changes hit every arm alike).
+            fns = {arm: step_fn(arm, std_data if arm == "standard" else scan_data) for arm in ARMS}
+            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            peaks: dict[str, int] = dict.fromkeys(ARMS, 0)
+            for r in range(args.rounds):
+                for arm in ARMS:
+                    torch.cuda.empty_cache()
+                    tm = time_fn(fns[arm], warmup=args.warmup if r == 0 else 1, iters=args.iters)
+                    times[arm] += tm.times_ms
+                    peaks[arm] = max(peaks[arm], tm.peak_mem_bytes)
+            res = {arm: Timing(statistics.median(times[arm]), times[arm], peaks[arm], args.warmup) for arm in ARMS}
             base = res["standard"]
             for arm, tm in res.items():
                 scanned = b if arm == "standard" else scan
@@ -142,6 +156,8 @@ def main() -> None:
                         "step_time_vs_std": tm.median_ms / base.median_ms,
                         "samples_per_s_vs_std": (scanned / tm.median_ms) / (b / base.median_ms),
                         "mem_vs_std": tm.peak_mem_bytes / max(1, base.peak_mem_bytes),
+                        "step_ms_p10": _quantile(tm.times_ms, 0.1),
+                        "step_ms_p90": _quantile(tm.times_ms, 0.9),
                     }
                 )
             print(markdown_table(rows[-3:]), flush=True)
@@ -186,11 +202,12 @@ def main() -> None:
         f"{SCAN_FACTOR}·B and train B, standard trains B. Ratios are to the standard arm of the same row group "
         "(same process). 'breakdown' rows: the cggr step's parts timed separately (router forward, scoring, a "
         "standard step on the k selected sequences); their sum is the ceiling for the cggr arm. Median of "
-        f"{args.iters} CUDA-event timings after {args.warmup} warm-up steps; random token data."
+        f"{args.rounds} interleaved rounds x {args.iters} CUDA-event timed steps per arm (p10/p90 shown) after "
+        f"{args.warmup} warm-up steps; random token data."
     )
     cols = [
         "protocol", "B", "T", "arm", "scanned", "trained", "step_ms", "samples_per_s", "peak_mem_gib",
-        "step_time_vs_std", "samples_per_s_vs_std", "mem_vs_std",
+        "step_time_vs_std", "samples_per_s_vs_std", "mem_vs_std", "step_ms_p10", "step_ms_p90",
     ]  # fmt: skip
     paths = write_results(
         args.name, rows, title="CGGRModel batch split vs standard (SmolLM-135M shape)", notes=notes, columns=cols,

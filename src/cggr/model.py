@@ -468,15 +468,17 @@ class CGGRModel(nn.Module):
         out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
         vocab = logits.shape[-1]
-        sub_valid = sub_targets != self.ignore_index  # (k, T)
-        safe_targets = torch.where(sub_valid, sub_targets, 0)
+        flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
         if self.token_ratio is not None:
+            sub_valid = sub_targets != self.ignore_index  # (k, T)
             keep = select_tokens(tok_diff.index_select(0, idx), sub_valid, self.token_ratio)  # (k, T)
+            kept_targets = torch.where(keep, sub_targets, self.ignore_index)
         else:
-            keep = sub_valid
-        nll = F.cross_entropy(logits.float().view(-1, vocab), safe_targets.view(-1), reduction="none")  # (k·T,)
+            keep = sub_targets != self.ignore_index
+            kept_targets = sub_targets
         n_keep = keep.sum()
-        loss = (nll * keep.view(-1)).sum() / n_keep.clamp(min=1)
+        ce = F.cross_entropy(flat_logits, kept_targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum")
+        loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
 
         last.update(
             indices=idx.detach(),

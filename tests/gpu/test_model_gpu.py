@@ -72,20 +72,65 @@ def test_cggr_model_gradients_match_reference_on_cuda():
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_cggr_step_has_no_host_sync_in_selection():
+class _TinyLM(torch.nn.Module):
+    """logits = ids · w (no gathers, no data-dependent kernels): isolates CGGRModel's own operations."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(vocab, device="cuda") * 0.01)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=input_ids.unsqueeze(-1).float() * self.w)
+
+
+def test_cggr_model_own_ops_never_sync_the_host():
+    vocab = 1001
+    ids = torch.randint(0, vocab, (16, 64), device="cuda")
+    labels = ids.clone()
+    labels[3, :10] = -100
+    mask = torch.ones_like(ids)
+    mask[5, 40:] = 0
+    router_logits = torch.randn(16, 64, vocab, device="cuda", dtype=torch.bfloat16)
+    model = _TinyLM(vocab)
+    for token_ratio in (None, 0.5):
+        cm = CGGRModel(
+            model, router=lambda x, **kw: router_logits, min_tokens_ratio=0.25, warmup_steps=0, token_ratio=token_ratio
+        )
+        cm(ids, labels=labels, attention_mask=mask).backward()  # warm-up: compile the fused scoring
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cm(ids, labels=labels, attention_mask=mask).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_full_hf_cggr_step_sync_count():
+    """With a real HF Llama, count host syncs of one CGGRModel step (router + scoring + selection + model)."""
     model = _llama(torch.bfloat16).train()
     ids = torch.randint(0, 1001, (8, 64), device="cuda")
     cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0)
-    cm(ids, labels=ids).backward()  # warm-up: compile the fused scoring, build caches
+    cm(ids, labels=ids).backward()
+    std = model(input_ids=ids, labels=ids).loss
+    std.backward()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with _no_sync_warnings() as rec:
-            cm(ids, labels=ids).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in rec if "synchroniz" in str(w.message).lower()]
-    assert not syncs, syncs
+
+    def count(fn):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with _no_sync_warnings() as rec:
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return len([w for w in rec if "synchroniz" in str(w.message).lower()])
+
+    n_std = count(lambda: model(input_ids=ids, labels=ids).loss.backward())
+    n_cggr = count(lambda: cm(ids, labels=ids).backward())
+    print(f"host syncs per step: standard {n_std}, cggr {n_cggr}")
+    # CGGR adds no sync of its own beyond what the model's forward does (router = a shorter forward)
+    assert n_cggr <= 2 * n_std
 
 
 class _no_sync_warnings:
