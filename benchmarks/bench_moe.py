@@ -156,16 +156,13 @@ def _median_ms(fn, iters=10):
 
 
 BREAKDOWN = {  # kernel -> candidate (block_m, block_n, block_k, warps, stages, programs_per_sm)
-    "up": [(128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 8, 4, 1), (128, 64, 64, 4, 4, 2),
-           (64, 128, 64, 4, 4, 2), (128, 128, 64, 8, 2, 2)],
-    "down": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 2),
-             (64, 256, 64, 4, 4, 2)],
-    "act_bwd": [(128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 64, 64, 4, 4, 2), (128, 256, 64, 8, 3, 1)],
-    "dx": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 2)],
-    "wgrad1": [(128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 4, 4, 2), (256, 128, 64, 8, 3, 1),
-               (128, 256, 32, 8, 4, 1)],
-    "wgrad2": [(128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 4, 4, 2), (256, 128, 64, 8, 3, 1),
-               (128, 256, 32, 8, 4, 1)],
+    "up": [(128, 128, 32, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 8, 5, 1), (128, 64, 64, 8, 4, 1)],
+    "down": [(128, 256, 64, 8, 4, 1), (128, 256, 32, 8, 5, 1)],
+    "act_bwd": [(128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 64, 32, 8, 5, 1), (64, 128, 64, 4, 4, 1),
+                (128, 64, 64, 4, 4, 2)],
+    "dx": [(128, 256, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1)],
+    "wgrad1": [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1)],
+    "wgrad2": [(256, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1)],
 }
 
 
@@ -213,14 +210,16 @@ def breakdown(shape):
                     x, plan.tok, dh, None, None, plan.offs, dw1, cfg=cfg, opts=opts)
             else:
                 fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
-                    a, None, dy, plan.tok, wts, plan.offs, dw2, cfg=cfg, opts=opts)
+                    a, None, yp, None, None, plan.offs, dw2, cfg=cfg, opts=opts)
             ms = _median_ms(fn)
             print(f"breakdown {head} {name:8s} cfg={c} {ms:.3f} ms {gf[name] / ms / 1e9:.0f} TFLOP/s", flush=True)
     xr = x.clone().requires_grad_()
     steps = {
         "route": lambda: route_tokens(x, m.router.weight, k),
         "aux": lambda: aux_losses(plan, k),
-        "sum_slots": lambda: gg._sum_slots(yp, plan.routed, k),
+        "sum_slots": lambda: gg._sum_slots(yp, None, k),
+        "gather_scale": lambda: gg._gather_scale_kernel[(gg._cdiv(rows, 32),)](
+            dy, plan.tok, wts, plan.offs, yp, n_exp, d, dy.stride(0), yp.stride(0), BR=32, BD=256, num_warps=4),
         "fwd": lambda: m(x),
         "fwd+bwd": lambda: torch.autograd.backward(list(m(xr)), [dy, torch.ones((), device="cuda")]),
     }

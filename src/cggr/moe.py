@@ -53,11 +53,11 @@ class RoutingPlan(NamedTuple):
     top_idx: torch.Tensor  # (N, k) long, chosen experts
     top_w: torch.Tensor  # (N, k) renormalised routing weights
     routed: torch.Tensor  # (N,) bool, False = null-routed
-    counts: torch.Tensor  # (E+1,) long, pairs per expert; counts[E] = null-routed pairs
+    counts: torch.Tensor  # (E+1,) int32, pairs per expert; counts[E] = null-routed pairs
     offs: torch.Tensor  # (E+1,) int32 group offsets of the sorted rows; offs[E] = routed pairs
     order: torch.Tensor  # (M,) long, sorted row -> (token, slot) pair index
-    tok: torch.Tensor  # (M,) int32, sorted row -> token
-    pair: torch.Tensor  # (M,) int32, sorted row -> pair index t·k + slot
+    tok: torch.Tensor  # (M,) long, sorted row -> token
+    pair: torch.Tensor  # (M,) long, sorted row -> pair index t·k + slot (the same tensor as order)
     weights: torch.Tensor  # (M,) routing weight of each sorted row (differentiable)
     all_routed: bool  # no token_mask was given (known on the host: no masking work needed)
 
@@ -74,33 +74,38 @@ def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     top_w = top_p / top_p.sum(-1, keepdim=True)
     if token_mask is None:
         routed = torch.ones(n_tok, dtype=torch.bool, device=x.device)
+        expert_pair = top_idx.reshape(-1)  # (M,)
     else:
         routed = token_mask
-    expert_pair = torch.where(routed[:, None], top_idx, n_exp).reshape(-1)  # (M,), sentinel E for null tokens
-    order = torch.argsort(expert_pair, stable=True)  # (M,) sorted row -> pair
-    counts = torch.zeros(n_exp + 1, dtype=torch.long, device=x.device)
-    counts.scatter_add_(0, expert_pair, torch.ones_like(expert_pair))  # no host sync (bincount would sync)
-    offs = torch.zeros(n_exp + 1, dtype=torch.int32, device=x.device)
-    offs[1:] = counts[:n_exp].cumsum(0).to(torch.int32)
+        expert_pair = torch.where(routed[:, None], top_idx, n_exp).reshape(-1)  # (M,), sentinel E for null tokens
+    sorted_e, order = torch.sort(expert_pair, stable=True)  # (M,), order: sorted row -> pair
+    # offs[e] = first sorted row with expert >= e; offs[E] = routed pairs (no host sync, unlike bincount)
+    offs = torch.searchsorted(sorted_e, torch.arange(n_exp + 1, device=x.device), out_int32=True)
+    counts = torch.diff(offs, append=offs.new_full((1,), expert_pair.shape[0]))  # (E+1,)
     weights = top_w.reshape(-1)[order]  # (M,)
-    return RoutingPlan(logits, probs, top_idx, top_w, routed, counts, offs, order,
-                       (order // top_k).to(torch.int32), order.to(torch.int32), weights, token_mask is None)
+    return RoutingPlan(logits, probs, top_idx, top_w, routed, counts, offs, order, order // top_k, order, weights,
+                       token_mask is None)
 
 
-def aux_losses(plan: RoutingPlan, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def aux_losses(plan: RoutingPlan, top_k: int, with_z: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Load-balancing loss ``E · Σ_e f_e · P_e`` and router z-loss ``mean(logsumexp(logits)²)``, routed tokens only.
 
     ``f_e`` = share of the routed (token, slot) pairs sent to expert e (no gradient), ``P_e`` = mean router
     probability of e over routed tokens. Both are 0 (with gradient) when no token is routed. Equal to 1 for a
-    perfectly balanced router with uniform probabilities, ``top_k``-independent.
+    perfectly balanced router with uniform probabilities, ``top_k``-independent. z is None unless ``with_z``.
     """
-    n_exp = plan.probs.shape[1]
+    n_exp, n_tok = plan.probs.shape[1], plan.probs.shape[0]
+    counts = plan.counts[:n_exp].to(plan.probs.dtype)  # (E,)
+    lse2 = torch.logsumexp(plan.logits, -1).square() if with_z else None  # (N,)
+    if plan.all_routed:  # fewer launches when every token is routed
+        balance = torch.dot(counts, plan.probs.sum(0)) * (n_exp / (max(n_tok, 1) ** 2 * top_k))
+        return balance, (lse2.sum() / max(n_tok, 1) if with_z else None)
     routed = plan.routed.to(plan.probs.dtype)  # (N,)
     n_routed = routed.sum().clamp_min(1.0)
-    f = plan.counts[:n_exp].to(plan.probs.dtype) / (n_routed * top_k)  # (E,)
+    f = counts / (n_routed * top_k)  # (E,)
     p_mean = (plan.probs * routed[:, None]).sum(0) / n_routed  # (E,)
     balance = n_exp * (f * p_mean).sum()
-    z = (torch.logsumexp(plan.logits, -1).square() * routed).sum() / n_routed
+    z = (lse2 * routed).sum() / n_routed if with_z else None
     return balance, z
 
 
@@ -273,11 +278,11 @@ class PersistentTRMLP(nn.Module):
         impl = _resolve_impl(self.impl, x2)
         if impl == "triton":
             y = grouped_expert_mlp(x2, self.expert_w1, self.expert_w2, plan.weights, plan.tok, plan.pair,
-                                   plan.offs, plan.routed, top_k=self.top_k, activation=self.activation,
-                                   options=self.kernel_options)
+                                   plan.offs, None if plan.all_routed else plan.routed, top_k=self.top_k,
+                                   activation=self.activation, options=self.kernel_options)
         else:
             y = expert_mlp_torch(x2, self.expert_w1, self.expert_w2, plan, self.top_k, self.activation)
-        balance, z = aux_losses(plan, self.top_k)
+        balance, z = aux_losses(plan, self.top_k, with_z=bool(self.z_loss_coef))
         aux = self.aux_loss_coef * balance
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * z

@@ -18,7 +18,8 @@ Backward dataflow (recomputes A from the stored pre-activation H instead of stor
     G[m]  = dy[tok[m]] @ w2[e]ᵀ                     epilogue: dw[m] = Σ_i G·act(H) (per column-tile partials),
                                                       dH = w[m] · G · act'(H)
     dXp[pair[m]] = dH[m] @ w1[e]ᵀ;  dx[t] = Σ_slot dXp[t·k + slot]
-    dw1[e] = x[tok]ₑᵀ @ dHₑ ;  dw2[e] = Aₑᵀ @ (w · dy[tok])ₑ       ragged-K grouped GEMMs (one launch each)
+    dw1[e] = x[tok]ₑᵀ @ dHₑ ;  dw2[e] = Aₑᵀ @ (w · dy[tok])ₑ       ragged-K grouped GEMMs (one launch each;
+                                                                  w · dy[tok] is gathered into sorted rows first)
 
 Inputs are bf16 or fp16; every product accumulates in fp32.
 """
@@ -64,15 +65,18 @@ class GroupedMLPOptions:
         down: down-projection with the routing-weight + scatter epilogue.
         act_bwd: ``dy @ w2ᵀ`` with the routing-weight-gradient and activation-backward epilogue.
         dx: ``dH @ w1ᵀ`` scattered to (token, slot) rows.
-        wgrad: the two ragged-K weight-gradient GEMMs (block_k walks the rows of one expert).
+        wgrad: the ragged-K weight-gradient GEMM dw1 = x[tok]ᵀ·dH (block_k walks the rows of one expert).
+        wgrad2: dw2 = Aᵀ·(w·dy[tok]) (w·dy[tok] is gathered and scaled into sorted rows first).
         programs_per_sm: persistent programs launched per multiprocessor.
     """
 
-    up: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 64, 8, 3))
-    down: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
-    act_bwd: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 64, 8, 3))
+    # defaults: the fastest of the candidates timed by ``bench_moe.py --breakdown`` on an H200
+    up: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 32, 8, 4))
+    down: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 4))
+    act_bwd: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 64, 8, 4))
     dx: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
     wgrad: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
+    wgrad2: GemmConfig = field(default_factory=lambda: GemmConfig(256, 128, 64, 8, 3))
     programs_per_sm: int = 1
 
 
@@ -147,7 +151,7 @@ if HAS_TRITON:
     def _rows_kernel(a_ptr, idx_ptr, b_ptr, offs_ptr, out_ptr, pair_ptr, scale_ptr, h_ptr,
                      E, K, N, stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_hm,
                      GATHER_A: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
-                     SCATTER: tl.constexpr, SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                     SCATTER: tl.constexpr, SCALE: tl.constexpr, EVEN_K: tl.constexpr, OFF64: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_PAD: tl.constexpr,
                      NUM_PROGS: tl.constexpr):
         """Row-ragged grouped GEMM out[rows] = epilogue(A[rows] @ B[e]); ACT: -1 none, 0 SwiGLU, 1 SiLU, 2 GELU."""
@@ -171,15 +175,17 @@ if HAS_TRITON:
             acc, acc2 = _mainloop(a_ptr, a_rows, stride_am, rmask, b_ptr + e.to(tl.int64) * stride_be,
                                   stride_bk, stride_bn, cols, cmask, N * stride_bn, K,
                                   GATED, EVEN_K, BM, BN, BK)
-            omask = rmask[:, None] & cmask[None, :]
             out_ty = out_ptr.dtype.element_ty
+            omask = rmask[:, None] & cmask[None, :]
+            # 32-bit element offsets unless the buffers are huge (64-bit offset tensors spill registers)
+            rows_o = rows.to(tl.int64) if OFF64 else rows
             if ACT >= 0:
                 h = acc.to(out_ty)
                 if STORE_H:
-                    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
-                    tl.store(h_ptrs, h, mask=omask)
+                    h_off = rows_o[:, None] * stride_hm + cols[None, :]
+                    tl.store(h_ptr + h_off, h, mask=omask)
                     if GATED:
-                        tl.store(h_ptrs + N, acc2.to(out_ty), mask=omask)
+                        tl.store(h_ptr + N + h_off, acc2.to(out_ty), mask=omask)
                 res = _act(h.to(tl.float32), ACT)
                 if GATED:
                     res = res * acc2.to(out_ty).to(tl.float32)
@@ -188,16 +194,17 @@ if HAS_TRITON:
             if SCALE:
                 res = res * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
             if SCATTER:
-                o_rows = tl.load(pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                o_rows = tl.load(pair_ptr + rows, mask=rmask, other=0)
+                o_rows = o_rows.to(tl.int64) if OFF64 else o_rows.to(tl.int32)
             else:
-                o_rows = rows.to(tl.int64)
-            tl.store(out_ptr + o_rows[:, None] * stride_om + cols[None, :], res.to(out_ty), mask=omask)
+                o_rows = rows_o
+            tl.store(out_ptr + (o_rows[:, None] * stride_om + cols[None, :]), res.to(out_ty), mask=omask)
 
     @triton.jit
     def _act_bwd_kernel(dy_ptr, tok_ptr, w2_ptr, offs_ptr, h_ptr, wt_ptr, dh_ptr, dwp_ptr,
-                        E, K, N, M, stride_dym, stride_be, stride_bk, stride_bn, stride_hm, stride_dhm,
-                        ACT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGS: tl.constexpr):
+                        E, K, N, M, stride_dym, stride_be, stride_bk, stride_bn, stride_hm,
+                        ACT: tl.constexpr, EVEN_K: tl.constexpr, OFF64: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGS: tl.constexpr):
         """G = dy[tok] @ w2[e]ᵀ; epilogue: dw partials Σ G·act(H) and dH = w·G·act'(H)."""
         GATED: tl.constexpr = ACT == 0
         pid = tl.program_id(0)
@@ -216,24 +223,38 @@ if HAS_TRITON:
             g, _unused = _mainloop(dy_ptr, a_rows, stride_dym, rmask, w2_ptr + e.to(tl.int64) * stride_be,
                                    stride_bk, stride_bn, cols, cmask, 0, K, False, EVEN_K, BM, BN, BK)
             omask = rmask[:, None] & cmask[None, :]
-            rows64 = rows.to(tl.int64)
-            h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+            rows_o = rows.to(tl.int64) if OFF64 else rows
+            off = rows_o[:, None] * stride_hm + cols[None, :]  # h and dh share the (M, Hc) layout
             w = tl.load(wt_ptr + rows, mask=rmask, other=0.0)
-            hg = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
+            hg = tl.load(h_ptr + off, mask=omask, other=0.0).to(tl.float32)
             da = g * w[:, None]
-            dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
             out_ty = dh_ptr.dtype.element_ty
             if GATED:
-                hu = tl.load(h_ptrs + N, mask=omask, other=0.0).to(tl.float32)
+                hu = tl.load(h_ptr + N + off, mask=omask, other=0.0).to(tl.float32)
                 s = tl.sigmoid(hg)
                 silu = hg * s
                 dwp = tl.sum(g * (silu * hu), 1)
-                tl.store(dh_ptrs, (da * hu * (s * (1.0 + hg * (1.0 - s)))).to(out_ty), mask=omask)
-                tl.store(dh_ptrs + N, (da * silu).to(out_ty), mask=omask)
+                tl.store(dh_ptr + off, (da * hu * (s * (1.0 + hg * (1.0 - s)))).to(out_ty), mask=omask)
+                tl.store(dh_ptr + N + off, (da * silu).to(out_ty), mask=omask)
             else:
                 dwp = tl.sum(g * _act(hg, ACT), 1)
-                tl.store(dh_ptrs, (da * _act_grad(hg, ACT)).to(out_ty), mask=omask)
+                tl.store(dh_ptr + off, (da * _act_grad(hg, ACT)).to(out_ty), mask=omask)
             tl.store(dwp_ptr + col_tile.to(tl.int64) * M + rows, dwp, mask=rmask)
+
+    @triton.jit
+    def _gather_scale_kernel(src_ptr, idx_ptr, scale_ptr, offs_ptr, dst_ptr, E, D, stride_s, stride_d,
+                             BR: tl.constexpr, BD: tl.constexpr):
+        """dst[m] = scale[m] · src[idx[m]] for the routed sorted rows m < offs[E] (fp32 product, one rounding)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = rows < tl.load(offs_ptr + E)
+        src_rows = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            m = rmask[:, None] & (cols < D)[None, :]
+            v = tl.load(src_ptr + src_rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0)
+            tl.store(dst_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :],
+                     (v.to(tl.float32) * s[:, None]).to(dst_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _wgrad_kernel(l_ptr, l_idx_ptr, r_ptr, r_idx_ptr, r_scale_ptr, offs_ptr, out_ptr,
@@ -307,6 +328,7 @@ def _launch_rows(a, idx, b, offs, out, pair, scale, h, *, n_rows, K, N, stride_b
         E, K, N, a.stride(0), stride_be, stride_bk, stride_bn, out.stride(0), h.stride(0) if h is not None else 0,
         GATHER_A=idx is not None, ACT=act, STORE_H=h is not None, SCATTER=pair is not None,
         SCALE=scale is not None, EVEN_K=K % cfg.block_k == 0,
+        OFF64=max(out.numel(), h.numel() if h is not None else 0) >= 2**31,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, E_PAD=triton.next_power_of_2(E + 1),
         NUM_PROGS=nprog, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -330,33 +352,35 @@ def _launch_wgrad(lmat, l_idx, rmat, r_idx, r_scale, offs, out, *, cfg, opts):
 def _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, *, act, cfg, opts):
     """Launch the G = dy[tok] @ w2ᵀ kernel; fills dh (M, Hc) and returns the (n_col_tiles, M) dw partials."""
     n_rows, d, inter = tok.shape[0], dy.shape[1], w2.shape[1]
+    if h.stride() != dh.stride():
+        raise ValueError(f"h and dh must share one layout, got strides {h.stride()} and {dh.stride()}")
     n_col = _cdiv(inter, cfg.block_n)
     dwp = torch.zeros(n_col, n_rows, device=dy.device, dtype=torch.float32)  # rows never visited stay 0
     E = offs.shape[0] - 1
     nprog = _num_programs(dy.device, (_cdiv(n_rows, cfg.block_m) + E) * n_col, opts)
     _act_bwd_kernel[(nprog,)](
         dy, tok, w2, offs, h, weights, dh, dwp,
-        E, d, inter, n_rows, dy.stride(0), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0), dh.stride(0),
-        ACT=act, EVEN_K=d % cfg.block_k == 0, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        E, d, inter, n_rows, dy.stride(0), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0),
+        ACT=act, EVEN_K=d % cfg.block_k == 0, OFF64=h.numel() >= 2**31, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
         E_PAD=triton.next_power_of_2(E + 1), NUM_PROGS=nprog, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return dwp
 
 
-def _sum_slots(pairs: torch.Tensor, routed: torch.Tensor, top_k: int) -> torch.Tensor:
+def _sum_slots(pairs: torch.Tensor, routed: torch.Tensor | None, top_k: int) -> torch.Tensor:
     """(M, d) per-(token, slot) rows -> (N, d) sums over the k slots; rows of null-routed tokens are never
-    written by the kernels, so their sums are replaced by 0 (masked_fill, not a multiply: garbage may be NaN)."""
-    n_tok = routed.shape[0]
-    out = pairs.view(n_tok, top_k, pairs.shape[1]).sum(1)
-    return out.masked_fill_(~routed[:, None], 0)
+    written by the kernels, so their sums are replaced by 0 (masked_fill, not a multiply: garbage may be NaN).
+    ``routed`` None means every token is routed."""
+    out = pairs.view(pairs.shape[0] // top_k, top_k, pairs.shape[1]).sum(1)
+    return out if routed is None else out.masked_fill_(~routed[:, None], 0)
 
 
 class _GroupedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, weights, tok, pair, offs, routed, top_k, activation, opts):
         # x (N, d); w1 (E, d, Hc); w2 (E, I, d); weights (M,) fp32 in sorted order; tok/pair (M,) int32;
-        # offs (E+1,) int32; routed (N,) bool
+        # offs (E+1,) int32; routed (N,) bool or None (all routed)
         act = ACTIVATIONS[activation]
         n_rows, d = tok.shape[0], x.shape[1]
         inter = w2.shape[1]
@@ -395,14 +419,17 @@ class _GroupedExpertMLP(torch.autograd.Function):
             _launch_wgrad(x, tok, dh, None, None, offs, dw1, cfg=opts.wgrad, opts=opts)
         if ctx.needs_input_grad[2]:
             dw2 = torch.empty_like(w2)  # (E, I, d)
-            _launch_wgrad(a, None, dy, tok, weights, offs, dw2, cfg=opts.wgrad, opts=opts)
+            dyw = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # (M, d) w · dy[tok], sorted rows
+            _gather_scale_kernel[(_cdiv(n_rows, 32),)](dy, tok, weights, offs, dyw, offs.shape[0] - 1, d,
+                                                        dy.stride(0), dyw.stride(0), BR=32, BD=256, num_warps=4)
+            _launch_wgrad(a, None, dyw, None, None, offs, dw2, cfg=opts.wgrad2, opts=opts)
         if ctx.needs_input_grad[3]:
             dweights = dwp.sum(0)
         return dx, dw1, dw2, dweights, None, None, None, None, None, None, None
 
 
 def grouped_expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                       tok: torch.Tensor, pair: torch.Tensor, offs: torch.Tensor, routed: torch.Tensor, *,
+                       tok: torch.Tensor, pair: torch.Tensor, offs: torch.Tensor, routed: torch.Tensor | None, *,
                        top_k: int, activation: str, options: GroupedMLPOptions | None = None) -> torch.Tensor:
     """Expert MLP of routed tokens with persistent grouped-GEMM Triton kernels (forward + backward).
 
@@ -411,9 +438,10 @@ def grouped_expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weig
         w1: (E, d, Hc) up-projections (Hc = 2I for ``'swiglu'``: gate columns then up columns).
         w2: (E, I, d) down-projections.
         weights: (M,) fp32 routing weights of the sorted rows (differentiable).
-        tok: (M,) int32 token of each sorted row. pair: (M,) int32 (token, slot) index t·k + slot of each row.
+        tok: (M,) int32/int64 token of each sorted row. pair: (M,) (token, slot) index t·k + slot of each row.
         offs: (E+1,) int32 group offsets (rows past ``offs[E]`` are null-routed and never visited).
-        routed: (N,) bool, False for null-routed tokens (their output and input gradient are 0).
+        routed: (N,) bool, False for null-routed tokens (their output and input gradient are 0); None when
+            every token is routed (no token_mask).
         top_k: slots per token k (M = N·k). activation: ``'swiglu'``, ``'silu'`` or ``'gelu'``.
         options: kernel tile configuration.
 
