@@ -1,0 +1,216 @@
+"""CPU tests of cggr.functional: token_scores dispatch and the PyTorch path of linear_cross_entropy.
+
+The references are independent: logits materialised in float64, ``F.log_softmax`` / ``F.cross_entropy``,
+autograd for the gradients, and :class:`cggr.CGGRLoss` on the materialised logits for the selection.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy, token_scores
+from cggr.loss import CGGRLoss
+from cggr.scoring import token_scores as torch_token_scores
+
+
+def _inputs(shape, h, v, dtype=torch.float64, seed=0, bias=True, ignore_every=5):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * (2.0 / h**0.5)).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, shape, generator=gen)
+    if ignore_every:
+        t.view(-1)[1::ignore_every] = -100
+    return hidden, weight, b, t
+
+
+def _logits64(hidden, weight, b, softcap):
+    z = hidden.double() @ weight.double().t()
+    if b is not None:
+        z = z + b.double()
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+def _naive(hidden, weight, b, t, mask, softcap, reduction):
+    """fp64 loss and grads with the materialised logits, over the given mask."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    bb = b.detach().double().requires_grad_() if b is not None else None
+    z = _logits64(h, w, bb, softcap).reshape(-1, w.shape[0])
+    logp = F.log_softmax(z, dim=-1)
+    tt = t.reshape(-1)
+    nll = -logp.gather(1, tt.clamp(min=0)[:, None]).squeeze(1)
+    m = mask.reshape(-1).double()
+    loss = (nll * m).sum()
+    if reduction == "mean":
+        loss = loss / m.sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])
+
+
+def _ours(hidden, weight, b, t, **kw):
+    for x in (hidden, weight, b):
+        if x is not None:
+            x.grad = None
+    loss, info = linear_cross_entropy(hidden, weight, t, bias=b, impl="torch", return_info=True, **kw)
+    loss.backward()
+    return loss.detach(), info, [hidden.grad, weight.grad] + ([b.grad] if b is not None else [])
+
+
+# ------------------------------------------------------------------------------------------ token_scores
+def test_token_scores_torch_impl_is_the_reference_and_auto_picks_torch_on_cpu():
+    z = torch.randn(2, 7, 53) * 3
+    t = torch.randint(0, 53, (2, 7))
+    t[0, 2] = -100
+    ref = torch_token_scores(z, t)
+    for impl in ("torch", "auto"):
+        out = token_scores(z, t, impl=impl)
+        for name in ("entropy", "confidence", "margin", "nll", "valid"):
+            assert torch.equal(getattr(out, name), getattr(ref, name))
+
+
+def test_token_scores_explicit_triton_on_cpu_raises_and_env_forces_torch(monkeypatch):
+    z = torch.randn(3, 11)
+    with pytest.raises((RuntimeError, TypeError)):
+        token_scores(z, impl="triton")
+    monkeypatch.setenv("CGGR_IMPL", "torch")
+    out = token_scores(z, impl="triton")
+    assert torch.equal(out.entropy, torch_token_scores(z).entropy)
+    with pytest.raises(ValueError, match="impl"):
+        token_scores(z, impl="cuda")
+
+
+# ------------------------------------------------------------------------------------------ loss and grads
+@pytest.mark.parametrize(
+    "shape,h,v,ratio,softcap,bias,reduction",
+    [
+        ((1,), 8, 50, 1.0, None, True, "mean"),
+        ((37,), 16, 101, 0.3, None, False, "mean"),
+        ((37,), 16, 101, 1.0, 7.0, True, "sum"),
+        ((64,), 12, 257, 0.25, 7.0, True, "mean"),
+        ((2, 9), 16, 33, 0.5, None, True, "sum"),
+    ],
+)
+def test_torch_path_matches_naive_fp64(shape, h, v, ratio, softcap, bias, reduction):
+    hidden, weight, b, t = _inputs(shape, h, v, seed=sum(shape) + v, bias=bias)
+    opts = LinearCrossEntropyOptions(workspace_bytes=2048)  # several row chunks
+    loss, info, grads = _ours(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction, options=opts)
+    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, softcap, reduction)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-7)
+    for a, c in zip(grads, ref_grads):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-8)
+    assert info.mask.shape == t.shape
+    assert int(info.num_selected) == int(info.mask.sum())
+    assert not (info.mask & (t == -100)).any()
+    # tokens outside the selection give no gradient to hidden
+    assert torch.equal(grads[0][~info.mask], torch.zeros_like(grads[0][~info.mask]))
+
+
+def test_fp32_inputs_match_naive_within_fp32_tolerance():
+    hidden, weight, b, t = _inputs((50,), 24, 301, dtype=torch.float32, seed=4)
+    loss, info, grads = _ours(hidden, weight, b, t, ratio=0.4, softcap=12.0)
+    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, 12.0, "mean")
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for a, c in zip(grads, ref_grads):
+        assert float((a.double() - c).norm() / c.norm()) <= 1e-5
+
+
+def test_ratio_one_equals_plain_cross_entropy():
+    hidden, weight, b, t = _inputs((3, 13), 20, 91, seed=7)
+    loss, info, grads = _ours(hidden, weight, b, t, ratio=1.0)
+    assert torch.equal(info.mask, t != -100)
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    bb = b.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h @ w.t() + bb).reshape(-1, 91), t.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-8)
+    for a, c in zip(grads, (h.grad, w.grad, bb.grad)):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-9)
+
+
+def test_all_ignored_rows_give_zero_loss_and_zero_grads():
+    hidden, weight, b, t = _inputs((6,), 8, 40, seed=2)
+    t[:] = -100
+    for ratio in (1.0, 0.5):
+        loss, info, grads = _ours(hidden, weight, b, t, ratio=ratio)
+        assert float(loss) == 0.0 and int(info.num_selected) == 0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+# ------------------------------------------------------------------------------------------ selection
+@pytest.mark.parametrize("scoring", ["entropy", "margin", "loss", "combined"])
+@pytest.mark.parametrize("selection", ["topk", "stratified", "random", "fixed_quota"])
+def test_selected_set_equals_cggrloss_on_materialised_logits(scoring, selection):
+    hidden, weight, b, t = _inputs((120,), 16, 203, seed=11, bias=True)
+    ratio = 0.3
+    crit = CGGRLoss(scoring=scoring, selection=selection, dynamic_threshold=False, min_tokens_ratio=ratio,
+                    warmup_steps=0, seed=123)
+    ref_mask, _ = crit.select(_logits64(hidden, weight, b, None).float(), t)
+    opts = LinearCrossEntropyOptions(generator=torch.Generator().manual_seed(123), workspace_bytes=4096)
+    _, info = linear_cross_entropy(hidden, weight, t, bias=b, ratio=ratio, scoring=scoring, selection=selection,
+                                   impl="torch", return_info=True, options=opts)
+    assert torch.equal(info.mask, ref_mask)
+
+
+def test_dynamic_threshold_and_sequence_aware_match_cggrloss():
+    hidden, weight, _, t = _inputs((4, 25), 16, 97, seed=5, bias=False)
+    t[2, :] = -100
+    for selection in ("topk", "sequence_aware"):
+        crit = CGGRLoss(scoring="combined", selection=selection, dynamic_threshold=True, threshold_sensitivity=0.5,
+                        min_tokens_ratio=0.2, warmup_steps=0, min_tokens_per_sequence=4)
+        ref_mask, _ = crit.select(_logits64(hidden, weight, None, None).float(), t)
+        opts = LinearCrossEntropyOptions(threshold_sensitivity=0.5, min_tokens_per_sequence=4)
+        loss, info = linear_cross_entropy(hidden, weight, t, ratio=0.2, selection=selection, impl="torch",
+                                          return_info=True, options=opts)
+        assert torch.equal(info.mask, ref_mask), selection
+        assert float(info.ratio) == pytest.approx(float(crit._last["ratio"]))
+        ref_loss, _ = _naive(hidden, weight, None, t, info.mask, None, "mean")
+        torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_bad_arguments_raise_with_names():
+    hidden, weight, b, t = _inputs((5,), 8, 30, seed=1)
+    with pytest.raises(ValueError, match="weight shape"):
+        linear_cross_entropy(hidden, weight[:, :7], t, impl="torch")
+    with pytest.raises(TypeError, match="dtype"):
+        linear_cross_entropy(hidden.float(), weight, t, impl="torch")
+    with pytest.raises(ValueError, match="targets shape"):
+        linear_cross_entropy(hidden, weight, t[:4], impl="torch")
+    with pytest.raises(ValueError, match="softcap"):
+        linear_cross_entropy(hidden, weight, t, softcap=-1.0, impl="torch")
+    with pytest.raises(ValueError, match="ratio"):
+        linear_cross_entropy(hidden, weight, t, ratio=0.0, impl="torch")
+    with pytest.raises(ValueError, match="selection"):
+        linear_cross_entropy(hidden, weight, t, selection="best", impl="torch")
+    with pytest.raises(ValueError, match=r"\[0, 30\)"):
+        linear_cross_entropy(hidden, weight, torch.full_like(t, 30), impl="torch")
+    with pytest.raises(ValueError, match="bias"):
+        linear_cross_entropy(hidden, weight, t, bias=b[:5], impl="torch")
+    with pytest.raises(TypeError, match="options"):
+        linear_cross_entropy(hidden, weight, t, options={"num_strata": 2}, impl="torch")
+    with pytest.raises(ValueError, match="num_strata"):
+        LinearCrossEntropyOptions(num_strata=0)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        linear_cross_entropy(hidden.float(), weight.float(), t, impl="triton")
+
+
+def test_second_backward_through_the_same_graph_raises():
+    hidden, weight, b, t = _inputs((7,), 8, 30, seed=3)
+    loss = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
+
+
+def test_no_grad_forward_keeps_nothing_and_matches():
+    hidden, weight, b, t = _inputs((9,), 8, 30, seed=6)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, t, bias=b, ratio=1.0, impl="torch")
+    assert not loss.requires_grad
+    ref = F.cross_entropy(hidden.detach() @ weight.detach().t() + b.detach(), t, ignore_index=-100)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-8)
