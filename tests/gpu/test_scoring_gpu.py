@@ -48,7 +48,8 @@ def test_triton_matches_torch_path(shape, dtype):
         a, b = getattr(out, name), getattr(ref, name)
         assert a.shape == b.shape and a.dtype == torch.float32
         assert torch.isfinite(a).all(), name
-        assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
+        if float(b.norm()) > 1e-3:  # (V = 1: entropy ~ 0, only the absolute check below is meaningful)
+            assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
     assert torch.equal(out.valid, ref.valid)
     assert out.vocab_size == shape[-1]
