@@ -26,6 +26,7 @@ import copy
 import gc
 import hashlib
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ class ArmResult:
     first_sequences: list[int] = field(default_factory=list)
     curve: list[dict[str, float]] = field(default_factory=list)
     last_train_loss: float = float("nan")
+    step_seconds: list[float] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         final = self.curve[-1] if self.curve else {}
@@ -153,6 +155,8 @@ class ArmResult:
             "tokens_in_loss": self.tokens_in_loss, "router_tokens": self.router_tokens,
             "heldout_loss": final.get("heldout_loss"), "accuracy": final.get("accuracy"),
             "last_train_loss": self.last_train_loss, "init_digest": self.init_digest,
+            "median_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "max_step_seconds": max(self.step_seconds, default=None),
             "first_sequences": self.first_sequences, "curve": self.curve,
         }
 
@@ -355,6 +359,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
             synchronize(device)
             dt = time.perf_counter() - t0
             result.train_seconds += dt
+            result.step_seconds.append(dt)
             result.steps += 1
             result.sequences_scanned += per_step
             result.tokens_scanned += int((mask[:, 1:] & mask[:, :-1]).sum())
@@ -411,7 +416,7 @@ def _progress(arm: str, budget: float, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar
         return None
-    return tqdm(total=round(budget, 1), desc=f"{arm:>9}", unit="s", leave=True,
+    return tqdm(total=round(budget, 1), desc=f"{arm:>9}", unit="s", leave=True, mininterval=0.5,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
 
 
