@@ -6,7 +6,7 @@ K kept tokens.
 Dataflow of one ``CGGRModel`` training call::
 
     input_ids (B, T) ──router (first layers, no grad)──> logits (B, T, V)
-        ──scores (fp32; fused on CUDA)──> difficulty (B, T) ──mean over valid tokens──> seq score (B,)
+        ──scores (fp32; one Triton pass on CUDA)──> difficulty (B, T) ──mean over valid tokens──> seq score (B,)
         ──topk (k, static)──> idx (k,) ──index_select──> input_ids (k, T), labels (k, T)
         ──full model (with grad)──> logits (k, T, V) ──cross-entropy over valid targets──> loss
 
@@ -19,7 +19,6 @@ Metrics that need host values are computed lazily in ``get_metrics()``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +34,10 @@ from cggr._validation import (
     check_int,
     check_ratio,
 )
+from cggr.functional import IMPLS
+from cggr.functional import token_scores as functional_token_scores
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
-from cggr.scoring import TokenScores, difficulty, token_scores
+from cggr.scoring import TokenScores, difficulty
 from cggr.selection import RatioSchedule, dynamic_ratio, select_sequences, select_tokens
 
 # Model types trained with unshifted (masked-LM) labels when no ``causal`` flag is given.
@@ -59,92 +60,22 @@ _MASKED_LM_TYPES = frozenset(
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _fused_scores(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # logits (N, V) any float dtype. Written so that inductor emits two row-reduction kernels that read the
-    # logits in their own dtype (no fp32 copy of (N, V)):
-    #   pass 1: m1 = max z, i1 = argmax z
-    #   pass 2: S = Σ exp(z - m1), Σ exp(z - m1)·z, m2 = max_{j != i1} z   (all shifted by pass 1 only)
-    z = logits.float()
-    m1, i1 = z.max(dim=-1)  # (N,)
-    e = torch.exp(z - m1.unsqueeze(-1))  # (N, V), fused into the reductions below
-    s = e.sum(dim=-1)  # (N,)
-    ez = (e * z).sum(dim=-1) / s  # Σ p z
-    cols = torch.arange(z.shape[-1], device=z.device)
-    m2 = torch.where(cols == i1.unsqueeze(-1), -torch.inf, z).amax(dim=-1)  # exact 2nd largest (dups kept)
-    lse = m1 + torch.log(s)
-    entropy = (lse - ez).clamp_min(0.0)
-    confidence = torch.exp(m1 - lse)
-    margin = confidence - torch.exp(m2 - lse)
-    return entropy, confidence, margin, lse, m1, i1
-
-
-def _fused_scores_targets(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
-    entropy, confidence, margin, lse, _, _ = _fused_scores(logits)
-    ok = targets != ignore_index
-    zt = torch.gather(logits, 1, torch.where(ok, targets, 0).unsqueeze(-1)).squeeze(-1).float()  # (N,)
-    nll = torch.where(ok, lse - zt, 0.0)
-    return entropy, confidence, margin, nll
-
-
-def _fused_scores_no_targets(logits: Tensor) -> tuple[Tensor, ...]:
-    return _fused_scores(logits)[:3]
-
-
-_compiled: dict[str, Callable[..., tuple[Tensor, ...]]] = {}
-
-
-def _compiled_fn(name: str) -> Callable[..., tuple[Tensor, ...]]:
-    fn = _compiled.get(name)
-    if fn is None:
-        base = _fused_scores_targets if name == "targets" else _fused_scores_no_targets
-        # dynamic=True: one graph for every (N, V); a new graph only per dtype.
-        fn = _compiled[name] = torch.compile(base, dynamic=True, fullgraph=True)
-    return fn
-
-
-def _use_fused(device: torch.device, fused: bool | None) -> bool:
-    if os.environ.get("CGGR_IMPL", "").lower() == "torch":
-        return False
-    if fused is None:
-        return device.type == "cuda"
-    return fused
-
-
 @torch.no_grad()
 def router_scores(
-    logits: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100, fused: bool | None = None
+    logits: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100, impl: str = "auto"
 ) -> TokenScores:
-    """:func:`cggr.scoring.token_scores` of router logits, optionally through a fused compiled path.
+    """Token scores of router logits: :func:`cggr.functional.token_scores` (one read of the logits in Triton).
 
     Args:
         logits: (B, T, V) or (N, V) router logits.
         targets: Aligned targets of ``logits.shape[:-1]`` or ``None``.
         ignore_index: Ignored target value.
-        fused: ``True``: one ``torch.compile``-fused pass (≈ two reads of the logits, no fp32 copy);
-            ``False``: the chunked reference :func:`cggr.scoring.token_scores`; ``None`` (default): fused on
-            CUDA. ``CGGR_IMPL=torch`` forces the reference.
+        impl: ``'auto'`` (Triton on CUDA when importable), ``'torch'`` (the chunked reference) or ``'triton'``.
 
     Returns:
         :class:`cggr.scoring.TokenScores` (fp32).
     """
-    if not _use_fused(logits.device, fused):
-        return token_scores(logits, targets, ignore_index=ignore_index)
-    lead = logits.shape[:-1]
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)  # (N, V)
-    if targets is None:
-        outs = _compiled_fn("plain")(flat)
-    else:
-        outs = _compiled_fn("targets")(flat, targets.reshape(-1), ignore_index)
-    outs = [o.view(lead) for o in outs]
-    return TokenScores(
-        entropy=outs[0],
-        confidence=outs[1],
-        margin=outs[2],
-        nll=outs[3] if targets is not None else None,
-        valid=(targets != ignore_index) if targets is not None else None,
-        vocab_size=vocab,
-    )
+    return functional_token_scores(logits, targets, ignore_index=ignore_index, impl=impl)
 
 
 def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor | None, **kw) -> Tensor:
@@ -190,7 +121,7 @@ class CGGRScorer(nn.Module):
             its parameters are never counted twice.
         scoring, selection, num_strata, min_tokens_per_sequence, dynamic_threshold, threshold_sensitivity,
         min_tokens_ratio, warmup_steps, ignore_index, seed: As in :class:`cggr.CGGRLoss`.
-        fused_scoring: See :func:`router_scores`.
+        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`).
 
     Call: ``difficulty, mask, info = scorer(input_ids, targets=None, attention_mask=None)`` where ``targets``
     (B, T) are aligned with the logits (already shifted) and enable the nll term; ``attention_mask`` zeros and
@@ -213,7 +144,7 @@ class CGGRScorer(nn.Module):
         warmup_steps: int = 1000,
         ignore_index: int = -100,
         seed: int | None = None,
-        fused_scoring: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if not callable(router):
@@ -232,7 +163,7 @@ class CGGRScorer(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
         self.seed = None if seed is None else check_int("seed", seed, minimum=0)
-        self.fused_scoring = fused_scoring
+        self.impl = check_choice("impl", impl, IMPLS)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0
         self._ratio = self.schedule(0)
@@ -271,7 +202,7 @@ class CGGRScorer(nn.Module):
         _check_2d("targets", targets, input_ids.shape)
         _check_2d("attention_mask", attention_mask, input_ids.shape)
         logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)  # (B, T, V)
-        scores = router_scores(logits, targets, ignore_index=self.ignore_index, fused=self.fused_scoring)
+        scores = router_scores(logits, targets, ignore_index=self.ignore_index, impl=self.impl)
         diff = difficulty(scores, self.scoring)  # (B, T) fp32
         valid = scores.valid if scores.valid is not None else torch.ones_like(diff, dtype=torch.bool)
         if attention_mask is not None:
@@ -338,7 +269,7 @@ class CGGRModel(nn.Module):
         ignore_index: Label value to ignore.
         causal: Shift labels HF-style (position t predicts label t+1). ``None``: ``False`` for masked LMs.
         seed: Seed of the ``random`` control's generator.
-        fused_scoring: See :func:`router_scores`.
+        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`).
 
     ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
     ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
@@ -362,7 +293,7 @@ class CGGRModel(nn.Module):
         ignore_index: int = -100,
         causal: bool | None = None,
         seed: int | None = None,
-        fused_scoring: bool | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -381,7 +312,7 @@ class CGGRModel(nn.Module):
             raise TypeError(f"causal must be a bool or None, got {causal!r}")
         self.causal = (not is_masked_lm(model)) if causal is None else causal
         self.seed = None if seed is None else check_int("seed", seed, minimum=0)
-        self.fused_scoring = fused_scoring
+        self.impl = check_choice("impl", impl, IMPLS)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0
         self._ratio = self.schedule(0)
@@ -444,7 +375,7 @@ class CGGRModel(nn.Module):
         last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
             r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
-            scores = router_scores(r_logits, targets, ignore_index=self.ignore_index, fused=self.fused_scoring)
+            scores = router_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
             del r_logits
             tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
             n_tok = valid.sum(-1)  # (B,)
