@@ -155,14 +155,14 @@ def _median_ms(fn, iters=10):
     return sorted(times)[len(times) // 2]
 
 
-BREAKDOWN = {  # kernel -> candidate (block_m, block_n, block_k, warps, stages, programs_per_sm)
-    "up": [(128, 128, 32, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 128, 32, 8, 5, 1), (128, 64, 64, 8, 4, 1)],
-    "down": [(128, 256, 64, 8, 4, 1), (128, 256, 32, 8, 5, 1)],
-    "act_bwd": [(128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1), (128, 64, 32, 8, 5, 1), (64, 128, 64, 4, 4, 1),
-                (128, 64, 64, 4, 4, 2)],
-    "dx": [(128, 256, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1)],
-    "wgrad1": [(128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1)],
-    "wgrad2": [(256, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (256, 128, 128, 8, 2, 1)],
+BREAKDOWN = {  # kernel -> candidate (block_m, block_n, block_k, warps, stages, programs_per_sm[, prefetch_h])
+    "up": [(128, 128, 32, 8, 4, 1), (128, 128, 32, 8, 5, 1)],
+    "down": [(128, 256, 64, 8, 4, 1)],
+    "act_bwd": [(128, 64, 64, 8, 4, 1, True), (128, 64, 64, 8, 4, 1, False), (128, 128, 64, 8, 4, 1, True),
+                (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 8, 3, 1, True), (128, 64, 64, 4, 4, 2, True)],
+    "dx": [(128, 256, 64, 8, 3, 1)],
+    "wgrad1": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1)],
+    "wgrad2": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1)],
 }
 
 
@@ -189,7 +189,7 @@ def breakdown(shape):
     for name, cands in BREAKDOWN.items():
         for c in cands:
             cfg = GemmConfig(*c[:5])
-            opts = GroupedMLPOptions(programs_per_sm=c[5])
+            opts = GroupedMLPOptions(programs_per_sm=c[5], prefetch_h=len(c) < 7 or c[6])
             if name == "up":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
                     x, plan.tok, w1, plan.offs, a, None, None, h, n_rows=rows, K=d, N=inter, stride_be=w1.stride(0),
@@ -200,14 +200,14 @@ def breakdown(shape):
                     stride_be=w2.stride(0), stride_bk=w2.stride(1), stride_bn=w2.stride(2), act=-1, cfg=cfg, opts=opts)
             elif name == "act_bwd":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_act_bwd(
-                    dy, plan.tok, w2, plan.offs, h, wts, dh, act=0, cfg=cfg, opts=opts)
+                    yp, None, w2, plan.offs, h, wts, dh, act=0, cfg=cfg, opts=opts)
             elif name == "dx":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
                     dh, None, w1, plan.offs, dxp, plan.pair, None, None, n_rows=rows, K=hc, N=d,
                     stride_be=w1.stride(0), stride_bk=w1.stride(2), stride_bn=w1.stride(1), act=-1, cfg=cfg, opts=opts)
             elif name == "wgrad1":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
-                    x, plan.tok, dh, None, None, plan.offs, dw1, cfg=cfg, opts=opts)
+                    dxp, None, dh, None, None, plan.offs, dw1, cfg=cfg, opts=opts)
             else:
                 fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
                     a, None, yp, None, None, plan.offs, dw2, cfg=cfg, opts=opts)
@@ -218,8 +218,8 @@ def breakdown(shape):
         "route": lambda: route_tokens(x, m.router.weight, k),
         "aux": lambda: aux_losses(plan, k),
         "sum_slots": lambda: gg._sum_slots(yp, None, k),
-        "gather_scale": lambda: gg._gather_scale_kernel[(gg._cdiv(rows, 32),)](
-            dy, plan.tok, wts, plan.offs, yp, n_exp, d, dy.stride(0), yp.stride(0), BR=32, BD=256, num_warps=4),
+        "gather_dy2": lambda: gg._launch_gather(dy, plan.tok, plan.offs, rows, scale=wts),
+        "gather_x": lambda: gg._launch_gather(x, plan.tok, plan.offs, rows),
         "fwd": lambda: m(x),
         "fwd+bwd": lambda: torch.autograd.backward(list(m(xr)), [dy, torch.ones((), device="cuda")]),
     }

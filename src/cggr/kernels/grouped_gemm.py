@@ -13,13 +13,14 @@ Forward dataflow (``tok[m]`` = token of sorted row m, ``pair[m]`` = its (token, 
     down:  Yp[pair[m]] = w[m] · (A[m] @ w2[e])      routing weight + scatter fused into the epilogue
     y[t] = Σ_slot Yp[t·k + slot]                     deterministic sum over k (no atomics); 0 for null tokens
 
-Backward dataflow (recomputes A from the stored pre-activation H instead of storing act'(H))::
+Backward dataflow (recomputes act(H), act'(H) from the stored pre-activation H; one gather pass first writes
+dy[tok] and w·dy[tok] in sorted row order, and x[tok] for dw1, because plain row loads keep the GEMM main loops
+faster than gathers inside them)::
 
     G[m]  = dy[tok[m]] @ w2[e]ᵀ                     epilogue: dw[m] = Σ_i G·act(H) (per column-tile partials),
                                                       dH = w[m] · G · act'(H)
     dXp[pair[m]] = dH[m] @ w1[e]ᵀ;  dx[t] = Σ_slot dXp[t·k + slot]
-    dw1[e] = x[tok]ₑᵀ @ dHₑ ;  dw2[e] = Aₑᵀ @ (w · dy[tok])ₑ       ragged-K grouped GEMMs (one launch each;
-                                                                  w · dy[tok] is gathered into sorted rows first)
+    dw1[e] = x[tok]ₑᵀ @ dHₑ ;  dw2[e] = Aₑᵀ @ (w · dy[tok])ₑ       ragged-K grouped GEMMs (one launch each)
 
 Inputs are bf16 or fp16; every product accumulates in fp32.
 """
@@ -68,16 +69,18 @@ class GroupedMLPOptions:
         wgrad: the ragged-K weight-gradient GEMM dw1 = x[tok]ᵀ·dH (block_k walks the rows of one expert).
         wgrad2: dw2 = Aᵀ·(w·dy[tok]) (w·dy[tok] is gathered and scaled into sorted rows first).
         programs_per_sm: persistent programs launched per multiprocessor.
+        prefetch_h: in ``act_bwd``, load the stored pre-activation tiles before the main loop.
     """
 
     # defaults: the fastest of the candidates timed by ``bench_moe.py --breakdown`` on an H200
     up: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 32, 8, 4))
     down: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 4))
-    act_bwd: GemmConfig = field(default_factory=lambda: GemmConfig(128, 128, 64, 8, 4))
+    act_bwd: GemmConfig = field(default_factory=lambda: GemmConfig(128, 64, 64, 8, 4))
     dx: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
     wgrad: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
-    wgrad2: GemmConfig = field(default_factory=lambda: GemmConfig(256, 128, 64, 8, 3))
+    wgrad2: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
     programs_per_sm: int = 1
+    prefetch_h: bool = True
 
 
 if HAS_TRITON:
@@ -203,9 +206,14 @@ if HAS_TRITON:
     @triton.jit
     def _act_bwd_kernel(dy_ptr, tok_ptr, w2_ptr, offs_ptr, h_ptr, wt_ptr, dh_ptr, dwp_ptr,
                         E, K, N, M, stride_dym, stride_be, stride_bk, stride_bn, stride_hm,
-                        ACT: tl.constexpr, EVEN_K: tl.constexpr, OFF64: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, E_PAD: tl.constexpr, NUM_PROGS: tl.constexpr):
-        """G = dy[tok] @ w2[e]ᵀ; epilogue: dw partials Σ G·act(H) and dH = w·G·act'(H)."""
+                        ACT: tl.constexpr, EVEN_K: tl.constexpr, OFF64: tl.constexpr, GATHER_A: tl.constexpr,
+                        PREFETCH_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        E_PAD: tl.constexpr, NUM_PROGS: tl.constexpr):
+        """G = dy[tok] @ w2[e]ᵀ; epilogue: dw partials Σ G·act(H) and dH = w·G·act'(H).
+
+        With GATHER_A False, ``dy_ptr`` already holds the gathered rows dy[tok] in sorted order. PREFETCH_H issues
+        the loads of the H tiles before the main loop so that their latency hides behind it.
+        """
         GATED: tl.constexpr = ACT == 0
         pid = tl.program_id(0)
         eidx, starts, ends, ntiles, cum = _sched_prologue(offs_ptr, E, BM, E_PAD)
@@ -217,20 +225,31 @@ if HAS_TRITON:
             e, row0, end = _locate(row_tile, eidx, starts, ends, ntiles, cum, BM)
             rows = row0 + tl.arange(0, BM)
             rmask = rows < end
-            a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            if GATHER_A:
+                a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            else:
+                a_rows = rows.to(tl.int64)
             cols = col_tile * BN + tl.arange(0, BN)
             cmask = cols < N
-            g, _unused = _mainloop(dy_ptr, a_rows, stride_dym, rmask, w2_ptr + e.to(tl.int64) * stride_be,
-                                   stride_bk, stride_bn, cols, cmask, 0, K, False, EVEN_K, BM, BN, BK)
             omask = rmask[:, None] & cmask[None, :]
             rows_o = rows.to(tl.int64) if OFF64 else rows
             off = rows_o[:, None] * stride_hm + cols[None, :]  # h and dh share the (M, Hc) layout
+            if PREFETCH_H:
+                hg_raw = tl.load(h_ptr + off, mask=omask, other=0.0)
+                if GATED:
+                    hu_raw = tl.load(h_ptr + N + off, mask=omask, other=0.0)
+            g, _unused = _mainloop(dy_ptr, a_rows, stride_dym, rmask, w2_ptr + e.to(tl.int64) * stride_be,
+                                   stride_bk, stride_bn, cols, cmask, 0, K, False, EVEN_K, BM, BN, BK)
+            if not PREFETCH_H:
+                hg_raw = tl.load(h_ptr + off, mask=omask, other=0.0)
+                if GATED:
+                    hu_raw = tl.load(h_ptr + N + off, mask=omask, other=0.0)
             w = tl.load(wt_ptr + rows, mask=rmask, other=0.0)
-            hg = tl.load(h_ptr + off, mask=omask, other=0.0).to(tl.float32)
+            hg = hg_raw.to(tl.float32)
             da = g * w[:, None]
             out_ty = dh_ptr.dtype.element_ty
             if GATED:
-                hu = tl.load(h_ptr + N + off, mask=omask, other=0.0).to(tl.float32)
+                hu = hu_raw.to(tl.float32)
                 s = tl.sigmoid(hg)
                 silu = hg * s
                 dwp = tl.sum(g * (silu * hu), 1)
@@ -242,19 +261,25 @@ if HAS_TRITON:
             tl.store(dwp_ptr + col_tile.to(tl.int64) * M + rows, dwp, mask=rmask)
 
     @triton.jit
-    def _gather_scale_kernel(src_ptr, idx_ptr, scale_ptr, offs_ptr, dst_ptr, E, D, stride_s, stride_d,
-                             BR: tl.constexpr, BD: tl.constexpr):
-        """dst[m] = scale[m] · src[idx[m]] for the routed sorted rows m < offs[E] (fp32 product, one rounding)."""
+    def _gather_kernel(src_ptr, idx_ptr, scale_ptr, offs_ptr, dst_ptr, dst2_ptr, E, D, stride_s, stride_d,
+                       PLAIN: tl.constexpr, SCALED: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """dst[m] = src[idx[m]] and/or dst2[m] = scale[m] · src[idx[m]] (fp32 product, one rounding) for the
+        routed sorted rows m < offs[E]; one read of the source rows."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = rows < tl.load(offs_ptr + E)
         src_rows = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+        if SCALED:
+            s = tl.load(scale_ptr + rows, mask=rmask, other=0.0)
+        dst_rows = rows.to(tl.int64)[:, None] * stride_d
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             m = rmask[:, None] & (cols < D)[None, :]
             v = tl.load(src_ptr + src_rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0)
-            tl.store(dst_ptr + rows.to(tl.int64)[:, None] * stride_d + cols[None, :],
-                     (v.to(tl.float32) * s[:, None]).to(dst_ptr.dtype.element_ty), mask=m)
+            if PLAIN:
+                tl.store(dst_ptr + dst_rows + cols[None, :], v, mask=m)
+            if SCALED:
+                tl.store(dst2_ptr + dst_rows + cols[None, :],
+                         (v.to(tl.float32) * s[:, None]).to(dst2_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _wgrad_kernel(l_ptr, l_idx_ptr, r_ptr, r_idx_ptr, r_scale_ptr, offs_ptr, out_ptr,
@@ -349,9 +374,24 @@ def _launch_wgrad(lmat, l_idx, rmat, r_idx, r_scale, offs, out, *, cfg, opts):
     )
 
 
+def _launch_gather(src, idx, offs, n_rows, *, plain=True, scale=None):
+    """Sorted-row copies of ``src[idx]`` (M, D) and/or ``scale · src[idx]``; rows past offs[E] are left unwritten."""
+    d = src.shape[1]
+    dst = torch.empty(n_rows, d, device=src.device, dtype=src.dtype) if plain else None
+    dst2 = torch.empty(n_rows, d, device=src.device, dtype=src.dtype) if scale is not None else None
+    ref = dst if dst is not None else dst2
+    _gather_kernel[(_cdiv(n_rows, 32),)](
+        src, idx, scale if scale is not None else offs, offs, ref, dst2 if dst2 is not None else ref,
+        offs.shape[0] - 1, d, src.stride(0), ref.stride(0), PLAIN=plain, SCALED=scale is not None,
+        BR=32, BD=min(256, triton.next_power_of_2(d)), num_warps=4,
+    )
+    return dst, dst2
+
+
 def _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, *, act, cfg, opts):
-    """Launch the G = dy[tok] @ w2ᵀ kernel; fills dh (M, Hc) and returns the (n_col_tiles, M) dw partials."""
-    n_rows, d, inter = tok.shape[0], dy.shape[1], w2.shape[1]
+    """Launch the G = dy[tok] @ w2ᵀ kernel (``tok`` None: dy holds sorted rows already); fills dh (M, Hc) and
+    returns the (n_col_tiles, M) dw partials."""
+    n_rows, d, inter = h.shape[0], dy.shape[1], w2.shape[1]
     if h.stride() != dh.stride():
         raise ValueError(f"h and dh must share one layout, got strides {h.stride()} and {dh.stride()}")
     n_col = _cdiv(inter, cfg.block_n)
@@ -359,9 +399,10 @@ def _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, *, act, cfg, opts):
     E = offs.shape[0] - 1
     nprog = _num_programs(dy.device, (_cdiv(n_rows, cfg.block_m) + E) * n_col, opts)
     _act_bwd_kernel[(nprog,)](
-        dy, tok, w2, offs, h, weights, dh, dwp,
+        dy, tok if tok is not None else offs, w2, offs, h, weights, dh, dwp,
         E, d, inter, n_rows, dy.stride(0), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0),
-        ACT=act, EVEN_K=d % cfg.block_k == 0, OFF64=h.numel() >= 2**31, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        ACT=act, EVEN_K=d % cfg.block_k == 0, OFF64=h.numel() >= 2**31,
+        GATHER_A=tok is not None, PREFETCH_H=opts.prefetch_h, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
         E_PAD=triton.next_power_of_2(E + 1), NUM_PROGS=nprog, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -406,8 +447,12 @@ class _GroupedExpertMLP(torch.autograd.Function):
         dy = dy.contiguous().to(x.dtype)  # (N, d)
         n_rows, d = tok.shape[0], x.shape[1]
         hc = w1.shape[2]
+        # gathered (and, for dW2, routing-weighted) sorted copies of dy: plain loads make the GEMMs faster than
+        # gathers inside their main loops (measured: bench_moe.py --breakdown)
+        dyg, dyw = _launch_gather(dy, tok, offs, n_rows, scale=weights if ctx.needs_input_grad[2] else None)
         dh = torch.empty(n_rows, hc, device=x.device, dtype=x.dtype)  # (M, Hc)
-        dwp = _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, act=act, cfg=opts.act_bwd, opts=opts)
+        dwp = _launch_act_bwd(dyg, None, w2, offs, h, weights, dh, act=act, cfg=opts.act_bwd, opts=opts)
+        del dyg
         dx = dw1 = dw2 = dweights = None
         if ctx.needs_input_grad[0]:
             dxp = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # (M, d) pair rows
@@ -416,12 +461,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
             dx = _sum_slots(dxp, routed, top_k)
         if ctx.needs_input_grad[1]:
             dw1 = torch.empty_like(w1)  # (E, d, Hc)
-            _launch_wgrad(x, tok, dh, None, None, offs, dw1, cfg=opts.wgrad, opts=opts)
+            xs, _ = _launch_gather(x, tok, offs, n_rows)  # (M, d) x[tok]
+            _launch_wgrad(xs, None, dh, None, None, offs, dw1, cfg=opts.wgrad, opts=opts)
         if ctx.needs_input_grad[2]:
             dw2 = torch.empty_like(w2)  # (E, I, d)
-            dyw = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # (M, d) w · dy[tok], sorted rows
-            _gather_scale_kernel[(_cdiv(n_rows, 32),)](dy, tok, weights, offs, dyw, offs.shape[0] - 1, d,
-                                                        dy.stride(0), dyw.stride(0), BR=32, BD=256, num_warps=4)
             _launch_wgrad(a, None, dyw, None, None, offs, dw2, cfg=opts.wgrad2, opts=opts)
         if ctx.needs_input_grad[3]:
             dweights = dwp.sum(0)
