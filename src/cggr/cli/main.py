@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     race.add_argument("--scan-multiplier", type=float, default=None,
                       help="sequences the selecting arms scan per step, as a multiple of the standard batch "
                            "(default 1/ratio: every arm trains on the same number per step; 1 = equal scan)")
+    race.add_argument("--ratio-warmup-steps", type=int, default=0,
+                      help="CGGR curriculum: optimizer steps over which the kept share falls linearly from 1 to "
+                           "--ratio (default 0: the ratio from the first step, so every step trains on the same "
+                           "number of sequences)")
     race.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                       help="standard arm's sequences per step (default: preset's)")
     race.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
@@ -232,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 router_layers=args.router_layers, arms=args.arms or ARMS, device=args.device, seed=args.seed,
                 out=args.out, scan_multiplier=args.scan_multiplier, batch_size=args.batch_size, seq_len=args.seq_len,
                 lr=args.lr, evals=args.evals, eval_sequences=args.eval_sequences, dtype=args.dtype,
-                progress=not args.no_progress, name=args.name,
+                progress=not args.no_progress, name=args.name, ratio_warmup_steps=args.ratio_warmup_steps,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)

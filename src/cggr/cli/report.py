@@ -34,6 +34,7 @@ def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "backprop tok": a["tokens_backpropagated"],
             "loss tok": a["tokens_in_loss"],
             "train s": a["train_seconds"],
+            "step s (median)": a.get("median_step_seconds"),
             "held-out loss": loss,
         }
         if base is not None and loss is not None and base.get("heldout_loss") is not None:
@@ -45,6 +46,16 @@ def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["Δ acc"] = f"{100 * (acc - base['accuracy']):+.1f} pt" if a is not base else "–"
         rows.append(row)
     return rows
+
+
+def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0) -> list[str]:
+    """Arms whose slowest step took over ``factor`` × their median: the machine was busy during the race."""
+    out = []
+    for a in arms:
+        med, worst = a.get("median_step_seconds"), a.get("max_step_seconds")
+        if med and worst and worst > factor * med and worst - med > 0.5:
+            out.append(f"{a['arm']}: slowest step {worst:.2f} s vs median {med:.3f} s")
+    return out
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -141,13 +152,19 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"selecting arms scan {s['scanned_per_step']} per step; router {s['router_layers']} layers; "
         f"peak lr {s['lr']}, {s['schedule']}.", "",
         markdown_table(rows, _columns(rows)), "",
-        HOW_TO_READ, "",
     ]
+    stalls = stall_warnings(payload["arms"])
+    if stalls:
+        md += ["**Stalls** (other work on the machine slowed single steps; each costs that arm budget, so the "
+               "comparison is noisier than the table suggests): " + "; ".join(stalls) + ".", ""]
     if "png" in paths:
-        md[-1:-1] = [f"![held-out loss against wall-clock time]({name}.png)", ""]
+        md += [f"![held-out loss against wall-clock time]({name}.png)", ""]
+    md += [HOW_TO_READ, ""]
     Path(paths["md"]).write_text("\n".join(md), encoding="utf-8")
     Path(paths["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(text_table(rows))
+    for line in stalls:
+        print(f"warning: stall in {line} (the machine was busy; rerun for a cleaner comparison)")
     print("wrote " + ", ".join(paths.values()))
     return paths
 
