@@ -261,3 +261,26 @@ def test_bad_arguments():
     # more layers than the model has: the whole model
     router = create_truncated_router(model, 99)
     assert router.layers_used == L
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen3"])
+def test_router_skips_packed_sequence_detection_like_a_standard_forward(name, monkeypatch):
+    """transformers' packed-sequence check is a host sync on CUDA; the router must not trigger it more
+    often than a plain training forward of the model does."""
+    import transformers.masking_utils as mu
+
+    calls = {"n": 0}
+    original = mu.find_packed_sequence_indices
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", counting)
+    model = build_model(name).train()
+    ids = _ids(8)
+    model(input_ids=ids, labels=ids)
+    standard = calls["n"]
+    calls["n"] = 0
+    create_truncated_router(model, 2)(ids)
+    assert calls["n"] <= standard

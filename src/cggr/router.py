@@ -27,7 +27,6 @@ traces, where dynamo's own guards apply).
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 from typing import Any
 
@@ -126,7 +125,6 @@ class TruncatedRouter(nn.Module):
         self._shell: nn.Module | None = None
         self._key: tuple | None = None
         self._path: tuple[str, ...] | None = None
-        self._forward_kwargs: frozenset[str] = frozenset()
         self.passthrough = False
         self._refresh()
 
@@ -175,7 +173,6 @@ class TruncatedRouter(nn.Module):
         else:
             self.passthrough = False
             object.__setattr__(self, "_shell", self._build_shell(root))  # plain attribute, not a submodule
-        self._forward_kwargs = frozenset(inspect.signature(self._shell.forward).parameters)
 
     def _build_shell(self, root: nn.Module) -> nn.Module:
         originals = self._path_objects(root)  # root, ..., layer list
@@ -227,8 +224,10 @@ class TruncatedRouter(nn.Module):
             self._sync_training()
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        if "use_cache" in self._forward_kwargs:
-            kwargs.setdefault("use_cache", False)
+        # ``use_cache`` is left at the model's default on purpose: with ``use_cache=False``, no attention mask and
+        # no cache, transformers (5.x) inspects position_ids for packed sequences, a host sync on CUDA that
+        # serialises the router with the training step (seen on the H200). The standard training call keeps a
+        # cache object and skips that check; the router does exactly what a standard forward does.
         out = self._shell(input_ids=input_ids, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
         if not isinstance(logits, Tensor):
