@@ -149,7 +149,7 @@ def test_router_with_padding_matches_independent_model(name):
     assert (got - expected)[keep].abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mamba", "bert"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_no_parameter_duplicated(name):
     model = build_model(name)
     router = create_truncated_router(model, 2)
@@ -181,7 +181,8 @@ def test_router_eval_does_not_leak_and_follows_model_mode():
     assert next(model.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3", "gpt_neox", "bert"])
+# Falcon cannot change its implementation after loading (transformers keeps the old one and warns).
+@pytest.mark.parametrize("name", [n for n in ATTENTION_FAMILIES if not n.startswith("falcon")])
 def test_still_exact_after_set_attn_implementation(name):
     model = build_model(name)
     router = create_truncated_router(model, L)
@@ -198,7 +199,7 @@ def test_still_exact_after_set_attn_implementation(name):
     assert (got - full)[keep].abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "mamba", "gemma"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_still_exact_after_resize_token_embeddings(name):
     model = build_model(name)
     router = create_truncated_router(model, L)
