@@ -4,8 +4,9 @@ Shape legend: T tokens per sequence; N_train / N_eval sequences.
 
 Sources (``--data``):
 
-* ``code`` (default): the ``.py`` files of the running Python's standard library (``sysconfig`` ``stdlib``
-  path; ``site-packages``, ``dist-packages`` and the test suites excluded).
+* ``code`` (default): the ``.py`` files of the running Python's standard library, its own test suite included
+  (``sysconfig`` ``stdlib`` path; ``site-packages`` and ``dist-packages`` excluded): ~30 MB of real code for
+  CPython 3.11, ~9M tokens with a 4k vocabulary.
 * ``arithmetic``: generated GSM8K-style word problems (:mod:`cggr.cli.arithmetic`), one problem per sequence,
   padded; held-out accuracy by greedy decoding.
 * a path: a text file, a folder of text files (recursively; files that are not UTF-8 are skipped), or a
@@ -13,10 +14,10 @@ Sources (``--data``):
 
 Split: by document (file, JSONL line, or ~100-line chunk of a single text file), held out iff a SHA-256 of its
 key (relative path / line number and content) falls in the held-out 10%, so nothing of a held-out document is
-ever trained on. Tokenizer: byte-level BPE (digits split individually) trained on the training split with the
-``tokenizers`` library, cached with the token ids under ``$CGGR_CACHE_DIR`` or ``$XDG_CACHE_HOME/cggr`` or
-``~/.cache/cggr``, keyed by a hash of the settings and the file list (path, size, mtime). A pretrained
-``--model`` folder brings its own tokenizer instead.
+ever trained on. Tokenizer: byte-level BPE (digits split individually) trained on the training split (at most
+8M characters of it, spread over the files) with the ``tokenizers`` library, cached with the token ids under
+``$CGGR_CACHE_DIR`` or ``$XDG_CACHE_HOME/cggr`` or ``~/.cache/cggr``, keyed by a hash of the settings and of
+every document (key, length, content hash). A pretrained ``--model`` folder brings its own tokenizer instead.
 
 Code and text documents are joined with an end-of-text token and cut into blocks of T tokens (every token is a
 target). The training order is a seeded permutation of the blocks, reshuffled every epoch
@@ -42,7 +43,7 @@ from cggr.cli.presets import CLIError
 
 EOS = "<|endoftext|>"
 HELDOUT_PERCENT = 10
-_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _CACHE_VERSION = 1
 
 
@@ -214,6 +215,24 @@ class RaceData:
         return int(self.train_ids.shape[1])
 
 
+TOKENIZER_SAMPLE_CHARS = 8_000_000
+
+
+def _tokenizer_sample(docs: Sequence[Document], budget: int = TOKENIZER_SAMPLE_CHARS) -> list[str]:
+    """Training documents evenly spread over ``docs`` until ``budget`` characters (BPE training time is linear)."""
+    total = sum(len(d.text) for d in docs)
+    if total <= budget:
+        return [d.text for d in docs]
+    stride = total / budget
+    picked, acc = [], 0.0
+    for i, d in enumerate(docs):  # keep document i when the running share crosses the next multiple of stride
+        acc += 1.0
+        if acc >= stride or i == 0:
+            picked.append(d.text)
+            acc -= stride
+    return picked
+
+
 def _cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
@@ -272,7 +291,7 @@ def load_text_data(
 
         tokenizer = _bpe_adapter(Tokenizer.from_file(str(tok_file)))
     if tokenizer is None:
-        bpe = train_bpe([d.text for d in train_docs], vocab_size)
+        bpe = train_bpe(_tokenizer_sample(train_docs), vocab_size)
         tokenizer = _bpe_adapter(bpe)
         folder.mkdir(parents=True, exist_ok=True)
         bpe.save(str(tok_file))

@@ -148,6 +148,7 @@ class ArmResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     last_train_loss: float = float("nan")
     step_seconds: list[float] = field(default_factory=list)
+    epochs: float = 0.0  # passes over the training sequences read by this arm
 
     def row(self) -> dict[str, Any]:
         final = self.curve[-1] if self.curve else {}
@@ -155,7 +156,7 @@ class ArmResult:
             "arm": self.arm, "steps": self.steps, "train_seconds": round(self.train_seconds, 2),
             "eval_seconds": round(self.eval_seconds, 2), "sequences_scanned": self.sequences_scanned,
             "tokens_scanned": self.tokens_scanned, "tokens_backpropagated": self.tokens_backpropagated,
-            "tokens_in_loss": self.tokens_in_loss, "router_tokens": self.router_tokens,
+            "tokens_in_loss": self.tokens_in_loss, "router_tokens": self.router_tokens, "epochs": self.epochs,
             "heldout_loss": final.get("heldout_loss"), "accuracy": final.get("accuracy"),
             "last_train_loss": self.last_train_loss, "init_digest": self.init_digest,
             "median_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
@@ -366,6 +367,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
             result.step_seconds.append(dt)
             result.steps += 1
             result.sequences_scanned += per_step
+            result.epochs = result.sequences_scanned / data.train_ids.shape[0]
             result.tokens_scanned += int((mask[:, 1:] & mask[:, :-1]).sum())
             result.tokens_backpropagated += backprop
             result.tokens_in_loss += in_loss
