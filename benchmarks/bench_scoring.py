@@ -67,7 +67,7 @@ def _bench_shape(n: int, v: int, args) -> list[dict]:
                  "TBps": nbytes / tr.median_ms / 1e9, "speedup_vs_torch": 1.0, "max_rel_err": 0.0})
     if args.sweep:
         for nw in (2, 4, 8):
-            for per_thread in (4, 8, 16):
+            for per_thread in (2, 4, 8):
                 blk = per_thread * 32 * nw
                 t = time_fn(lambda nw=nw, blk=blk: token_scores_triton(
                     logits, targets, -100, num_warps=nw, block=blk), warmup=3, iters=args.iters)

@@ -57,10 +57,10 @@ def _materialised(hidden, weight, b, t, mask, softcap, reduction="mean"):
     h = hidden.detach().float().requires_grad_()
     w = weight.detach().float().requires_grad_()
     bb = b.detach().float().requires_grad_() if b is not None else None
-    z = h @ w.t() + (bb if bb is not None else 0.0)
+    z = (h @ w.t() + (bb if bb is not None else 0.0)).reshape(-1, w.shape[0])
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    nll = F.cross_entropy(z, torch.where(t == -100, 0, t), reduction="none")
+    nll = F.cross_entropy(z, torch.where(t == -100, 0, t).reshape(-1), reduction="none")
     m = mask.reshape(-1).float()
     loss = (nll * m).sum() / (m.sum().clamp(min=1) if reduction == "mean" else 1.0)
     loss.backward()

@@ -72,7 +72,7 @@ def test_duplicated_maximum_gives_zero_margin():
     z = _logits((4, 9000), torch.bfloat16, gen)
     top = z.float().amax(dim=-1) + 1.0
     z[0, 10], z[0, 11] = top[0], top[0]  # neighbouring lanes
-    z[1, 5], z[1, 5 + 2048] = top[1], top[1]  # same lane, different slices (for 2048-lane blocks)
+    z[1, 5], z[1, 5 + 2048] = top[1], top[1]  # same lane (any power-of-two block <= 2048), later chunk
     z[2, 7], z[2, 8999] = top[2], top[2]  # main loop and masked tail
     z[3, 100] = top[3]  # a single maximum: margin > 0
     _poison()
