@@ -1,234 +1,26 @@
-"""Small shared timing harness for the benchmark scripts and ``cggr bench``.
+"""The benchmark scripts' timing harness: the one ``cggr bench`` uses (:mod:`cggr.cli.timing`), re-exported.
 
-The API is deliberately small:
-
-* :func:`time_fn` — warm up a callable, then time it repeatedly and report the median (CUDA events on
-  CUDA, ``time.perf_counter`` on CPU) together with the peak device memory seen during the timed calls.
-* :func:`environment` — device name, torch/triton/transformers versions and the command line, for the
-  record that every published figure must carry.
-* :func:`device_tag` — short folder name for ``benchmarks/results/<device>/`` (``h200``, ``h100``, ``cpu``...).
-* :func:`markdown_table` — render a list of row dicts as a Markdown table.
-* :func:`write_results` — write ``<name>.json`` and ``<name>.md`` (rows + environment) under
-  ``benchmarks/results/<device>/`` (or a folder you pass).
-
-Example::
+Only the default output folder differs: ``benchmarks/results/<device_tag()>/``. Usage::
 
     from benchmarks._timing import time_fn, write_results
 
-    t = time_fn(lambda: train_step(batch), warmup=3, iters=10)
-    rows = [{"arm": "standard", "step_ms": t.median_ms, "peak_mem_gib": t.peak_mem_gib}]
+    t = time_fn(lambda: model(x).sum().backward(), warmup=5, iters=20)   # median of CUDA-event timings
     write_results("my_bench", rows, title="My benchmark")
-
-Figures are only meaningful beside a baseline timed in the same process; report ratios to it.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import re
-import shlex
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from cggr.cli.timing import Timing, device_tag, environment, markdown_table, synchronize, time_fn
+from cggr.cli.timing import write_results as _write_results
 
-__all__ = ["Timing", "device_tag", "environment", "markdown_table", "time_fn", "write_results"]
+__all__ = ["Timing", "device_tag", "environment", "markdown_table", "synchronize", "time_fn", "write_results"]
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
-@dataclass
-class Timing:
-    """Result of :func:`time_fn`.
-
-    Attributes:
-        median_ms: median wall time of one call in milliseconds.
-        times_ms: every timed call, in order.
-        peak_mem_bytes: peak allocated device memory during the timed calls (0 on CPU).
-        warmup: number of untimed warm-up calls.
-    """
-
-    median_ms: float
-    times_ms: list[float] = field(default_factory=list)
-    peak_mem_bytes: int = 0
-    warmup: int = 0
-
-    @property
-    def min_ms(self) -> float:
-        return min(self.times_ms) if self.times_ms else float("nan")
-
-    @property
-    def peak_mem_gib(self) -> float:
-        return self.peak_mem_bytes / 2**30
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["min_ms"] = self.min_ms
-        d["peak_mem_gib"] = self.peak_mem_gib
-        return d
-
-
-def time_fn(
-    fn: Callable[[], Any],
-    *,
-    warmup: int = 3,
-    iters: int = 10,
-    device: torch.device | str | None = None,
-) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` timed calls; the median is reported.
-
-    On CUDA each call is bracketed by CUDA events (no host sync inside the timed region besides the
-    event synchronisation after each call) and the peak allocated memory is reset after warm-up.
-    On CPU ``time.perf_counter`` is used.
-
-    Args:
-        fn: zero-argument callable (e.g. one full training step).
-        warmup: untimed calls first (compilation, autotuning, allocator warm-up), >= 0.
-        iters: timed calls, >= 1.
-        device: device whose events/memory to use; defaults to the current CUDA device when CUDA is
-            available, else CPU.
-
-    Returns:
-        A :class:`Timing`.
-    """
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(iters):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = 0
-    return Timing(median_ms=statistics.median(times), times_ms=times, peak_mem_bytes=int(peak), warmup=warmup)
-
-
-def _version(mod: str) -> str | None:
-    try:
-        m = __import__(mod)
-    except ImportError:
-        return None
-    return getattr(m, "__version__", "unknown")
-
-
-def environment(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Device name, library versions, platform and the command line of this process."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        cuda = torch.version.cuda
-    else:
-        name = platform.processor() or platform.machine() or "cpu"
-        cuda = None
-    return {
-        "device": name,
-        "device_type": device.type,
-        "cuda": cuda,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "cggr": _version("cggr"),
-        "python": platform.python_version(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def device_tag(device: torch.device | str | None = None) -> str:
-    """Short lower-case folder name for a device: ``h200``, ``h100``, ``a100``..., or ``cpu``."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
-    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != v:  # NaN
-            return "n/a"
-        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Render rows (dicts) as a Markdown table; ``columns`` defaults to the first row's keys."""
-    if not rows:
-        return ""
-    cols = list(columns) if columns is not None else list(rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_results(
-    name: str,
-    rows: Sequence[dict[str, Any]],
-    *,
-    title: str | None = None,
-    notes: str = "",
-    columns: Sequence[str] | None = None,
-    out_dir: str | Path | None = None,
-    extra: dict[str, Any] | None = None,
-) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` with the rows and :func:`environment`.
-
-    Args:
-        name: file stem, e.g. ``"cggr_model"``.
-        rows: list of flat dicts (one per measured configuration/arm).
-        title: Markdown heading (defaults to ``name``).
-        notes: free text placed under the heading (protocol, what the ratios mean).
-        columns: columns of the Markdown table (defaults to the first row's keys).
-        out_dir: folder to write into; defaults to ``benchmarks/results/<device_tag()>/``.
-        extra: additional JSON-serialisable metadata stored under ``"meta"``.
-
-    Returns:
-        ``(json_path, md_path)``.
-    """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"name must be a plain file stem, got {name!r}")
-    out = Path(out_dir) if out_dir is not None else RESULTS_ROOT / device_tag()
-    out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    payload = {"name": name, "environment": env, "meta": extra or {}, "rows": list(rows)}
-    json_path = out / f"{name}.json"
-    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md = [f"# {title or name}", ""]
-    if notes:
-        md += [notes.strip(), ""]
-    md += [markdown_table(rows, columns), ""]
-    md += ["Environment:", ""]
-    md += [f"- {k}: `{v}`" for k, v in env.items()]
-    md_path = out / f"{name}.md"
-    md_path.write_text("\n".join(md) + "\n")
-    return json_path, md_path
+def write_results(name: str, rows, *, out_dir: str | Path | None = None, **kwargs: Any):
+    """:func:`cggr.cli.timing.write_results` with ``out_dir`` defaulting to ``benchmarks/results/<device>/``."""
+    return _write_results(name, rows, out_dir=out_dir if out_dir is not None else RESULTS_ROOT / device_tag(), **kwargs)
