@@ -239,3 +239,35 @@ def test_compiled_loss_runs_steps_without_recompiling_or_graph_breaks():
         torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
         crit.step()
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("strategy", ["topk", "sequence_aware", "fixed_quota", "stratified"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_forward_hidden_equals_forward_on_materialised_logits(strategy, dynamic):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    hidden = torch.randn(3, 11, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(37, 16, generator=g, dtype=torch.float64) / 4
+    bias = torch.randn(37, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 37, (3, 11), generator=g)
+    targets[0, :4] = -100
+    kw = dict(selection=strategy, min_tokens_ratio=0.3, warmup_steps=0, dynamic_threshold=dynamic, seed=3,
+              min_tokens_per_sequence=2)
+    h1, w1, b1 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    a = CGGRLoss(**kw)
+    loss_h = a.forward_hidden(h1, w1, targets, bias=b1)
+    loss_h.backward()
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    b = CGGRLoss(**kw)
+    loss_l = b(h2 @ w2.T + b2, targets)
+    loss_l.backward()
+    assert a.get_metrics()["tokens_selected"] == b.get_metrics()["tokens_selected"]
+    torch.testing.assert_close(loss_h, loss_l, rtol=1e-6, atol=1e-6)
+    for x, y in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_explicit_triton_impl_on_cpu_raises():
+    with pytest.raises(RuntimeError, match="impl='triton'"):
+        CGGRLoss(impl="triton")(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        CGGRLoss(impl="cuda")

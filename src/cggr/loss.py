@@ -31,7 +31,9 @@ from cggr._validation import (
     check_int,
     check_logits_targets,
 )
-from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, difficulty, token_scores
+from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, resolve_impl
+from cggr.functional import token_scores as fused_token_scores
+from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, TokenScores, difficulty, token_scores
 from cggr.selection import RatioSchedule, dynamic_ratio, select_tokens
 
 
@@ -77,6 +79,8 @@ class CGGRLoss(nn.Module):
         seed: Seed of the random source used by ``stratified`` and ``random`` (``None``: drawn from torch's
             global generator on first use, so ``torch.manual_seed`` makes runs repeatable).
         chunk_size: Rows of logits processed at once in scoring and backward (default: ~16 Mi elements).
+        impl: Scoring implementation: ``'auto'`` (the one-pass Triton kernel on CUDA, else PyTorch),
+            ``'torch'`` or ``'triton'`` (raises where it cannot run). ``CGGR_IMPL=torch`` forces PyTorch.
 
     Call ``step()`` after each optimizer step to advance the curriculum. ``step_count`` is a buffer, so
     ``state_dict()`` carries the curriculum across a resume. Inputs: logits (B, T, V) or (N, V), targets
@@ -99,6 +103,7 @@ class CGGRLoss(nn.Module):
         reduction: str = "mean",
         seed: int | None = None,
         chunk_size: int | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.scoring = check_choice("scoring", scoring, SCORING_MODES)
@@ -118,6 +123,7 @@ class CGGRLoss(nn.Module):
             check_int("seed", seed, minimum=0)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        self.impl = check_choice("impl", impl, IMPLS)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0  # host mirror of step_count: the schedule never reads the device
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -157,9 +163,14 @@ class CGGRLoss(nn.Module):
             self._generators[device] = gen
         return gen
 
+    def _scores(self, logits: Tensor, targets: Tensor) -> TokenScores:
+        if resolve_impl(self.impl, logits, op="CGGRLoss") == "torch":
+            return token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        return fused_token_scores(logits, targets, ignore_index=self.ignore_index, impl="triton")
+
     def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
         """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
-        scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        scores = self._scores(logits, targets)
         diff = difficulty(scores, self.scoring)
         valid = scores.valid
         n_valid = valid.sum()
@@ -207,6 +218,48 @@ class CGGRLoss(nn.Module):
         return _SelectedCrossEntropy.apply(
             logits.reshape(-1, vocab), safe_targets, weights, scores.nll.reshape(-1), rows
         )
+
+    def forward_hidden(
+        self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
+        softcap: float | None = None,
+    ) -> Tensor:
+        """The same selective loss straight from hidden states and the LM head: [N, V] logits never exist.
+
+        Runs :func:`cggr.functional.linear_cross_entropy` with this loss's scoring, selection, current
+        ratio, dynamic threshold, strata, sequence floor, ``ignore_index``, ``reduction`` and ``impl``.
+
+        Args:
+            hidden: (B, T, H) or (N, H) final hidden states (after the model's final norm).
+            weight: (V, H) head weight, e.g. ``model.get_output_embeddings().weight``.
+            targets: (B, T) or (N,) aligned with ``hidden`` (no shift).
+            bias: Optional (V,) head bias.
+            softcap: Final-logit soft-capping (Gemma 2/3), or ``None``.
+
+        Returns:
+            0-d fp32 loss.
+        """
+        dynamic = self.dynamic_threshold and self.selection != "fixed_quota"
+        options = LinearCrossEntropyOptions(
+            num_strata=self.num_strata,
+            min_tokens_per_sequence=self.min_tokens_per_sequence,
+            threshold_sensitivity=self.threshold_sensitivity if dynamic else None,
+            generator=self._generator(hidden.device),
+        )
+        loss, info = linear_cross_entropy(
+            hidden, weight, targets, bias=bias, ratio=self.current_ratio, scoring=self.scoring,
+            selection=self.selection, ignore_index=self.ignore_index, softcap=softcap, reduction=self.reduction,
+            impl=self.impl, return_info=True, options=options,
+        )
+        valid = info.scores.valid
+        n_valid = valid.sum()
+        self._last = {
+            "tokens_selected": info.mask.sum().detach(),
+            "tokens_total": n_valid.detach(),
+            "ratio": info.ratio.detach(),
+            "avg_confidence": ((info.scores.confidence * valid).sum() / n_valid.clamp(min=1)).detach(),
+            "avg_entropy": ((info.scores.entropy * valid).sum() / n_valid.clamp(min=1)).detach(),
+        }
+        return loss
 
     # ------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, float]:
