@@ -149,6 +149,7 @@ class ArmResult:
     last_train_loss: float = float("nan")
     step_seconds: list[float] = field(default_factory=list)
     epochs: float = 0.0  # passes over the training sequences read by this arm
+    cpu_seconds: float = 0.0  # process CPU time during the timed steps (contention check on CPU runs)
 
     def row(self) -> dict[str, Any]:
         final = self.curve[-1] if self.curve else {}
@@ -159,6 +160,8 @@ class ArmResult:
             "tokens_in_loss": self.tokens_in_loss, "router_tokens": self.router_tokens, "epochs": self.epochs,
             "heldout_loss": final.get("heldout_loss"), "accuracy": final.get("accuracy"),
             "last_train_loss": self.last_train_loss, "init_digest": self.init_digest,
+            "cpu_utilisation": (self.cpu_seconds / (self.train_seconds * torch.get_num_threads())
+                                if self.train_seconds else None),
             "median_step_seconds": statistics.median(self.step_seconds) if self.step_seconds else None,
             "max_step_seconds": max(self.step_seconds, default=None),
             "first_sequences": self.first_sequences, "curve": self.curve,
@@ -358,11 +361,12 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
                 result.first_sequences += idx.tolist()[: 64 - len(result.first_sequences)]
             ids, mask = data.train_ids[idx].to(device), data.train_mask[idx].to(device)  # (S or B, T)
             synchronize(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             loss, backprop, in_loss = runner.step(ids, mask, lr_at(result.train_seconds / budget, lr))
             result.last_train_loss = float(loss.detach())  # host sync: the clock stops when the step is done
             synchronize(device)
             dt = time.perf_counter() - t0
+            result.cpu_seconds += time.process_time() - c0
             result.train_seconds += dt
             result.step_seconds.append(dt)
             result.steps += 1

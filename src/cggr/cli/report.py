@@ -48,10 +48,17 @@ def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0) -> list[str]:
-    """Arms whose slowest step took over ``factor`` × their median: the machine was busy during the race."""
+def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str = "cpu") -> list[str]:
+    """Arms slowed by other work on the machine.
+
+    Flags an arm whose slowest step took over ``factor`` × its median, and (CPU runs) an arm whose process got
+    less than 60% of its threads' CPU time while its steps ran (``cpu_utilisation``).
+    """
     out = []
     for a in arms:
+        util = a.get("cpu_utilisation")
+        if device == "cpu" and util is not None and util < 0.6:
+            out.append(f"{a['arm']}: the process got {util:.0%} of its threads' CPU time during its steps")
         med, worst = a.get("median_step_seconds"), a.get("max_step_seconds")
         if med and worst and worst > factor * med and worst - med > 0.5:
             out.append(f"{a['arm']}: slowest step {worst:.2f} s vs median {med:.3f} s")
@@ -153,9 +160,9 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"peak lr {s['lr']}, {s['schedule']}.", "",
         markdown_table(rows, _columns(rows)), "",
     ]
-    stalls = stall_warnings(payload["arms"])
+    stalls = stall_warnings(payload["arms"], device=payload["settings"]["device"])
     if stalls:
-        md += ["**Stalls** (other work on the machine slowed single steps; each costs that arm budget, so the "
+        md += ["**Contention** (other work on the machine slowed these arms' steps, which cost them budget, so the "
                "comparison is noisier than the table suggests): " + "; ".join(stalls) + ".", ""]
     if "png" in paths:
         md += [f"![held-out loss against wall-clock time]({name}.png)", ""]
@@ -164,7 +171,7 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     Path(paths["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(text_table(rows))
     for line in stalls:
-        print(f"warning: stall in {line} (the machine was busy; rerun for a cleaner comparison)")
+        print(f"warning: contention in {line} (the machine was busy; rerun for a cleaner comparison)")
     print("wrote " + ", ".join(paths.values()))
     return paths
 
