@@ -130,3 +130,15 @@ def test_summary_rows_differences_to_standard():
     assert rows[0]["Δ loss"] == "–" and rows[1]["Δ loss"] == "-0.2000 (-5.0%)"
     assert rows[1]["Δ acc"] == "+2.5 pt" and rows[1]["accuracy"] == "12.5%"
     assert math.isclose(rows[1]["held-out loss"], 3.8)
+
+
+def test_contention_warnings():
+    from cggr.cli.report import stall_warnings
+
+    calm = {"arm": "standard", "median_step_seconds": 0.13, "max_step_seconds": 0.2, "cpu_utilisation": 0.93}
+    stalled = {"arm": "cggr", "median_step_seconds": 0.13, "max_step_seconds": 4.5, "cpu_utilisation": 0.9}
+    starved = {"arm": "random", "median_step_seconds": 3.0, "max_step_seconds": 3.2, "cpu_utilisation": 0.45}
+    warnings = stall_warnings([calm, stalled, starved])
+    assert len(warnings) == 2
+    assert warnings[0].startswith("cggr: slowest step 4.50 s") and warnings[1].startswith("random: the process got 45%")
+    assert stall_warnings([starved], device="cuda:0") == []  # CPU share is only meaningful for CPU runs
