@@ -100,3 +100,36 @@ def test_race_on_a_jsonl_path_through_the_command_line(small_config, tmp_path, c
     assert all(math.isfinite(a["heldout_loss"]) for a in payload["arms"])
     assert len({a["init_digest"] for a in payload["arms"]}) == 1
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_race_with_a_local_pretrained_model_folder(tmp_path):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from cggr.cli.data import EOS, train_bpe
+
+    texts = [f"def g{i}(y):\n    return y - {i}\n" * 4 for i in range(300)]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(texts, 300), eos_token=EOS)
+    folder = tmp_path / "pretrained"
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(texts[:60]):
+        (corpus / f"m{i}.py").write_text(text)
+    cfg = RaceConfig(model=str(folder), data=str(corpus), minutes=0.005, router_layers=1, batch_size=2, seq_len=16,
+                     evals=1, eval_sequences=4, out=str(tmp_path / "out"), progress=False,
+                     arms=("standard", "cggr"))
+    payload = run_race(cfg, log=lambda *_: None)
+    assert payload["settings"]["model_kind"] == "pretrained"
+    assert payload["settings"]["data_info"]["tokenizer"] == "hf"
+    # the pretrained weights are the starting point of every arm
+    assert payload["arms"][0]["init_digest"] == payload["arms"][1]["init_digest"]
+    from cggr.cli.race import weights_digest
+
+    assert payload["arms"][0]["init_digest"] == weights_digest(LlamaForCausalLM.from_pretrained(folder))
+    assert all(math.isfinite(a["heldout_loss"]) for a in payload["arms"])
