@@ -269,6 +269,12 @@ class _Plan:
         sens = self.options.threshold_sensitivity
         return self.ratio == 1.0 and (sens is None or sens >= 0 or self.selection == "fixed_quota")
 
+    def fp16_scale(self, dtype: torch.dtype, rows: int) -> float:
+        """Power-of-two gradient pre-scale for fp16 on the Triton path with 'mean' (1.0 otherwise)."""
+        if self.impl != "triton" or dtype != torch.float16 or self.reduction != "mean":
+            return 1.0
+        return float(2.0 ** round(math.log2(max(1, rows))))
+
     def k_max(self, n: int) -> int:
         """Static bound on K: the scheduled ratio raised by the dynamic threshold, plus sequence floors."""
         r_hi = self.ratio
@@ -296,8 +302,11 @@ class _SelectiveLinearCE(torch.autograd.Function):
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
         fused = plan.impl == "triton" and wants_grad and plan.keeps_all_valid()
         common = dict(ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=opts.workspace_bytes)
+        # fp16 only: rows are weighted by w · scale (scale = 2^round(log2 K_max), exact) so that the chunk
+        # gradient p · w does not underflow fp16 (p ~ 1/V, w = 1/K); the outputs are divided by scale after.
+        scale = plan.fp16_scale(hidden.dtype, n if fused else plan.k_max(n))
         if fused:  # every valid token is kept: gradients in the same pass
-            w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1)
+            w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
             stats, grads = forward_stats(
                 hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
                 need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], **common,
@@ -331,6 +340,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
         plan.info = LinearCrossEntropyInfo(mask=mask.view(shape), scores=scores, num_selected=k, ratio=ratio)
         ctx.plan = plan
         ctx.fused = fused
+        ctx.scale = scale
         ctx.consumed = False
         if fused:
             ctx.grads = grads
@@ -354,14 +364,20 @@ class _SelectiveLinearCE(torch.autograd.Function):
             for t in (d_h, d_w, d_b):  # in place: the fused forward's buffers belong to this graph only
                 if t is not None:
                     t.mul_(g.to(t.dtype))
+                    if ctx.scale != 1.0:
+                        t.mul_(1.0 / ctx.scale)  # a power of two: exact
             return d_h, d_w, d_b, None, None
         hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
         _, backward_selected = plan.backend()
         d_h, d_w, d_b = backward_selected(
-            hidden, weight, bias, targets, lse, w * grad_out.float(), idx, ignore_index=plan.ignore_index,
-            softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes, need_hidden_grad=need[0],
-            need_weight_grad=need[1], need_bias_grad=bias is not None and need[2],
+            hidden, weight, bias, targets, lse, w * (grad_out.float() * ctx.scale), idx,
+            ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes,
+            need_hidden_grad=need[0], need_weight_grad=need[1], need_bias_grad=bias is not None and need[2],
         )
+        if ctx.scale != 1.0:
+            for t in (d_h, d_w, d_b):
+                if t is not None:
+                    t.mul_(1.0 / ctx.scale)
         return d_h, d_w, d_b, None, None
 
 

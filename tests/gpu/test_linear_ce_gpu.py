@@ -160,3 +160,15 @@ def test_all_ignored_gives_zero_loss_and_zero_grads():
         assert float(loss) == 0.0 and int(info.num_selected) == 0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_fp16_large_k_does_not_lose_small_gradients():
+    """p · w = (1/V) · (1/K) underflows fp16; the power-of-two pre-scale must keep those gradients."""
+    hidden, weight, _, t = _inputs(8192, 64, 32000, torch.float16, seed=12, bias=False, ignore_every=0)
+    for ratio in (1.0, 0.5):
+        loss, info, g = _run("triton", hidden, weight, None, t, ratio=ratio)
+        ref, g_ref, _ = _materialised(hidden, weight, None, t, info.mask, None)
+        assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
+        for a, c in zip(g, g_ref):
+            assert torch.isfinite(a).all()
+            assert _rel(a, c) <= 1e-2, (ratio, _rel(a, c))
