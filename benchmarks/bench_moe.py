@@ -3,8 +3,10 @@
 Arms (same routing, same parameters, same process; bf16; SwiGLU experts; one step = forward + backward of y and
 the aux loss, routing included in every MoE arm):
 
-* ``ours``        — PersistentTRMLP(impl='triton'): 6 persistent grouped-GEMM launches with fused gather,
-                    SwiGLU, routing weight, scatter and activation backward.
+* ``ours``        — PersistentTRMLP(impl='triton'): 6 persistent grouped-GEMM launches (forward: gather fused
+                    into the up-projection, SwiGLU in its epilogue, routing weight + scatter in the
+                    down-projection's; backward: one gather pass for dy[tok], w·dy[tok], x[tok], then
+                    act-backward + routing-weight gradient fused into the dy·w2ᵀ epilogue, dx, dw1, dw2).
 * ``grouped_mm``  — the same dataflow in PyTorch with ``torch._grouped_mm`` (autograd through it).
 * ``loop``        — the same dataflow with one GEMM per expert (host sync for the offsets).
 * ``dense``       — the six dense GEMMs of the same FLOPs (M = N·k rows, no routing/gather/activation): a ceiling.
