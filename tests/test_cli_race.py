@@ -133,3 +133,23 @@ def test_race_with_a_local_pretrained_model_folder(tmp_path):
 
     assert payload["arms"][0]["init_digest"] == weights_digest(LlamaForCausalLM.from_pretrained(folder))
     assert all(math.isfinite(a["heldout_loss"]) for a in payload["arms"])
+
+
+def test_arms_run_separately_merge_into_one_race(small_config, tmp_path, capsys):
+    common = ["--model", str(small_config), "--data", "code", "--minutes", "0.005", "--router-layers", "1",
+              "--batch-size", "2", "--seq-len", "32", "--evals", "1", "--eval-sequences", "4", "--no-progress"]
+    assert main(["race", *common, "--arms", "cggr,standard", "--out", str(tmp_path / "a")]) == 0
+    assert main(["race", *common, "--arms", "random", "--out", str(tmp_path / "b")]) == 0
+    files = [str(tmp_path / "a" / "race.json"), str(tmp_path / "b" / "race.json")]
+    assert main(["race", "--merge", *files, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "race.json").read_text())
+    assert [a["arm"] for a in merged["arms"]] == ["standard", "cggr", "random"]
+    assert [r["arm"] for r in merged["summary"]] == ["standard", "cggr", "random"]
+    assert (tmp_path / "m" / "race.png").is_file()
+    # a different race (other seed) or the same arm twice is refused with a one-line message
+    assert main(["race", *common, "--arms", "random", "--seed", "1", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    assert main(["race", "--merge", files[0], str(tmp_path / "c" / "race.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "seed=1" in capsys.readouterr().err
+    assert main(["race", "--merge", files[0], files[0], "--out", str(tmp_path / "x")]) == 2
+    assert "appears in more than one file" in capsys.readouterr().err

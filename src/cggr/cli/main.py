@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     race.add_argument("--out", default="cggr-race", help="output folder (default ./cggr-race)")
     race.add_argument("--name", default="race", help="file stem of the outputs (default race)")
     race.add_argument("--no-progress", action="store_true", help="no progress bars")
+    race.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                      help="instead of racing, combine the arms of race.json files of the same race (same "
+                           "settings and seed, e.g. arms run in separate sessions) into <out>/<name>.json|md|png")
     return parser
 
 
@@ -228,6 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 router_layers=args.router_layers, device=args.device, dtype=args.dtype, warmup=args.warmup,
                 iters=args.iters, seed=args.seed, out=args.out, name=args.name,
             ))
+        elif args.merge:
+            from pathlib import Path
+
+            from cggr.cli.report import merge_race_files, write_race_outputs
+
+            write_race_outputs(merge_race_files([Path(p) for p in args.merge]), Path(args.out), args.name)
         else:
             from cggr.cli.race import ARMS, RaceConfig, run_race
 

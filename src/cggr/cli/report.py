@@ -176,4 +176,43 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     return paths
 
 
-__all__ = ["plot_curves", "summary_rows", "text_table", "write_race_outputs"]
+_SAME_SETTINGS = ("model", "parameters", "data", "minutes_per_arm", "ratio", "scan_multiplier", "batch_size",
+                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "evals")
+
+
+def merge_race_files(paths: list[Path]) -> dict[str, Any]:
+    """Combine the arms of several ``race.json`` files of the same race (e.g. arms run in separate sessions).
+
+    Raises :class:`CLIError` naming the setting that differs, the arm that appears twice, or an initial-weights
+    digest that differs (the arms would not have started from the same model).
+    """
+    from cggr.cli.presets import CLIError
+
+    payloads = []
+    for path in paths:
+        try:
+            payloads.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CLIError(f"--merge: cannot read {str(path)!r} ({exc})") from exc
+    first = payloads[0]
+    arms: list[dict[str, Any]] = []
+    for path, payload in zip(paths, payloads):
+        for key in _SAME_SETTINGS:
+            if payload["settings"].get(key) != first["settings"].get(key):
+                raise CLIError(f"--merge: {str(path)!r} has {key}={payload['settings'].get(key)!r}, "
+                               f"the first file {first['settings'].get(key)!r}; not the same race")
+        for arm in payload["arms"]:
+            if any(a["arm"] == arm["arm"] for a in arms):
+                raise CLIError(f"--merge: arm {arm['arm']!r} appears in more than one file")
+            if arms and arm["init_digest"] != arms[0]["init_digest"]:
+                raise CLIError(f"--merge: arm {arm['arm']!r} in {str(path)!r} started from different weights")
+            arms.append(arm)
+    order = {"standard": 0, "cggr": 1, "cggr-loss": 2, "random": 3}
+    arms.sort(key=lambda a: order.get(a["arm"], 9))
+    env = dict(first["environment"])
+    env["command"] = " + ".join(p["environment"]["command"] for p in payloads)
+    return {"settings": first["settings"], "environment": env, "arms": arms,
+            "merged_from": [str(p) for p in paths]}
+
+
+__all__ = ["merge_race_files", "plot_curves", "summary_rows", "text_table", "write_race_outputs"]
