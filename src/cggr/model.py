@@ -1,7 +1,7 @@
 """``CGGRScorer`` (token masks from a cheap router) and ``CGGRModel`` (train only on the hardest sequences).
 
-Shape legend: B batch, T sequence length, V vocabulary, k selected sequences (k = max(1, round(ratio · B))),
-K kept tokens.
+Shape legend: B batch, T sequence length, H hidden size, V vocabulary, k selected sequences
+(k = max(1, round(ratio · B))), K kept tokens, K_max a static bound on K.
 
 Dataflow of one ``CGGRModel`` training call::
 
@@ -9,6 +9,12 @@ Dataflow of one ``CGGRModel`` training call::
         ──scores (fp32; one Triton pass on CUDA)──> difficulty (B, T) ──mean over valid tokens──> seq score (B,)
         ──topk (k, static)──> idx (k,) ──index_select──> input_ids (k, T), labels (k, T)
         ──full model (with grad)──> logits (k, T, V) ──cross-entropy over valid targets──> loss
+
+With the fused head (causal LMs on CUDA by default, ``fused_head``), the last step becomes::
+
+        ──base model (with grad)──> hidden (k, T, H) after the final norm
+        ──[token_ratio: gather the ≤ K_max kept rows]──> linear_cross_entropy(hidden, head weight, bias,
+          softcap, logit scale from cggr.integrations.hf_quirks) ──> loss   ([k·T, V] logits never exist)
 
 Cost ≈ router (about k_layers/L of a no-grad forward) + ratio × one full training step. Everything stays on the
 device: k is a Python int fixed by the ratio, selection uses ``torch.topk``/``index_select`` (no ``nonzero``,
@@ -34,8 +40,9 @@ from cggr._validation import (
     check_int,
     check_ratio,
 )
-from cggr.functional import IMPLS
+from cggr.functional import IMPLS, linear_cross_entropy
 from cggr.functional import token_scores as functional_token_scores
+from cggr.integrations.hf_quirks import HeadSpec, head_spec
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.scoring import TokenScores, difficulty
 from cggr.selection import RatioSchedule, dynamic_ratio, select_sequences, select_tokens
@@ -269,7 +276,14 @@ class CGGRModel(nn.Module):
         ignore_index: Label value to ignore.
         causal: Shift labels HF-style (position t predicts label t+1). ``None``: ``False`` for masked LMs.
         seed: Seed of the ``random`` control's generator.
-        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`).
+        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`); also the
+            kernel of the fused head.
+        fused_head: Compute the causal-LM loss from the base model's final hidden states with
+            :func:`cggr.functional.linear_cross_entropy` instead of materialising the (k, T, V) logits.
+            ``None`` (default): when the model is a causal LM on CUDA whose head is a plain linear layer with
+            the quirks recorded in :mod:`cggr.integrations.hf_quirks` (and it is not DDP/FSDP-wrapped);
+            ``True``: always (``ValueError`` if impossible); ``False``: never. The loss and gradients equal
+            the unfused path's (same selection, same mean over kept tokens) up to floating-point rounding.
 
     ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
     ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
@@ -294,10 +308,13 @@ class CGGRModel(nn.Module):
         causal: bool | None = None,
         seed: int | None = None,
         impl: str = "auto",
+        fused_head: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if fused_head is not None and not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool or None, got {fused_head!r}")
         check_int("num_router_layers", num_router_layers, minimum=1)
         self.model = model
         _set_router(self, _resolve_router(model, router, num_router_layers))
@@ -313,6 +330,11 @@ class CGGRModel(nn.Module):
         self.causal = (not is_masked_lm(model)) if causal is None else causal
         self.seed = None if seed is None else check_int("seed", seed, minimum=0)
         self.impl = check_choice("impl", impl, IMPLS)
+        self.fused_head = fused_head
+        if fused_head:
+            _, reason = self._fused_parts()
+            if reason:
+                raise ValueError(f"fused_head=True is not possible for {type(model).__name__}: {reason}")
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0
         self._ratio = self.schedule(0)
@@ -396,10 +418,6 @@ class CGGRModel(nn.Module):
         sub_targets = targets.index_select(0, idx)  # (k, T)
         sub_mask = attention_mask.index_select(0, idx) if attention_mask is not None else None
         sub_kwargs = _batch_kwargs(kwargs, batch, idx)
-        out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
-        vocab = logits.shape[-1]
-        flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
         if self.token_ratio is not None:
             sub_valid = sub_targets != self.ignore_index  # (k, T)
             keep = select_tokens(tok_diff.index_select(0, idx), sub_valid, self.token_ratio)  # (k, T)
@@ -408,8 +426,21 @@ class CGGRModel(nn.Module):
             keep = sub_targets != self.ignore_index
             kept_targets = sub_targets
         n_keep = keep.sum()
-        ce = F.cross_entropy(flat_logits, kept_targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum")
-        loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
+        fused = self._fused_for(input_ids.device)
+        if fused is not None:
+            base, spec = fused
+            out = base(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (k, T, H)
+            loss = self._fused_loss(hidden, spec, kept_targets, keep)
+        else:
+            out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
+            logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
+            vocab = logits.shape[-1]
+            flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
+            ce = F.cross_entropy(
+                flat_logits, kept_targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum"
+            )
+            loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
 
         last.update(
             indices=idx.detach(),
@@ -420,6 +451,81 @@ class CGGRModel(nn.Module):
         )
         self._last = last
         return loss
+
+    # ------------------------------------------------------------------ fused head
+    def _fused_parts(self) -> tuple[tuple[nn.Module, HeadSpec] | None, str]:
+        """``((base model, head spec), "")`` when the fused head can run, else ``(None, reason)``."""
+        if not self.causal:
+            return None, "the fused head computes next-token (causal) losses; this model is trained as a masked LM"
+        wrapped = self.model
+        for _ in range(8):  # DDP/FSDP hooks must see the call: the base model cannot be called past them
+            if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel) or (
+                type(wrapped).__name__ == "FullyShardedDataParallel"
+            ):
+                return None, f"the model is wrapped in {type(wrapped).__name__}"
+            inner = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
+            if not isinstance(inner, nn.Module):
+                break
+            wrapped = inner
+        model = unwrap_model(self.model)
+        prefix = getattr(model, "base_model_prefix", "")
+        base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+        if not isinstance(base, nn.Module) or base is model:
+            get_decoder = getattr(model, "get_decoder", None)
+            base = get_decoder() if callable(get_decoder) else None
+        if not isinstance(base, nn.Module) or base is model:
+            return None, f"no base model found (base_model_prefix={prefix!r}, get_decoder())"
+        spec, reason = head_spec(model)
+        if spec is None:
+            return None, reason
+        return (base, spec), ""
+
+    def _fused_for(self, device: torch.device) -> tuple[nn.Module, HeadSpec] | None:
+        """The fused-head parts for this call, or ``None`` for the unfused path (see ``fused_head``)."""
+        if self.fused_head is False or (self.fused_head is None and device.type != "cuda"):
+            return None
+        parts, reason = self._fused_parts()  # re-read every call: heads can be resized or replaced
+        if parts is None and self.fused_head:
+            raise ValueError(f"fused_head=True is no longer possible for {type(self.model).__name__}: {reason}")
+        return parts
+
+    def _fused_loss(self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor) -> Tensor:
+        """Mean cross-entropy over the kept targets, straight from the final hidden states.
+
+        Args:
+            hidden: (k, T, H) hidden states after the final norm.
+            spec: Head weight (V, H), bias (V,), softcap and logit scale.
+            kept_targets: (k, T) shifted targets, ``ignore_index`` where not kept.
+            keep: (k, T) bool, ``kept_targets != ignore_index``.
+
+        Returns:
+            0-d fp32 loss (0.0 with grad when nothing is kept), equal to the unfused path's.
+        """
+        k, t, hsize = hidden.shape
+        weight, bias = spec.weight, spec.bias
+        if torch.is_autocast_enabled(hidden.device.type):  # the head GEMM runs in the autocast dtype, as nn.Linear
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if spec.logit_scale is not None:  # scale · (h W^T + b) = (scale · h) W^T + scale · b
+            hidden = hidden * spec.logit_scale
+            bias = bias * spec.logit_scale if bias is not None else None
+        if self.token_ratio is not None:
+            # Only the kept rows matter: gather a static K_max ≥ K of them (kept rows first; the rest carry
+            # ignore_index targets), so the head costs ~token_ratio of a full one. K = max(1, round(r · n_valid))
+            # and n_valid ≤ k·(T - 1) (the last position of a causal sequence predicts nothing).
+            k_max = min(k * t, max(1, math.floor(self.token_ratio * k * (t - 1) + 0.5)))
+            rows = torch.argsort((~keep.reshape(-1)).to(torch.int8), stable=True)[:k_max]  # (K_max,)
+            h2 = hidden.reshape(-1, hsize).index_select(0, rows)  # (K_max, H)
+            t2 = kept_targets.reshape(-1).index_select(0, rows)  # (K_max,)
+        else:  # HF shift: position t predicts label t + 1 (the padded last column is all ignore_index)
+            h2 = hidden[:, :-1].reshape(-1, hsize)  # (k·(T-1), H)
+            t2 = kept_targets[:, :-1].reshape(-1)  # (k·(T-1),)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy(
+                h2, weight, t2, bias=bias, ratio=1.0, ignore_index=self.ignore_index, softcap=spec.softcap,
+                reduction="mean", impl=self.impl,
+            )
 
     # ------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, Any]:
@@ -442,7 +548,7 @@ class CGGRModel(nn.Module):
         return (
             f"min_tokens_ratio={self.schedule.min_tokens_ratio}, warmup_steps={self.schedule.warmup_steps}, "
             f"scoring={self.scoring!r}, selection={self.selection!r}, token_ratio={self.token_ratio}, "
-            f"causal={self.causal}"
+            f"causal={self.causal}, fused_head={self.fused_head}"
         )
 
 

@@ -1,0 +1,146 @@
+"""Per-``model_type`` data on how a Hugging Face causal LM turns its final hidden states into logits.
+
+Shape legend: H hidden size, V vocabulary.
+
+Most causal LMs compute ``logits = lm_head(hidden)`` (a ``(V, H)`` weight, sometimes a ``(V,)`` bias, e.g. GPT-J).
+A few post-process the logits in their ``*ForCausalLM.forward``; this module records those steps as data so that
+:class:`cggr.CGGRModel` can run the fused head (:func:`cggr.functional.linear_cross_entropy`) with one generic
+code path::
+
+    logits = softcap · tanh(scale · (hidden @ weight.T + bias) / softcap)     (softcap and scale optional)
+
+The scale is folded into the hidden states and the bias (``scale · (h W^T + b) = (scale · h) W^T + scale · b``).
+The bias is read generically from ``get_output_embeddings().bias``. Model types whose head does something
+else (e.g. a per-vocabulary scale) are listed in :data:`UNSUPPORTED` and never fused; an unknown model type
+whose config carries a logit softcap or scale attribute is refused too, as its meaning is not verified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+# model_type -> config attribute holding the final-logit soft-capping value (logits = c · tanh(logits / c)).
+SOFTCAP_ATTR: dict[str, str] = {
+    "gemma2": "final_logit_softcapping",
+    "gemma3": "final_logit_softcapping",
+    "gemma3_text": "final_logit_softcapping",
+    "gemma4": "final_logit_softcapping",
+    "gemma4_text": "final_logit_softcapping",
+    "mistral_large4": "final_logit_softcapping",
+}
+
+# model_type -> (config attribute, True if logits are divided by it, False if multiplied), applied before softcap.
+SCALE_ATTR: dict[str, tuple[str, bool]] = {
+    "cohere": ("logit_scale", False),
+    "cohere2": ("logit_scale", False),
+    "cohere2_moe": ("logit_scale", False),
+    "granite": ("logits_scaling", True),
+    "granite_swa": ("logits_scaling", True),
+    "granitemoe": ("logits_scaling", True),
+    "granitemoe_swa": ("logits_scaling", True),
+    "granitemoehybrid": ("logits_scaling", True),
+    "granitemoeshared": ("logits_scaling", True),
+    "falcon_h1": ("lm_head_multiplier", False),
+    "hyperclovax": ("logits_scaling", False),
+}
+
+# model_type -> why its head cannot be expressed as (weight, bias, scale, softcap).
+UNSUPPORTED: dict[str, str] = {
+    "dory": "a learned per-vocabulary logit scale",
+    "minicpm3": "hidden states are rescaled inside the causal-LM forward",
+    "gemma3n": "per-layer/altup outputs and its own softcap handling in the causal-LM forward",
+    "gemma3n_text": "per-layer/altup outputs and its own softcap handling in the causal-LM forward",
+    "inkling2": "its own softcap module in the causal-LM forward",
+    "muse_glimmer": "an output multiplier combined with softcapping in the causal-LM forward",
+    "diffusion_gemma": "not a next-token causal LM head",
+}
+
+# Config attributes that signal logit post-processing; an unknown model type carrying one is refused.
+_SUSPECT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                  "output_multiplier")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How to compute the logits of a causal LM from its final hidden states.
+
+    Attributes:
+        weight: (V, H) head weight (the ``nn.Parameter`` itself, so gradients reach it).
+        bias: (V,) head bias or ``None``.
+        softcap: Final-logit soft-capping value or ``None``.
+        logit_scale: Multiplier applied to the raw logits before the softcap, or ``None`` (= 1).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    softcap: float | None
+    logit_scale: float | None
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _number(config: Any, attr: str, model_type: str) -> float | None:
+    val = getattr(_text_config(config), attr, None)
+    if val is None:
+        val = getattr(config, attr, None)
+    if val is None:
+        return None
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise ValueError(f"config.{attr} of model_type {model_type!r} must be a number, got {val!r}")
+    return float(val)
+
+
+def head_spec(model: nn.Module) -> tuple[HeadSpec | None, str]:
+    """The fused-head description of a Hugging Face causal LM, or ``None`` and the reason it has none.
+
+    Args:
+        model: An (unwrapped) Hugging Face ``*ForCausalLM``-style model.
+
+    Returns:
+        ``(spec, "")`` when the head is a plain linear layer plus the quirks recorded here, else
+        ``(None, reason)``.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        return None, f"{type(model).__name__}.get_output_embeddings() returned no module with a (V, H) weight"
+    if getattr(type(head), "forward", None) is not nn.Linear.forward:
+        return None, f"the output embedding {type(head).__name__} is not a plain nn.Linear"
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        return None, f"the output embedding's bias has shape {getattr(bias, 'shape', None)}, expected (V,)"
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in UNSUPPORTED:
+        return None, f"model_type {model_type!r} has {UNSUPPORTED[model_type]}"
+    softcap = scale = None
+    if model_type in SOFTCAP_ATTR:
+        softcap = _number(config, SOFTCAP_ATTR[model_type], model_type)
+    if model_type in SCALE_ATTR:
+        attr, divide = SCALE_ATTR[model_type]
+        val = _number(config, attr, model_type)
+        if val is not None:
+            if val == 0:
+                return None, f"config.{attr} of model_type {model_type!r} is 0"
+            scale = 1.0 / val if divide else val
+    if model_type not in SOFTCAP_ATTR and model_type not in SCALE_ATTR and config is not None:
+        text = _text_config(config)
+        for attr in _SUSPECT_ATTRS:
+            if getattr(text, attr, None) is not None or getattr(config, attr, None) is not None:
+                return None, (f"model_type {model_type!r} has config.{attr} but no verified entry in "
+                              "cggr.integrations.hf_quirks")
+    if softcap is not None and softcap <= 0:
+        return None, f"config.{SOFTCAP_ATTR[model_type]} of model_type {model_type!r} is {softcap}, expected > 0"
+    if scale == 1.0:
+        scale = None
+    return HeadSpec(weight=weight, bias=bias, softcap=softcap, logit_scale=scale), ""
+
+
+__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "head_spec"]
