@@ -138,6 +138,14 @@ def test_fused_head_masked_lm_raises():
         CGGRModel(build_model("llama"), num_router_layers=2, fused_head="yes")
 
 
+def test_fused_head_refuses_wrappers():
+    model = build_model("llama")
+    for wrapped, what in ((torch.nn.DataParallel(model), "DataParallel"), (torch.compile(model), "compile")):
+        with pytest.raises(ValueError, match=what):
+            CGGRModel(wrapped, num_router_layers=2, fused_head=True)
+        assert CGGRModel(wrapped, num_router_layers=2)._fused_parts()[0] is None
+
+
 def test_fused_head_auto_is_off_on_cpu(monkeypatch):
     calls = _count_fused_calls(monkeypatch)
     model = build_model("llama")

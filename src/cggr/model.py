@@ -42,7 +42,7 @@ from cggr._validation import (
 )
 from cggr.functional import IMPLS, linear_cross_entropy
 from cggr.functional import token_scores as functional_token_scores
-from cggr.integrations.hf_quirks import HeadSpec, head_spec
+from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.scoring import TokenScores, difficulty
 from cggr.selection import RatioSchedule, dynamic_ratio, select_sequences, select_tokens
@@ -281,7 +281,8 @@ class CGGRModel(nn.Module):
         fused_head: Compute the causal-LM loss from the base model's final hidden states with
             :func:`cggr.functional.linear_cross_entropy` instead of materialising the (k, T, V) logits.
             ``None`` (default): when the model is a causal LM on CUDA whose head is a plain linear layer with
-            the quirks recorded in :mod:`cggr.integrations.hf_quirks` (and it is not DDP/FSDP-wrapped);
+            the quirks recorded in :mod:`cggr.integrations.hf_quirks` (not wrapped in DDP/FSDP/DataParallel
+            or ``torch.compile``: the base model is called directly; compile the ``CGGRModel`` instead);
             ``True``: always (``ValueError`` if impossible); ``False``: never. The loss and gradients equal
             the unfused path's (same selection, same mean over kept tokens) up to floating-point rounding.
 
@@ -457,28 +458,7 @@ class CGGRModel(nn.Module):
         """``((base model, head spec), "")`` when the fused head can run, else ``(None, reason)``."""
         if not self.causal:
             return None, "the fused head computes next-token (causal) losses; this model is trained as a masked LM"
-        wrapped = self.model
-        for _ in range(8):  # DDP/FSDP hooks must see the call: the base model cannot be called past them
-            if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel) or (
-                type(wrapped).__name__ == "FullyShardedDataParallel"
-            ):
-                return None, f"the model is wrapped in {type(wrapped).__name__}"
-            inner = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
-            if not isinstance(inner, nn.Module):
-                break
-            wrapped = inner
-        model = unwrap_model(self.model)
-        prefix = getattr(model, "base_model_prefix", "")
-        base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
-        if not isinstance(base, nn.Module) or base is model:
-            get_decoder = getattr(model, "get_decoder", None)
-            base = get_decoder() if callable(get_decoder) else None
-        if not isinstance(base, nn.Module) or base is model:
-            return None, f"no base model found (base_model_prefix={prefix!r}, get_decoder())"
-        spec, reason = head_spec(model)
-        if spec is None:
-            return None, reason
-        return (base, spec), ""
+        return fused_head_parts(self.model)
 
     def _fused_for(self, device: torch.device) -> tuple[nn.Module, HeadSpec] | None:
         """The fused-head parts for this call, or ``None`` for the unfused path (see ``fused_head``)."""

@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from cggr.router import unwrap_model
+
 # model_type -> config attribute holding the final-logit soft-capping value (logits = c · tanh(logits / c)).
 SOFTCAP_ATTR: dict[str, str] = {
     "gemma2": "final_logit_softcapping",
@@ -143,4 +145,55 @@ def head_spec(model: nn.Module) -> tuple[HeadSpec | None, str]:
     return HeadSpec(weight=weight, bias=bias, softcap=softcap, logit_scale=scale), ""
 
 
-__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "head_spec"]
+def _is_fsdp(module: nn.Module) -> bool:
+    """FSDP1 wrapper or an FSDP2 ``fully_shard`` module (its root hooks gather the parameters)."""
+    if type(module).__name__ == "FullyShardedDataParallel":
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def fused_head_parts(model: nn.Module) -> tuple[tuple[nn.Module, HeadSpec] | None, str]:
+    """The base model (returning ``last_hidden_state`` after the final norm) and the head of a causal LM.
+
+    The base is ``getattr(model, model.base_model_prefix)`` (else ``model.get_decoder()``) of the unwrapped
+    model. Models inside DDP/FSDP/DataParallel or ``torch.compile`` are refused: calling their base directly
+    would bypass the wrapper's hooks or the compilation.
+
+    Args:
+        model: The model as given to :class:`cggr.CGGRModel` (possibly PEFT-wrapped).
+
+    Returns:
+        ``((base, spec), "")`` or ``(None, reason)``.
+    """
+    wrapped = model
+    for _ in range(8):  # wrappers must see the call: the base model cannot be called past them
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel) or _is_fsdp(wrapped):
+            return None, f"the model is wrapped in {type(wrapped).__name__} (its hooks would be bypassed)"
+        if isinstance(getattr(wrapped, "_orig_mod", None), nn.Module):
+            return None, (
+                "the model is torch.compile'd (calling its base would bypass compilation; compile the "
+                "CGGRModel instead)"
+            )
+        inner = getattr(wrapped, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        wrapped = inner
+    model = unwrap_model(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        get_decoder = getattr(model, "get_decoder", None)
+        base = get_decoder() if callable(get_decoder) else None
+    if not isinstance(base, nn.Module) or base is model:
+        return None, f"no base model found (base_model_prefix={prefix!r}, get_decoder())"
+    spec, reason = head_spec(model)
+    if spec is None:
+        return None, reason
+    return (base, spec), ""
+
+
+__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "fused_head_parts", "head_spec"]
