@@ -15,7 +15,7 @@ from cggr import CGGRModel  # noqa: E402
 from cggr.integrations.hf_quirks import head_spec  # noqa: E402
 from tests.test_router import _LLAMA, V, build_model  # noqa: E402
 
-FAMILIES = ["llama", "gemma2", "gptj", "gpt2", "qwen3", "phi3"]
+FAMILIES = ["llama", "gemma2", "gemma3", "gptj", "gpt2", "qwen3", "phi3"]
 # Both paths return an fp32 loss and the unfused one casts the logits to fp32 (as HF's loss does), so fp64
 # models agree to fp32 rounding of the loss and of the softmax in the gradients, not to fp64 precision.
 TOL64 = 2e-6
@@ -161,6 +161,7 @@ def test_fused_head_auto_is_off_on_cpu(monkeypatch):
 def test_head_spec_quirks():
     spec, reason = head_spec(build_model("gemma2"))
     assert reason == "" and spec.softcap == 5.0 and spec.logit_scale is None and spec.bias is None
+    assert head_spec(build_model("gemma3"))[0].softcap == 5.0  # model_type gemma3_text
     spec, _ = head_spec(build_model("gptj"))
     assert spec.bias is not None and spec.bias.shape == (V,) and spec.softcap is None
     assert head_spec(_extra_model("cohere"))[0].logit_scale == 0.5
