@@ -42,6 +42,23 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {value!r}")
+    return value
+
+
+def check_seed(value: object) -> int | None:
+    """``None`` or an int >= 0."""
+    return None if value is None else check_int("seed", value, minimum=0)
+
+
 def check_finite_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

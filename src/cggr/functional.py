@@ -35,7 +35,9 @@ from cggr._validation import (
     REDUCTIONS,
     SCORING_MODES,
     SELECTION_STRATEGIES,
+    check_bool,
     check_choice,
+    check_ignore_index,
     check_int,
     check_logits_targets,
     check_ratio,
@@ -468,10 +470,8 @@ def linear_cross_entropy(
     check_choice("scoring", scoring, SCORING_MODES)
     check_choice("selection", selection, SELECTION_STRATEGIES)
     check_choice("reduction", reduction, REDUCTIONS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(return_info, bool):
-        raise TypeError(f"return_info must be a bool, got {return_info!r}")
+    check_ignore_index(ignore_index)
+    check_bool("return_info", return_info)
     options = options if options is not None else LinearCrossEntropyOptions()
     if not isinstance(options, LinearCrossEntropyOptions):
         raise TypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")

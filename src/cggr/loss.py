@@ -26,10 +26,13 @@ from cggr._validation import (
     REDUCTIONS,
     SCORING_MODES,
     SELECTION_STRATEGIES,
+    check_bool,
     check_choice,
     check_finite_float,
+    check_ignore_index,
     check_int,
     check_logits_targets,
+    check_seed,
 )
 from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, resolve_impl
 from cggr.functional import token_scores as fused_token_scores
@@ -110,18 +113,12 @@ class CGGRLoss(nn.Module):
         self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
         self.num_strata = check_int("num_strata", num_strata, minimum=1)
         self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-        if not isinstance(dynamic_threshold, bool):
-            raise TypeError(f"dynamic_threshold must be a bool, got {dynamic_threshold!r}")
-        self.dynamic_threshold = dynamic_threshold
+        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
         self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
         self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        if seed is not None:
-            check_int("seed", seed, minimum=0)
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         self.impl = check_choice("impl", impl, IMPLS)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))

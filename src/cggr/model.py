@@ -35,10 +35,13 @@ from torch import Tensor, nn
 from cggr._validation import (
     SCORING_MODES,
     SELECTION_STRATEGIES,
+    check_bool,
     check_choice,
     check_finite_float,
+    check_ignore_index,
     check_int,
     check_ratio,
+    check_seed,
 )
 from cggr.functional import IMPLS, linear_cross_entropy
 from cggr.functional import token_scores as functional_token_scores
@@ -161,15 +164,11 @@ class CGGRScorer(nn.Module):
         self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
         self.num_strata = check_int("num_strata", num_strata, minimum=1)
         self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-        if not isinstance(dynamic_threshold, bool):
-            raise TypeError(f"dynamic_threshold must be a bool, got {dynamic_threshold!r}")
-        self.dynamic_threshold = dynamic_threshold
+        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
         self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
         self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
-        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.seed = check_seed(seed)
         self.impl = check_choice("impl", impl, IMPLS)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0
@@ -323,13 +322,11 @@ class CGGRModel(nn.Module):
         self.scoring = check_choice("scoring", scoring, SCORING_MODES)
         self.selection = check_choice("selection", selection, ("topk", "random"))
         self.token_ratio = None if token_ratio is None else check_ratio("token_ratio", token_ratio)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         if causal is not None and not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool or None, got {causal!r}")
         self.causal = (not is_masked_lm(model)) if causal is None else causal
-        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
+        self.seed = check_seed(seed)
         self.impl = check_choice("impl", impl, IMPLS)
         self.fused_head = fused_head
         if fused_head:
