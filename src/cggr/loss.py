@@ -20,24 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from cggr._selector import TokenSelector
 from cggr._validation import (
     REDUCTIONS,
-    SCORING_MODES,
-    SELECTION_STRATEGIES,
-    check_bool,
     check_choice,
-    check_finite_float,
-    check_ignore_index,
     check_int,
     check_logits_targets,
-    check_seed,
 )
 from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, resolve_impl
 from cggr.functional import token_scores as fused_token_scores
-from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, TokenScores, difficulty, token_scores
-from cggr.selection import RatioSchedule, dynamic_ratio, select_tokens
+from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, TokenScores, token_scores
 
 
 class _SelectedCrossEntropy(torch.autograd.Function):
@@ -65,7 +59,7 @@ class _SelectedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class CGGRLoss(nn.Module):
+class CGGRLoss(TokenSelector):
     """Selective cross-entropy: only the hardest tokens contribute to the loss and its gradient.
 
     Args:
@@ -90,8 +84,6 @@ class CGGRLoss(nn.Module):
     (B, T) or (N,) already aligned with the logits (no shift), any float dtype for logits.
     """
 
-    step_count: Tensor
-
     def __init__(
         self,
         scoring: str = "combined",
@@ -108,57 +100,16 @@ class CGGRLoss(nn.Module):
         chunk_size: int | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
-        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
-        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
-        self.num_strata = check_int("num_strata", num_strata, minimum=1)
-        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
-        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
-        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
-        self.ignore_index = check_ignore_index(ignore_index)
+        super().__init__(
+            scoring=scoring, selection=selection, num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, ignore_index=ignore_index, seed=seed,
+        )
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.seed = check_seed(seed)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         self.impl = check_choice("impl", impl, IMPLS)
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._step = 0  # host mirror of step_count: the schedule never reads the device
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._last: dict[str, Tensor] = {}
-        self.register_load_state_dict_post_hook(_sync_step_from_buffer)
-
-    # ------------------------------------------------------------------ curriculum
-    @property
-    def min_tokens_ratio(self) -> float:
-        return self.schedule.min_tokens_ratio
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.schedule.warmup_steps
-
-    @property
-    def current_ratio(self) -> float:
-        """Scheduled share of tokens kept at the current step (before the dynamic threshold)."""
-        return self.schedule(self._step)
-
-    def step(self) -> None:
-        """Advance the curriculum by one optimizer step (no host sync)."""
-        self._step += 1
-        self.step_count.add_(1)
-
-    # ------------------------------------------------------------------ forward
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.selection not in ("stratified", "random"):
-            return None
-        gen = self._generators.get(device)
-        if gen is None:
-            seed = self.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            self._generators[device] = gen
-        return gen
 
     def _scores(self, logits: Tensor, targets: Tensor) -> TokenScores:
         if resolve_impl(self.impl, logits, op="CGGRLoss") == "torch":
@@ -168,29 +119,8 @@ class CGGRLoss(nn.Module):
     def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
         """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
         scores = self._scores(logits, targets)
-        diff = difficulty(scores, self.scoring)
-        valid = scores.valid
-        n_valid = valid.sum()
-        ratio: float | Tensor = self.schedule(self._step)
-        mean_conf = (scores.confidence * valid).sum() / n_valid.clamp(min=1)
-        if self.dynamic_threshold and self.selection != "fixed_quota":
-            ratio = dynamic_ratio(ratio, mean_conf, self.threshold_sensitivity)
-        mask = select_tokens(
-            diff,
-            valid,
-            ratio,
-            strategy=self.selection,
-            num_strata=self.num_strata,
-            min_tokens_per_sequence=self.min_tokens_per_sequence,
-            generator=self._generator(logits.device),
-        )
-        self._last = {
-            "tokens_selected": mask.sum().detach(),
-            "tokens_total": n_valid.detach(),
-            "ratio": torch.as_tensor(ratio).detach(),
-            "avg_confidence": mean_conf.detach(),
-            "avg_entropy": ((scores.entropy * valid).sum() / n_valid.clamp(min=1)).detach(),
-        }
+        _, mask, info = self.select_scored(scores, scores.valid)
+        self._last = {k: v.detach() for k, v in info.items()}
         return mask, scores
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -235,12 +165,11 @@ class CGGRLoss(nn.Module):
         Returns:
             0-d fp32 loss.
         """
-        dynamic = self.dynamic_threshold and self.selection != "fixed_quota"
         options = LinearCrossEntropyOptions(
             num_strata=self.num_strata,
             min_tokens_per_sequence=self.min_tokens_per_sequence,
-            threshold_sensitivity=self.threshold_sensitivity if dynamic else None,
-            generator=self._generator(hidden.device),
+            threshold_sensitivity=self.threshold_sensitivity if self.uses_dynamic_threshold else None,
+            generator=self.selection_generator(hidden.device),
         )
         loss, info = linear_cross_entropy(
             hidden, weight, targets, bias=bias, ratio=self.current_ratio, scoring=self.scoring,
@@ -249,41 +178,29 @@ class CGGRLoss(nn.Module):
         )
         valid = info.scores.valid
         n_valid = valid.sum()
+        denom = n_valid.clamp(min=1)
         self._last = {
+            "current_ratio": info.ratio.detach(),
             "tokens_selected": info.mask.sum().detach(),
             "tokens_total": n_valid.detach(),
-            "ratio": info.ratio.detach(),
-            "avg_confidence": ((info.scores.confidence * valid).sum() / n_valid.clamp(min=1)).detach(),
-            "avg_entropy": ((info.scores.entropy * valid).sum() / n_valid.clamp(min=1)).detach(),
+            "confidence": ((info.scores.confidence * valid).sum() / denom).detach(),
+            "entropy": ((info.scores.entropy * valid).sum() / denom).detach(),
         }
         return loss
 
     # ------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, float]:
         """Host-side metrics of the last forward (this syncs; call it outside the hot path)."""
-        out: dict[str, float] = {
-            "step": self._step,
-            "scheduled_ratio": self.current_ratio,
-        }
+        out: dict[str, float] = {"step": self._step, "scheduled_ratio": self.current_ratio}
         if self._last:
             vals = {k: float(v) for k, v in self._last.items()}
             total = vals["tokens_total"]
             out.update(
                 token_ratio=vals["tokens_selected"] / total if total > 0 else 0.0,
-                effective_ratio=vals["ratio"],
+                effective_ratio=vals["current_ratio"],
                 tokens_selected=int(vals["tokens_selected"]),
                 tokens_total=int(total),
-                avg_confidence=vals["avg_confidence"],
-                avg_entropy=vals["avg_entropy"],
+                avg_confidence=vals["confidence"],
+                avg_entropy=vals["entropy"],
             )
         return out
-
-    def extra_repr(self) -> str:
-        return (
-            f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
-            f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}"
-        )
-
-
-def _sync_step_from_buffer(module: CGGRLoss, incompatible_keys) -> None:
-    module._step = int(module.step_count)

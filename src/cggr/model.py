@@ -32,23 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cggr._selector import Curriculum, TokenSelector
 from cggr._validation import (
     SCORING_MODES,
-    SELECTION_STRATEGIES,
-    check_bool,
     check_choice,
-    check_finite_float,
     check_ignore_index,
     check_int,
     check_ratio,
-    check_seed,
 )
 from cggr.functional import IMPLS, linear_cross_entropy
 from cggr.functional import token_scores as functional_token_scores
 from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.scoring import TokenScores, difficulty
-from cggr.selection import RatioSchedule, dynamic_ratio, select_sequences, select_tokens
+from cggr.selection import select_sequences, select_tokens
 
 # Model types trained with unshifted (masked-LM) labels when no ``causal`` flag is given.
 _MASKED_LM_TYPES = frozenset(
@@ -121,7 +118,7 @@ def _resolve_router(model: nn.Module, router: Callable[..., Any] | None, num_rou
 
 
 # ---------------------------------------------------------------------------------------------- scorer
-class CGGRScorer(nn.Module):
+class CGGRScorer(TokenSelector):
     """Per-token difficulty and a keep-mask from a router, for null routing (e.g. ``PersistentTRMLP``).
 
     Args:
@@ -139,7 +136,6 @@ class CGGRScorer(nn.Module):
     a dict of device tensors: current_ratio, tokens_selected, tokens_total, confidence, entropy.
     """
 
-    step_count: Tensor
 
     def __init__(
         self,
@@ -156,41 +152,16 @@ class CGGRScorer(nn.Module):
         seed: int | None = None,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__(
+            scoring=scoring, selection=selection, num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, ignore_index=ignore_index, seed=seed,
+        )
         if not callable(router):
             raise TypeError(f"router must be a TruncatedRouter or a callable returning logits, got {type(router)}")
         _set_router(self, router)
-        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
-        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
-        self.num_strata = check_int("num_strata", num_strata, minimum=1)
-        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
-        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
-        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
-        self.ignore_index = check_ignore_index(ignore_index)
-        self.seed = check_seed(seed)
         self.impl = check_choice("impl", impl, IMPLS)
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._step = 0
-        self._ratio = self.schedule(0)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self.register_load_state_dict_post_hook(_sync_step)
-
-    @property
-    def current_ratio(self) -> float:
-        """Scheduled share of tokens kept at the current step (before the dynamic threshold)."""
-        return self._ratio
-
-    def step(self) -> None:
-        """Advance the curriculum by one optimizer step (no host sync)."""
-        self._step += 1
-        self._ratio = self.schedule(self._step)
-        self.step_count.add_(1)
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.selection not in ("stratified", "random"):
-            return None
-        return _get_generator(self._generators, device, self.seed)
 
     def forward(
         self,
@@ -209,40 +180,12 @@ class CGGRScorer(nn.Module):
         _check_2d("attention_mask", attention_mask, input_ids.shape)
         logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)  # (B, T, V)
         scores = router_scores(logits, targets, ignore_index=self.ignore_index, impl=self.impl)
-        diff = difficulty(scores, self.scoring)  # (B, T) fp32
-        valid = scores.valid if scores.valid is not None else torch.ones_like(diff, dtype=torch.bool)
+        valid = scores.valid if scores.valid is not None else torch.ones(scores.entropy.shape, dtype=torch.bool,
+                                                                          device=scores.entropy.device)
         if attention_mask is not None:
             valid = valid & attention_mask.bool()
-        n_valid = valid.sum()
-        denom = n_valid.clamp(min=1)
-        mean_conf = (scores.confidence * valid).sum() / denom
-        ratio: float | Tensor = self._ratio
-        if self.dynamic_threshold and self.selection != "fixed_quota":
-            ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
-        mask = select_tokens(
-            diff,
-            valid,
-            ratio,
-            strategy=self.selection,
-            num_strata=self.num_strata,
-            min_tokens_per_sequence=self.min_tokens_per_sequence,
-            generator=self._generator(diff.device),
-        )
-        info = {
-            "current_ratio": torch.as_tensor(ratio, dtype=torch.float32, device=diff.device),
-            "tokens_selected": mask.sum(),
-            "tokens_total": n_valid,
-            "confidence": mean_conf,
-            "entropy": (scores.entropy * valid).sum() / denom,
-        }
+        diff, mask, info = self.select_scored(scores, valid)  # (B, T) fp32, (B, T) bool
         return diff, mask, info
-
-    def extra_repr(self) -> str:
-        return (
-            f"scoring={self.scoring!r}, selection={self.selection!r}, "
-            f"min_tokens_ratio={self.schedule.min_tokens_ratio}, warmup_steps={self.schedule.warmup_steps}, "
-            f"dynamic_threshold={self.dynamic_threshold}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -259,7 +202,7 @@ def is_masked_lm(model: nn.Module) -> bool:
     )
 
 
-class CGGRModel(nn.Module):
+class CGGRModel(Curriculum):
     """Batch split: score the batch with a truncated router, train the full model on the hardest sequences.
 
     Args:
@@ -292,7 +235,6 @@ class CGGRModel(nn.Module):
     ``state_dict()`` carries the curriculum. ``parameters()`` are the model's, each once.
     """
 
-    step_count: Tensor
 
     def __init__(
         self,
@@ -310,15 +252,14 @@ class CGGRModel(nn.Module):
         impl: str = "auto",
         fused_head: bool | None = None,
     ) -> None:
-        super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__(min_tokens_ratio, warmup_steps, seed)
         if fused_head is not None and not isinstance(fused_head, bool):
             raise TypeError(f"fused_head must be a bool or None, got {fused_head!r}")
         check_int("num_router_layers", num_router_layers, minimum=1)
         self.model = model
         _set_router(self, _resolve_router(model, router, num_router_layers))
-        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
         self.scoring = check_choice("scoring", scoring, SCORING_MODES)
         self.selection = check_choice("selection", selection, ("topk", "random"))
         self.token_ratio = None if token_ratio is None else check_ratio("token_ratio", token_ratio)
@@ -326,35 +267,18 @@ class CGGRModel(nn.Module):
         if causal is not None and not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool or None, got {causal!r}")
         self.causal = (not is_masked_lm(model)) if causal is None else causal
-        self.seed = check_seed(seed)
         self.impl = check_choice("impl", impl, IMPLS)
         self.fused_head = fused_head
         if fused_head:
             _, reason = self._fused_parts()
             if reason:
                 raise ValueError(f"fused_head=True is not possible for {type(model).__name__}: {reason}")
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._step = 0
-        self._ratio = self.schedule(0)
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._last: dict[str, Tensor | int] = {}
-        self.register_load_state_dict_post_hook(_sync_step)
 
     # ------------------------------------------------------------------ curriculum
-    @property
-    def current_ratio(self) -> float:
-        """Scheduled share of sequences trained on at the current step."""
-        return self._ratio
-
     def num_selected_sequences(self, batch_size: int) -> int:
         """k = max(1, round(ratio · B)) (round half up), at most B."""
         return min(batch_size, max(1, math.floor(self._ratio * batch_size + 0.5)))
-
-    def step(self) -> None:
-        """Advance the curriculum by one optimizer step (no host sync)."""
-        self._step += 1
-        self._ratio = self.schedule(self._step)
-        self.step_count.add_(1)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -405,7 +329,7 @@ class CGGRModel(nn.Module):
             last["router_confidence"] = (scores.confidence * valid).sum() / n_all
             last["router_entropy"] = (scores.entropy * valid).sum() / n_all
         if self.selection == "random":
-            gen = _get_generator(self._generators, input_ids.device, self.seed)
+            gen = self.random_generator(input_ids.device)
             idx = torch.randperm(batch, device=input_ids.device, generator=gen)[:k]
         elif k == batch:
             idx = torch.arange(batch, device=input_ids.device)
@@ -544,22 +468,6 @@ def _set_router(owner: nn.Module, router: Any) -> None:
         owner.router = router  # registers no parameters of its own
     else:
         object.__setattr__(owner, "router", router)  # plain reference: no duplicate parameters, no cycles
-
-
-def _get_generator(cache: dict, device: torch.device, seed: int | None) -> torch.Generator:
-    gen = cache.get(device)
-    if gen is None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        cache[device] = gen
-    return gen
-
-
-def _sync_step(module: nn.Module, incompatible_keys) -> None:
-    module._step = int(module.step_count)
-    module._ratio = module.schedule(module._step)
 
 
 __all__ = ["CGGRModel", "CGGRScorer", "is_masked_lm", "router_scores"]

@@ -1,0 +1,161 @@
+"""What ``CGGRLoss``, ``CGGRScorer`` and ``CGGRModel`` share: the curriculum and the token selector.
+
+Shape legend: B batch, T sequence length, N = B·T tokens.
+
+* :class:`Curriculum` — the warm-up schedule of the kept share, ``step()``, the ``step_count`` buffer (so
+  ``state_dict()`` resumes it) with a host mirror (the schedule never reads the device), and one seedable
+  random generator per device.
+* :class:`TokenSelector` — the validated selection options and one method that turns :class:`TokenScores`
+  into (difficulty, mask, info) with the dynamic threshold applied, without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cggr._validation import (
+    SCORING_MODES,
+    SELECTION_STRATEGIES,
+    check_bool,
+    check_choice,
+    check_finite_float,
+    check_ignore_index,
+    check_int,
+    check_seed,
+)
+from cggr.scoring import TokenScores, difficulty
+from cggr.selection import RatioSchedule, dynamic_ratio, select_tokens
+
+
+class Curriculum(nn.Module):
+    """Kept share ratio(step) falling from 1 to ``min_tokens_ratio`` over ``warmup_steps`` (DESIGN §4).
+
+    Args:
+        min_tokens_ratio: Share kept once warm-up is over, in (0, 1].
+        warmup_steps: Steps of the linear warm-up (0: the minimum share from the start).
+        seed: Seed of the random generators (``None``: drawn from torch's global generator on first use).
+    """
+
+    step_count: Tensor
+
+    def __init__(self, min_tokens_ratio: float, warmup_steps: int, seed: int | None) -> None:
+        super().__init__()
+        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
+        self.seed = check_seed(seed)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0  # host mirror of step_count
+        self._ratio = self.schedule(0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.register_load_state_dict_post_hook(_sync_step)
+
+    @property
+    def min_tokens_ratio(self) -> float:
+        return self.schedule.min_tokens_ratio
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.warmup_steps
+
+    @property
+    def current_ratio(self) -> float:
+        """Scheduled share kept at the current step (before any dynamic threshold)."""
+        return self._ratio
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step (no host sync)."""
+        self._step += 1
+        self._ratio = self.schedule(self._step)
+        self.step_count.add_(1)
+
+    def random_generator(self, device: torch.device) -> torch.Generator:
+        """The module's generator on ``device`` (created and seeded on first use)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed)
+            self._generators[device] = gen
+        return gen
+
+
+def _sync_step(module: Curriculum, incompatible_keys) -> None:
+    module._step = int(module.step_count)
+    module._ratio = module.schedule(module._step)
+
+
+class TokenSelector(Curriculum):
+    """Selection options shared by :class:`cggr.CGGRLoss` and :class:`cggr.CGGRScorer` (see CGGRLoss)."""
+
+    def __init__(
+        self,
+        *,
+        scoring: str,
+        selection: str,
+        num_strata: int,
+        min_tokens_per_sequence: int,
+        dynamic_threshold: bool,
+        threshold_sensitivity: float,
+        min_tokens_ratio: float,
+        warmup_steps: int,
+        ignore_index: int,
+        seed: int | None,
+    ) -> None:
+        super().__init__(min_tokens_ratio, warmup_steps, seed)
+        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
+        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
+        self.num_strata = check_int("num_strata", num_strata, minimum=1)
+        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
+        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
+        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
+        self.ignore_index = check_ignore_index(ignore_index)
+
+    @property
+    def uses_dynamic_threshold(self) -> bool:
+        return self.dynamic_threshold and self.selection != "fixed_quota"
+
+    def selection_generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator ``stratified`` and ``random`` draw from; ``None`` for the deterministic strategies."""
+        return self.random_generator(device) if self.selection in ("stratified", "random") else None
+
+    def select_scored(self, scores: TokenScores, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Difficulty, selection mask and device-side statistics of scored tokens.
+
+        Args:
+            scores: Scores of (N,) or (B, T) tokens.
+            valid: Bool mask of the same shape: tokens that may be selected and that count in statistics.
+
+        Returns:
+            ``(difficulty fp32, mask bool, info)``; info holds 0-d tensors ``current_ratio`` (after the dynamic
+            threshold), ``tokens_selected``, ``tokens_total``, ``confidence`` and ``entropy`` (means over valid).
+        """
+        diff = difficulty(scores, self.scoring)
+        n_valid = valid.sum()
+        denom = n_valid.clamp(min=1)
+        mean_conf = (scores.confidence * valid).sum() / denom
+        ratio: float | Tensor = self._ratio
+        if self.uses_dynamic_threshold:
+            ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
+        mask = select_tokens(
+            diff,
+            valid,
+            ratio,
+            strategy=self.selection,
+            num_strata=self.num_strata,
+            min_tokens_per_sequence=self.min_tokens_per_sequence,
+            generator=self.selection_generator(diff.device),
+        )
+        info = {
+            "current_ratio": torch.as_tensor(ratio, dtype=torch.float32, device=diff.device),
+            "tokens_selected": mask.sum(),
+            "tokens_total": n_valid,
+            "confidence": mean_conf,
+            "entropy": (scores.entropy * valid).sum() / denom,
+        }
+        return diff, mask, info
+
+    def extra_repr(self) -> str:
+        return (
+            f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
+            f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}"
+        )
