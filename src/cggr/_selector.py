@@ -146,7 +146,8 @@ class TokenSelector(Curriculum):
             generator=self.selection_generator(diff.device),
         )
         info = {
-            "current_ratio": torch.as_tensor(ratio, dtype=torch.float32, device=diff.device),
+            # a fixed ratio stays a CPU scalar: building a device tensor from it would be a blocking copy
+            "current_ratio": ratio.float() if isinstance(ratio, Tensor) else torch.tensor(ratio, dtype=torch.float32),
             "tokens_selected": mask.sum(),
             "tokens_total": n_valid,
             "confidence": mean_conf,

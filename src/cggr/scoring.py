@@ -6,7 +6,7 @@ Every score is computed in fp32 whatever the logits' dtype, in chunks of rows so
 O(chunk × V) rather than several fp32 copies of the whole (N, V) tensor:
 
     p = softmax(z)                          # (chunk, V) fp32, one chunk at a time
-    entropy    H = -Σ p log p = lse - Σ p z # nats
+    entropy    H = -Σ p log p = log Σ e^(z-m) - Σ p (z - m)   # nats, m = max z
     confidence   = max p = exp(max z - lse)
     margin       = p(1) - p(2)              # exact top-2 (a duplicated maximum gives 0); V = 1 gives 1
     nll          = lse - z[target]          # 0 at ignored positions
@@ -92,11 +92,12 @@ def token_scores(
         stop = min(start + rows, n)
         z = z_all[start:stop].float()  # (c, V) fp32 <- the only chunk-sized copy
         zmax = z.amax(dim=-1, keepdim=True)  # (c, 1)
-        e = torch.exp(z - zmax)  # (c, V)
+        zc = z - zmax  # (c, V), <= 0
+        e = torch.exp(zc)  # (c, V)
         s = e.sum(dim=-1, keepdim=True)  # (c, 1)
         lse = zmax + torch.log(s)  # (c, 1)
-        ez = (e * z).sum(dim=-1, keepdim=True) / s  # Σ p z
-        entropy[start:stop] = (lse - ez).squeeze(-1).clamp_min(0.0)
+        # H = lse - Σ p z = log s - Σ p (z - max z): shifted, so no cancellation against a large lse.
+        entropy[start:stop] = (torch.log(s) - (e * zc).sum(dim=-1, keepdim=True) / s).squeeze(-1).clamp_min(0.0)
         confidence[start:stop] = torch.exp(zmax - lse).squeeze(-1)
         if vocab >= 2:
             top2 = torch.topk(z, 2, dim=-1).values  # (c, 2), exact, duplicates kept
