@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from benchmarks._timing import Timing, markdown_table, time_fn, write_results
 
 from cggr import CGGRModel, create_truncated_router
-from cggr.model import router_scores
+from cggr.functional import token_scores
 from cggr.scoring import difficulty
 
 ARMS = ("standard", "cggr", "random")
@@ -169,7 +169,7 @@ def main() -> None:
                 r_ms = time_fn(lambda x=x: router(x), warmup=2, iters=args.iters).median_ms
                 logits = router(x)
                 s_ms = time_fn(
-                    lambda lg=logits, tg=targets: difficulty(router_scores(lg, tg), "combined"),
+                    lambda lg=logits, tg=targets: difficulty(token_scores(lg, tg), "combined"),
                     warmup=2,
                     iters=args.iters,
                 ).median_ms

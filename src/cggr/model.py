@@ -40,11 +40,10 @@ from cggr._validation import (
     check_int,
     check_ratio,
 )
-from cggr.functional import IMPLS, linear_cross_entropy
-from cggr.functional import token_scores as functional_token_scores
+from cggr.functional import IMPLS, linear_cross_entropy, token_scores
 from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
-from cggr.scoring import TokenScores, difficulty
+from cggr.scoring import difficulty
 from cggr.selection import select_sequences, select_tokens
 
 # Model types trained with unshifted (masked-LM) labels when no ``causal`` flag is given.
@@ -64,25 +63,6 @@ _MASKED_LM_TYPES = frozenset(
         "ernie",
     }
 )
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
-def router_scores(
-    logits: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100, impl: str = "auto"
-) -> TokenScores:
-    """Token scores of router logits: :func:`cggr.functional.token_scores` (one read of the logits in Triton).
-
-    Args:
-        logits: (B, T, V) or (N, V) router logits.
-        targets: Aligned targets of ``logits.shape[:-1]`` or ``None``.
-        ignore_index: Ignored target value.
-        impl: ``'auto'`` (Triton on CUDA when importable), ``'torch'`` (the chunked reference) or ``'triton'``.
-
-    Returns:
-        :class:`cggr.scoring.TokenScores` (fp32).
-    """
-    return functional_token_scores(logits, targets, ignore_index=ignore_index, impl=impl)
 
 
 def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor | None, **kw) -> Tensor:
@@ -128,7 +108,7 @@ class CGGRScorer(TokenSelector):
             its parameters are never counted twice.
         scoring, selection, num_strata, min_tokens_per_sequence, dynamic_threshold, threshold_sensitivity,
         min_tokens_ratio, warmup_steps, ignore_index, seed: As in :class:`cggr.CGGRLoss`.
-        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`).
+        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`cggr.functional.token_scores`).
 
     Call: ``difficulty, mask, info = scorer(input_ids, targets=None, attention_mask=None)`` where ``targets``
     (B, T) are aligned with the logits (already shifted) and enable the nll term; ``attention_mask`` zeros and
@@ -180,7 +160,7 @@ class CGGRScorer(TokenSelector):
         _check_2d("targets", targets, input_ids.shape)
         _check_2d("attention_mask", attention_mask, input_ids.shape)
         logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)  # (B, T, V)
-        scores = router_scores(logits, targets, ignore_index=self.ignore_index, impl=self.impl)
+        scores = token_scores(logits, targets, ignore_index=self.ignore_index, impl=self.impl)
         valid = scores.valid if scores.valid is not None else torch.ones(scores.entropy.shape, dtype=torch.bool,
                                                                           device=scores.entropy.device)
         if attention_mask is not None:
@@ -219,8 +199,8 @@ class CGGRModel(Curriculum):
         ignore_index: Label value to ignore.
         causal: Shift labels HF-style (position t predicts label t+1). ``None``: ``False`` for masked LMs.
         seed: Seed of the ``random`` control's generator.
-        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`router_scores`); also the
-            kernel of the fused head.
+        impl: Scoring kernel, ``'auto'``, ``'torch'`` or ``'triton'`` (see :func:`cggr.functional.token_scores`);
+            also the kernel of the fused head.
         fused_head: Compute the causal-LM loss from the base model's final hidden states with
             :func:`cggr.functional.linear_cross_entropy` instead of materialising the (k, T, V) logits.
             ``None`` (default): when the model is a causal LM on CUDA whose head is a plain linear layer with
@@ -320,7 +300,7 @@ class CGGRModel(Curriculum):
         last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
             r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
-            scores = router_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
+            scores = token_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
             del r_logits
             tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
             n_tok = valid.sum(-1)  # (B,)
@@ -471,4 +451,4 @@ def _set_router(owner: nn.Module, router: Any) -> None:
         object.__setattr__(owner, "router", router)  # plain reference: no duplicate parameters, no cycles
 
 
-__all__ = ["CGGRModel", "CGGRScorer", "is_masked_lm", "router_scores"]
+__all__ = ["CGGRModel", "CGGRScorer", "is_masked_lm"]

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cggr import CGGRModel, create_truncated_router, enable_flash_attention, get_flash_attention_info  # noqa: E402
-from cggr.model import router_scores  # noqa: E402
+from cggr.functional import token_scores as fused_token_scores  # noqa: E402
 from cggr.scoring import token_scores  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -25,18 +25,18 @@ def _llama(dtype=torch.float32, layers=3, vocab=1001):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,v", [(1, 7), (333, 1001), (4099, 4096)])
-def test_router_scores_triton_match_reference(dtype, n, v):
+def test_token_scores_of_router_logits_triton_match_reference(dtype, n, v):
     g = torch.Generator(device="cuda").manual_seed(n + v)
     logits = (torch.randn(n, v, device="cuda", generator=g) * 3).to(dtype)
     targets = torch.randint(0, v, (n,), device="cuda", generator=g)
     targets[::5] = -100
     ref = token_scores(logits, targets)
-    got = router_scores(logits, targets, impl="triton")
+    got = fused_token_scores(logits, targets, impl="triton")
     for name in ("entropy", "confidence", "margin", "nll"):
         a, b = getattr(got, name), getattr(ref, name)
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, (a - b).abs().max())
     assert torch.equal(got.valid, ref.valid)
-    no_t = router_scores(logits, None, impl="triton")
+    no_t = fused_token_scores(logits, None, impl="triton")
     assert no_t.nll is None and torch.allclose(no_t.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
 
 
