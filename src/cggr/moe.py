@@ -60,17 +60,36 @@ class RoutingPlan(NamedTuple):
     pair: torch.Tensor  # (M,) long, sorted row -> pair index t·k + slot (the same tensor as order)
     weights: torch.Tensor  # (M,) routing weight of each sorted row (differentiable)
     all_routed: bool  # no token_mask was given (known on the host: no masking work needed)
+    balance: torch.Tensor | None = None  # fused routing only: E·Σ f_e·P_e (differentiable), else None
+    z: torch.Tensor | None = None  # fused routing only: router z-loss (differentiable), else None
 
 
 def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
-                 token_mask: torch.Tensor | None = None) -> RoutingPlan:
-    """Route (N, d) tokens: fp32 softmax, top-k, renormalise, sort the pairs by expert on the device."""
+                 token_mask: torch.Tensor | None = None, impl: Impl = "torch") -> RoutingPlan:
+    """Route (N, d) tokens: fp32 softmax, top-k, renormalise, sort the pairs by expert on the device.
+
+    The top-k experts are those of the k largest logits, the lowest expert index first among equal logits
+    (a stable descending sort; ``torch.topk`` documents no order for ties). ``impl='triton'`` (or ``'auto'`` on
+    CUDA bf16/fp16 with triton) runs everything after the router GEMM in the fused kernels of
+    :mod:`cggr.kernels.moe_routing`: the same experts, weights (to fp32 rounding) and sorted rows, int32 indices,
+    logits left in x's dtype, ``top_w``/``probs`` without gradient, and ``balance``/``z`` filled in.
+    """
     n_tok = x.shape[0]
     n_exp = router_weight.shape[0]
     logits = F.linear(x, router_weight)  # (N, E)
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl != "torch" and _resolve_impl(impl, x) == "triton":
+        from cggr.kernels.moe_routing import fused_route
+
+        weights, balance, z, probs, top_idx, top_w, counts, offs, tok, pair = fused_route(logits, top_k, token_mask)
+        routed = token_mask if token_mask is not None else torch.ones(n_tok, dtype=torch.bool, device=x.device)
+        return RoutingPlan(logits, probs, top_idx, top_w, routed, counts, offs, pair, tok, pair, weights,
+                           token_mask is None, balance, z)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     probs = logits.softmax(-1)  # (N, E)
-    top_p, top_idx = probs.topk(top_k, dim=-1)  # (N, k)
+    top_idx = torch.sort(logits, dim=-1, descending=True, stable=True)[1][:, :top_k]  # (N, k)
+    top_p = probs.gather(-1, top_idx)  # (N, k)
     top_w = top_p / top_p.sum(-1, keepdim=True)
     if token_mask is None:
         routed = torch.ones(n_tok, dtype=torch.bool, device=x.device)
@@ -274,15 +293,19 @@ class PersistentTRMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden_dim)  # (N, d)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        plan = route_tokens(x2, self.router.weight, self.top_k, mask)
         impl = _resolve_impl(self.impl, x2)
+        route_impl = "triton" if impl == "triton" and self.kernel_options.fused_routing else "torch"
+        plan = route_tokens(x2, self.router.weight, self.top_k, mask, impl=route_impl)
         if impl == "triton":
             y = grouped_expert_mlp(x2, self.expert_w1, self.expert_w2, plan.weights, plan.tok, plan.pair,
                                    plan.offs, None if plan.all_routed else plan.routed, top_k=self.top_k,
                                    activation=self.activation, options=self.kernel_options)
         else:
             y = expert_mlp_torch(x2, self.expert_w1, self.expert_w2, plan, self.top_k, self.activation)
-        balance, z = aux_losses(plan, self.top_k, with_z=bool(self.z_loss_coef))
+        if plan.balance is not None:  # fused routing computed both terms
+            balance, z = plan.balance, plan.z
+        else:
+            balance, z = aux_losses(plan, self.top_k, with_z=bool(self.z_loss_coef))
         aux = self.aux_loss_coef * balance
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * z

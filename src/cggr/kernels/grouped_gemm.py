@@ -17,8 +17,10 @@ Backward dataflow (recomputes act(H), act'(H) from the stored pre-activation H; 
 dy[tok] and w·dy[tok] in sorted row order, and x[tok] for dw1, because plain row loads keep the GEMM main loops
 faster than gathers inside them)::
 
-    G[m]  = dy[tok[m]] @ w2[e]ᵀ                     epilogue: dw[m] = Σ_i G·act(H) (per column-tile partials),
-                                                      dH = w[m] · G · act'(H)
+    G[m]  = dy[tok[m]] @ w2[e]ᵀ                     a plain grouped GEMM to an (M, I) buffer, then one elementwise
+                                                      pass: dw[m] = Σ_i G·act(H), dH = w[m] · G · act'(H)
+                                                      (option act_bwd_split=False: both in the GEMM's epilogue,
+                                                      dw as per-column-tile partials)
     dXp[pair[m]] = dH[m] @ w1[e]ᵀ;  dx[t] = Σ_slot dXp[t·k + slot]
     dw1[e] = x[tok]ₑᵀ @ dHₑ ;  dw2[e] = Aₑᵀ @ (w · dy[tok])ₑ       ragged-K grouped GEMMs (one launch each)
 
@@ -70,6 +72,13 @@ class GroupedMLPOptions:
         wgrad2: dw2 = Aᵀ·(w·dy[tok]) (w·dy[tok] is gathered and scaled into sorted rows first).
         programs_per_sm: persistent programs launched per multiprocessor.
         prefetch_h: in ``act_bwd``, load the stored pre-activation tiles before the main loop.
+        act_bwd_split: True (default): ``G = dy[tok] @ w2ᵀ`` is a plain grouped GEMM (``act_bwd_gemm``) whose
+            (M, I) result goes through a separate elementwise activation-backward pass (one extra round trip of
+            G, but the GEMM keeps large tiles: the fused epilogue spills registers at 128-wide tiles).
+            False: the fused ``act_bwd`` kernel.
+        act_bwd_gemm: tiles of the split GEMM; None picks them from the shape.
+        fused_routing: :class:`cggr.moe.PersistentTRMLP` routes with the fused Triton routing kernels
+            (:mod:`cggr.kernels.moe_routing`); False: the eager PyTorch routing.
     """
 
     # defaults: the fastest of the candidates timed by ``bench_moe.py --breakdown`` on an H200
@@ -81,6 +90,9 @@ class GroupedMLPOptions:
     wgrad2: GemmConfig = field(default_factory=lambda: GemmConfig(128, 256, 64, 8, 3))
     programs_per_sm: int = 1
     prefetch_h: bool = True
+    act_bwd_split: bool = True
+    act_bwd_gemm: GemmConfig | None = None
+    fused_routing: bool = True
 
 
 if HAS_TRITON:
@@ -261,6 +273,36 @@ if HAS_TRITON:
             tl.store(dwp_ptr + col_tile.to(tl.int64) * M + rows, dwp, mask=rmask)
 
     @triton.jit
+    def _act_bwd_ew_kernel(g_ptr, h_ptr, wt_ptr, offs_ptr, dh_ptr, dw_ptr, E, N, M, stride_gm, stride_hm,
+                           ACT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+        """Activation backward of the routed sorted rows m < offs[E] from G = dy[tok] @ w2ᵀ (M, I):
+        dH = w·G·act'(H) and dw[m] = Σ_i G·act(H) (rows from offs[E] to M get dw = 0, dH unwritten)."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = rows < tl.load(offs_ptr + E)
+        w = tl.load(wt_ptr + rows, mask=rmask, other=0.0)
+        r64 = rows.to(tl.int64)
+        dw = tl.zeros((BR,), dtype=tl.float32)
+        out_ty = dh_ptr.dtype.element_ty
+        for n0 in range(0, N, BN):
+            cols = n0 + tl.arange(0, BN)
+            m = rmask[:, None] & (cols < N)[None, :]
+            g = tl.load(g_ptr + r64[:, None] * stride_gm + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            off = r64[:, None] * stride_hm + cols[None, :]  # h and dh share the (M, Hc) layout
+            hg = tl.load(h_ptr + off, mask=m, other=0.0).to(tl.float32)
+            da = g * w[:, None]
+            if ACT == 0:
+                hu = tl.load(h_ptr + N + off, mask=m, other=0.0).to(tl.float32)
+                s = tl.sigmoid(hg)
+                silu = hg * s
+                dw += tl.sum(g * (silu * hu), 1)
+                tl.store(dh_ptr + off, (da * hu * (s * (1.0 + hg * (1.0 - s)))).to(out_ty), mask=m)
+                tl.store(dh_ptr + N + off, (da * silu).to(out_ty), mask=m)
+            else:
+                dw += tl.sum(g * _act(hg, ACT), 1)
+                tl.store(dh_ptr + off, (da * _act_grad(hg, ACT)).to(out_ty), mask=m)
+        tl.store(dw_ptr + rows, dw, mask=rows < M)
+
+    @triton.jit
     def _gather_kernel(src_ptr, idx_ptr, scale_ptr, offs_ptr, dst_ptr, dst2_ptr, E, D, stride_s, stride_d,
                        PLAIN: tl.constexpr, SCALED: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
         """dst[m] = src[idx[m]] and/or dst2[m] = scale[m] · src[idx[m]] (fp32 product, one rounding) for the
@@ -333,7 +375,8 @@ if HAS_TRITON:
 
 
 def _num_programs(device: torch.device, upper_bound: int, opts: GroupedMLPOptions) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # CPU tensors only reach the kernels under TRITON_INTERPRET=1 (tests): 3 programs exercise the tile striding
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
     return max(1, min(sms * opts.programs_per_sm, upper_bound))
 
 
@@ -409,6 +452,34 @@ def _launch_act_bwd(dy, tok, w2, offs, h, weights, dh, *, act, cfg, opts):
     return dwp
 
 
+def _act_bwd_gemm_cfg(inter: int, opts: GroupedMLPOptions) -> GemmConfig:
+    """Tiles of the split G GEMM (K = d, N = I): 128x256 unless 256-wide column tiles waste > 5 % on padding."""
+    if opts.act_bwd_gemm is not None:
+        return opts.act_bwd_gemm
+    if inter <= 128 or _cdiv(inter, 256) * 256 > 1.05 * inter:
+        return GemmConfig(128, 128, 64, 8, 4)
+    return GemmConfig(128, 256, 64, 8, 3)
+
+
+def _launch_act_bwd_split(dyg, w2, offs, h, weights, dh, *, act, opts):
+    """G = dyg @ w2[e]ᵀ (plain grouped GEMM on the sorted rows dyg), then the elementwise activation backward.
+    Fills dh (M, Hc); returns dweights (M,) fp32 (0 past offs[E])."""
+    n_rows, d, inter = h.shape[0], dyg.shape[1], w2.shape[1]
+    if h.stride() != dh.stride():
+        raise ValueError(f"h and dh must share one layout, got strides {h.stride()} and {dh.stride()}")
+    g = torch.empty(n_rows, inter, device=dyg.device, dtype=dyg.dtype)  # (M, I), rows past offs[E] unwritten
+    _launch_rows(dyg, None, w2, offs, g, None, None, None, n_rows=n_rows, K=d, N=inter, stride_be=w2.stride(0),
+                 stride_bk=w2.stride(2), stride_bn=w2.stride(1), act=-1, cfg=_act_bwd_gemm_cfg(inter, opts),
+                 opts=opts)
+    dw = torch.empty(n_rows, device=dyg.device, dtype=torch.float32)
+    br, bn = 16, min(256, triton.next_power_of_2(inter))
+    _act_bwd_ew_kernel[(max(1, _cdiv(n_rows, br)),)](
+        g, h, weights, offs, dh, dw, offs.shape[0] - 1, inter, n_rows, g.stride(0), h.stride(0),
+        ACT=act, BR=br, BN=bn, num_warps=4,
+    )
+    return dw
+
+
 def _sum_slots(pairs: torch.Tensor, routed: torch.Tensor | None, top_k: int) -> torch.Tensor:
     """(M, d) per-(token, slot) rows -> (N, d) sums over the k slots; rows of null-routed tokens are never
     written by the kernels, so their sums are replaced by 0 (masked_fill, not a multiply: garbage may be NaN).
@@ -451,9 +522,13 @@ class _GroupedExpertMLP(torch.autograd.Function):
         # gathers inside their main loops (measured: bench_moe.py --breakdown)
         dyg, dyw = _launch_gather(dy, tok, offs, n_rows, scale=weights if ctx.needs_input_grad[2] else None)
         dh = torch.empty(n_rows, hc, device=x.device, dtype=x.dtype)  # (M, Hc)
-        dwp = _launch_act_bwd(dyg, None, w2, offs, h, weights, dh, act=act, cfg=opts.act_bwd, opts=opts)
+        if opts.act_bwd_split:
+            dweights = _launch_act_bwd_split(dyg, w2, offs, h, weights, dh, act=act, opts=opts)  # (M,)
+        else:
+            dwp = _launch_act_bwd(dyg, None, w2, offs, h, weights, dh, act=act, cfg=opts.act_bwd, opts=opts)
+            dweights = dwp.sum(0)  # (M,)
         del dyg
-        dx = dw1 = dw2 = dweights = None
+        dx = dw1 = dw2 = None
         if ctx.needs_input_grad[0]:
             dxp = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)  # (M, d) pair rows
             _launch_rows(dh, None, w1, offs, dxp, pair, None, None, n_rows=n_rows, K=hc, N=d, stride_be=w1.stride(0),
@@ -466,8 +541,8 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dw2 = torch.empty_like(w2)  # (E, I, d)
             _launch_wgrad(a, None, dyw, None, None, offs, dw2, cfg=opts.wgrad2, opts=opts)
-        if ctx.needs_input_grad[3]:
-            dweights = dwp.sum(0)
+        if not ctx.needs_input_grad[3]:
+            dweights = None
         return dx, dw1, dw2, dweights, None, None, None, None, None, None, None
 
 
