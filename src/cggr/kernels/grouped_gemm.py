@@ -273,34 +273,35 @@ if HAS_TRITON:
             tl.store(dwp_ptr + col_tile.to(tl.int64) * M + rows, dwp, mask=rmask)
 
     @triton.jit
-    def _act_bwd_ew_kernel(g_ptr, h_ptr, wt_ptr, offs_ptr, dh_ptr, dw_ptr, E, N, M, stride_gm, stride_hm,
-                           ACT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
-        """Activation backward of the routed sorted rows m < offs[E] from G = dy[tok] @ w2ᵀ (M, I):
-        dH = w·G·act'(H) and dw[m] = Σ_i G·act(H) (rows from offs[E] to M get dw = 0, dH unwritten)."""
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        rmask = rows < tl.load(offs_ptr + E)
-        w = tl.load(wt_ptr + rows, mask=rmask, other=0.0)
-        r64 = rows.to(tl.int64)
-        dw = tl.zeros((BR,), dtype=tl.float32)
+    def _act_bwd_ew_kernel(g_ptr, h_ptr, wt_ptr, offs_ptr, dh_ptr, dw_ptr, E, N, stride_gm, stride_hm,
+                           ACT: tl.constexpr, BN: tl.constexpr):
+        """Activation backward of one sorted row m (one program per row) from G = dy[tok] @ w2ᵀ (M, I):
+        dH = w·G·act'(H) and dw[m] = Σ_i G·act(H); rows m >= offs[E] get dw = 0 and no dH."""
+        m = tl.program_id(0)
+        n_eff = tl.where(m < tl.load(offs_ptr + E), N, 0)  # 0: a null-routed row, every access masked
+        w = tl.load(wt_ptr + m)  # m < M: in bounds (rows past offs[E] are masked below)
+        g_row = g_ptr + m.to(tl.int64) * stride_gm
+        h_row = h_ptr + m.to(tl.int64) * stride_hm  # h and dh share the (M, Hc) layout
+        dh_row = dh_ptr + m.to(tl.int64) * stride_hm
+        dw = tl.zeros((BN,), dtype=tl.float32)
         out_ty = dh_ptr.dtype.element_ty
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
-            m = rmask[:, None] & (cols < N)[None, :]
-            g = tl.load(g_ptr + r64[:, None] * stride_gm + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            off = r64[:, None] * stride_hm + cols[None, :]  # h and dh share the (M, Hc) layout
-            hg = tl.load(h_ptr + off, mask=m, other=0.0).to(tl.float32)
-            da = g * w[:, None]
+            cm = cols < n_eff
+            g = tl.load(g_row + cols, mask=cm, other=0.0).to(tl.float32)
+            hg = tl.load(h_row + cols, mask=cm, other=0.0).to(tl.float32)
+            da = g * w
             if ACT == 0:
-                hu = tl.load(h_ptr + N + off, mask=m, other=0.0).to(tl.float32)
+                hu = tl.load(h_row + N + cols, mask=cm, other=0.0).to(tl.float32)
                 s = tl.sigmoid(hg)
                 silu = hg * s
-                dw += tl.sum(g * (silu * hu), 1)
-                tl.store(dh_ptr + off, (da * hu * (s * (1.0 + hg * (1.0 - s)))).to(out_ty), mask=m)
-                tl.store(dh_ptr + N + off, (da * silu).to(out_ty), mask=m)
+                dw += g * (silu * hu)
+                tl.store(dh_row + cols, (da * hu * (s * (1.0 + hg * (1.0 - s)))).to(out_ty), mask=cm)
+                tl.store(dh_row + N + cols, (da * silu).to(out_ty), mask=cm)
             else:
-                dw += tl.sum(g * _act(hg, ACT), 1)
-                tl.store(dh_ptr + off, (da * _act_grad(hg, ACT)).to(out_ty), mask=m)
-        tl.store(dw_ptr + rows, dw, mask=rows < M)
+                dw += g * _act(hg, ACT)
+                tl.store(dh_row + cols, (da * _act_grad(hg, ACT)).to(out_ty), mask=cm)
+        tl.store(dw_ptr + m, tl.sum(dw, 0))
 
     @triton.jit
     def _gather_kernel(src_ptr, idx_ptr, scale_ptr, offs_ptr, dst_ptr, dst2_ptr, E, D, stride_s, stride_d,
@@ -472,11 +473,11 @@ def _launch_act_bwd_split(dyg, w2, offs, h, weights, dh, *, act, opts):
                  stride_bk=w2.stride(2), stride_bn=w2.stride(1), act=-1, cfg=_act_bwd_gemm_cfg(inter, opts),
                  opts=opts)
     dw = torch.empty(n_rows, device=dyg.device, dtype=torch.float32)
-    br, bn = 16, min(256, triton.next_power_of_2(inter))
-    _act_bwd_ew_kernel[(max(1, _cdiv(n_rows, br)),)](
-        g, h, weights, offs, dh, dw, offs.shape[0] - 1, inter, n_rows, g.stride(0), h.stride(0),
-        ACT=act, BR=br, BN=bn, num_warps=4,
-    )
+    if n_rows:
+        _act_bwd_ew_kernel[(n_rows,)](
+            g, h, weights, offs, dh, dw, offs.shape[0] - 1, inter, g.stride(0), h.stride(0),
+            ACT=act, BN=min(1024, max(128, triton.next_power_of_2(inter))), num_warps=4, num_stages=2,
+        )
     return dw
 
 

@@ -14,7 +14,7 @@ Forward::
                          paths pick the same experts); w = p[top] / Σ p[top]; per-block tables: routed pairs per
                          expert (null-routed tokens count k pairs in column E), Σ_routed p, Σ_routed lse²
     2. one program:      counts (E+1,), group offsets offs (E+1,) and each block's first row per expert
-                         (exclusive scans over blocks: a stable counting sort), the load-balancing loss
+                         (one exclusive scan over the blocks: a stable counting sort), the load-balancing loss
                          E·Σ_e counts_e·ΣP_e / (n_r²·k) and the z-loss Σ lse² / n_r (n_r routed tokens, >= 1)
     3. per token block:  the sorted row of each pair = its block's first row for the expert + the number of
                          earlier tokens of the block with that expert (null pairs: sentinel E, in pair order);
@@ -101,21 +101,12 @@ def _route_fwd_kernel(logits_ptr, mask_ptr, probs_ptr, idx_ptr, topw_ptr, hist_p
 @triton.jit
 def _route_scan_kernel(hist_ptr, psum_ptr, zsum_ptr, base_ptr, counts_ptr, offs_ptr, bal_ptr, z_ptr, n_blk, E,
                        K: tl.constexpr, RB: tl.constexpr, E_PAD: tl.constexpr):
+    """One pass over the block tables: base[b, e] = pairs of expert e in blocks < b (relative to offs[e]),
+    then counts, offs and the two loss terms."""
     e = tl.arange(0, E_PAD)
-    tot = tl.zeros((E_PAD,), dtype=tl.int32)
+    carry = tl.zeros((E_PAD,), dtype=tl.int32)
     ps = tl.zeros((E_PAD,), dtype=tl.float32)
     zs = tl.zeros((RB,), dtype=tl.float32)
-    for b0 in range(0, n_blk, RB):
-        rows = b0 + tl.arange(0, RB)
-        rm = rows < n_blk
-        off = rows[:, None] * E_PAD + e[None, :]
-        tot += tl.sum(tl.load(hist_ptr + off, mask=rm[:, None], other=0), 0)
-        ps += tl.sum(tl.load(psum_ptr + off, mask=rm[:, None], other=0.0), 0)
-        zs += tl.load(zsum_ptr + rows, mask=rm, other=0.0)
-    start = tl.cumsum(tot, 0) - tot  # first sorted row of each expert; start[E] = routed pairs
-    tl.store(counts_ptr + e, tot, mask=e <= E)
-    tl.store(offs_ptr + e, start, mask=e <= E)
-    carry = start
     for b0 in range(0, n_blk, RB):
         rows = b0 + tl.arange(0, RB)
         rm = rows < n_blk
@@ -123,14 +114,19 @@ def _route_scan_kernel(hist_ptr, psum_ptr, zsum_ptr, base_ptr, counts_ptr, offs_
         h = tl.load(hist_ptr + off, mask=rm[:, None], other=0)
         tl.store(base_ptr + off, carry[None, :] + tl.cumsum(h, 0) - h, mask=rm[:, None])
         carry += tl.sum(h, 0)
+        ps += tl.sum(tl.load(psum_ptr + off, mask=rm[:, None], other=0.0), 0)
+        zs += tl.load(zsum_ptr + rows, mask=rm, other=0.0)
+    start = tl.cumsum(carry, 0) - carry  # first sorted row of each expert; start[E] = routed pairs
+    tl.store(counts_ptr + e, carry, mask=e <= E)
+    tl.store(offs_ptr + e, start, mask=e <= E)
     n_r = tl.maximum(tl.sum(tl.where(e == E, start, 0), 0) // K, 1).to(tl.float32)
-    bal = tl.sum(tl.where(e < E, tot.to(tl.float32) * ps, 0.0), 0)
+    bal = tl.sum(tl.where(e < E, carry.to(tl.float32) * ps, 0.0), 0)
     tl.store(bal_ptr, bal * E / (n_r * n_r * K))
     tl.store(z_ptr, tl.sum(zs, 0) / n_r)
 
 
 @triton.jit
-def _route_scatter_kernel(idx_ptr, topw_ptr, mask_ptr, base_ptr, pos_ptr, tok_ptr, pair_ptr, w_ptr, N, E,
+def _route_scatter_kernel(idx_ptr, topw_ptr, mask_ptr, base_ptr, offs_ptr, pos_ptr, tok_ptr, pair_ptr, w_ptr, N, E,
                           K: tl.constexpr, HAS_MASK: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr):
     blk = tl.program_id(0)
     t = blk * BT + tl.arange(0, BT)
@@ -145,7 +141,7 @@ def _route_scatter_kernel(idx_ptr, topw_ptr, mask_ptr, base_ptr, pos_ptr, tok_pt
     member = tl.where(routed[:, None], member, 0)
     member = tl.where(e[None, :] == E, (tmask & (routed == 0)).to(tl.int32)[:, None], member)
     excl = tl.cumsum(member, 0) - member  # earlier tokens of this block with the same expert
-    base = tl.load(base_ptr + blk * E_PAD + e)  # (E_PAD,)
+    base = tl.load(base_ptr + blk * E_PAD + e) + tl.load(offs_ptr + e, mask=e <= E, other=0)  # (E_PAD,)
     first = base[None, :] + excl
     null_first = tl.sum(tl.where(e == E, base, 0), 0) + tl.sum(tl.where(e[None, :] == E, excl, 0), 1) * K
     for j in range(K):
@@ -199,11 +195,12 @@ def _route_bwd_kernel(logits_ptr, mask_ptr, idx_ptr, topw_ptr, pos_ptr, dw_ptr, 
     tl.store(dl_ptr + t.to(tl.int64)[:, None] * E + e[None, :], g.to(dl_ptr.dtype.element_ty), mask=m2)
 
 
-def _blocks(n_tok: int, n_exp: int) -> tuple[int, int, int]:
-    """(E_PAD, BT, n_blk): about 4096 (token, expert) entries per program."""
+def _blocks(n_tok: int, n_exp: int) -> tuple[int, int, int, int]:
+    """(E_PAD, BT, n_blk, num_warps): 2048 (token, expert) entries per program (16 per thread, no spills at
+    E <= 127 with ptxas for sm_90), 16 tokens at least."""
     e_pad = triton.next_power_of_2(n_exp + 1)
-    bt = max(16, min(128, 4096 // e_pad))
-    return e_pad, bt, triton.cdiv(max(n_tok, 1), bt)
+    bt = max(16, min(128, 2048 // e_pad))
+    return e_pad, bt, triton.cdiv(max(n_tok, 1), bt), 4 if bt * e_pad <= 2048 else 8
 
 
 class _FusedRouting(torch.autograd.Function):
@@ -211,7 +208,7 @@ class _FusedRouting(torch.autograd.Function):
     def forward(ctx, logits, token_mask, top_k):
         n_tok, n_exp = logits.shape
         dev = logits.device
-        e_pad, bt, n_blk = _blocks(n_tok, n_exp)
+        e_pad, bt, n_blk, nw = _blocks(n_tok, n_exp)
         m_rows = n_tok * top_k
         mask_u8 = token_mask.view(torch.uint8) if token_mask is not None else None
         mask_arg = mask_u8 if mask_u8 is not None else logits
@@ -224,20 +221,20 @@ class _FusedRouting(torch.autograd.Function):
         zsum = torch.empty(n_blk, device=dev, dtype=f32)
         _route_fwd_kernel[(n_blk,)](logits, mask_arg, probs, idx, topw, hist, psum, zsum, n_tok, n_exp,
                                     logits.stride(0), K=top_k, HAS_MASK=mask_u8 is not None, BT=bt, E_PAD=e_pad,
-                                    num_warps=4)
+                                    num_warps=nw)
         base = torch.empty(n_blk, e_pad, device=dev, dtype=i32)
         counts = torch.empty(n_exp + 1, device=dev, dtype=i32)
         offs = torch.empty(n_exp + 1, device=dev, dtype=i32)
         balance = torch.empty((), device=dev, dtype=f32)
         z = torch.empty((), device=dev, dtype=f32)
         _route_scan_kernel[(1,)](hist, psum, zsum, base, counts, offs, balance, z, n_blk, n_exp, K=top_k,
-                                 RB=max(1, 4096 // e_pad), E_PAD=e_pad, num_warps=4)
+                                 RB=max(1, min(256, 16384 // e_pad)), E_PAD=e_pad, num_warps=8)
         pos = torch.empty(n_tok, top_k, device=dev, dtype=i32)  # (N, k) sorted row of each pair
         tok = torch.empty(m_rows, device=dev, dtype=i32)  # (M,)
         pair = torch.empty(m_rows, device=dev, dtype=i32)  # (M,)
         weights = torch.empty(m_rows, device=dev, dtype=f32)  # (M,)
-        _route_scatter_kernel[(n_blk,)](idx, topw, mask_arg, base, pos, tok, pair, weights, n_tok, n_exp,
-                                        K=top_k, HAS_MASK=mask_u8 is not None, BT=bt, E_PAD=e_pad, num_warps=4)
+        _route_scatter_kernel[(n_blk,)](idx, topw, mask_arg, base, offs, pos, tok, pair, weights, n_tok, n_exp,
+                                        K=top_k, HAS_MASK=mask_u8 is not None, BT=bt, E_PAD=e_pad, num_warps=nw)
         ctx.save_for_backward(logits, mask_u8, idx, topw, pos, counts, offs)
         ctx.top_k = top_k
         ctx.set_materialize_grads(False)
@@ -248,7 +245,7 @@ class _FusedRouting(torch.autograd.Function):
     def backward(ctx, dweights, dbalance, dz, *_unused):
         logits, mask_u8, idx, topw, pos, counts, offs = ctx.saved_tensors
         n_tok, n_exp = logits.shape
-        e_pad, bt, n_blk = _blocks(n_tok, n_exp)
+        e_pad, bt, n_blk, nw = _blocks(n_tok, n_exp)
         dl = torch.empty(n_tok, n_exp, device=logits.device, dtype=logits.dtype)  # (N, E)
         dummy = offs
         _route_bwd_kernel[(n_blk,)](
@@ -256,7 +253,7 @@ class _FusedRouting(torch.autograd.Function):
             dweights.contiguous() if dweights is not None else dummy, counts, offs,
             dbalance.float() if dbalance is not None else dummy, dz.float() if dz is not None else dummy, dl,
             n_tok, n_exp, logits.stride(0), K=ctx.top_k, HAS_MASK=mask_u8 is not None, HAS_DW=dweights is not None,
-            HAS_DBAL=dbalance is not None, HAS_DZ=dz is not None, BT=bt, E_PAD=e_pad, num_warps=4,
+            HAS_DBAL=dbalance is not None, HAS_DZ=dz is not None, BT=bt, E_PAD=e_pad, num_warps=nw,
         )
         return dl, None, None
 
