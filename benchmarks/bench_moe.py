@@ -1,19 +1,25 @@
 """PersistentTRMLP forward+backward on CUDA: persistent Triton grouped GEMMs vs torch._grouped_mm vs a loop.
 
 Arms (same routing, same parameters, same process; bf16; SwiGLU experts; one step = forward + backward of y and
-the aux loss, routing included in every MoE arm):
+the aux loss, routing included in every MoE arm, every MoE arm computes the same (y, aux_loss)):
 
-* ``ours``        — PersistentTRMLP(impl='triton'): 6 persistent grouped-GEMM launches (forward: gather fused
-                    into the up-projection, SwiGLU in its epilogue, routing weight + scatter in the
-                    down-projection's; backward: one gather pass for dy[tok], w·dy[tok], x[tok], then
-                    act-backward + routing-weight gradient fused into the dy·w2ᵀ epilogue, dx, dw1, dw2).
-* ``grouped_mm``  — the same dataflow in PyTorch with ``torch._grouped_mm`` (autograd through it).
-* ``loop``        — the same dataflow with one GEMM per expert (host sync for the offsets).
+* ``ours``        — PersistentTRMLP(impl='triton'): router GEMM + 3 fused routing launches (softmax, top-k,
+                    counting sort, aux loss; one launch for the router backward), 2 forward grouped-GEMM launches
+                    (gather fused into the up-projection, SwiGLU in its epilogue, routing weight + scatter in the
+                    down-projection's); backward: one gather pass for dy[tok] and w·dy[tok], the grouped GEMM
+                    dy·w2ᵀ, one elementwise SwiGLU-backward + routing-weight-gradient pass, dx, x[tok], dw1, dw2.
+* ``grouped_mm``  — the same layer in PyTorch (what PersistentTRMLP(impl='torch') runs on this GPU): eager routing
+                    and aux loss, expert GEMMs with ``torch._grouped_mm`` (autograd through it).
+* ``loop``        — the same with one GEMM per expert (host sync for the offsets).
 * ``dense``       — the six dense GEMMs of the same FLOPs (M = N·k rows, no routing/gather/activation): a ceiling.
+
+In the results committed before this change (the run of 2026-11-24 18:18 UTC) the torch arms did not compute
+the aux loss (ours always did): their ratios are not comparable one to one with later runs.
 
 TFLOP/s counts the expert GEMM FLOPs only: 3 · (2·M·d·Hc + 2·M·I·d) with M = routed (token, slot) pairs.
 
-Usage: ``PYTHONPATH=src python benchmarks/bench_moe.py [--quick] [--sweep] [--shapes 0,1,2]``
+Usage: ``PYTHONPATH=src python benchmarks/bench_moe.py [--quick] [--sweep] [--breakdown] [--shapes 0,1,2]
+[--out-dir DIR] [--act-bwd split|fused] [--routing triton|torch]``
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import time_fn, write_results
 
 from cggr.kernels.grouped_gemm import GemmConfig, GroupedMLPOptions
-from cggr.moe import PersistentTRMLP, expert_mlp_torch, route_tokens
+from cggr.moe import PersistentTRMLP, aux_losses, expert_mlp_torch, route_tokens
 
 SHAPES = [  # (N, d, I, E, k)
     (8192, 1024, 4096, 8, 2),
@@ -50,20 +56,18 @@ def make_layer(d, inter, n_exp, k, skew, opts, seed=0):
     return m, u
 
 
-def step_fn(m, x, gy, arm):
-    def moe_torch(use_gmm):
-        x2 = x
-        plan = route_tokens(x2, m.router.weight, m.top_k)
-        y = expert_mlp_torch(x2, m.expert_w1, m.expert_w2, plan, m.top_k, m.activation, use_grouped_mm=use_gmm)
-        return y
+def torch_layer(m, x, use_gmm):
+    """PersistentTRMLP's forward on the torch path (routing, experts, aux loss), with the expert GEMMs forced."""
+    plan = route_tokens(x, m.router.weight, m.top_k, impl="torch")
+    y = expert_mlp_torch(x, m.expert_w1, m.expert_w2, plan, m.top_k, m.activation, use_grouped_mm=use_gmm)
+    balance, _ = aux_losses(plan, m.top_k, with_z=False)
+    return y, m.aux_loss_coef * balance
 
+
+def step_fn(m, x, gy, arm):
     def run():
-        if arm == "ours":
-            y, aux = m(x)
-            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
-        else:
-            y = moe_torch(arm == "grouped_mm")
-            y.backward(gy)
+        y, aux = m(x) if arm == "ours" else torch_layer(m, x, arm == "grouped_mm")
+        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
         x.grad = None
         for p in m.parameters():
             p.grad = None
@@ -134,12 +138,12 @@ def fmt_row(r):
 
 SWEEP = {  # name -> options
     "default": GroupedMLPOptions(),
-    "up64x256": GroupedMLPOptions(up=GemmConfig(64, 256, 64, 8, 3)),
+    "fused_act_bwd": GroupedMLPOptions(act_bwd_split=False),
+    "torch_routing": GroupedMLPOptions(fused_routing=False),
+    "gbwd128x128": GroupedMLPOptions(act_bwd_gemm=GemmConfig(128, 128, 64, 8, 4)),
+    "gbwd128x256s4": GroupedMLPOptions(act_bwd_gemm=GemmConfig(128, 256, 64, 8, 4)),
     "up128x64s4": GroupedMLPOptions(up=GemmConfig(128, 64, 64, 4, 4)),
     "down128x128s4": GroupedMLPOptions(down=GemmConfig(128, 128, 64, 8, 4), dx=GemmConfig(128, 128, 64, 8, 4)),
-    "wg128x128s4": GroupedMLPOptions(wgrad=GemmConfig(128, 128, 64, 8, 4)),
-    "wg256x128": GroupedMLPOptions(wgrad=GemmConfig(256, 128, 64, 8, 3)),
-    "bwd128x64": GroupedMLPOptions(act_bwd=GemmConfig(128, 64, 64, 4, 4)),
 }
 
 
@@ -158,20 +162,20 @@ def _median_ms(fn, iters=10):
 
 
 BREAKDOWN = {  # kernel -> candidate (block_m, block_n, block_k, warps, stages, programs_per_sm[, prefetch_h])
-    "up": [(128, 128, 32, 8, 4, 1), (128, 128, 32, 8, 5, 1)],
+    "up": [(128, 128, 32, 8, 4, 1)],
     "down": [(128, 256, 64, 8, 4, 1)],
-    "act_bwd": [(128, 64, 64, 8, 4, 1, True), (128, 64, 64, 8, 4, 1, False), (128, 128, 64, 8, 4, 1, True),
-                (128, 128, 64, 8, 4, 1, False), (128, 128, 64, 8, 3, 1, True), (128, 64, 64, 4, 4, 2, True)],
+    "act_bwd_split": [None, (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1),
+                      (128, 128, 64, 4, 4, 2)],  # None: the shape-chosen default; the rest: the G GEMM's tiles
+    "act_bwd": [(128, 64, 64, 8, 4, 1, True)],  # the fused kernel (act_bwd_split=False)
     "dx": [(128, 256, 64, 8, 3, 1)],
-    "wgrad1": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (128, 128, 64, 8, 4, 1)],
-    "wgrad2": [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1)],
+    "wgrad1": [(128, 256, 64, 8, 3, 1)],
+    "wgrad2": [(128, 256, 64, 8, 3, 1)],
 }
 
 
-def breakdown(shape):
+def breakdown(shape, log):
     """Time each launch of ours alone for several tile configurations, and the non-GEMM steps."""
     from cggr.kernels import grouped_gemm as gg
-    from cggr.moe import aux_losses
 
     n_tok, d, inter, n_exp, k = shape
     m, _ = make_layer(d, inter, n_exp, k, False, GroupedMLPOptions())
@@ -181,17 +185,19 @@ def breakdown(shape):
     plan = route_tokens(x, m.router.weight.detach(), k)
     rows = n_tok * k
     new = lambda c: torch.empty(rows, c, device="cuda", dtype=torch.bfloat16)
-    a, h, yp, dh, dxp = new(inter), new(hc), new(d), new(hc), new(d)
+    a, h, yp, dh, dxp, g = new(inter), new(hc), new(d), new(hc), new(d), new(inter)
     dy = torch.randn(n_tok, d, device="cuda", dtype=torch.bfloat16)
     wts = plan.weights.float().contiguous()
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     gf = {"up": 2 * rows * d * hc, "down": 2 * rows * inter * d, "act_bwd": 2 * rows * inter * d,
-          "dx": 2 * rows * hc * d, "wgrad1": 2 * rows * d * hc, "wgrad2": 2 * rows * inter * d}
+          "act_bwd_split": 2 * rows * inter * d, "dx": 2 * rows * hc * d, "wgrad1": 2 * rows * d * hc,
+          "wgrad2": 2 * rows * inter * d}
     head = f"N={n_tok} d={d} I={inter} E={n_exp} k={k}"
     for name, cands in BREAKDOWN.items():
         for c in cands:
-            cfg = GemmConfig(*c[:5])
-            opts = GroupedMLPOptions(programs_per_sm=c[5], prefetch_h=len(c) < 7 or c[6])
+            cfg = GemmConfig(*c[:5]) if c is not None else None
+            opts = GroupedMLPOptions(programs_per_sm=c[5] if c else 1, prefetch_h=c is None or len(c) < 7 or c[6],
+                                     act_bwd_gemm=cfg)
             if name == "up":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
                     x, plan.tok, w1, plan.offs, a, None, None, h, n_rows=rows, K=d, N=inter, stride_be=w1.stride(0),
@@ -200,6 +206,8 @@ def breakdown(shape):
                 fn = lambda cfg=cfg, opts=opts: gg._launch_rows(
                     a, None, w2, plan.offs, yp, plan.pair, wts, None, n_rows=rows, K=inter, N=d,
                     stride_be=w2.stride(0), stride_bk=w2.stride(1), stride_bn=w2.stride(2), act=-1, cfg=cfg, opts=opts)
+            elif name == "act_bwd_split":
+                fn = lambda opts=opts: gg._launch_act_bwd_split(yp, w2, plan.offs, h, wts, dh, act=0, opts=opts)
             elif name == "act_bwd":
                 fn = lambda cfg=cfg, opts=opts: gg._launch_act_bwd(
                     yp, None, w2, plan.offs, h, wts, dh, act=0, cfg=cfg, opts=opts)
@@ -214,11 +222,31 @@ def breakdown(shape):
                 fn = lambda cfg=cfg, opts=opts: gg._launch_wgrad(
                     a, None, yp, None, None, plan.offs, dw2, cfg=cfg, opts=opts)
             ms = _median_ms(fn)
-            print(f"breakdown {head} {name:8s} cfg={c} {ms:.3f} ms {gf[name] / ms / 1e9:.0f} TFLOP/s", flush=True)
+            log(f"breakdown {head} {name:13s} cfg={c} {ms:.3f} ms {gf[name] / ms / 1e9:.0f} TFLOP/s")
+    g_cfg = gg._act_bwd_gemm_cfg(inter, GroupedMLPOptions())
+    ew = lambda: gg._act_bwd_ew_kernel[(rows,)](
+        g, h, wts, plan.offs, dh, torch.empty(rows, device="cuda"), n_exp, inter, g.stride(0), h.stride(0), ACT=0,
+        BN=min(1024, max(128, gg.triton.next_power_of_2(inter))), num_warps=4, num_stages=2)
+    ew_ms = _median_ms(ew)
+    log(f"breakdown {head} act_bwd_split: G GEMM default tiles {g_cfg}; elementwise pass alone {ew_ms:.3f} ms "
+        f"({(rows * inter * 2 * 5) / ew_ms / 1e9:.0f} GB/s counting G, H read, dH written)")
     xr = x.clone().requires_grad_()
+    wr = m.router.weight
+
+    def route_step(impl):
+        def run():
+            p = route_tokens(xr, wr, k, impl=impl)
+            bal, z = (p.balance, p.z) if p.balance is not None else aux_losses(p, k)
+            torch.autograd.backward([p.weights, bal, z], [torch.ones_like(p.weights), torch.ones_like(bal),
+                                                           torch.ones_like(z)])
+        return run
+
     steps = {
-        "route": lambda: route_tokens(x, m.router.weight, k),
-        "aux": lambda: aux_losses(plan, k),
+        "route_torch": lambda: route_tokens(x, wr, k, impl="torch"),
+        "aux_torch": lambda: aux_losses(plan, k),
+        "route_fused": lambda: route_tokens(x, wr, k, impl="triton"),
+        "route+aux fwd+bwd torch": route_step("torch"),
+        "route+aux fwd+bwd fused": route_step("triton"),
         "sum_slots": lambda: gg._sum_slots(yp, None, k),
         "gather_dy2": lambda: gg._launch_gather(dy, plan.tok, plan.offs, rows, scale=wts),
         "gather_x": lambda: gg._launch_gather(x, plan.tok, plan.offs, rows),
@@ -226,38 +254,56 @@ def breakdown(shape):
         "fwd+bwd": lambda: torch.autograd.backward(list(m(xr)), [dy, torch.ones((), device="cuda")]),
     }
     for name, fn in steps.items():
-        print(f"breakdown {head} {name:8s} {_median_ms(fn):.3f} ms", flush=True)
+        log(f"breakdown {head} {name:13s} {_median_ms(fn):.3f} ms")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer iterations, no loop arm, no files")
-    ap.add_argument("--sweep", action="store_true", help="time tile configurations of ours on the chosen shapes")
+    ap.add_argument("--sweep", action="store_true", help="time option variants of ours on the chosen shapes")
     ap.add_argument("--shapes", default="0,1,2", help="comma-separated indices into SHAPES")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--breakdown", action="store_true", help="time each kernel of ours alone, several configs")
+    ap.add_argument("--out-dir", default=None, help="folder of moe.json/.md (and moe.breakdown.txt with "
+                                                    "--breakdown); default benchmarks/results/<device>/")
+    ap.add_argument("--act-bwd", choices=("split", "fused"), default="split",
+                    help="ours: activation backward as GEMM + elementwise pass (split) or in the GEMM epilogue")
+    ap.add_argument("--routing", choices=("triton", "torch"), default="triton",
+                    help="ours: fused Triton routing kernels or the eager PyTorch routing")
     args = ap.parse_args()
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    opts = GroupedMLPOptions(act_bwd_split=args.act_bwd == "split", fused_routing=args.routing == "triton")
     if args.breakdown:
+        lines = []
+
+        def log(line):
+            print(line, flush=True)
+            lines.append(line)
+
         for shape in shapes:
-            breakdown(shape)
+            breakdown(shape, log)
+        if args.out_dir is not None:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.out_dir) / "moe.breakdown.txt").write_text("\n".join(lines) + "\n")
         return
     if args.sweep:
         for shape in shapes:
-            for name, opts in SWEEP.items():
-                r = bench_shape(shape, False, opts, ["ours"], 5)
+            for name, sweep_opts in SWEEP.items():
+                r = bench_shape(shape, False, sweep_opts, ["ours"], 5)
                 print(f"sweep {name:14s} {fmt_row(r)}", flush=True)
         return
     arms = ["ours", "grouped_mm", "dense"] + ([] if args.quick else ["loop"])
     rows = []
+    notes = (__doc__ or "").split("Usage")[0]
+    notes += f"Options of ours: act_bwd={args.act_bwd}, routing={args.routing}.\n"
     for shape in shapes:
         for skew in (False, True):
-            r = bench_shape(shape, skew, GroupedMLPOptions(), arms, 5 if args.quick else args.iters)
+            r = bench_shape(shape, skew, opts, arms, 5 if args.quick else args.iters)
             rows.append(r)
             print(fmt_row(r), flush=True)
-    if not args.quick:
-        notes = (__doc__ or "").split("Usage")[0]
-        write_results("moe", rows, title="PersistentTRMLP forward+backward (bf16, SwiGLU)", notes=notes)
+            if not args.quick:  # rewritten after every row: a run cut short keeps what it measured
+                write_results("moe", rows, title="PersistentTRMLP forward+backward (bf16, SwiGLU)", notes=notes,
+                              out_dir=args.out_dir)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ TRITON_INTERPRET=1 is set, before triton is imported: when another module import
 the checks run in a fresh subprocess instead (and when this module is the first, the whole process stays
 interpreted: do not collect it together with tests/gpu in one process on a GPU machine).
 
+The interpreter's tl.dot is wrong for bf16 inputs (Triton 3.9), so the GEMM checks here use fp32 and fp16; bf16
+is covered by tests/gpu/test_moe_gpu.py on the GPU.
+
 Shape legend: N tokens, d hidden, I intermediate, E experts, k = top_k, M = N·k.
 """
 

@@ -15,8 +15,11 @@ Dataflow (no host synchronisation on the Triton and ``torch._grouped_mm`` paths)
 sorted by expert id on the device (sentinel pairs sort last); the group offsets (E+1,) stay on the device; gather
 rows → grouped GEMM up → activation → grouped GEMM down → routing weight → deterministic sum over the k slots.
 The Triton path (:mod:`cggr.kernels.grouped_gemm`) does each grouped GEMM as one persistent launch with the gather,
-activation and weighted scatter fused; the torch path does the same dataflow with ``torch._grouped_mm`` (CUDA sm90+,
-bf16) or, elsewhere, with a loop over experts (it reads the offsets on the host: the fallback only).
+activation and weighted scatter fused, and routes with :mod:`cggr.kernels.moe_routing` (after the router GEMM:
+softmax, top-k, counting sort by expert, aux and z losses in three launches, one for the router backward); the
+torch path does the same dataflow with ``torch._grouped_mm`` (CUDA sm90+, bf16) or, elsewhere, with a loop over
+experts (it reads the offsets on the host: the fallback only). Top-k ties (equal logits, frequent in bf16) go to
+the lowest expert index on both paths.
 """
 
 from __future__ import annotations

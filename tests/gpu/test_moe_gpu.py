@@ -14,7 +14,9 @@ from cggr.moe import expert_mlp_torch, route_tokens
 pytestmark = pytest.mark.cuda
 triton = pytest.importorskip("triton")
 
-from cggr.kernels.grouped_gemm import grouped_expert_mlp  # noqa: E402
+from cggr.kernels.grouped_gemm import GroupedMLPOptions, grouped_expert_mlp  # noqa: E402
+from cggr.kernels.moe_routing import fused_route  # noqa: E402
+from cggr.moe import aux_losses  # noqa: E402
 
 
 def _gen(device="cuda") -> torch.Generator:
@@ -58,9 +60,24 @@ CASES = [  # (N, d, I, E, k, activation, skew, masked)
 ]
 
 
+def _case_id(c):
+    return f"N{c[0]}-d{c[1]}-I{c[2]}-E{c[3]}-k{c[4]}-{c[5]}-s{c[6]}-m{c[7]}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-d{c[1]}-I{c[2]}-E{c[3]}-k{c[4]}-{c[5]}-s{c[6]}-m{c[7]}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_triton_matches_oracle(case, dtype):
+    _check_against_oracle(case, dtype, GroupedMLPOptions())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=_case_id)
+def test_fused_act_bwd_matches_oracle(case, dtype):
+    """The fallback option act_bwd_split=False (activation backward in the dy·w2ᵀ epilogue)."""
+    _check_against_oracle(case, dtype, GroupedMLPOptions(act_bwd_split=False))
+
+
+def _check_against_oracle(case, dtype, opts):
     n_tok, d, inter, n_exp, k, activation, skew, masked = case
     g = _gen()
     x, wr, w1, w2 = _inputs(n_tok, d, inter, n_exp, activation, dtype, skew, g)
@@ -77,7 +94,8 @@ def test_triton_matches_oracle(case, dtype):
 
     _poison_allocator()
     ours = run(lambda xx, a1, a2, w: grouped_expert_mlp(xx, a1, a2, w, plan.tok, plan.pair, plan.offs, plan.routed,
-                                                        top_k=k, activation=activation), x, w1, w2, dtype)
+                                                        top_k=k, activation=activation, options=opts),
+               x, w1, w2, dtype)
     torch.cuda.synchronize()
     ref = run(lambda xx, a1, a2, w: expert_mlp_torch(xx, a1, a2, plan._replace(weights=w), k, activation,
                                                      use_grouped_mm=False), x, w1, w2, torch.float32)
@@ -97,12 +115,55 @@ def test_triton_matches_oracle(case, dtype):
         assert float(ours[2][empty].abs().max()) == 0.0 and float(ours[3][empty].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("skew", [False, True])
-def test_module_triton_vs_torch(dtype, skew):
+ROUTE_CASES = [  # (N, d, E, k, skew, masked)
+    (1000, 256, 8, 2, False, False),
+    (1000, 256, 8, 2, True, True),
+    (3001, 128, 64, 6, True, True),  # several blocks of 16 tokens, E_PAD = 128
+    (777, 96, 5, 5, False, True),  # top_k = E
+    (1, 64, 4, 2, False, False),  # N = 1
+]
+
+
+@pytest.mark.parametrize(("case", "dtype"), [(c, torch.bfloat16) for c in ROUTE_CASES]
+                         + [(c, torch.float16) for c in ROUTE_CASES[1:3]],
+                         ids=lambda v: f"N{v[0]}-E{v[2]}-k{v[3]}-s{v[4]}-m{v[5]}" if isinstance(v, tuple) else str(v))
+def test_fused_routing_matches_torch(case, dtype):
+    """Same experts (ties: lowest index), sorted rows, counts; weights, losses and router gradient close."""
+    n_tok, d, n_exp, k, skew, masked = case
+    g = _gen()
+    x, wr, _, _ = _inputs(n_tok, d, 8, n_exp, "silu", dtype, skew, g)
+    mask = (torch.rand(n_tok, device="cuda", generator=g) > 0.3) if masked else None
+    logits = torch.nn.functional.linear(x, wr)  # (N, E) in dtype: exact ties happen, both paths see the same
+    ref_l = logits.detach().float().requires_grad_()
+    plan = route_tokens(ref_l, torch.eye(n_exp, device="cuda"), k, mask)  # the torch path on these logits
+    fl = logits.detach().clone().requires_grad_()
+    _poison_allocator()
+    weights, bal, z, probs, idx, topw, counts, offs, tok, pair = fused_route(fl, k, mask)
+    assert torch.equal(idx.long(), plan.top_idx)
+    assert torch.equal(counts, plan.counts) and torch.equal(offs, plan.offs)
+    assert torch.equal(pair.long(), plan.pair) and torch.equal(tok.long(), plan.tok)
+    torch.testing.assert_close(topw, plan.top_w.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, plan.probs.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights, plan.weights.detach(), atol=1e-6, rtol=1e-5)
+    rbal, rz = aux_losses(plan, k)
+    torch.testing.assert_close(bal, rbal.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, rz.detach(), atol=1e-5, rtol=1e-5)
+    gw = torch.randn(n_tok * k, device="cuda", generator=g)
+    gw[int(plan.offs[-1]):] = 0.0  # null-routed rows never receive a gradient from the expert kernels
+    (weights * gw).sum().add(0.7 * bal + 0.3 * z).backward()
+    (plan.weights * gw).sum().add(0.7 * rbal + 0.3 * rz).backward()
+    assert fl.grad.dtype == dtype and torch.isfinite(fl.grad).all()
+    assert _rel(fl.grad, ref_l.grad) < 1e-2, f"router logit gradient rel err {_rel(fl.grad, ref_l.grad):.3g}"
+
+
+@pytest.mark.parametrize(("dtype", "skew", "fused_routing"), [
+    (torch.bfloat16, False, True), (torch.bfloat16, True, True), (torch.float16, False, True),
+    (torch.float16, True, True), (torch.bfloat16, True, False)])
+def test_module_triton_vs_torch(dtype, skew, fused_routing):
     g = _gen()
     n_exp, d, inter = 8, 256, 320
-    m = PersistentTRMLP(d, inter, num_experts=n_exp, top_k=2, z_loss_coef=1e-3, device="cuda", dtype=dtype)
+    m = PersistentTRMLP(d, inter, num_experts=n_exp, top_k=2, z_loss_coef=1e-3, device="cuda", dtype=dtype,
+                        kernel_options=GroupedMLPOptions(fused_routing=fused_routing))
     x, wr, w1, w2 = _inputs(1024, d, inter, n_exp, "swiglu", dtype, skew, g)
     with torch.no_grad():
         m.router.weight.copy_(wr)
