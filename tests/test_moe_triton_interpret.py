@@ -30,9 +30,10 @@ if "triton" not in sys.modules:
 pytest.importorskip("triton")
 from cggr.kernels import grouped_gemm as gg
 from cggr.kernels import moe_routing as mr
+from cggr.kernels import moe_slot_sum as ss
 
-INTERPRETED = type(mr._route_fwd_kernel).__name__ == "InterpretedFunction" and \
-    type(gg._rows_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
+                  for f in (mr._route_fwd_kernel, gg._rows_kernel, ss._sum_slots_kernel))
 needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
                                                           "see test_in_fresh_process")
 
@@ -222,3 +223,20 @@ def test_split_and_fused_act_bwd_agree_fp16():
         for what, a, b in zip(["y", "dx", "dw1", "dw2", "dweights"], res, ref):
             err = float((a.float() - b).norm() / b.norm().clamp_min(1e-30))
             assert err < 5e-3, f"{name} {what}: rel err {err:.3g}"
+
+
+@needs_interp
+@pytest.mark.parametrize(("n", "k", "d", "dtype"), [(37, 2, 48, torch.float32), (5, 6, 130, torch.float16),
+                                                    (3, 1, 2500, torch.bfloat16)])
+def test_sum_slots(n, k, d, dtype):
+    g = _gen()
+    rows = (torch.randn(n * k, d, generator=g) * 3).to(dtype)
+    routed = torch.rand(n, generator=g) > 0.3
+    rows.view(n, k, d)[~routed] = float("nan")  # rows of null-routed tokens are never written: not to be read
+    out = ss.sum_slots(rows, routed, k)
+    ref = rows.view(n, k, d).double().sum(1).masked_fill(~routed[:, None], 0)
+    torch.testing.assert_close(out.double(), ref.to(dtype).double())  # the dtype's default tolerances
+    assert torch.equal(out[~routed], torch.zeros_like(out[~routed]))
+    clean = rows.nan_to_num()
+    torch.testing.assert_close(ss.sum_slots(clean, None, k).double(), clean.view(n, k, d).double().sum(1).to(dtype)
+                               .double())

@@ -482,11 +482,12 @@ def _launch_act_bwd_split(dyg, w2, offs, h, weights, dh, *, act, opts):
 
 
 def _sum_slots(pairs: torch.Tensor, routed: torch.Tensor | None, top_k: int) -> torch.Tensor:
-    """(M, d) per-(token, slot) rows -> (N, d) sums over the k slots; rows of null-routed tokens are never
-    written by the kernels, so their sums are replaced by 0 (masked_fill, not a multiply: garbage may be NaN).
-    ``routed`` None means every token is routed."""
-    out = pairs.view(pairs.shape[0] // top_k, top_k, pairs.shape[1]).sum(1)
-    return out if routed is None else out.masked_fill_(~routed[:, None], 0)
+    """(M, d) per-(token, slot) rows -> (N, d) sums over the k slots (:mod:`cggr.kernels.moe_slot_sum`); rows of
+    null-routed tokens are never written by the kernels and are not read: their sums are 0. ``routed`` None
+    means every token is routed."""
+    from cggr.kernels.moe_slot_sum import sum_slots
+
+    return sum_slots(pairs, routed, top_k)
 
 
 class _GroupedExpertMLP(torch.autograd.Function):
