@@ -10,11 +10,13 @@ the aux loss, routing included in every MoE arm, every MoE arm computes the same
                     dy·w2ᵀ, one elementwise SwiGLU-backward + routing-weight-gradient pass, dx, x[tok], dw1, dw2.
 * ``grouped_mm``  — the same layer in PyTorch (what PersistentTRMLP(impl='torch') runs on this GPU): eager routing
                     and aux loss, expert GEMMs with ``torch._grouped_mm`` (autograd through it).
+* ``grouped_mm_y`` — the definition of the ``grouped_mm`` arm in the results committed before 2026-11-24 20:00 UTC:
+                    routing and experts as above, backward of y only (no aux loss); kept for comparison.
 * ``loop``        — the same with one GEMM per expert (host sync for the offsets).
 * ``dense``       — the six dense GEMMs of the same FLOPs (M = N·k rows, no routing/gather/activation): a ceiling.
 
-In the results committed before this change (the run of 2026-11-24 18:18 UTC) the torch arms did not compute
-the aux loss (ours always did): their ratios are not comparable one to one with later runs.
+In the results committed before 2026-11-24 20:00 UTC the torch arms did not compute the aux loss (ours always
+did): that arm is ``grouped_mm_y`` now, and ``speedup_vs_grouped_mm_y`` is the ratio of those runs.
 
 TFLOP/s counts the expert GEMM FLOPs only: 3 · (2·M·d·Hc + 2·M·I·d) with M = routed (token, slot) pairs.
 
@@ -66,8 +68,11 @@ def torch_layer(m, x, use_gmm):
 
 def step_fn(m, x, gy, arm):
     def run():
-        y, aux = m(x) if arm == "ours" else torch_layer(m, x, arm == "grouped_mm")
-        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        y, aux = m(x) if arm == "ours" else torch_layer(m, x, arm != "loop")
+        if arm == "grouped_mm_y":
+            y.backward(gy)
+        else:
+            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
         x.grad = None
         for p in m.parameters():
             p.grad = None
@@ -125,6 +130,8 @@ def bench_shape(shape, skew, opts, arms, iters):
         row[f"{arm}_tflops"] = flops / t.median_ms / 1e9
     if "grouped_mm" in arms and "ours" in arms:
         row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["ours_ms"]
+    if "grouped_mm_y" in arms and "ours" in arms:
+        row["speedup_vs_grouped_mm_y"] = row["grouped_mm_y_ms"] / row["ours_ms"]
     del m, x
     torch.cuda.empty_cache()
     return row
@@ -292,7 +299,7 @@ def main():
                 r = bench_shape(shape, False, sweep_opts, ["ours"], 5)
                 print(f"sweep {name:14s} {fmt_row(r)}", flush=True)
         return
-    arms = ["ours", "grouped_mm", "dense"] + ([] if args.quick else ["loop"])
+    arms = ["ours", "grouped_mm", "grouped_mm_y", "dense"] + ([] if args.quick else ["loop"])
     rows = []
     notes = (__doc__ or "").split("Usage")[0]
     notes += f"Options of ours: act_bwd={args.act_bwd}, routing={args.routing}.\n"
