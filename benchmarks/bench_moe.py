@@ -281,17 +281,20 @@ def main():
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     opts = GroupedMLPOptions(act_bwd_split=args.act_bwd == "split", fused_routing=args.routing == "triton")
     if args.breakdown:
-        lines = []
+        out_file = None
+        if args.out_dir is not None:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+            out_file = Path(args.out_dir) / "moe.breakdown.txt"
+            out_file.write_text("")
 
-        def log(line):
+        def log(line):  # appended line by line: a run cut short keeps what it measured
             print(line, flush=True)
-            lines.append(line)
+            if out_file is not None:
+                with out_file.open("a") as f:
+                    f.write(line + "\n")
 
         for shape in shapes:
             breakdown(shape, log)
-        if args.out_dir is not None:
-            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.out_dir) / "moe.breakdown.txt").write_text("\n".join(lines) + "\n")
         return
     if args.sweep:
         for shape in shapes:
