@@ -252,3 +252,11 @@ def test_env_forces_torch(monkeypatch):
     m = PersistentTRMLP(8, 8, num_experts=2, top_k=1, impl="triton")
     y, _ = m(torch.randn(3, 8))  # would raise without the override on CPU
     assert y.shape == (3, 8)
+
+
+def test_top_k_ties_go_to_the_lowest_expert_index():
+    # x = logits, router = identity: exact equal logits (frequent with bf16 routers)
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [0.0, 5.0, 1.0, 5.0, 1.0]])
+    plan = route_tokens(logits, torch.eye(5), 3)
+    assert plan.top_idx.tolist() == [[1, 2, 3], [0, 1, 2], [1, 3, 2]]
+    torch.testing.assert_close(plan.top_w[1], torch.full((3,), 1 / 3))
