@@ -24,10 +24,10 @@ The rows are in the order of ``torch.sort(expert_of_pair, stable=True)`` on the 
 
 Backward (one launch, recomputing p and lse from the logits)::
 
-    dw_slot = dweights[pos]                    (0 for null-routed tokens)
-    dp[top_j] = (dw_j - Σ_i dw_i·w_i) / Σ p[top]          renormalisation
-    dp[e]   += dbalance · E · counts_e / (n_r²·k)          routed tokens only
-    dz      = p ⊙ (dp - Σ p·dp) + dz_loss · 2·lse/n_r · p  softmax and logsumexp
+    dw_j      = dweights[pos[t, j]]                              (0 for null-routed tokens)
+    dp[top_j] = (dw_j - Σ_i dw_i·w_i) / Σ p[top]                 renormalisation
+    dp[e]    += dbalance · E · counts_e / (n_r²·k)                routed tokens only
+    dlogits   = p ⊙ (dp - Σ p·dp) + dz · 2·lse/n_r · p           softmax; logsumexp (routed tokens only)
 
 This module imports Triton at the top: import it only where Triton is known to be importable.
 """
