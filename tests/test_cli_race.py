@@ -153,3 +153,56 @@ def test_arms_run_separately_merge_into_one_race(small_config, tmp_path, capsys)
     assert "seed=1" in capsys.readouterr().err
     assert main(["race", "--merge", files[0], files[0], "--out", str(tmp_path / "x")]) == 2
     assert "appears in more than one file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
+    """The cggr-loss arm's fused head (forward_hidden) gives the loss and gradients of CGGRLoss(logits, targets)."""
+    import copy
+
+    import torch
+
+    from cggr import CGGRLoss
+    from cggr.cli.race import _Arm
+
+    torch.manual_seed(0)
+    if softcap is None:
+        cfg = transformers.LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Gemma2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=softcap,
+        )
+        model = transformers.Gemma2ForCausalLM(cfg)
+    model = model.double()
+    ids = torch.randint(0, 97, (6, 13))
+    mask = torch.ones(6, 13, dtype=torch.bool)
+    mask[1, 9:] = False  # right padding
+    mask[4, 5:] = False
+    labels = ids.masked_fill(~mask, -100)
+    race_cfg = RaceConfig(ratio=0.4, device="cpu", dtype="float32")
+
+    arm = _Arm("cggr-loss", model, race_cfg, 1, 0.0, torch.device("cpu"))
+    assert arm.head is not None
+    loss = arm.loss(ids, mask, labels)
+    loss.backward()
+
+    ref_model = copy.deepcopy(model)
+    ref_model.zero_grad(set_to_none=True)
+    logits = ref_model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (6, 12, 97)
+    crit = CGGRLoss(scoring="combined", selection="topk", dynamic_threshold=False, min_tokens_ratio=0.4,
+                    warmup_steps=0)
+    ref = crit(logits, labels[:, 1:])
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-9, atol=1e-10)
+    metrics = arm.criterion.get_metrics()
+    assert metrics["tokens_selected"] == crit.get_metrics()["tokens_selected"] < metrics["tokens_total"]
+    # the fused head keeps its softmax statistics (lse) in fp32, so fp64 models agree to fp32 precision
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")

@@ -41,7 +41,7 @@ from cggr._validation import (
     check_ratio,
 )
 from cggr.functional import IMPLS, linear_cross_entropy, token_scores
-from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts
+from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.scoring import difficulty
 from cggr.selection import select_sequences, select_tokens
@@ -384,14 +384,7 @@ class CGGRModel(Curriculum):
             0-d fp32 loss (0.0 with grad when nothing is kept), equal to the unfused path's.
         """
         k, t, hsize = hidden.shape
-        weight, bias = spec.weight, spec.bias
-        if torch.is_autocast_enabled(hidden.device.type):  # the head GEMM runs in the autocast dtype, as nn.Linear
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        if spec.logit_scale is not None:  # scale · (h W^T + b) = (scale · h) W^T + scale · b
-            hidden = hidden * spec.logit_scale
-            bias = bias * spec.logit_scale if bias is not None else None
+        hidden, weight, bias = head_operands(hidden, spec)
         if self.token_ratio is not None:
             # Only the kept rows matter: gather a static K_max ≥ K of them (kept rows first; the rest carry
             # ignore_index targets), so the head costs ~token_ratio of a full one. K = max(1, round(r · n_valid))

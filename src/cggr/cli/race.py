@@ -10,7 +10,10 @@ Arms (each from a deep copy of one initial model, each reading the same seeded s
 * ``cggr``: :class:`cggr.CGGRModel` scans S sequences with the truncated router (no grad) and runs the full
   forward + backward on the hardest k (= B by default) sequences.
 * ``cggr-loss``: :class:`cggr.CGGRLoss` over S sequences: full forward + backward of all S, loss (and LM-head
-  gradient) on the hardest ``ratio`` share of tokens only.
+  gradient) on the hardest ``ratio`` share of tokens only. The loss owns the LM head
+  (:meth:`cggr.CGGRLoss.forward_hidden` on the base model's final hidden states: [S·T, V] logits never exist, the
+  head's backward covers the selected tokens only); models whose head cannot be fused
+  (:func:`cggr.integrations.hf_quirks.fused_head_parts`) use ``CGGRLoss(logits, targets)`` instead.
 * ``random``: the control, ``CGGRModel(selection='random')``: k of the S sequences uniformly at random, no
   router (so it is never slower than ``cggr``: any gain of ``cggr`` over it is the ranking's).
 
@@ -234,6 +237,7 @@ class _Arm:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
         self.wrapper = None
         self.criterion = None
+        self.head = None
         if arm in ("cggr", "random"):
             router = create_truncated_router(model, num_layers=router_layers) if arm == "cggr" else None
             self.wrapper = CGGRModel(
@@ -242,10 +246,34 @@ class _Arm:
                 selection="topk" if arm == "cggr" else "random", seed=cfg.seed,
             )
         elif arm == "cggr-loss":
+            from cggr.integrations.hf_quirks import fused_head_parts
+
             self.criterion = CGGRLoss(
                 scoring="combined", selection="topk", dynamic_threshold=False, min_tokens_ratio=cfg.ratio,
                 warmup_steps=cfg.ratio_warmup_steps, seed=cfg.seed,
             ).to(device)
+            self.head = fused_head_parts(model)[0]  # (base model, HeadSpec) or None: logits path
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad."""
+        with _autocast(self.device, self.cfg.dtype):
+            if self.wrapper is not None:
+                loss = self.wrapper(ids, labels=labels, attention_mask=mask.long())
+            elif self.head is not None:
+                from cggr.integrations.hf_quirks import head_operands
+
+                base, spec = self.head
+                hidden = base(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (S, T, H)
+                hidden, weight, bias = head_operands(hidden[:, :-1], spec)  # (S, T-1, H)
+                with torch.autocast(self.device.type, enabled=False):
+                    loss = self.criterion.forward_hidden(hidden, weight, labels[:, 1:], bias=bias,
+                                                         softcap=spec.softcap)
+            elif self.criterion is not None:
+                logits = self.model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
+                loss = self.criterion(logits, labels[:, 1:])
+            else:
+                loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        return loss
 
     def step(
         self, ids: torch.Tensor, mask: torch.Tensor, lr: float, *, count: bool = True
@@ -257,14 +285,7 @@ class _Arm:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         labels = ids.masked_fill(~mask, -100)  # (b, T)
-        with _autocast(self.device, self.cfg.dtype):
-            if self.wrapper is not None:
-                loss = self.wrapper(ids, labels=labels, attention_mask=mask.long())
-            elif self.criterion is not None:
-                logits = self.model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
-                loss = self.criterion(logits, labels[:, 1:])
-            else:
-                loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        loss = self.loss(ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -13,9 +13,10 @@ HOW_TO_READ = """\
 How to read it: every arm trained the same initial model on the same sequence order for the same wall-clock
 budget (evaluation excluded). *held-out loss* is the next-token cross-entropy (nats) on files never trained on;
 lower is better, and *Δ loss* is the difference to `standard` (negative = better than plain training).
-*sequences* counts sequences read (the selecting arms scan more per step than they train on), *backprop tok*
-the tokens that went through the full model's forward and backward, *loss tok* the tokens whose loss was
-trained on. `random` keeps the same share of sequences as `cggr` but picks them at random without running the
+*sequences* counts sequences read (the selecting arms scan more per step than they train on), *backprop tok* the
+tokens that went through the full model's forward and backward, *loss tok* the tokens whose loss was trained on,
+*epochs* the passes over the training sequences that an arm read (scanned), *train loss* its last training
+batch's loss. `random` keeps the same share of sequences as `cggr` but picks them at random without running the
 router: if `cggr` does not beat `random`, the difficulty ranking did not help. `cggr-loss` back-propagates
 through every scanned token (masking the loss does not shrink the backward through the transformer body)."""
 
@@ -35,6 +36,8 @@ def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "loss tok": a["tokens_in_loss"],
             "train s": a["train_seconds"],
             "step s (median)": a.get("median_step_seconds"),
+            "epochs": a.get("epochs"),
+            "train loss": a.get("last_train_loss"),
             "held-out loss": loss,
         }
         if base is not None and loss is not None and base.get("heldout_loss") is not None:
@@ -62,6 +65,26 @@ def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str 
         med, worst = a.get("median_step_seconds"), a.get("max_step_seconds")
         if med and worst and worst > factor * med and worst - med > 0.5:
             out.append(f"{a['arm']}: slowest step {worst:.2f} s vs median {med:.3f} s")
+    return out
+
+
+def repeat_warnings(arms: list[dict[str, Any]], data: str | None = None) -> list[str]:
+    """Arms that read their training data more than once (``epochs`` > 1).
+
+    Past one epoch the held-out loss also measures memorisation: an arm that repeats the data more (or, like
+    ``cggr``, keeps choosing the sequences it has not memorised yet) can end worse although it trains faster.
+    """
+    out = []
+    for a in arms:
+        epochs = a.get("epochs")
+        if epochs is not None and epochs > 1.0:
+            best = min((p["heldout_loss"] for p in a.get("curve", [])[1:]), default=None)
+            rise = ""
+            if best is not None and a.get("heldout_loss") is not None and a["heldout_loss"] > best + 1e-3:
+                rise = f", held-out loss rose from its best {best:.3f} to {a['heldout_loss']:.3f}"
+            out.append(f"{a['arm']} read the training data {epochs:.1f} times{rise}")
+    if out and data == "code":
+        out.append("a larger corpus (e.g. --data code+packages) keeps every arm under one epoch")
     return out
 
 
@@ -164,12 +187,18 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     if stalls:
         md += ["**Contention** (other work on the machine slowed these arms' steps, which cost them budget, so the "
                "comparison is noisier than the table suggests): " + "; ".join(stalls) + ".", ""]
+    repeats = repeat_warnings(payload["arms"], payload["settings"].get("data"))
+    if repeats:
+        md += ["**Repeated data**: " + "; ".join(repeats) + ". Past one epoch the held-out loss also measures "
+               "memorisation, not only how fast an arm learns (compare *train loss* with *held-out loss*).", ""]
     if "png" in paths:
         md += [f"![held-out loss against wall-clock time]({name}.png)", ""]
     md += [HOW_TO_READ, ""]
     Path(paths["md"]).write_text("\n".join(md), encoding="utf-8")
     Path(paths["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     print(text_table(rows))
+    if repeats:
+        print("warning: repeated data: " + "; ".join(repeats))
     for line in stalls:
         print(f"warning: contention in {line} (the machine was busy; rerun for a cleaner comparison)")
     print("wrote " + ", ".join(paths.values()))
@@ -215,4 +244,4 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
             "merged_from": [str(p) for p in paths]}
 
 
-__all__ = ["merge_race_files", "plot_curves", "summary_rows", "text_table", "write_race_outputs"]
+__all__ = ["merge_race_files", "plot_curves", "repeat_warnings", "summary_rows", "text_table", "write_race_outputs"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cggr.router import unwrap_model
@@ -80,6 +81,27 @@ class HeadSpec:
     bias: Tensor | None
     softcap: float | None
     logit_scale: float | None
+
+
+def head_operands(hidden: Tensor, spec: HeadSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(hidden, weight, bias)`` for :func:`cggr.functional.linear_cross_entropy` with ``spec.softcap``.
+
+    Under autocast they are cast to the autocast dtype (the head GEMM runs in it, as ``nn.Linear`` would; call
+    the loss with autocast disabled); the logit scale is folded into the hidden states and the bias.
+
+    Args:
+        hidden: (..., H) final hidden states (after the model's final norm).
+        spec: The head (:func:`head_spec`).
+    """
+    weight, bias = spec.weight, spec.bias
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if spec.logit_scale is not None:  # scale · (h W^T + b) = (scale · h) W^T + scale · b
+        hidden = hidden * spec.logit_scale
+        bias = bias * spec.logit_scale if bias is not None else None
+    return hidden, weight, bias
 
 
 def _text_config(config: Any) -> Any:
@@ -196,4 +218,4 @@ def fused_head_parts(model: nn.Module) -> tuple[tuple[nn.Module, HeadSpec] | Non
     return (base, spec), ""
 
 
-__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "fused_head_parts", "head_spec"]
+__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "fused_head_parts", "head_operands", "head_spec"]
