@@ -153,6 +153,19 @@ def test_arms_run_separately_merge_into_one_race(small_config, tmp_path, capsys)
     assert "seed=1" in capsys.readouterr().err
     assert main(["race", "--merge", files[0], files[0], "--out", str(tmp_path / "x")]) == 2
     assert "appears in more than one file" in capsys.readouterr().err
+    # a second run (another machine) brings its own standard anchor: each arm is compared with its run's standard
+    assert main(["race", *common, "--arms", "standard,cggr-loss", "--out", str(tmp_path / "d")]) == 0
+    assert main(["race", "--merge", files[0], str(tmp_path / "d" / "race.json"), "--out", str(tmp_path / "n")]) == 0
+    merged = json.loads((tmp_path / "n" / "race.json").read_text())
+    assert [(a["arm"], a["run"]) for a in merged["arms"]] == [("standard", 1), ("standard", 2), ("cggr", 1),
+                                                               ("cggr-loss", 2)]
+    rows = {r["arm"]: r for r in merged["summary"]}
+    assert set(rows) == {"standard (run 1)", "standard (run 2)", "cggr", "cggr-loss"}
+    by = {(a["arm"], a["run"]): a["heldout_loss"] for a in merged["arms"]}
+    for arm, run in (("cggr", 1), ("cggr-loss", 2)):
+        diff = by[(arm, run)] - by[("standard", run)]
+        assert rows[arm]["Δ loss"] == f"{diff:+.4f} ({diff / by[('standard', run)]:+.1%})"
+    assert "Merged from separate runs" in (tmp_path / "n" / "race.md").read_text()
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

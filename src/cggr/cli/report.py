@@ -21,14 +21,21 @@ router: if `cggr` does not beat `random`, the difficulty ranking did not help. `
 through every scanned token (masking the loss does not shrink the backward through the transformer body)."""
 
 
+def _anchor(arms: list[dict[str, Any]], arm: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``standard`` arm that ``arm`` is compared with: the one of the same run (machine), else the first."""
+    standards = [a for a in arms if a["arm"] == "standard"]
+    same = [a for a in standards if a.get("run") == arm.get("run")]
+    return (same or standards or [None])[0]
+
+
 def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One display row per arm, with differences to ``standard`` when it ran."""
-    base = next((a for a in arms if a["arm"] == "standard"), None)
+    """One display row per arm, with differences to ``standard`` (of the same run, in merged races)."""
     rows = []
     for a in arms:
+        base = _anchor(arms, a)
         loss, acc = a.get("heldout_loss"), a.get("accuracy")
         row = {
-            "arm": a["arm"],
+            "arm": a.get("label", a["arm"]),
             "steps": a["steps"],
             "sequences": a["sequences_scanned"],
             "tokens": a["tokens_scanned"],
@@ -131,12 +138,14 @@ def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
               "random": ("tab:gray", "x")}
     for a in arms:
         color, marker = styles.get(a["arm"], (None, "."))
+        label, style = a.get("label", a["arm"]), "--" if a.get("run", 1) > 1 else "-"
         t = [p["time_s"] for p in a["curve"]]
-        axes[0][0].plot(t, [p["heldout_loss"] for p in a["curve"]], label=f"{a['arm']} ({a['steps']} steps)",
-                        color=color, marker=marker, linewidth=1.8, markersize=5)
+        axes[0][0].plot(t, [p["heldout_loss"] for p in a["curve"]], label=f"{label} ({a['steps']} steps)",
+                        color=color, marker=marker, linestyle=style, linewidth=1.8, markersize=5)
         if has_acc:
             pts = [(p["time_s"], 100 * p["accuracy"]) for p in a["curve"] if "accuracy" in p]
-            axes[0][1].plot(*zip(*pts), label=a["arm"], color=color, marker=marker, linewidth=1.8, markersize=5)
+            axes[0][1].plot(*zip(*pts), label=label, color=color, marker=marker, linestyle=style, linewidth=1.8,
+                            markersize=5)
     s = payload["settings"]
     losses = [p["heldout_loss"] for a in arms for p in a["curve"][1:] if math.isfinite(p["heldout_loss"])]
     if losses:  # zoom past the initial loss (it is identical for every arm and dwarfs the differences)
@@ -183,6 +192,10 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"peak lr {s['lr']}, {s['schedule']}.", "",
         markdown_table(rows, _columns(rows)), "",
     ]
+    if payload.get("merged_from"):
+        runs = [f"run {i}: `{Path(p).name}`" for i, p in enumerate(payload["merged_from"], start=1)]
+        md += ["Merged from separate runs (" + "; ".join(runs) + "). Wall-clock races depend on the machine: "
+               "each arm's Δ is to the `standard` arm of its own run where that run has one.", ""]
     stalls = stall_warnings(payload["arms"], device=payload["settings"]["device"])
     if stalls:
         md += ["**Contention** (other work on the machine slowed these arms' steps, which cost them budget, so the "
@@ -212,6 +225,11 @@ _SAME_SETTINGS = ("model", "parameters", "data", "minutes_per_arm", "ratio", "sc
 def merge_race_files(paths: list[Path]) -> dict[str, Any]:
     """Combine the arms of several ``race.json`` files of the same race (e.g. arms run in separate sessions).
 
+    Each file is a *run* (numbered from 1 in the order given). Wall-clock races depend on the machine, so a run
+    made on another machine should carry its own ``standard`` arm: ``standard`` may appear in several files (each
+    labelled ``standard (run i)``), and every other arm's Δ is to the ``standard`` of its own run when there is
+    one. Any other arm may appear once.
+
     Raises :class:`CLIError` naming the setting that differs, the arm that appears twice, or an initial-weights
     digest that differs (the arms would not have started from the same model).
     """
@@ -225,19 +243,23 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
             raise CLIError(f"--merge: cannot read {str(path)!r} ({exc})") from exc
     first = payloads[0]
     arms: list[dict[str, Any]] = []
-    for path, payload in zip(paths, payloads):
+    for run, (path, payload) in enumerate(zip(paths, payloads), start=1):
         for key in _SAME_SETTINGS:
             if payload["settings"].get(key) != first["settings"].get(key):
                 raise CLIError(f"--merge: {str(path)!r} has {key}={payload['settings'].get(key)!r}, "
                                f"the first file {first['settings'].get(key)!r}; not the same race")
         for arm in payload["arms"]:
-            if any(a["arm"] == arm["arm"] for a in arms):
+            if arm["arm"] != "standard" and any(a["arm"] == arm["arm"] for a in arms):
                 raise CLIError(f"--merge: arm {arm['arm']!r} appears in more than one file")
             if arms and arm["init_digest"] != arms[0]["init_digest"]:
                 raise CLIError(f"--merge: arm {arm['arm']!r} in {str(path)!r} started from different weights")
-            arms.append(arm)
+            arms.append({**arm, "run": run, "device": payload["environment"].get("device")})
+    standards = sum(a["arm"] == "standard" for a in arms)
+    for a in arms:
+        if a["arm"] == "standard" and standards > 1:
+            a["label"] = f"standard (run {a['run']})"
     order = {"standard": 0, "cggr": 1, "cggr-loss": 2, "random": 3}
-    arms.sort(key=lambda a: order.get(a["arm"], 9))
+    arms.sort(key=lambda a: (order.get(a["arm"], 9), a["run"]))
     env = dict(first["environment"])
     env["command"] = " + ".join(p["environment"]["command"] for p in payloads)
     return {"settings": first["settings"], "environment": env, "arms": arms,
