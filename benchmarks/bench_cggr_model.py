@@ -18,7 +18,14 @@ Protocols:
 Also reported for the cggr arm (same run): router forward alone, scoring alone, and a standard step on the
 k selected sequences alone (the ceiling: router + scoring + sub-step).
 
+With ``--compile MODE`` (e.g. ``reduce-overhead``: CUDA graphs, which removes the host's kernel-launch cost of
+small steps) every arm's forward (+ the backward AOTAutograd derives from it) runs under
+``torch.compile(mode=MODE, dynamic=False)``: the standard model's loss, and the whole CGGRModel call (router,
+selection, the k-sequence forward and the loss); the optimizer step stays eager (fused AdamW). Compilation happens
+in the untimed warm-up steps. The breakdown rows stay eager.
+
 Usage: python benchmarks/bench_cggr_model.py [--shapes 4x512,16x512,16x2048,32x2048] [--iters 10]
+       python benchmarks/bench_cggr_model.py --compile reduce-overhead --shapes 16x2048,32x2048 --free-lunch-shapes ""
 """
 
 from __future__ import annotations
@@ -85,8 +92,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attn", default=None, help="attention implementation (default: the model's default)")
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--name", default="cggr_model")
+    ap.add_argument("--name", default=None, help="file stem (default cggr_model, cggr_model_compiled with --compile)")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="torch.compile every arm's forward with this mode (default, reduce-overhead, "
+                         "max-autotune-no-cudagraphs); default: eager")
     args = ap.parse_args()
+    if args.name is None:
+        args.name = "cggr_model_compiled" if args.compile else "cggr_model"
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
 
@@ -100,16 +112,22 @@ def main() -> None:
         "random": CGGRModel(model, router=router, min_tokens_ratio=RATIO, warmup_steps=0, selection="random", seed=0),
     }
 
-    def step_fn(arm: str, data: list[torch.Tensor]):
+    def standard_loss(x: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=x, labels=x).loss
+
+    forwards = {"standard": standard_loss, **{arm: (lambda x, m=m: m(x, labels=x)) for arm, m in arms.items()}}
+    if args.compile:
+        forwards = {arm: torch.compile(fn, mode=args.compile, dynamic=False) for arm, fn in forwards.items()}
+
+    def step_fn(arm: str, data: list[torch.Tensor], *, eager: bool = False):
         state = {"i": 0}
+        forward = standard_loss if eager else forwards[arm]
 
         def step():
             x = data[state["i"] % len(data)]
             state["i"] += 1
-            if arm == "standard":
-                loss = model(input_ids=x, labels=x).loss
-            else:
-                loss = arms[arm](x, labels=x)
+            loss = forward(x)
+            if arm != "standard":
                 arms[arm].step()
             loss.backward()
             opt.step()
@@ -175,7 +193,7 @@ def main() -> None:
                 ).median_ms
                 del logits
                 sub = [d[:k].contiguous() for d in std_data]
-                sub_ms = time_fn(step_fn("standard", sub), warmup=2, iters=args.iters).median_ms
+                sub_ms = time_fn(step_fn("standard", sub, eager=True), warmup=2, iters=args.iters).median_ms
                 rows.append(
                     {
                         "protocol": "breakdown",
@@ -194,16 +212,18 @@ def main() -> None:
                 )
                 print(markdown_table(rows[-1:]), flush=True)
 
+    mode = f"torch.compile(mode={args.compile!r}, dynamic=False) on every arm's forward" if args.compile else "eager"
     notes = (
+        f"Execution: {mode}. "
         "SmolLM-135M architecture (LlamaConfig, random init), bf16 weights, fused AdamW, attention "
         f"implementation `{model.config._attn_implementation}`. One step = forward + backward + optimizer step. "
         f"cggr: CGGRModel(min_tokens_ratio={RATIO}, {ROUTER_LAYERS}-layer router, warmup 0); random: same ratio, "
         "random sequences, no router. equal_scan: every arm receives B sequences; free_lunch: cggr/random scan "
         f"{SCAN_FACTOR}·B and train B, standard trains B. Ratios are to the standard arm of the same row group "
         "(same process). 'breakdown' rows: the cggr step's parts timed separately (router forward, scoring, a "
-        "standard step on the k selected sequences); their sum is the ceiling for the cggr arm. Median of "
-        f"{args.rounds} interleaved rounds x {args.iters} CUDA-event timed steps per arm (p10/p90 shown) after "
-        f"{args.warmup} warm-up steps; random token data."
+        "standard step on the k selected sequences, all eager); their sum is the eager ceiling for the cggr arm. "
+        f"Median of {args.rounds} interleaved rounds x {args.iters} CUDA-event timed steps per arm (p10/p90 "
+        f"shown) after {args.warmup} warm-up steps; random token data."
     )
     cols = [
         "protocol", "B", "T", "arm", "scanned", "trained", "step_ms", "samples_per_s", "peak_mem_gib",
