@@ -7,10 +7,16 @@ Sources (``--data``):
 * ``code`` (default): the ``.py`` files of the running Python's standard library, its own test suite included
   (``sysconfig`` ``stdlib`` path; ``site-packages`` and ``dist-packages`` excluded): ~30 MB of real code for
   CPython 3.11, ~9M tokens with a 4k vocabulary.
+* ``code+packages``: the same standard library plus the ``.py`` files of every installed package (the
+  interpreter's ``site-packages`` / ``dist-packages`` folders), for races that would otherwise repeat ``code``
+  many times (GPU presets): keys ``stdlib/<rel>`` and ``packages/<rel>``; files over 1 MB (generated tables),
+  not UTF-8, empty, byte-identical to one already read (vendored copies) or shadowed by the same relative path
+  in an earlier package folder are skipped and counted in the data info.
 * ``arithmetic``: generated GSM8K-style word problems (:mod:`cggr.cli.arithmetic`), one problem per sequence,
   padded; held-out accuracy by greedy decoding.
 * a path: a text file, a folder of text files (recursively; files that are not UTF-8 are skipped), or a
-  ``.jsonl`` file whose lines are objects with a ``text`` field.
+  ``.jsonl`` file whose lines are objects with a ``text`` field; or a glob pattern that is not an existing path,
+  e.g. ``'~/src/**/*.py'``: its matching files, keyed relative to the folder before the first wildcard.
 
 Split: by document (file, JSONL line, or ~100-line chunk of a single text file), held out iff a SHA-256 of its
 key (relative path / line number and content) falls in the held-out 10%, so nothing of a held-out document is
@@ -29,8 +35,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import site
+import sys
 import sysconfig
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,9 @@ EOS = "<|endoftext|>"
 HELDOUT_PERCENT = 10
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _CACHE_VERSION = 1
+CODE_PACKAGES = "code+packages"
+MAX_FILE_BYTES = 1_000_000  # code+packages: larger .py files are generated tables or data, not code
+_ENCODE_CHUNK_CHARS = 4_000_000  # characters per tokenizer call: parallel enough, bounded memory
 
 
 def cache_dir() -> Path:
@@ -64,8 +76,9 @@ class TextTokenizer:
         self.backend, self.eos_id, self.vocab_size, self.kind = backend, int(eos_id), int(vocab_size), kind
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        if self.kind == "bpe":
-            return [e.ids for e in self.backend.encode_batch(list(texts))]
+        if self.kind == "bpe":  # encode_batch_fast (tokenizers >= 0.21): the same ids, no offsets computed
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(list(texts))]
         return self.backend(list(texts), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -173,6 +186,143 @@ def path_documents(path: Path) -> list[Document]:
     return docs
 
 
+def stdlib_root() -> Path:
+    """The running Python's standard library folder (``sysconfig`` ``stdlib`` path)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def package_dirs() -> list[Path]:
+    """The running interpreter's installed-package folders, in import priority order, each once.
+
+    ``site-packages`` / ``dist-packages`` entries of ``sys.path`` first, then ``site.getsitepackages()``, the
+    user site (when enabled) and ``sysconfig``'s ``purelib`` / ``platlib``; folders that do not exist are dropped,
+    and two names of one folder (symlinks) count once.
+    """
+    paths = sysconfig.get_paths()
+    candidates = [p for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages")]
+    candidates += site.getsitepackages()
+    if site.ENABLE_USER_SITE:
+        candidates.append(site.getusersitepackages())
+    candidates += [paths["purelib"], paths["platlib"]]
+    out: list[Path] = []
+    seen: set[str] = set()
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if real not in seen and os.path.isdir(real):
+            seen.add(real)
+            out.append(Path(candidate))
+    return out
+
+
+def _walk_py(root: Path) -> list[str]:
+    """Relative POSIX paths of the ``.py`` files under ``root``, sorted; folders in ``_EXCLUDED_DIRS`` and
+    symlinked folders are not entered (so a symlink loop cannot recurse)."""
+    rels: list[str] = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
+        base = Path(folder).relative_to(root)
+        rels.extend((base / name).as_posix() for name in files if name.endswith(".py"))
+    return sorted(rels)
+
+
+def _read_source(path: Path, max_bytes: int) -> tuple[str | None, str]:
+    """(text, '') or (None, why skipped): 'too_large', 'unreadable', 'not_utf8' or 'empty'."""
+    try:
+        if path.stat().st_size > max_bytes:
+            return None, "too_large"
+        raw = path.read_bytes()
+    except OSError:
+        return None, "unreadable"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    return (text, "") if text.strip() else (None, "empty")
+
+
+def code_package_documents(*, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[list[Document], dict[str, Any]]:
+    """The ``code+packages`` corpus: standard library then installed packages, and a description of it.
+
+    Documents are keyed ``stdlib/<rel>`` (relative to :func:`stdlib_root`, package folders excluded as for
+    ``code``) and ``packages/<rel>`` (relative to their folder in :func:`package_dirs`), in sorted order per
+    folder. Skipped, and counted: files over ``max_file_bytes``, unreadable, not UTF-8 or blank; files
+    byte-identical to one already taken (vendored copies: they would leak across the split); and a relative path
+    already found in an earlier package folder (``shadowed``, as for imports).
+
+    Returns:
+        (documents, info) with info's ``origin``, ``parts`` (documents and characters from ``stdlib`` and
+        ``packages``, and their folders), ``skipped`` (counts by reason) and ``max_file_bytes``.
+
+    Raises:
+        ValueError: ``max_file_bytes`` is not a positive integer.
+        CLIError: No package documents were found.
+    """
+    if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int) or max_file_bytes < 1:
+        raise ValueError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")
+    stdlib, roots = stdlib_root(), package_dirs()
+    skipped = dict.fromkeys(("too_large", "not_utf8", "empty", "unreadable", "duplicate", "shadowed"), 0)
+    parts: dict[str, dict[str, Any]] = {
+        "stdlib": {"folders": [str(stdlib)], "documents": 0, "characters": 0},
+        "packages": {"folders": [str(r) for r in roots], "documents": 0, "characters": 0},
+    }
+    docs: list[Document] = []
+    keys: set[str] = set()
+    contents: set[bytes] = set()
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
+        for part, root in [("stdlib", stdlib)] + [("packages", r) for r in roots]:
+            found = _walk_py(root)
+            rels = [rel for rel in found if f"{part}/{rel}" not in keys]
+            skipped["shadowed"] += len(found) - len(rels)
+            keys.update(f"{part}/{rel}" for rel in rels)
+            read = pool.map(_read_source, [root / rel for rel in rels], [max_file_bytes] * len(rels))
+            for rel, (text, why) in zip(rels, read):
+                if text is None:
+                    skipped[why] += 1
+                    continue
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if digest in contents:
+                    skipped["duplicate"] += 1
+                    continue
+                contents.add(digest)
+                docs.append(Document(f"{part}/{rel}", text))
+                parts[part]["documents"] += 1
+                parts[part]["characters"] += len(text)
+    if not parts["packages"]["documents"]:
+        raise CLIError(f"--data {CODE_PACKAGES}: no installed-package .py files found in "
+                       f"{[str(r) for r in roots]} (use --data code for the standard library alone)")
+    origin = (f"Python {sysconfig.get_python_version()} standard library ({stdlib}) + installed packages "
+              f"({', '.join(map(str, roots))})")
+    return docs, {"origin": origin, "parts": parts, "skipped": skipped, "max_file_bytes": max_file_bytes}
+
+
+def _has_wildcard(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def glob_documents(pattern: str) -> tuple[str, list[Document]]:
+    """The text files matching a glob ``pattern`` (``**`` recursive; symlinked folders not entered), keyed by
+    their path relative to the folder before the first wildcard; files that are not UTF-8 are skipped.
+
+    Returns:
+        (the pattern with its folder made absolute, documents in sorted path order).
+    """
+    parts = Path(pattern).expanduser().parts
+    first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+    root = Path(*parts[:first]) if first else Path(".")
+    if not root.is_dir():
+        raise CLIError(f"--data: folder {str(root)!r} of the pattern {pattern!r} does not exist")
+    root, rest = root.resolve(), str(Path(*parts[first:]))
+    docs: list[Document] = []
+    for file in sorted(p for p in root.glob(rest) if p.is_file()):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            docs.append(Document(file.relative_to(root).as_posix(), text))
+    return str(root / rest), docs
+
+
 def split_documents(docs: Sequence[Document]) -> tuple[list[Document], list[Document]]:
     """(train, held-out) by a hash of each document's key; raises when either side ends up empty."""
     train = [d for d in docs if not is_heldout_text(d.key, HELDOUT_PERCENT)]
@@ -238,12 +388,23 @@ def _cache_key(parts: dict[str, Any]) -> str:
 
 
 def _flat_ids(tokenizer: TextTokenizer, docs: Sequence[Document]) -> np.ndarray:
-    """Every document's ids followed by the end-of-text id, concatenated."""
-    out: list[int] = []
-    for ids in tokenizer.encode([d.text for d in docs]):
-        out.extend(ids)
-        out.append(tokenizer.eos_id)
-    return np.asarray(out, dtype=np.int64)
+    """Every document's ids followed by the end-of-text id, concatenated (int64).
+
+    Encoded in chunks of ~``_ENCODE_CHUNK_CHARS`` characters (each chunk a parallel batch call), so the
+    tokenizer's per-token objects of a few hundred MB of text never exist at once.
+    """
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    start = 0
+    while start < len(docs):
+        stop, chars = start, 0
+        while stop < len(docs) and (stop == start or chars < _ENCODE_CHUNK_CHARS):
+            chars += len(docs[stop].text)
+            stop += 1
+        for ids in tokenizer.encode([d.text for d in docs[start:stop]]):
+            pieces += [np.asarray(ids, dtype=np.int64), eos]
+        start = stop
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
 def _blocks(flat: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -262,20 +423,26 @@ def _spread(blocks: torch.Tensor, count: int) -> torch.Tensor:
 def load_text_data(
     source: str, *, seq_len: int, vocab_size: int, eval_sequences: int, tokenizer: TextTokenizer | None = None
 ) -> RaceData:
-    """The code corpus (``source='code'``) or a path, tokenised and cut into (·, T) blocks.
+    """The code corpus (``source='code'`` or ``'code+packages'``) or a path, tokenised and cut into (·, T) blocks.
 
     Args:
-        source: ``'code'`` or a path (file, folder, JSONL).
+        source: ``'code'``, ``'code+packages'``, a path (file, folder, JSONL) or a glob pattern of files.
         seq_len: T.
         vocab_size: BPE vocabulary to train (ignored when ``tokenizer`` is given).
         eval_sequences: Held-out blocks to evaluate on (spread over the held-out documents).
         tokenizer: A pretrained model's tokenizer; ``None`` trains (or loads the cached) BPE.
     """
+    corpus: dict[str, Any] = {}
     if source == "code":
         root, docs = stdlib_documents()
         origin = f"Python {sysconfig.get_python_version()} standard library ({root})"
         if not docs:
             raise CLIError(f"--data code: no .py files found under {str(root)!r}")
+    elif source == CODE_PACKAGES:
+        docs, corpus = code_package_documents()
+        origin = corpus.pop("origin")
+    elif _has_wildcard(source) and not Path(source).expanduser().exists():
+        origin, docs = glob_documents(source)
     else:
         path = Path(source).expanduser().resolve()
         docs = path_documents(path)
@@ -296,13 +463,13 @@ def load_text_data(
         folder.mkdir(parents=True, exist_ok=True)
         bpe.save(str(tok_file))
     if train_file.is_file() and eval_file.is_file():
-        train_flat, eval_flat = np.load(train_file), np.load(eval_file)
+        train_flat, eval_flat = np.load(train_file).astype(np.int64), np.load(eval_file).astype(np.int64)
         cached = True
     else:
         train_flat, eval_flat = _flat_ids(tokenizer, train_docs), _flat_ids(tokenizer, heldout_docs)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(train_file, train_flat)
-        np.save(eval_file, eval_flat)
+        np.save(train_file, train_flat.astype(np.int32))  # half the disk of int64; vocabularies are < 2**31
+        np.save(eval_file, eval_flat.astype(np.int32))
         cached = False
     train = _blocks(train_flat, seq_len)
     if train.shape[0] < 1:
@@ -321,6 +488,7 @@ def load_text_data(
         "heldout_documents": len(heldout_docs), "train_tokens": len(train_flat), "heldout_tokens": len(eval_flat),
         "train_sequences": int(train.shape[0]), "eval_sequences": int(held.shape[0]), "seq_len": seq_len,
         "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "cache": str(folder), "cache_hit": cached,
+        **corpus,
     }
     return RaceData(train, torch.ones_like(train, dtype=torch.bool), held, held_mask, tokenizer, info=info,
                     train_keys=[d.key for d in train_docs], heldout_keys=[d.key for d in heldout_docs])
@@ -420,5 +588,6 @@ class BatchStream:
         return torch.cat(parts)
 
 
-__all__ = ["BatchStream", "Document", "RaceData", "TextTokenizer", "cache_dir", "load_arithmetic_data",
-           "load_text_data", "path_documents", "split_documents", "stdlib_documents", "train_bpe"]
+__all__ = ["CODE_PACKAGES", "MAX_FILE_BYTES", "BatchStream", "Document", "RaceData", "TextTokenizer", "cache_dir",
+           "code_package_documents", "glob_documents", "load_arithmetic_data", "load_text_data", "package_dirs",
+           "path_documents", "split_documents", "stdlib_documents", "stdlib_root", "train_bpe"]
