@@ -210,3 +210,12 @@ def test_race_on_code_packages_with_the_tiny_preset(tmp_path, monkeypatch, capsy
         assert arm["steps"] >= 1 and len(arm["curve"]) == 3
         assert all(math.isfinite(p["heldout_loss"]) for p in arm["curve"])
     assert len({a["curve"][0]["heldout_loss"] for a in payload["arms"]}) == 1
+
+
+def test_race_help_documents_the_sources(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["race", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "code+packages (the standard library plus every installed package's .py files" in text
+    assert "quoted glob" in text

@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(race)
     race.add_argument("--data", default="code",
                       help="code (Python's standard library, default), code+packages (the standard library plus "
-                           "every installed package's .py files: 5-10x larger, for GPU presets, so a race does not "
-                           "repeat its training data), arithmetic (generated word problems), a path (text file, "
-                           "folder of text files, JSONL with a 'text' field) or a quoted glob ('src/**/*.py')")
+                           "every installed package's .py files: several times more code, for GPU presets, so a "
+                           "race does not repeat its training data), arithmetic (generated word problems), a path "
+                           "(text file, folder of text files, JSONL with a 'text' field) or a quoted glob "
+                           "('src/**/*.py')")
     race.add_argument("--minutes", type=_positive_float("--minutes"), default=None,
                       help="wall-clock training budget per arm (default: preset's; tiny 0.6)")
     race.add_argument("--scan-multiplier", type=float, default=None,
