@@ -215,3 +215,21 @@ def test_no_grad_forward_keeps_nothing_and_matches():
     assert not loss.requires_grad
     ref = F.cross_entropy(hidden.detach() @ weight.detach().t() + b.detach(), t, ignore_index=-100)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-8)
+
+
+def test_kernel_options_are_validated_and_ignored_by_the_torch_path():
+    with pytest.raises(ValueError, match="kernel"):
+        LinearCrossEntropyOptions(kernel="cce")
+    with pytest.raises(ValueError, match="accumulate"):
+        LinearCrossEntropyOptions(kernel="fused", accumulate="bf16")
+    with pytest.raises(ValueError, match="filter_eps"):
+        LinearCrossEntropyOptions(kernel="fused", filter_eps=0.0)
+    with pytest.raises(ValueError, match="kernel='fused' only"):
+        LinearCrossEntropyOptions(accumulate="fp32")
+    with pytest.raises(ValueError, match="kernel='fused' only"):
+        LinearCrossEntropyOptions(filter_eps=1e-4)
+    hidden, weight, b, t = _inputs((11,), 8, 30, seed=9)
+    opts = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32", filter_eps=1e-4)
+    a = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch", options=opts)
+    c = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch")
+    assert torch.equal(a, c)

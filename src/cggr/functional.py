@@ -17,12 +17,21 @@ the PyTorch path everywhere.
     backward: logits recomputed for the K_max compact rows (selected rows first), gradients of hidden,
               weight and bias come from the selected rows only.
 
-With ``ratio = 1`` (every valid token kept) and gradients needed, the Triton path computes the gradients
-during the forward (three GEMM passes instead of four) and the backward only scales them.
+The Triton path has two kernels, chosen by ``LinearCrossEntropyOptions.kernel``:
+
+- ``'chunked'`` (default): cuBLAS GEMMs over bounded [chunk, V] logits workspaces plus Triton row kernels
+  (:mod:`cggr.kernels.linear_cross_entropy`). With ``ratio = 1`` (every valid token kept) and gradients
+  needed, it computes the gradients during the forward (three GEMM passes instead of four) and the backward
+  only scales them.
+- ``'fused'``: Triton GEMM tiles fused with the online-softmax statistics in the forward and with the gradient
+  in the backward (:mod:`cggr.kernels.linear_cross_entropy_fused`, Cut Cross-Entropy's design): no logits
+  workspace at all, peak memory ~ the gradient outputs; the outputs are accumulated in their own dtype by
+  default (``accumulate``: error model in that module), four GEMM passes at ratio 1.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -49,6 +58,8 @@ from cggr.selection import dynamic_ratio, select_tokens
 
 Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
+KERNELS = ("chunked", "fused")
+ACCUMULATE_MODES = ("native", "fp32_hidden", "fp32")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -134,7 +145,16 @@ class LinearCrossEntropyOptions:
         threshold_sensitivity: ``None`` for a fixed ratio; a float turns on the dynamic threshold
             ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1] (not for ``fixed_quota``).
         generator: Random source for ``stratified`` and ``random`` (on the inputs' device).
-        workspace_bytes: Bound on the logits workspace of one chunk (bytes).
+        workspace_bytes: Bound on the logits workspace of one chunk (bytes; ``kernel='chunked'`` only).
+        kernel: Triton path only: ``'chunked'`` (cuBLAS chunks + a logits workspace, the default) or
+            ``'fused'`` (logits only in registers: minimal memory; see the module docstring).
+        accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'native'``
+            (default) adds fp32 tile partials into the output dtype (no extra memory; bf16 rounding per add),
+            ``'fp32_hidden'`` keeps d_hidden in an fp32 buffer (N·H·4 extra bytes), ``'fp32'`` both
+            d_hidden and d_weight ((N + V)·H·4 extra bytes). fp32 inputs always accumulate in fp32.
+        filter_eps: ``kernel='fused'`` only: ``None`` (exact, default) or Cut Cross-Entropy's gradient
+            filter: backward tiles whose every |softmax - onehot| is below ``filter_eps`` are skipped (faster
+            when the softmax is spread thin; drops those tiles' gradient, at most filter_eps per logit).
     """
 
     num_strata: int = 4
@@ -142,8 +162,21 @@ class LinearCrossEntropyOptions:
     threshold_sensitivity: float | None = None
     generator: torch.Generator | None = None
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+    kernel: str = "chunked"
+    accumulate: str = "native"
+    filter_eps: float | None = None
 
     def __post_init__(self) -> None:
+        check_choice("kernel", self.kernel, KERNELS)
+        check_choice("accumulate", self.accumulate, ACCUMULATE_MODES)
+        fe = self.filter_eps
+        if fe is not None and (isinstance(fe, bool) or not isinstance(fe, (int, float)) or not 0 < fe < 1):
+            raise ValueError(f"filter_eps must be None or a float in (0, 1), got {fe!r}")
+        if self.kernel != "fused" and (self.accumulate != "native" or fe is not None):
+            raise ValueError(
+                f"accumulate={self.accumulate!r} and filter_eps={fe!r} apply to kernel='fused' only, "
+                f"got kernel={self.kernel!r}"
+            )
         check_int("num_strata", self.num_strata, minimum=1)
         check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, minimum=1)
         check_int("workspace_bytes", self.workspace_bytes, minimum=1)
@@ -261,11 +294,22 @@ class _Plan:
     info: LinearCrossEntropyInfo | None = None
 
     def backend(self):
+        if self.impl == "triton" and self.options.kernel == "fused":
+            from cggr.kernels import linear_cross_entropy_fused as fused
+
+            opts = self.options
+            return fused.forward_stats, functools.partial(
+                fused.backward_selected, accumulate=opts.accumulate, filter_eps=opts.filter_eps
+            )
         if self.impl == "triton":
             from cggr.kernels import linear_cross_entropy as kernels
 
             return kernels.forward_stats, kernels.backward_selected
         return _torch_forward_stats, _torch_backward_selected
+
+    def all_rows_backward(self) -> bool:
+        """The fused kernel at ratio 1 runs its backward over every row (no compaction, no argsort)."""
+        return self.impl == "triton" and self.options.kernel == "fused" and self.keeps_all_valid()
 
     def keeps_all_valid(self) -> bool:
         sens = self.options.threshold_sensitivity
@@ -302,11 +346,12 @@ class _SelectiveLinearCE(torch.autograd.Function):
         n_valid = valid.sum()
         need = ctx.needs_input_grad if plan.grad_enabled else (False, False, False)
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
-        fused = plan.impl == "triton" and wants_grad and plan.keeps_all_valid()
+        # chunked Triton kernel at ratio 1: gradients during the forward (the fused kernel needs the lse first)
+        fused = plan.impl == "triton" and opts.kernel == "chunked" and wants_grad and plan.keeps_all_valid()
         common = dict(ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=opts.workspace_bytes)
         # fp16 only: rows are weighted by w · scale (scale = 2^round(log2 K_max), exact) so that the chunk
         # gradient p · w does not underflow fp16 (p ~ 1/V, w = 1/K); the outputs are divided by scale after.
-        scale = plan.fp16_scale(hidden.dtype, n if fused else plan.k_max(n))
+        scale = plan.fp16_scale(hidden.dtype, n if fused or plan.all_rows_backward() else plan.k_max(n))
         if fused:  # every valid token is kept: gradients in the same pass
             w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
             stats, grads = forward_stats(
@@ -347,8 +392,10 @@ class _SelectiveLinearCE(torch.autograd.Function):
         if fused:
             ctx.grads = grads
         elif wants_grad:
-            k_max = plan.k_max(n)
-            idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k_max]  # selected rows first
+            idx = None  # None: every row (fused kernel, ratio 1; unselected rows carry weight 0)
+            if not plan.all_rows_backward():
+                k_max = plan.k_max(n)
+                idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k_max]  # selected rows first
             ctx.save_for_backward(hidden, weight, bias, targets, stats[0], w, idx)
         return loss
 
@@ -460,7 +507,7 @@ def linear_cross_entropy(
         impl: ``'auto'``, ``'torch'`` or ``'triton'``.
         return_info: Also return a :class:`LinearCrossEntropyInfo` (mask, scores, K, ratio).
         options: :class:`LinearCrossEntropyOptions` (strata, sequence floor, dynamic threshold, generator,
-            workspace size).
+            workspace size, Triton kernel ``'chunked'`` / ``'fused'`` and its accumulation).
 
     Returns:
         0-d fp32 loss (0.0, still differentiable, when every target is ignored), and the info if asked.

@@ -1,0 +1,462 @@
+"""Minimal-memory Triton path of ``cggr.functional.linear_cross_entropy`` (``options.kernel='fused'``).
+
+Shape legend: N tokens, H hidden size, V vocabulary, K_max static bound on the selected rows, BN / BV / BD
+tile sizes along N / V / H, S vocabulary splits of the forward, R = N or K_max rows of the backward.
+
+Nothing of size [N, V] (not even a bounded chunk of it) and no fp32 [N, H] or [V, H] accumulator exists by
+default: the logits live only as register tiles, as in Cut Cross-Entropy (CCE, apple/ml-cross-entropy); the
+gradient outputs themselves are the accumulators.
+
+Forward (scores of every token, no gradient; two kernels)::
+
+    _fwd_stats_kernel   grid (N / BN, S): a program owns BN rows and one contiguous vocabulary range
+        for each [BN, BV] tile of its range:
+            z = hidden[rows] @ weight[cols].T (+ bias) (softcap)      tl.dot over H in BD steps, fp32
+            online per-row statistics, all fp32 [BN]:
+                ref (running max), s = Σ exp(z - ref), t = Σ exp(z - ref)·(z - ref)·log2(e),
+                exact top-2 (a1 >= a2), target logit zt
+        part[6, S, N] <- (ref, s, t, a1, a2, zt)
+    _merge_kernel       grid (N / 1024): the S partial states of each row merged (rescaled to the global max)
+        stats[5, N] = lse, entropy, confidence, margin, nll          (same formulas as kernels/_utils.py)
+
+Backward (gradients of Σ_n w_n · nll_n over R rows: all N at ratio 1, or the K_max compact selected rows
+``idx`` with zero-weight padding; w_n already holds grad_out · (1/K or 1) · fp16 pre-scale)::
+
+    _bwd_kernel         grid (R / BN · V / BV), grouped by GROUP_N row blocks (L2 reuse of weight tiles)
+        skip the tile when every row weight is 0 (ignored / padding rows: exact)
+        z = hidden[rows] @ weight[cols].T (+ bias) (softcap)          recomputed, fp32
+        g = (exp(z - lse) - onehot(target)) · w_row (· (1 - (z_capped / softcap)²))      [BN, BV] fp32
+        [optional gradient filter: skip the tile when max |exp(z - lse) - onehot| < filter_eps]
+        d_bias[cols] += Σ_rows g                                      fp32 atomics
+        for each BO-wide column chunk c of H (start rotated per program to spread lock traffic):
+            d_hidden[rows, c] += g @ weight[cols, c]                  [BN, BO], fp32 tile product
+            d_weight[cols, c] += g.T @ hidden[rows, c]                [BV, BO]
+        an add is a locked read-add-write in the output dtype ('native'), or an fp32 atomic add into an
+        fp32 buffer cast at the end ('fp32_hidden': d_hidden only, 'fp32': both)
+
+Error model of the 'native' accumulation (bf16/fp16 outputs). Every tile partial is an exact-order fp32 sum
+(the tile GEMM); the partials of one output element are added in the output dtype, one rounding per add:
+d_hidden[n, :] receives ceil(V / BV) partials, d_weight[v, :] ceil(R / BN). With unit roundoff u (2^-8 bf16,
+2^-11 fp16) the error of an element after m adds is at most u · Σ_k |S_k| (S_k the running sums) and, for
+independent roundings of similar-size partials, about u · |S_m| · sqrt(m / 6) in the RMS. Adds that are far
+below half an ulp of the running sum round to nothing, so in practice m counts only the tiles whose partial is
+within ~2^8 of the element (the target's tile and the high-probability tiles). 'fp32_hidden' costs N·H·4
+extra bytes and removes the d_hidden term (the one with the most adds, V / BV); 'fp32' costs (N + V)·H·4.
+
+The optional gradient filter (off by default) is CCE's: a tile is skipped when every |p - onehot| < eps;
+the skipped gradient per element is then bounded by eps · Σ_{skipped tiles} (|w| · Σ |other operand|).
+
+Locks: one int32 per (row block, H chunk) of d_hidden and per (vocabulary block, H chunk) of d_weight; a lock
+is taken with an atomic compare-and-swap spin, the read bypasses L1 (``.cg``), a CTA barrier precedes the
+release. With 'fp32' outputs plain fp32 atomics are used instead.
+
+The public entry point (argument checks, selection, autograd) is :func:`cggr.functional.linear_cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cggr.kernels._utils import LN2, LOG2E, NEG_BIG, softcap_fn
+
+#: Accumulation modes of the backward (see the module docstring).
+ACCUMULATE_MODES = ("native", "fp32_hidden", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------- shared tile
+@triton.jit
+def _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """[BN, BV] fp32 logits of the rows ``rows`` and vocabulary columns ``cols``, bias and softcap applied."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = H + rows[:, None] * stride_h + offs_d[None, :]  # [BN, BD]
+    w_ptrs = W + cols[None, :] * stride_w + offs_d[:, None]  # [BD, BV]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            h = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            dm = (offs_d + d0) < D
+            h = tl.load(h_ptrs, mask=row_mask[:, None] & dm[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :] & dm[:, None], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    if HAS_BIAS:
+        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    if HAS_SOFTCAP:
+        zc = softcap_fn(acc, softcap)
+    else:
+        zc = acc
+    return zc
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_stats_kernel(
+    H, W, Bias, T, PART, N, V, D, stride_h, stride_w, vb_per_split, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    a1 = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    a2 = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    zt = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    n_vb = tl.cdiv(V, BLOCK_V)
+    vb0 = pid_s * vb_per_split
+    vb1 = tl.minimum(vb0 + vb_per_split, n_vb)
+    for vb in range(vb0, vb1):
+        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
+        # exact top-2 of the tile, merged into (a1, a2)
+        t1 = tl.max(z, axis=1)
+        is_top = z == t1[:, None]
+        n_top = tl.sum(is_top.to(tl.int32), axis=1)
+        t2 = tl.max(tl.where(is_top, NEG_BIG, z), axis=1)
+        t2 = tl.where(n_top >= 2, t1, t2)
+        a2 = tl.maximum(tl.minimum(a1, t1), tl.maximum(a2, t2))
+        a1 = tl.maximum(a1, t1)
+        # online Σ exp and Σ exp·(z - ref) (log2 units), rescaled when the reference moves
+        new_ref = tl.maximum(ref, t1)
+        shift2 = (ref - new_ref) * LOG2E  # <= 0, finite
+        alpha = tl.exp2(shift2)
+        t = alpha * (t + shift2 * s)
+        s = alpha * s
+        d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
+        e = tl.exp2(d2)
+        s = s + tl.sum(e, axis=1)
+        t = t + tl.sum(e * d2, axis=1)
+        ref = new_ref
+        zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
+    stride_k = tl.num_programs(1) * N  # PART is [6, S, N]
+    base = PART + pid_s * N + rows
+    tl.store(base, ref, mask=row_mask)
+    tl.store(base + stride_k, s, mask=row_mask)
+    tl.store(base + 2 * stride_k, t, mask=row_mask)
+    tl.store(base + 3 * stride_k, a1, mask=row_mask)
+    tl.store(base + 4 * stride_k, a2, mask=row_mask)
+    tl.store(base + 5 * stride_k, zt, mask=row_mask)
+
+
+@triton.jit
+def _merge_kernel(PART, STATS, T, N, S, ignore_index, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = rows < N
+    stride_k = S * N
+    m = tl.full((BLOCK,), NEG_BIG, tl.float32)
+    for k in range(0, S):
+        m = tl.maximum(m, tl.load(PART + k * N + rows, mask=mask, other=NEG_BIG))
+    s_tot = tl.zeros((BLOCK,), tl.float32)
+    t_tot = tl.zeros((BLOCK,), tl.float32)
+    a1 = tl.full((BLOCK,), NEG_BIG, tl.float32)
+    a2 = tl.full((BLOCK,), NEG_BIG, tl.float32)
+    zt = tl.full((BLOCK,), NEG_BIG, tl.float32)
+    for k in range(0, S):
+        p = PART + k * N + rows
+        ref = tl.load(p, mask=mask, other=NEG_BIG)
+        s = tl.load(p + stride_k, mask=mask, other=1.0)  # 1 on masked rows: no log(0) there
+        t = tl.load(p + 2 * stride_k, mask=mask, other=0.0)
+        b1 = tl.load(p + 3 * stride_k, mask=mask, other=NEG_BIG)
+        b2 = tl.load(p + 4 * stride_k, mask=mask, other=NEG_BIG)
+        shift2 = (ref - m) * LOG2E
+        c = tl.exp2(shift2)
+        s_tot += c * s
+        t_tot += c * (t + shift2 * s)
+        a2 = tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+        a1 = tl.maximum(a1, b1)
+        zt = tl.maximum(zt, tl.load(p + 5 * stride_k, mask=mask, other=NEG_BIG))
+    log_s = tl.log(s_tot)
+    lse = m + log_s
+    entropy = tl.maximum(log_s - (t_tot * LN2) / s_tot, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    conf = tl.exp(a1 - lse)
+    margin = conf - tl.exp(a2 - lse)
+    tgt = tl.load(T + rows, mask=mask, other=ignore_index)
+    nll = tl.where(tgt != ignore_index, lse - zt, 0.0)
+    tl.store(STATS + rows, lse, mask=mask)
+    tl.store(STATS + N + rows, entropy, mask=mask)
+    tl.store(STATS + 2 * N + rows, conf, mask=mask)
+    tl.store(STATS + 3 * N + rows, margin, mask=mask)
+    tl.store(STATS + 4 * N + rows, nll, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
+    """``*ptrs += val`` for a tile: fp32 atomics, or a locked read-add-write in the buffer's dtype."""
+    if USE_ATOMIC:
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
+    else:
+        while tl.atomic_cas(lock, 0, 1) == 1:
+            pass
+        cur = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ptrs, (cur.to(tl.float32) + val).to(ptrs.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # every thread's store is issued before the lock is released
+        tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _bwd_kernel(
+    H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, LOCK_H, LOCK_W,
+    R, V, D, stride_h, stride_w, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    DH_ATOMIC: tl.constexpr, DW_ATOMIC: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(R, BLOCK_N)
+    n_vb = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * n_vb
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_nb - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = offs_r < R
+    if HAS_IDX:
+        rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_r
+    w_row = tl.load(WROW + rows, mask=row_mask, other=0.0)
+    if tl.max(tl.abs(w_row), axis=0) == 0.0:
+        return  # ignored or padding rows only: their gradient is exactly zero
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < V
+    zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
+    p = tl.where(col_mask[None, :], p, 0.0)
+    g = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p)
+    if FILTER:
+        live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
+        if tl.max(tl.max(live, axis=1), axis=0) < filter_eps:
+            return
+    g = g * w_row[:, None]
+    if HAS_SOFTCAP:
+        y = zc / softcap
+        g = g * (1.0 - y * y)
+    if COMPUTE_DB:
+        tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
+    gb = g.to(H.dtype.element_ty)
+    n_oc = tl.cdiv(D, BLOCK_O)
+    offs_o = tl.arange(0, BLOCK_O)
+    if COMPUTE_DH:
+        for j in range(0, n_oc):
+            oc = (j + pid_v) % n_oc  # rotated start: programs of one row block take different locks first
+            od = oc * BLOCK_O + offs_o
+            if EVEN_O:
+                wt = tl.load(W + cols[:, None] * stride_w + od[None, :], mask=col_mask[:, None], other=0.0)
+                m_out = row_mask[:, None]
+            else:
+                wt = tl.load(W + cols[:, None] * stride_w + od[None, :],
+                             mask=col_mask[:, None] & (od < D)[None, :], other=0.0)
+                m_out = row_mask[:, None] & (od < D)[None, :]
+            part = tl.dot(gb, wt, input_precision=DOT_PRECISION)  # [BN, BO]
+            _accumulate(DH + rows[:, None] * stride_h + od[None, :], part, m_out,
+                        LOCK_H + pid_n * n_oc + oc, DH_ATOMIC)
+    if COMPUTE_DW:
+        gt = tl.trans(gb)
+        for j in range(0, n_oc):
+            oc = (j + pid_n) % n_oc
+            od = oc * BLOCK_O + offs_o
+            if EVEN_O:
+                ht = tl.load(H + rows[:, None] * stride_h + od[None, :], mask=row_mask[:, None], other=0.0)
+                m_out = col_mask[:, None]
+            else:
+                ht = tl.load(H + rows[:, None] * stride_h + od[None, :],
+                             mask=row_mask[:, None] & (od < D)[None, :], other=0.0)
+                m_out = col_mask[:, None] & (od < D)[None, :]
+            part = tl.dot(gt, ht, input_precision=DOT_PRECISION)  # [BV, BO]
+            _accumulate(DW + cols[:, None] * stride_w + od[None, :], part, m_out,
+                        LOCK_W + pid_v * n_oc + oc, DW_ATOMIC)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def default_config(dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes: 128 x 128 tiles with 64-deep steps for 16-bit inputs, 32-deep steps for fp32 (shared memory).
+
+    Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests exercise several blocks per axis.
+    """
+    if interpret:
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=64, GROUP_N=8, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_target(device: torch.device) -> int:
+    """About two waves of programs: the forward splits the vocabulary until it has that many."""
+    if device.type != "cuda":
+        return 8  # interpreter: a few splits, so that the merge is exercised
+    return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: true fp32 products, never TF32
+
+
+def forward_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    workspace_bytes: int | None = None,
+    config: dict | None = None,
+    **_unused,
+) -> tuple[Tensor, tuple[None, None, None]]:
+    """Scores of every row with the logits kept in registers (see the module docstring).
+
+    Args:
+        hidden: (N, H) contiguous, float16 / bfloat16 / float32.
+        weight: (V, H) contiguous, same dtype.
+        bias: (V,) or ``None``.
+        targets: (N,) long; ``ignore_index`` rows get nll 0.
+        ignore_index: Target value to ignore.
+        softcap: ``None`` or the logit soft-cap.
+        workspace_bytes: Accepted for signature parity with the chunked kernel; unused (no workspace).
+        config: Tile-size override (keys of :func:`default_config`).
+
+    Returns:
+        ``(stats, (None, None, None))`` with stats (5, N) fp32 = lse, entropy, confidence, margin, nll.
+    """
+    if _unused.get("row_weights") is not None:
+        raise ValueError("the fused kernel computes gradients in the backward only; row_weights must be None")
+    del workspace_bytes
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return stats, (None, None, None)
+    cfg = dict(config or default_config(hidden.dtype, _interpreting()))
+    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    n_nb, n_vb = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
+    splits = max(1, min(n_vb, triton.cdiv(_programs_target(hidden.device), n_nb)))
+    vb_per_split = triton.cdiv(n_vb, splits)
+    splits = triton.cdiv(n_vb, vb_per_split)  # no empty split
+    part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    _fwd_stats_kernel[(n_nb, splits)](
+        hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, d,
+        hidden.stride(0), weight.stride(0), vb_per_split, float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
+        EVEN_D=d % bd == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    merge_block = 1024 if not _interpreting() else 64
+    _merge_kernel[(triton.cdiv(n, merge_block),)](
+        part, stats, targets, n, splits, ignore_index, BLOCK=merge_block, num_warps=4,
+    )
+    return stats, (None, None, None)
+
+
+def backward_selected(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    row_weights: Tensor,
+    idx: Tensor | None,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    workspace_bytes: int | None = None,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+    accumulate: str = "native",
+    filter_eps: float | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ_n w_n · nll_n from the rows ``idx`` (or all rows), accumulated tile by tile.
+
+    Args:
+        hidden, weight, bias, targets: as in :func:`forward_stats`.
+        lse: (N,) fp32 log-sum-exp saved by the forward.
+        row_weights: (N,) fp32 weights, already multiplied by the upstream gradient; 0 outside the selection.
+        idx: (K_max,) long row indices, each at most once (padding rows carry weight 0), or ``None`` for
+            every row (ratio 1).
+        ignore_index: Unused (ignored rows carry weight 0); kept for signature parity.
+        workspace_bytes: Unused (no workspace).
+        accumulate: ``'native'``, ``'fp32_hidden'`` or ``'fp32'`` (module docstring: error model, memory).
+        filter_eps: ``None`` (exact) or CCE's gradient filter threshold.
+        config: Tile-size override (keys of :func:`default_config`).
+
+    Returns:
+        ``(d_hidden (N, H), d_weight (V, H), d_bias (V,))`` in the input dtype, ``None`` where not needed.
+    """
+    del ignore_index, workspace_bytes
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == torch.float32
+    dw_fp32 = accumulate == "fp32" or hidden.dtype == torch.float32
+    f32 = torch.float32
+    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
+    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
+    d_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
+    r = n if idx is None else idx.shape[0]
+    if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
+        cfg = dict(config or default_config(hidden.dtype, _interpreting()))
+        bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
+        n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
+        lock_h = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if d_h is not None and not dh_fp32 else None
+        lock_w = torch.zeros(n_vb * n_oc, dtype=torch.int32, device=dev) if d_w is not None and not dw_fp32 else None
+        dummy = lse
+        _bwd_kernel[(n_nb * n_vb,)](
+            hidden, weight, bias if bias is not None else hidden, targets, lse, row_weights,
+            idx if idx is not None else targets,
+            d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
+            lock_h if lock_h is not None else targets, lock_w if lock_w is not None else targets,
+            r, vocab, d, hidden.stride(0), weight.stride(0),
+            float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
+            COMPUTE_DH=d_h is not None, COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None,
+            DH_ATOMIC=dh_fp32, DW_ATOMIC=dw_fp32, FILTER=filter_eps is not None,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"], BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
+            EVEN_D=d % cfg["BLOCK_D"] == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return (
+        d_h.to(hidden.dtype) if d_h is not None else None,
+        d_w.to(weight.dtype) if d_w is not None else None,
+        d_b.to(bias.dtype) if d_b is not None else None,
+    )

@@ -1,0 +1,230 @@
+"""The fused (minimal-memory) linear cross-entropy kernel on the CPU through the Triton interpreter.
+
+:mod:`cggr.kernels.linear_cross_entropy_fused` (``LinearCrossEntropyOptions(kernel='fused')``) against float64
+references with materialised logits, at small odd shapes (V not a power of two, N = 1, N and H not multiples of
+the 16 x 32 interpreter tiles, all-ignored rows, softcap on/off, bias, selected-rows backward). Skipped without
+triton (CI). The kernels must be defined while TRITON_INTERPRET=1 is set, before triton is imported: when another
+module imported triton first in this process, the checks run in a fresh subprocess instead.
+
+The interpreter's tl.dot is wrong for bf16 inputs (Triton 3.9), so fp32 and fp16 here; bf16 is covered by
+tests/gpu/test_linear_ce_gpu.py.
+
+Tolerances. fp32: DESIGN §6 (1e-5). fp16 statistics: the fp16 x fp16 products are exact in fp32 and everything
+after them is fp32, so the scores are fp32-accurate against an fp64 reference on the same fp16 inputs (1e-5).
+fp16 gradients: g = softmax - onehot is rounded once to fp16 before the tile products (relative 2^-11) and every
+output element receives at most ceil(V / 32) <= 4 rounded adds here plus the final rounding ('native'), each at
+most 2^-11 relative to the running sum: <= 6 · 2^-11 ~ 2.9e-3, so 3e-3 (norm-relative).
+
+Shape legend: N tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+from cggr.kernels import linear_cross_entropy_fused as fz
+
+INTERPRETED = type(fz._bwd_kernel).__name__ == "InterpretedFunction" and os.environ.get("TRITON_INTERPRET") == "1"
+needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
+                                                          "see test_in_fresh_process")
+
+from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
+from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
+
+FUSED = LinearCrossEntropyOptions(kernel="fused")
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
+def test_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _inputs(shape, h, v, dtype, seed, bias=True, ignore_every=5, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * (scale / h**0.5)).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, shape, generator=gen)
+    if ignore_every:
+        t.view(-1)[1::ignore_every] = -100
+    return hidden, weight, b, t
+
+
+def _logits64(hidden, weight, b, softcap):
+    z = hidden.detach().double() @ weight.detach().double().t()
+    if b is not None:
+        z = z + b.detach().double()
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+def _naive(hidden, weight, b, t, mask, softcap, reduction):
+    """fp64 loss and gradients with the materialised logits, over ``mask``."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    bb = b.detach().double().requires_grad_() if b is not None else None
+    z = h @ w.t() + (bb if bb is not None else 0.0)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z.reshape(-1, w.shape[0])
+    nll = F.cross_entropy(z, torch.where(t == -100, 0, t).reshape(-1), reduction="none")
+    m = mask.reshape(-1).double()
+    loss = (nll * m).sum() / (m.sum().clamp(min=1) if reduction == "mean" else 1.0)
+    loss.backward()
+    return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def _fused(hidden, weight, b, t, options=FUSED, **kw):
+    for x in (hidden, weight, b):
+        if x is not None:
+            x.grad = None
+    loss, info = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", return_info=True, options=options,
+                                      **kw)
+    loss.backward()
+    return loss.detach(), info, [hidden.grad, weight.grad] + ([b.grad] if b is not None else [])
+
+
+# ------------------------------------------------------------------------------------------ forward scores
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "n,h,v,softcap,bias",
+    [(1, 24, 50, None, False), (37, 24, 101, 5.0, True), (53, 40, 257, None, True), (20, 16, 33, 3.0, False)],
+)
+def test_forward_scores_match_fp64(dtype, n, h, v, softcap, bias):
+    hidden, weight, b, t = _inputs((n,), h, v, dtype, seed=n + v, bias=bias)
+    if n > 1:
+        t[3] = -100
+    stats, grads = fz.forward_stats(hidden.detach(), weight.detach(), b.detach() if b is not None else None, t,
+                                    ignore_index=-100, softcap=softcap)
+    assert grads == (None, None, None)
+    z = _logits64(hidden, weight, b, softcap)
+    ref = torch_token_scores(z, t)
+    torch.testing.assert_close(stats[0].double(), torch.logsumexp(z, -1), rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(("entropy", "confidence", "margin", "nll"), start=1):
+        torch.testing.assert_close(stats[i].double(), getattr(ref, name).double(), rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+@needs_interp
+def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
+    """Duplicated columns (in different tiles and vocabulary splits) are an exact top-2 tie: margin 0."""
+    hidden, weight, _, t = _inputs((19,), 16, 70, torch.float32, seed=3, bias=False, ignore_every=0)
+    w = weight.detach().clone()
+    w[65] = w[2] * 3.0  # column 65 is the maximum everywhere (scaled copy), column 66 its twin
+    w[66] = w[65]
+    z = _logits64(hidden, w, None, None)
+    stats, _ = fz.forward_stats(hidden.detach(), w, None, t, ignore_index=-100, softcap=None)
+    ref = torch_token_scores(z, t)
+    pos = (z[:, 65] > 0) & (z[:, 65] == z.max(-1).values)
+    assert pos.any()
+    assert torch.equal(stats[3][pos], torch.zeros_like(stats[3][pos]))
+    torch.testing.assert_close(stats[3].double(), ref.margin.double(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ loss and gradients
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape,h,v,ratio,softcap,bias,reduction",
+    [
+        ((1,), 24, 50, 1.0, None, True, "mean"),
+        ((37,), 40, 101, 1.0, 7.0, True, "sum"),
+        ((37,), 40, 101, 0.3, None, False, "mean"),
+        ((2, 21), 24, 97, 0.25, 5.0, True, "mean"),
+    ],
+)
+def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bias, reduction):
+    hidden, weight, b, t = _inputs(shape, h, v, dtype, seed=sum(shape) + v + h, bias=bias)
+    loss, info, grads = _fused(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction)
+    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, softcap, reduction)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
+    for a, c in zip(grads, ref_grads):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        assert _rel(a, c) <= GRAD_TOL[dtype], (_rel(a, c), a.shape)
+    unselected = ~info.mask
+    assert torch.equal(grads[0][unselected], torch.zeros_like(grads[0][unselected]))
+    # the selection is the torch path's (fp32 scores of the same logits)
+    _, info_ref = linear_cross_entropy(hidden.detach().double(), weight.detach().double(), t,
+                                       bias=b.detach().double() if b is not None else None, ratio=ratio,
+                                       softcap=softcap, impl="torch", return_info=True)
+    assert torch.equal(info.mask, info_ref.mask)
+
+
+@needs_interp
+@pytest.mark.parametrize("accumulate", ["native", "fp32_hidden", "fp32"])
+def test_accumulate_modes_fp16(accumulate):
+    hidden, weight, b, t = _inputs((45,), 24, 131, torch.float16, seed=21, bias=True)
+    opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate)
+    for ratio in (1.0, 0.5):
+        loss, info, grads = _fused(hidden, weight, b, t, options=opts, ratio=ratio)
+        ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, None, "mean")
+        assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+        for a, c in zip(grads, ref_grads):
+            assert a.dtype == torch.float16
+            assert _rel(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, _rel(a, c))
+
+
+@needs_interp
+def test_all_ignored_rows_and_no_grad_forward():
+    hidden, weight, b, t = _inputs((6,), 16, 40, torch.float32, seed=2)
+    t[:] = -100
+    for ratio in (1.0, 0.5):
+        loss, info, grads = _fused(hidden, weight, b, t, ratio=ratio)
+        assert float(loss) == 0.0 and int(info.num_selected) == 0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+    hidden, weight, b, t = _inputs((9,), 16, 40, torch.float32, seed=6)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", options=FUSED)
+    assert not loss.requires_grad
+    ref = F.cross_entropy(_logits64(hidden, weight, b, None), t, ignore_index=-100)
+    assert abs(float(loss) - float(ref)) <= 1e-5 * float(ref)
+
+
+@needs_interp
+def test_only_some_gradients_requested():
+    hidden, weight, b, t = _inputs((33,), 24, 90, torch.float32, seed=8)
+    for ratio in (1.0, 0.4):
+        loss, info = linear_cross_entropy(hidden, weight.detach(), t, bias=b.detach(), impl="triton",
+                                          ratio=ratio, return_info=True, options=FUSED)
+        (g_h,) = torch.autograd.grad(loss, (hidden,))
+        _, ref_grads = _naive(hidden, weight, b, t, info.mask, None, "mean")
+        assert _rel(g_h, ref_grads[0]) <= 1e-5
+
+
+@needs_interp
+def test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact():
+    """Skipped tiles have every |p - onehot| < eps: the d_hidden error is at most eps · w_n · Σ_v |W[v, :]|."""
+    # 8 rows, peaked softmax (logit std 20), one target column: most of the 19 vocabulary tiles are skippable
+    hidden, weight, _, t = _inputs((8,), 16, 600, torch.float32, seed=13, bias=False, ignore_every=0, scale=20.0)
+    t[:] = 0
+    _, _, exact = _fused(hidden, weight, None, t, reduction="sum")
+    _, _, tiny = _fused(hidden, weight, None, t, reduction="sum",
+                        options=LinearCrossEntropyOptions(kernel="fused", filter_eps=1e-30))
+    for a, c in zip(tiny, exact):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    eps = 0.03  # several tiles of this data have max |p - onehot| in (0.002, 0.03)
+    _, _, filt = _fused(hidden, weight, None, t, reduction="sum",
+                        options=LinearCrossEntropyOptions(kernel="fused", filter_eps=eps))
+    bound = eps * weight.detach().abs().sum(0)  # (H,), w_n = 1 ('sum')
+    assert ((filt[0] - exact[0]).abs() <= bound[None, :] + 1e-6).all()
+    assert not torch.equal(filt[1], exact[1])  # something was skipped at this eps
