@@ -207,7 +207,9 @@ def test_race_on_code_packages_with_the_tiny_preset(tmp_path, monkeypatch, capsy
     assert info["train_documents"] + info["heldout_documents"] == info["documents"]
     assert len(payload["arms"]) == 4
     for arm in payload["arms"]:
-        assert arm["steps"] >= 1 and len(arm["curve"]) == 3
+        # at least the initial and one later evaluation (one step slowed by a busy machine can cross several
+        # evaluation points: race.py records the first of them)
+        assert arm["steps"] >= 1 and len(arm["curve"]) >= 2 and arm["curve"][0]["fraction"] == 0.0
         assert all(math.isfinite(p["heldout_loss"]) for p in arm["curve"])
     assert len({a["curve"][0]["heldout_loss"] for a in payload["arms"]}) == 1
 
