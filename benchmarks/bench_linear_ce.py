@@ -11,22 +11,30 @@ Arms:
   eager            logits = hidden @ weight.T (bf16), F.cross_entropy(logits.float(), targets)
   cggr r=1.0       cggr.functional.linear_cross_entropy(ratio=1.0, impl='triton')
   cggr r=0.25      cggr.functional.linear_cross_entropy(ratio=0.25, scoring='combined', selection='topk')
+  cggr fused r=*   the same with LinearCrossEntropyOptions(kernel='fused') (logits only in registers,
+                   gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden'
   liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
   cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
   score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
-    python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms] [--out DIR]
+    python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
+        [--fused-sweep] [--out DIR]
+
+--fused-sweep also times 'cggr fused r=1.0' under other tile configurations (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O,
+num_warps, num_stages), for tuning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -34,10 +42,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from benchmarks._timing import markdown_table, time_fn, write_results
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
+from cggr.kernels import linear_cross_entropy_fused as fused_kernel
 from cggr.kernels.linear_cross_entropy import DEFAULT_WORKSPACE_BYTES, forward_stats
 from cggr.scoring import TokenScores, difficulty
 
 CASES = [(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)]
+FUSED = LinearCrossEntropyOptions(kernel="fused")
+FUSED_FP32H = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32_hidden")
+# (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O, num_warps, num_stages) for --fused-sweep
+SWEEP = [(128, 128, 64, 128, 8, 3), (128, 256, 64, 64, 8, 3), (256, 128, 64, 64, 8, 3), (128, 128, 32, 64, 4, 4),
+         (64, 128, 64, 64, 4, 3)]
+
+
+class _Tiles:
+    """Context: the fused kernel's default tiles replaced by ``tiles`` (forward and backward of one step)."""
+
+    def __init__(self, tiles):
+        bn, bv, bd, bo, nw, ns = tiles
+        self.cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=8, num_warps=nw, num_stages=ns)
+
+    def __enter__(self):
+        self.orig = fused_kernel.default_config
+        fused_kernel.default_config = lambda dtype, interpret: dict(self.cfg)
+
+    def __exit__(self, *exc):
+        fused_kernel.default_config = self.orig
 
 
 def _optional_arms():
@@ -81,6 +110,7 @@ def main() -> None:
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--logit-std", default="1", help="comma list of logit scales (weight ~ N(0, std²/H))")
     ap.add_argument("--workspace-arms", action="store_true", help="also time cggr with a 64 MiB workspace")
+    ap.add_argument("--fused-sweep", action="store_true", help="also time the fused kernel under other tiles")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     extra = _optional_arms()
@@ -106,6 +136,15 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         arms["eager (materialised logits)"] = lambda hh, ww, tt: F.cross_entropy((hh @ ww.t()).float(), tt)
     arms["cggr r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton")
     arms["cggr r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton")
+    arms["cggr fused r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton",
+                                                                      options=FUSED)
+    arms["cggr fused r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton",
+                                                                       options=FUSED)
+    arms["cggr fused fp32_hidden r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
+        hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FP32H)
+    if args.fused_sweep:
+        for tiles in SWEEP:
+            arms[f"cggr fused r=1.0 tiles={tiles}"] = (arms["cggr fused r=1.0"], tiles)
     if args.workspace_arms:
         small = LinearCrossEntropyOptions(workspace_bytes=64 * 2**20)
         for r in (1.0, 0.25):
@@ -120,17 +159,20 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
 
     results = {}
     for name, fn in arms.items():
-        def step(fn=fn):
-            loss = fn(hidden, weight, targets)
-            return torch.autograd.grad(loss, (hidden, weight))
+        fn, tiles = fn if isinstance(fn, tuple) else (fn, None)
+
+        def step(fn=fn, tiles=tiles):
+            with _Tiles(tiles) if tiles is not None else contextlib.nullcontext():
+                loss = fn(hidden, weight, targets)
+                return torch.autograd.grad(loss, (hidden, weight))
 
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         try:
             tm = time_fn(step, warmup=args.warmup, iters=args.iters)
-        except torch.OutOfMemoryError as e:  # eager at the largest shape on a smaller GPU
-            print(name, "OOM:", e)
+        except (torch.OutOfMemoryError, OutOfResources) as e:  # eager on a smaller GPU; a sweep tile too big
+            print(name, "out of memory / resources:", e)
             continue
         results[name] = tm
         rows.append({"logit_std": std, "N": n, "H": h, "V": v, "arm": name, "ms": tm.median_ms,

@@ -2,7 +2,9 @@
 
 Fresh random inputs per check; the allocator cache is poisoned with NaN before each run so unwritten output
 elements (gradients, scores) show up. Odd shapes: V not a power of two, N = 1, N not a multiple of the chunk,
-tiny workspaces that force several row and vocabulary chunks.
+tiny workspaces that force several row and vocabulary chunks. Every check runs for both Triton kernels
+(``options.kernel``: 'chunked' and 'fused'); the fused kernel's accumulation modes and a lock-contention case
+are checked at the end.
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ CASES = [
 ]
 
 
+KERNELS = ["chunked", "fused"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,h,v,ratio,softcap,bias,ws", CASES)
-def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws):
+def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws, kernel):
     hidden, weight, b, t = _inputs(n, h, v, torch.float32, seed=n * 7 + v, bias=bias)
-    opts = LinearCrossEntropyOptions(workspace_bytes=ws)
+    opts = LinearCrossEntropyOptions(workspace_bytes=ws, kernel=kernel)
     kw = dict(ratio=ratio, softcap=softcap, options=opts)
     loss_t, info_t, g_t = _run("triton", hidden, weight, b, t, **kw)
     loss_r, info_r, g_r = _run("torch", hidden, weight, b, t, **kw)
@@ -97,10 +103,11 @@ def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws):
     assert torch.equal(g_t[0][unselected], torch.zeros_like(g_t[0][unselected]))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,h,v,ratio,softcap,bias,ws", CASES)
-def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bias, ws):
+def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bias, ws, kernel):
     hidden, weight, b, t = _inputs(n, h, v, torch.bfloat16, seed=n * 11 + v, bias=bias)
-    opts = LinearCrossEntropyOptions(workspace_bytes=ws)
+    opts = LinearCrossEntropyOptions(workspace_bytes=ws, kernel=kernel)
     loss_t, info, g_t = _run("triton", hidden, weight, b, t, ratio=ratio, softcap=softcap, options=opts)
     loss_ref, g_ref, z = _materialised(hidden, weight, b, t, info.mask, softcap)
     assert abs(float(loss_t) - float(loss_ref)) <= 1e-2 * abs(float(loss_ref)) + 1e-6
@@ -113,17 +120,19 @@ def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bia
     assert agree >= 0.97, float(agree)
 
 
-def test_bf16_ratio_one_equals_cross_entropy_and_fp16_runs():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_ratio_one_equals_cross_entropy_and_fp16_runs(kernel):
     for dtype in (torch.bfloat16, torch.float16):
         hidden, weight, _, t = _inputs(513, 256, 50257, dtype, seed=5, bias=False)
-        loss, _, g = _run("triton", hidden, weight, None, t)
+        loss, _, g = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(kernel=kernel))
         ref, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
             assert _rel(a, c) <= 1e-2
 
 
-def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold(kernel):
     gen = torch.Generator(device="cuda").manual_seed(9)
     hidden = torch.randn(3, 41, 64, device="cuda", generator=gen).requires_grad_()
     weight = (torch.randn(999, 64, device="cuda", generator=gen) * 0.3).requires_grad_()
@@ -132,7 +141,7 @@ def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold():
     for selection, sens in (("sequence_aware", None), ("topk", 0.5), ("stratified", None)):
         opts = LinearCrossEntropyOptions(
             threshold_sensitivity=sens, min_tokens_per_sequence=3, workspace_bytes=1 << 16,
-            generator=torch.Generator(device="cuda").manual_seed(0),
+            generator=torch.Generator(device="cuda").manual_seed(0), kernel=kernel,
         )
         kw = dict(ratio=0.2, selection=selection, reduction="sum", options=opts)
         loss_t, info_t, g_t = _run("triton", hidden, weight, None, t, **kw)
@@ -152,23 +161,78 @@ def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold():
         assert abs(float(loss_t) - float(loss_m)) <= 1e-5 * abs(float(loss_m))
 
 
-def test_all_ignored_gives_zero_loss_and_zero_grads():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_all_ignored_gives_zero_loss_and_zero_grads(kernel):
     hidden, weight, b, t = _inputs(33, 32, 300, torch.bfloat16, seed=3, bias=True, ignore_every=0)
     t[:] = -100
     for ratio in (1.0, 0.5):
-        loss, info, grads = _run("triton", hidden, weight, b, t, ratio=ratio)
+        loss, info, grads = _run("triton", hidden, weight, b, t, ratio=ratio,
+                                 options=LinearCrossEntropyOptions(kernel=kernel))
         assert float(loss) == 0.0 and int(info.num_selected) == 0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_fp16_large_k_does_not_lose_small_gradients():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fp16_large_k_does_not_lose_small_gradients(kernel):
     """p · w = (1/V) · (1/K) underflows fp16; the power-of-two pre-scale must keep those gradients."""
     hidden, weight, _, t = _inputs(8192, 64, 32000, torch.float16, seed=12, bias=False, ignore_every=0)
     for ratio in (1.0, 0.5):
-        loss, info, g = _run("triton", hidden, weight, None, t, ratio=ratio)
+        loss, info, g = _run("triton", hidden, weight, None, t, ratio=ratio,
+                             options=LinearCrossEntropyOptions(kernel=kernel))
         ref, g_ref, _ = _materialised(hidden, weight, None, t, info.mask, None)
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
             assert torch.isfinite(a).all()
             assert _rel(a, c) <= 1e-2, (ratio, _rel(a, c))
+
+
+# ------------------------------------------------------------------------------------------ fused kernel only
+@pytest.mark.parametrize("accumulate", ["native", "fp32_hidden", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_accumulate_modes_against_materialised(accumulate, dtype):
+    """Bench-like proportions (logits ~ N(0, 1), V / 128 = 250 vocabulary tiles per d_hidden element)."""
+    hidden, weight, b, t = _inputs(1000, 256, 32000, dtype, seed=31, bias=True)
+    with torch.no_grad():
+        weight.mul_(0.5)
+    opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate)
+    for ratio, softcap in ((1.0, None), (0.25, 20.0)):
+        loss, info, g = _run("triton", hidden, weight, b, t, ratio=ratio, softcap=softcap, options=opts)
+        ref, g_ref, _ = _materialised(hidden, weight, b, t, info.mask, softcap)
+        assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
+        for a, c in zip(g, g_ref):
+            assert a.dtype == dtype and torch.isfinite(a).all()
+            assert _rel(a, c) <= 1e-2, (accumulate, ratio, _rel(a, c))
+
+
+def test_fused_native_accumulation_under_lock_contention():
+    """Many row blocks writing the same few d_weight rows (V = 300: 3 vocabulary blocks, 64 row blocks).
+
+    fp16 'native' (locked read-add-write) against 'fp32' (atomics) on the same inputs: m = 64 adds per d_weight
+    element give an RMS rounding error of about 2^-11 · sqrt(64 / 6) ~ 1.6e-3 (norm-relative); a lost update
+    (broken lock) drops a whole partial of ~1/64 of the element, and many of them show far above 5e-3.
+    """
+    for seed in range(3):
+        hidden, weight, b, t = _inputs(8192, 96, 300, torch.float16, seed=40 + seed, bias=True, ignore_every=0)
+        out = {}
+        for acc in ("native", "fp32"):
+            opts = LinearCrossEntropyOptions(kernel="fused", accumulate=acc)
+            out[acc] = _run("triton", hidden, weight, b, t, reduction="sum", options=opts)
+        _, g_ref, _ = _materialised(hidden, weight, b, t, t != -100, None, reduction="sum")
+        for a, c, r in zip(out["native"][2], out["fp32"][2], g_ref):
+            assert _rel(c, r) <= 1e-3
+            assert _rel(a, r) <= 5e-3, _rel(a, r)
+
+
+def test_fused_gradient_filter_is_opt_in_and_bounded():
+    hidden, weight, _, t = _inputs(700, 128, 20000, torch.bfloat16, seed=51, bias=False)
+    with torch.no_grad():
+        weight.mul_(3.0)  # peaked softmax: many tiles below the threshold
+    exact = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(kernel="fused"))
+    eps = 2.0**-12  # CCE's bf16 default (bf16 eps / 32)
+    filt = _run("triton", hidden, weight, None, t,
+                options=LinearCrossEntropyOptions(kernel="fused", filter_eps=eps))
+    assert torch.equal(filt[0], exact[0])  # the forward is never filtered
+    _, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
+    for a, c in zip(filt[2], g_ref):
+        assert _rel(a, c) <= 1e-2

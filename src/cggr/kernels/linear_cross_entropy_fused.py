@@ -28,20 +28,27 @@ Backward (gradients of Σ_n w_n · nll_n over R rows: all N at ratio 1, or the K
         g = (exp(z - lse) - onehot(target)) · w_row (· (1 - (z_capped / softcap)²))      [BN, BV] fp32
         [optional gradient filter: skip the tile when max |exp(z - lse) - onehot| < filter_eps]
         d_bias[cols] += Σ_rows g                                      fp32 atomics
+        c_t[rows] = g[row, target]   (only the tile that holds the row's target writes it)     [R] fp32
+        g' = g with the target column zeroed
         for each BO-wide column chunk c of H (start rotated per program to spread lock traffic):
-            d_hidden[rows, c] += g @ weight[cols, c]                  [BN, BO], fp32 tile product
+            d_hidden[rows, c] += g' @ weight[cols, c]                 [BN, BO], fp32 tile product
             d_weight[cols, c] += g.T @ hidden[rows, c]                [BV, BO]
         an add is a locked read-add-write in the output dtype ('native'), or an fp32 atomic add into an
         fp32 buffer cast at the end ('fp32_hidden': d_hidden only, 'fp32': both)
+    _target_fixup_kernel grid (R): d_hidden[row] += c_t[row] · weight[target[row]]   (fp32, one rounding)
 
-Error model of the 'native' accumulation (bf16/fp16 outputs). Every tile partial is an exact-order fp32 sum
-(the tile GEMM); the partials of one output element are added in the output dtype, one rounding per add:
-d_hidden[n, :] receives ceil(V / BV) partials, d_weight[v, :] ceil(R / BN). With unit roundoff u (2^-8 bf16,
-2^-11 fp16) the error of an element after m adds is at most u · Σ_k |S_k| (S_k the running sums) and, for
-independent roundings of similar-size partials, about u · |S_m| · sqrt(m / 6) in the RMS. Adds that are far
-below half an ulp of the running sum round to nothing, so in practice m counts only the tiles whose partial is
-within ~2^8 of the element (the target's tile and the high-probability tiles). 'fp32_hidden' costs N·H·4
-extra bytes and removes the d_hidden term (the one with the most adds, V / BV); 'fp32' costs (N + V)·H·4.
+Error model of the 'native' accumulation (bf16/fp16 outputs). Every tile partial is an fp32 sum (the tile
+GEMM of g rounded once to the input dtype, as in the chunked path); the partials of one output element are added
+in the output dtype, one rounding per add: d_hidden[n, :] receives ceil(V / BV) partials, d_weight[v, :]
+ceil(R / BN). With unit roundoff u (2^-8 bf16, 2^-11 fp16) an element after m adds is off by at most
+u · Σ_k |S_k| (S_k the running sums), for independent roundings about u · |S_m| · sqrt(m / 3) in the RMS; an
+addend below half an ulp of the running sum is lost whole. That is why the target column (coefficient
+w · (p_t - 1), the largest term by far) is kept out of the d_hidden accumulation and added last in fp32: the
+running sums are then E_n = w_n · Σ_{v != t} p_nv · weight[v] only, which shrink with (1 - p_t) (no
+cancellation when the model is confident) and are ~sqrt(Σ p²) of |weight[t]| when the softmax is spread
+out over many tiles (m large), so the accumulation error is u · sqrt(m / 3) relative to |E_n|, not to d_hidden.
+d_weight keeps the target terms in its running sums (m = R / BN adds, far fewer). 'fp32_hidden' costs N·H·4
+extra bytes and makes d_hidden fp32-accumulated; 'fp32' costs (N + V)·H·4 and does both.
 
 The optional gradient filter (off by default) is CCE's: a tile is skipped when every |p - onehot| < eps;
 the skipped gradient per element is then bounded by eps · Σ_{skipped tiles} (|w| · Σ |other operand|).
@@ -215,7 +222,7 @@ def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
 
 @triton.jit
 def _bwd_kernel(
-    H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, LOCK_H, LOCK_W,
+    H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, CT, LOCK_H, LOCK_W,
     R, V, D, stride_h, stride_w, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -249,7 +256,8 @@ def _bwd_kernel(
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
     p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
     p = tl.where(col_mask[None, :], p, 0.0)
-    g = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p)
+    is_t = cols[None, :] == tgt[:, None]
+    g = tl.where(is_t, p - 1.0, p)
     if FILTER:
         live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
         if tl.max(tl.max(live, axis=1), axis=0) < filter_eps:
@@ -261,6 +269,11 @@ def _bwd_kernel(
     if COMPUTE_DB:
         tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
     gb = g.to(H.dtype.element_ty)
+    if COMPUTE_DH:
+        # target column: its coefficient is saved and added by _target_fixup_kernel after the accumulation
+        has_t = row_mask & (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
+        tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=has_t)
+        gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
     n_oc = tl.cdiv(D, BLOCK_O)
     offs_o = tl.arange(0, BLOCK_O)
     if COMPUTE_DH:
@@ -274,7 +287,7 @@ def _bwd_kernel(
                 wt = tl.load(W + cols[:, None] * stride_w + od[None, :],
                              mask=col_mask[:, None] & (od < D)[None, :], other=0.0)
                 m_out = row_mask[:, None] & (od < D)[None, :]
-            part = tl.dot(gb, wt, input_precision=DOT_PRECISION)  # [BN, BO]
+            part = tl.dot(gh, wt, input_precision=DOT_PRECISION)  # [BN, BO]
             _accumulate(DH + rows[:, None] * stride_h + od[None, :], part, m_out,
                         LOCK_H + pid_n * n_oc + oc, DH_ATOMIC)
     if COMPUTE_DW:
@@ -292,6 +305,26 @@ def _bwd_kernel(
             part = tl.dot(gt, ht, input_precision=DOT_PRECISION)  # [BV, BO]
             _accumulate(DW + cols[:, None] * stride_w + od[None, :], part, m_out,
                         LOCK_W + pid_v * n_oc + oc, DW_ATOMIC)
+
+
+@triton.jit
+def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
+    """d_hidden[row] += c_row · weight[target_row] in fp32, one rounding (c_row = 0: nothing to add)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.load(CT + r)
+    if c != 0.0:
+        if HAS_IDX:
+            row = tl.load(IDX + r).to(tl.int64)
+        else:
+            row = r
+        tgt = tl.load(T + row).to(tl.int64)  # in [0, V): c is only written by the tile holding the target
+        offs = tl.arange(0, BLOCK)
+        for d0 in range(0, D, BLOCK):
+            m = (offs + d0) < D
+            dh_ptrs = DH + row * stride_h + d0 + offs
+            dh = tl.load(dh_ptrs, mask=m, other=0.0).to(tl.float32)
+            wt = tl.load(W + tgt * stride_w + d0 + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(dh_ptrs, (dh + c * wt).to(DH.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -441,10 +474,12 @@ def backward_selected(
         lock_h = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if d_h is not None and not dh_fp32 else None
         lock_w = torch.zeros(n_vb * n_oc, dtype=torch.int32, device=dev) if d_w is not None and not dw_fp32 else None
         dummy = lse
+        c_t = torch.zeros(r, dtype=torch.float32, device=dev) if d_h is not None else dummy  # (R,) target coeffs
         _bwd_kernel[(n_nb * n_vb,)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, row_weights,
             idx if idx is not None else targets,
             d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
+            c_t,
             lock_h if lock_h is not None else targets, lock_w if lock_w is not None else targets,
             r, vocab, d, hidden.stride(0), weight.stride(0),
             float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
@@ -455,6 +490,11 @@ def backward_selected(
             EVEN_D=d % cfg["BLOCK_D"] == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if d_h is not None:
+            _target_fixup_kernel[(r,)](
+                d_h, weight, targets, idx if idx is not None else targets, c_t, d, d_h.stride(0), weight.stride(0),
+                HAS_IDX=idx is not None, BLOCK=min(1024, triton.next_power_of_2(d)), num_warps=4,
+            )
     return (
         d_h.to(hidden.dtype) if d_h is not None else None,
         d_w.to(weight.dtype) if d_w is not None else None,
