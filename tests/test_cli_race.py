@@ -219,3 +219,29 @@ def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
         assert p.grad is not None and q.grad is not None, name
         scale = q.grad.abs().max().item()
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_step_crossing_several_evaluation_points_records_each_of_them(small_config, tmp_path, monkeypatch):
+    """A step slower than the whole budget still leaves an evaluation at every fraction, 1.0 included."""
+    import time
+
+    from cggr.cli import race
+
+    real_step = race._Arm.step
+    calls = []
+
+    def slow_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) > 1:  # the first call is the untimed warm-up step
+            time.sleep(0.5)
+        return out
+
+    monkeypatch.setattr(race._Arm, "step", slow_step)
+    cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
+                     evals=4, eval_sequences=4, out=str(tmp_path), progress=False, arms=("standard",))
+    payload = run_race(cfg, log=lambda *_: None)
+    curve = payload["arms"][0]["curve"]
+    assert [p["fraction"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert payload["arms"][0]["steps"] == 1
+    assert len({p["heldout_loss"] for p in curve[1:]}) == 1  # one evaluation of the one trained state

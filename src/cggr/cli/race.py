@@ -365,16 +365,20 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         bar = _progress(arm, budget, cfg.progress)
         next_eval = 0
         while True:
-            if next_eval < len(fractions) and result.train_seconds >= fractions[next_eval] * budget - 1e-9:
-                t0 = time.perf_counter()
-                point = {"fraction": fractions[next_eval], "time_s": round(result.train_seconds, 3),
-                         "step": result.steps, "sequences": result.sequences_scanned,
-                         "heldout_loss": heldout_loss(model, data, device, cfg.dtype, eval_bs)}
-                if data.problems and (next_eval == len(fractions) - 1 or cfg.evals <= 8):
-                    point["accuracy"] = arithmetic_accuracy(model, data, device, cfg.dtype, 64)
-                result.curve.append(point)
-                result.eval_seconds += time.perf_counter() - t0
+            # every evaluation point the last step crossed (one slow step can cross several: same model state)
+            crossed = []
+            while next_eval < len(fractions) and result.train_seconds >= fractions[next_eval] * budget - 1e-9:
+                crossed.append(fractions[next_eval])
                 next_eval += 1
+            if crossed:
+                t0 = time.perf_counter()
+                point = {"time_s": round(result.train_seconds, 3), "step": result.steps,
+                         "sequences": result.sequences_scanned,
+                         "heldout_loss": heldout_loss(model, data, device, cfg.dtype, eval_bs)}
+                if data.problems and (next_eval == len(fractions) or cfg.evals <= 8):
+                    point["accuracy"] = arithmetic_accuracy(model, data, device, cfg.dtype, 64)
+                result.curve += [{"fraction": f, **point} for f in crossed]
+                result.eval_seconds += time.perf_counter() - t0
             if result.train_seconds >= budget:
                 break
             idx = stream.take(per_step)  # (S or B,)
