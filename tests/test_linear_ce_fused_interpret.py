@@ -28,12 +28,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-from cggr.kernels import linear_cross_entropy_fused as fz
+try:
+    pytest.importorskip("triton")
+    from cggr.kernels import linear_cross_entropy_fused as fz
+finally:  # only this module's tests run interpreted (fixture below): other modules see the environment unchanged
+    if _ENV_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
-INTERPRETED = type(fz._bwd_kernel).__name__ == "InterpretedFunction" and os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = type(fz._bwd_kernel).__name__ == "InterpretedFunction"
 needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
                                                           "see test_in_fresh_process")
 
@@ -41,6 +48,14 @@ from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # n
 from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
 
 FUSED = LinearCrossEntropyOptions(kernel="fused")
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch):
+    """The dispatch (resolve_impl) and the tile choice read TRITON_INTERPRET at call time."""
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
