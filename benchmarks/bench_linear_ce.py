@@ -12,7 +12,8 @@ Arms:
   cggr r=1.0       cggr.functional.linear_cross_entropy(ratio=1.0, impl='triton')
   cggr r=0.25      cggr.functional.linear_cross_entropy(ratio=0.25, scoring='combined', selection='topk')
   cggr fused r=*   the same with LinearCrossEntropyOptions(kernel='fused') (logits only in registers,
-                   gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden'
+                   gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden',
+                   'fused filter=2^-12' with CCE's gradient filter at its bf16 default threshold (opt-in: inexact)
   liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
   cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
   score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
@@ -50,8 +51,9 @@ CASES = [(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)]
 FUSED = LinearCrossEntropyOptions(kernel="fused")
 FUSED_FP32H = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32_hidden")
 # (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O, num_warps, num_stages) for --fused-sweep
-SWEEP = [(128, 128, 64, 128, 8, 3), (128, 256, 64, 64, 8, 3), (256, 128, 64, 64, 8, 3), (128, 128, 32, 64, 4, 4),
-         (64, 128, 64, 64, 4, 3)]
+SWEEP = [(128, 128, 64, 128, 8, 3), (128, 256, 64, 64, 8, 3), (128, 256, 64, 64, 16, 3), (256, 128, 64, 64, 8, 3),
+         (128, 128, 32, 64, 4, 4), (64, 128, 64, 64, 4, 3)]
+FUSED_FILTER = LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)  # CCE's bf16 default
 
 
 class _Tiles:
@@ -142,6 +144,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
                                                                        options=FUSED)
     arms["cggr fused fp32_hidden r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
         hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FP32H)
+    arms["cggr fused filter=2^-12 r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
+        hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FILTER)
     if args.fused_sweep:
         for tiles in SWEEP:
             arms[f"cggr fused r=1.0 tiles={tiles}"] = (arms["cggr fused r=1.0"], tiles)
@@ -158,6 +162,7 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         arms["cce on fixed 25% rows (ref)"] = lambda hh, ww, tt, q=quarter: extra["cce"](hh[q], ww, tt[q])
 
     results = {}
+    steps_by_name = {}
     for name, fn in arms.items():
         fn, tiles = fn if isinstance(fn, tuple) else (fn, None)
 
@@ -165,6 +170,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
             with _Tiles(tiles) if tiles is not None else contextlib.nullcontext():
                 loss = fn(hidden, weight, targets)
                 return torch.autograd.grad(loss, (hidden, weight))
+
+        steps_by_name[name] = step
 
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -182,17 +189,31 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     best_full = min((results[a].median_ms for a in ("liger", "cce") if a in results), default=float("nan"))
     for r in rows:
         r["vs_best_liger_cce_r1"] = best_full / r["ms"]
+    # accuracy of the ratio-1 arms against the chunked kernel (fp32-accumulated gradients), same inputs
+    steps = {name: steps_by_name[name] for name in steps_by_name if "r=1.0" in name and name in results}
+    if "cggr r=1.0" in steps:
+        ref = steps["cggr r=1.0"]()
+        for r in rows:
+            if r["arm"] in steps and r["arm"] != "cggr r=1.0":
+                got = steps[r["arm"]]()
+                r["grad_rel_err_vs_chunked"] = max(
+                    float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(got, ref))
+                del got
+        del ref
     return rows
 
 
 def _finish(rows: list[dict], args) -> None:
-    cols = ["logit_std", "N", "H", "V", "arm", "ms", "peak_extra_MiB", "vs_best_liger_cce_r1"]
+    cols = ["logit_std", "N", "H", "V", "arm", "ms", "peak_extra_MiB", "vs_best_liger_cce_r1",
+            "grad_rel_err_vs_chunked"]
     notes = (
         "Forward + backward (d hidden, d weight), bf16, median of CUDA-event timings after warm-up. "
         "vs_best_liger_cce_r1 = (faster of Liger/CCE at full ratio) / arm time: > 1 is faster. "
         "peak_extra_MiB = peak allocated during the timed calls - allocated before (inputs). "
         "Inputs: hidden ~ N(0,1), weight ~ N(0, logit_std²/H) (logits ~ N(0, logit_std²)), targets uniform; "
-        "CCE's gradient filter skips blocks whose softmax is below bf16 precision, so its time depends on the data."
+        "CCE's gradient filter skips blocks whose softmax is below bf16 precision, so its time depends on the data. "
+        "grad_rel_err_vs_chunked: max over (d hidden, d weight) of ||g - g_chunked|| / ||g_chunked|| against the "
+        "chunked kernel at ratio 1 (fp32-accumulated), same inputs; ratio-1 arms only."
     )
     paths = write_results("linear_ce", rows, title="Fused linear cross-entropy: fwd+bwd time and memory",
                           notes=notes, columns=cols, out_dir=args.out)
