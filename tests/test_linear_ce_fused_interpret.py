@@ -185,7 +185,7 @@ def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bia
 
 
 @needs_interp
-@pytest.mark.parametrize("accumulate", ["native", "fp32_hidden", "fp32"])
+@pytest.mark.parametrize("accumulate", ["native", "atomic", "fp32_hidden", "fp32"])
 def test_accumulate_modes_fp16(accumulate):
     hidden, weight, b, t = _inputs((45,), 24, 131, torch.float16, seed=21, bias=True)
     opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate)

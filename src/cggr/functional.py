@@ -40,6 +40,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from cggr._rng import CounterRNG
 from cggr._validation import (
     REDUCTIONS,
     SCORING_MODES,
@@ -59,7 +60,7 @@ from cggr.selection import dynamic_ratio, select_tokens
 Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
-ACCUMULATE_MODES = ("native", "fp32_hidden", "fp32")
+ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -144,12 +145,14 @@ class LinearCrossEntropyOptions:
         min_tokens_per_sequence: Per-sequence floor for ``selection='sequence_aware'`` (rows of 3-D inputs).
         threshold_sensitivity: ``None`` for a fixed ratio; a float turns on the dynamic threshold
             ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1] (not for ``fixed_quota``).
-        generator: Random source for ``stratified`` and ``random`` (on the inputs' device).
+        generator: Random source for ``stratified`` and ``random``: a ``torch.Generator`` on the inputs' device
+            or a :class:`cggr._rng.CounterRNG` (as in :func:`cggr.selection.select_tokens`).
         workspace_bytes: Bound on the logits workspace of one chunk (bytes; ``kernel='chunked'`` only).
         kernel: Triton path only: ``'chunked'`` (cuBLAS chunks + a logits workspace, the default) or
             ``'fused'`` (logits only in registers: minimal memory; see the module docstring).
         accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'native'``
-            (default) adds fp32 tile partials into the output dtype (no extra memory; bf16 rounding per add),
+            (default) adds fp32 tile partials into the output dtype under locks (no extra memory; one bf16
+            rounding per add), ``'atomic'`` the same with 16-bit hardware atomics instead of locks (bf16: Hopper),
             ``'fp32_hidden'`` keeps d_hidden in an fp32 buffer (N·H·4 extra bytes), ``'fp32'`` both
             d_hidden and d_weight ((N + V)·H·4 extra bytes). fp32 inputs always accumulate in fp32.
         filter_eps: ``kernel='fused'`` only: ``None`` (exact, default) or Cut Cross-Entropy's gradient
@@ -160,7 +163,7 @@ class LinearCrossEntropyOptions:
     num_strata: int = 4
     min_tokens_per_sequence: int = 1
     threshold_sensitivity: float | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | CounterRNG | None = None
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     kernel: str = "chunked"
     accumulate: str = "native"
@@ -183,8 +186,11 @@ class LinearCrossEntropyOptions:
         ts = self.threshold_sensitivity
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
             raise ValueError(f"threshold_sensitivity must be None or a finite float, got {ts!r}")
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator | CounterRNG):
+            raise TypeError(
+                "generator must be a torch.Generator, a cggr._rng.CounterRNG or None, got "
+                f"{type(self.generator).__name__}"
+            )
 
 
 class LinearCrossEntropyInfo(NamedTuple):

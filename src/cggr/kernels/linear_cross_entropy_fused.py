@@ -48,14 +48,16 @@ running sums are then E_n = w_n · Σ_{v != t} p_nv · weight[v] only, which shr
 cancellation when the model is confident) and are ~sqrt(Σ p²) of |weight[t]| when the softmax is spread
 out over many tiles (m large), so the accumulation error is u · sqrt(m / 3) relative to |E_n|, not to d_hidden.
 d_weight keeps the target terms in its running sums (m = R / BN adds, far fewer). 'fp32_hidden' costs N·H·4
-extra bytes and makes d_hidden fp32-accumulated; 'fp32' costs (N + V)·H·4 and does both.
+extra bytes and makes d_hidden fp32-accumulated; 'fp32' costs (N + V)·H·4 and does both. 'atomic' has the
+error model of 'native' but adds with the hardware's 16-bit atomics (atom.add.noftz.bf16 / .f16: bf16 needs
+sm_90 and a Triton with bf16 atomic_add) instead of locks: no lock round trips, no read-back to the SM.
 
 The optional gradient filter (off by default) is CCE's: a tile is skipped when every |p - onehot| < eps;
 the skipped gradient per element is then bounded by eps · Σ_{skipped tiles} (|w| · Σ |other operand|).
 
-Locks: one int32 per (row block, H chunk) of d_hidden and per (vocabulary block, H chunk) of d_weight; a lock
-is taken with an atomic compare-and-swap spin, the read bypasses L1 (``.cg``), a CTA barrier precedes the
-release. With 'fp32' outputs plain fp32 atomics are used instead.
+Locks ('native'): one int32 per (row block, H chunk) of d_hidden and per (vocabulary block, H chunk) of
+d_weight; a lock is taken with an atomic compare-and-swap spin, the read bypasses L1 (``.cg``), a CTA barrier
+precedes the release. fp32 buffers ('fp32_hidden', 'fp32', fp32 inputs) and 'atomic' use atomic adds instead.
 
 The public entry point (argument checks, selection, autograd) is :func:`cggr.functional.linear_cross_entropy`.
 """
@@ -72,7 +74,7 @@ from torch import Tensor
 from cggr.kernels._utils import LN2, LOG2E, NEG_BIG, softcap_fn
 
 #: Accumulation modes of the backward (see the module docstring).
-ACCUMULATE_MODES = ("native", "fp32_hidden", "fp32")
+ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------- shared tile
@@ -449,7 +451,8 @@ def backward_selected(
             every row (ratio 1).
         ignore_index: Unused (ignored rows carry weight 0); kept for signature parity.
         workspace_bytes: Unused (no workspace).
-        accumulate: ``'native'``, ``'fp32_hidden'`` or ``'fp32'`` (module docstring: error model, memory).
+        accumulate: ``'native'``, ``'atomic'``, ``'fp32_hidden'`` or ``'fp32'`` (module docstring: error
+            model, memory).
         filter_eps: ``None`` (exact) or CCE's gradient filter threshold.
         config: Tile-size override (keys of :func:`default_config`).
 
@@ -464,6 +467,7 @@ def backward_selected(
     dev = hidden.device
     dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == torch.float32
     dw_fp32 = accumulate == "fp32" or hidden.dtype == torch.float32
+    atomic = accumulate == "atomic"
     f32 = torch.float32
     d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
     d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
@@ -474,8 +478,8 @@ def backward_selected(
         cfg = dict(config or default_config(hidden.dtype, _interpreting()))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
-        lock_h = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if d_h is not None and not dh_fp32 else None
-        lock_w = torch.zeros(n_vb * n_oc, dtype=torch.int32, device=dev) if d_w is not None and not dw_fp32 else None
+        lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
+        lock_w = None if d_w is None or dw_fp32 or atomic else torch.zeros(n_vb * n_oc, dtype=torch.int32, device=dev)
         dummy = lse
         c_t = torch.zeros(r, dtype=torch.float32, device=dev) if d_h is not None else dummy  # (R,) target coeffs
         _bwd_kernel[(n_nb * n_vb,)](
@@ -488,7 +492,7 @@ def backward_selected(
             float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
             COMPUTE_DH=d_h is not None, COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None,
-            DH_ATOMIC=dh_fp32, DW_ATOMIC=dw_fp32, FILTER=filter_eps is not None,
+            DH_ATOMIC=dh_fp32 or atomic, DW_ATOMIC=dw_fp32 or atomic, FILTER=filter_eps is not None,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"], BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
             EVEN_D=d % cfg["BLOCK_D"] == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
