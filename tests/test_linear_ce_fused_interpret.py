@@ -224,6 +224,9 @@ def test_only_some_gradients_requested():
         (g_h,) = torch.autograd.grad(loss, (hidden,))
         _, ref_grads = _naive(hidden, weight, b, t, info.mask, None, "mean")
         assert _rel(g_h, ref_grads[0]) <= 1e-5
+        loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=FUSED)
+        g_w, g_b = torch.autograd.grad(loss, (weight, b))
+        assert _rel(g_w, ref_grads[1]) <= 1e-5 and _rel(g_b, ref_grads[2]) <= 1e-5
 
 
 @needs_interp
