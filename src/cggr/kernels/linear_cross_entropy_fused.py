@@ -64,6 +64,7 @@ The public entry point (argument checks, selection, autograd) is :func:`cggr.fun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -361,10 +362,23 @@ def _programs_target(device: torch.device) -> int:
     return 8 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _on_input_device(fn):
+    """Run ``fn(hidden, ...)`` with ``hidden``'s CUDA device current (Triton launches on the current device)."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, *args, **kwargs):
+        guard = torch.cuda.device(hidden.device) if hidden.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return fn(hidden, *args, **kwargs)
+
+    return wrapper
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: true fp32 products, never TF32
 
 
+@_on_input_device
 def forward_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -422,6 +436,7 @@ def forward_stats(
     return stats, (None, None, None)
 
 
+@_on_input_device
 def backward_selected(
     hidden: Tensor,
     weight: Tensor,
