@@ -21,10 +21,12 @@ Arms:
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
     python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
-        [--fused-sweep] [--out DIR]
+        [--fused-sweep] [--atomic] [--only 'cggr fused,cce'] [--no-breakdown] [--name linear_ce] [--out DIR]
 
 --fused-sweep also times 'cggr fused r=1.0' under other tile configurations (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O,
-num_warps, num_stages), for tuning.
+num_warps, num_stages), for tuning. Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS
+GEMM hidden @ weight.T into a bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone
+(scores) and its ratio-1 backward alone (3 GEMM passes + accumulation), and the chunked kernel's forward alone.
 """
 
 from __future__ import annotations
@@ -54,8 +56,7 @@ FUSED = LinearCrossEntropyOptions(kernel="fused")
 FUSED_FP32H = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32_hidden")
 FUSED_ATOMIC = LinearCrossEntropyOptions(kernel="fused", accumulate="atomic")
 # (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O, num_warps, num_stages) for --fused-sweep
-SWEEP = [(128, 128, 64, 128, 8, 3), (128, 256, 64, 64, 8, 3), (128, 256, 64, 64, 16, 3), (256, 128, 64, 64, 8, 3),
-         (128, 128, 32, 64, 4, 4), (64, 128, 64, 64, 4, 3)]
+SWEEP = [(128, 256, 64, 64, 8, 3), (128, 256, 64, 64, 16, 3), (256, 128, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3)]
 FUSED_FILTER = LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)  # CCE's bf16 default
 
 
@@ -116,6 +117,10 @@ def main() -> None:
     ap.add_argument("--logit-std", default="1", help="comma list of logit scales (weight ~ N(0, std²/H))")
     ap.add_argument("--workspace-arms", action="store_true", help="also time cggr with a 64 MiB workspace")
     ap.add_argument("--fused-sweep", action="store_true", help="also time the fused kernel under other tiles")
+    ap.add_argument("--atomic", action="store_true", help="also time the fused kernel with accumulate='atomic'")
+    ap.add_argument("--only", default="", help="comma list of substrings: time only arms whose name has one")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the 'part: ...' rows")
+    ap.add_argument("--name", default="linear_ce", help="results file stem")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     extra = _optional_arms()
@@ -125,6 +130,29 @@ def main() -> None:
             rows += _bench_case(ci, extra, args, std)
             torch.cuda.empty_cache()
             _finish(rows, args)  # rewritten after every case: a crash later keeps what was measured
+
+
+def _breakdown(hidden, weight, targets, args) -> dict:
+    """Timings of the parts (no autograd): one GEMM pass, the fused forward and backward, the chunked forward."""
+    h, w = hidden.detach(), weight.detach()
+    n, v = h.shape[0], w.shape[0]
+    parts = {}
+    out = torch.empty(n, v, dtype=h.dtype, device=h.device) if n * v * h.element_size() <= 24 * 2**30 else None
+    if out is not None:
+        parts["part: cuBLAS GEMM N x V x H (1 pass)"] = lambda: torch.mm(h, w.t(), out=out)
+    parts["part: fused forward (scores)"] = lambda: fused_kernel.forward_stats(
+        h, w, None, targets, ignore_index=-100, softcap=None)
+    stats, _ = fused_kernel.forward_stats(h, w, None, targets, ignore_index=-100, softcap=None)
+    row_w = torch.full((n,), 1.0 / n, dtype=torch.float32, device=h.device)
+    parts["part: fused backward r=1 (native)"] = lambda: fused_kernel.backward_selected(
+        h, w, None, targets, stats[0], row_w, None, ignore_index=-100, softcap=None, need_hidden_grad=True,
+        need_weight_grad=True, need_bias_grad=False)
+    parts["part: chunked forward (scores)"] = lambda: forward_stats(
+        h, w, None, targets, ignore_index=-100, softcap=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES)
+    res = {}
+    for name, fn in parts.items():
+        res[name] = time_fn(fn, warmup=args.warmup, iters=args.iters).median_ms
+    return res
 
 
 def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
@@ -163,9 +191,12 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         arms["score all + cce on 25%"] = _score_then(extra["cce"], 0.25)
         quarter = torch.arange(0, n, 4, device=dev)
         arms["cce on fixed 25% rows (ref)"] = lambda hh, ww, tt, q=quarter: extra["cce"](hh[q], ww, tt[q])
-    # last: a Triton without bf16 atomic_add may fail to compile it (the rows measured so far are written per case)
-    arms["cggr fused atomic r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
-        hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_ATOMIC)
+    if args.atomic:  # opt-in: a Triton without bf16 atomic_add may fail to compile it (or abort in LLVM)
+        arms["cggr fused atomic r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
+            hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_ATOMIC)
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",") if k.strip()]
+        arms = {name: fn for name, fn in arms.items() if any(k in name for k in keep or [""])}
 
     results = {}
     steps_by_name = {}
@@ -196,6 +227,9 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     best_full = min((results[a].median_ms for a in ("liger", "cce") if a in results), default=float("nan"))
     for r in rows:
         r["vs_best_liger_cce_r1"] = best_full / r["ms"]
+    for name, ms in ({} if args.no_breakdown else _breakdown(hidden, weight, targets, args)).items():
+        rows.append({"logit_std": std, "N": n, "H": h, "V": v, "arm": name, "ms": ms})
+        print(f"std={std} ({n},{h},{v}) {name}: {ms:.2f} ms", flush=True)
     # accuracy of the ratio-1 arms against the chunked kernel (fp32-accumulated gradients), same inputs
     steps = {name: steps_by_name[name] for name in steps_by_name if "r=1.0" in name and name in results}
     if "cggr r=1.0" in steps:
@@ -222,7 +256,7 @@ def _finish(rows: list[dict], args) -> None:
         "grad_rel_err_vs_chunked: max over (d hidden, d weight) of ||g - g_chunked|| / ||g_chunked|| against the "
         "chunked kernel at ratio 1 (fp32-accumulated), same inputs; ratio-1 arms only."
     )
-    paths = write_results("linear_ce", rows, title="Fused linear cross-entropy: fwd+bwd time and memory",
+    paths = write_results(args.name, rows, title="Fused linear cross-entropy: fwd+bwd time and memory",
                           notes=notes, columns=cols, out_dir=args.out)
     print(markdown_table(rows, cols))
     print("wrote", *paths)
