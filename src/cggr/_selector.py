@@ -4,7 +4,7 @@ Shape legend: B batch, T sequence length, N = B·T tokens.
 
 * :class:`Curriculum` — the warm-up schedule of the kept share, ``step()``, the ``step_count`` buffer (so
   ``state_dict()`` resumes it) with a host mirror (the schedule never reads the device), and one seedable
-  random generator per device.
+  counter-based random source (:class:`cggr._rng.CounterRNG`, its counter the ``rng_counter`` buffer).
 * :class:`TokenSelector` — the validated selection options and one method that turns :class:`TokenScores`
   into (difficulty, mask, info) with the dynamic threshold applied, without a host sync.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cggr._rng import CounterRNG
 from cggr._validation import (
     SCORING_MODES,
     SELECTION_STRATEGIES,
@@ -34,7 +35,9 @@ class Curriculum(nn.Module):
     Args:
         min_tokens_ratio: Share kept once warm-up is over, in (0, 1].
         warmup_steps: Steps of the linear warm-up (0: the minimum share from the start).
-        seed: Seed of the random generators (``None``: drawn from torch's global generator on first use).
+        seed: Seed of the random source of ``stratified`` and ``random`` (a :class:`cggr._rng.CounterRNG` whose
+            draw counter is the ``rng_counter`` buffer); ``None``: drawn from torch's global generator at
+            construction, so ``torch.manual_seed`` before building the module makes runs repeatable.
     """
 
     step_count: Tensor
@@ -46,7 +49,9 @@ class Curriculum(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._step = 0  # host mirror of step_count
         self._ratio = self.schedule(0)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        # the random source: a counter-based hash (traceable by torch.compile, no host sync); the counter is saved
+        self._rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
+        self.register_buffer("rng_counter", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_post_hook(_sync_step)
 
     @property
@@ -68,15 +73,9 @@ class Curriculum(nn.Module):
         self._ratio = self.schedule(self._step)
         self.step_count.add_(1)
 
-    def random_generator(self, device: torch.device) -> torch.Generator:
-        """The module's generator on ``device`` (created and seeded on first use)."""
-        gen = self._generators.get(device)
-        if gen is None:
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            self._generators[device] = gen
-        return gen
+    def random_generator(self) -> CounterRNG:
+        """The module's random source (draws land on their inputs' device; each advances ``rng_counter``)."""
+        return CounterRNG(self._rng_seed, self.rng_counter)
 
 
 def _sync_step(module: Curriculum, incompatible_keys) -> None:
@@ -114,9 +113,9 @@ class TokenSelector(Curriculum):
     def uses_dynamic_threshold(self) -> bool:
         return self.dynamic_threshold and self.selection != "fixed_quota"
 
-    def selection_generator(self, device: torch.device) -> torch.Generator | None:
+    def selection_generator(self) -> CounterRNG | None:
         """The generator ``stratified`` and ``random`` draw from; ``None`` for the deterministic strategies."""
-        return self.random_generator(device) if self.selection in ("stratified", "random") else None
+        return self.random_generator() if self.selection in ("stratified", "random") else None
 
     def select_scored(self, scores: TokenScores, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Difficulty, selection mask and device-side statistics of scored tokens.
@@ -143,7 +142,7 @@ class TokenSelector(Curriculum):
             strategy=self.selection,
             num_strata=self.num_strata,
             min_tokens_per_sequence=self.min_tokens_per_sequence,
-            generator=self.selection_generator(diff.device),
+            generator=self.selection_generator(),
         )
         info = {
             # a fixed ratio stays a CPU scalar: building a device tensor from it would be a blocking copy

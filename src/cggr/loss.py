@@ -73,8 +73,9 @@ class CGGRLoss(TokenSelector):
         warmup_steps: Steps over which the kept share falls linearly from 1 to ``min_tokens_ratio``.
         ignore_index: Target value to ignore.
         reduction: ``'mean'`` over the selected tokens, or ``'sum'``.
-        seed: Seed of the random source used by ``stratified`` and ``random`` (``None``: drawn from torch's
-            global generator on first use, so ``torch.manual_seed`` makes runs repeatable).
+        seed: Seed of the random source used by ``stratified`` and ``random`` (a counter-based hash that
+            ``torch.compile`` can trace; its draw counter is saved in ``state_dict``). ``None``: drawn from
+            torch's global generator at construction, so ``torch.manual_seed`` before it makes runs repeatable.
         chunk_size: Rows of logits processed at once in scoring and backward (default: ~16 Mi elements).
         impl: Scoring implementation: ``'auto'`` (the one-pass Triton kernel on CUDA, else PyTorch),
             ``'torch'`` or ``'triton'`` (raises where it cannot run). ``CGGR_IMPL=torch`` forces PyTorch.
@@ -169,7 +170,7 @@ class CGGRLoss(TokenSelector):
             num_strata=self.num_strata,
             min_tokens_per_sequence=self.min_tokens_per_sequence,
             threshold_sensitivity=self.threshold_sensitivity if self.uses_dynamic_threshold else None,
-            generator=self.selection_generator(hidden.device),
+            generator=self.selection_generator(),
         )
         loss, info = linear_cross_entropy(
             hidden, weight, targets, bias=bias, ratio=self.current_ratio, scoring=self.scoring,

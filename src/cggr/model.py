@@ -255,6 +255,12 @@ class CGGRModel(Curriculum):
             if reason:
                 raise ValueError(f"fused_head=True is not possible for {type(model).__name__}: {reason}")
         self._last: dict[str, Tensor | int] = {}
+        # the curriculum's buffers start where the model lives (a random draw on a CPU counter inside a compiled
+        # CUDA graph would be a host-device copy; CGGRModel.to() moves them like any module's buffers)
+        device = next((p.device for p in model.parameters()), None)
+        if device is not None:
+            for name in ("step_count", "rng_counter"):
+                self._buffers[name] = self._buffers[name].to(device)
 
     # ------------------------------------------------------------------ curriculum
     def num_selected_sequences(self, batch_size: int) -> int:
@@ -310,8 +316,7 @@ class CGGRModel(Curriculum):
             last["router_confidence"] = (scores.confidence * valid).sum() / n_all
             last["router_entropy"] = (scores.entropy * valid).sum() / n_all
         if self.selection == "random":
-            gen = self.random_generator(input_ids.device)
-            idx = torch.randperm(batch, device=input_ids.device, generator=gen)[:k]
+            idx = self.random_generator().permutation(batch, input_ids.device)[:k]  # (k,)
         elif k == batch:
             idx = torch.arange(batch, device=input_ids.device)
         else:

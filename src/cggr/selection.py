@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cggr._rng import CounterRNG, permutation, uniform
 from cggr._validation import (
     SELECTION_STRATEGIES,
     check_choice,
@@ -94,8 +95,8 @@ def _ranking_keys(difficulty: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, d.clamp(min=finite_min), -torch.inf)
 
 
-def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(shape, device=device, generator=generator)
+def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | CounterRNG | None) -> Tensor:
+    return uniform(shape, device, generator)
 
 
 def _stratified(keys: Tensor, valid: Tensor, k: Tensor, num_strata: int, generator) -> Tensor:
@@ -149,7 +150,7 @@ def select_tokens(
     strategy: str = "topk",
     num_strata: int = 4,
     min_tokens_per_sequence: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | CounterRNG | None = None,
 ) -> Tensor:
     """Boolean mask of the tokens to keep.
 
@@ -160,7 +161,9 @@ def select_tokens(
         strategy: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` or ``'random'``.
         num_strata: Buckets for ``stratified``.
         min_tokens_per_sequence: Per-sequence floor for ``sequence_aware`` (rows of a 2-D input).
-        generator: Random source for ``stratified`` and ``random``; must live on ``difficulty.device``.
+        generator: Random source for ``stratified`` and ``random``: a ``torch.Generator`` on
+            ``difficulty.device``, a :class:`cggr._rng.CounterRNG` (what the modules use: traceable by
+            ``torch.compile``), or ``None`` (torch's global generator).
 
     Returns:
         Bool tensor shaped like ``difficulty``; exactly K = max(1, round(ratio · n_valid)) True entries,
@@ -209,7 +212,7 @@ def select_sequences(
     k: int,
     *,
     strategy: str = "topk",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | CounterRNG | None = None,
 ) -> Tensor:
     """Indices of the k sequences to train on: the hardest (``topk``) or k at random (``random``).
 
@@ -217,7 +220,7 @@ def select_sequences(
         seq_difficulty: (B,) one score per sequence; NaN counts as the hardest.
         k: How many to keep, 1 <= k <= B (a Python int, so the output shape is static).
         strategy: ``'topk'`` or ``'random'``.
-        generator: Random source for ``random``.
+        generator: Random source for ``random`` (as in :func:`select_tokens`).
 
     Returns:
         (k,) long tensor of batch indices.
@@ -232,7 +235,7 @@ def select_sequences(
     if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= batch):
         raise ValueError(f"k must be an int in [1, {batch}] (the batch size), got {k!r}")
     if strategy == "random":
-        return torch.randperm(batch, device=seq_difficulty.device, generator=generator)[:k]
+        return permutation(batch, seq_difficulty.device, generator)[:k]
     d = seq_difficulty.float()
     d = torch.where(torch.isnan(d), torch.inf, d)
     return torch.topk(d, k, sorted=False).indices
