@@ -96,7 +96,12 @@ def main() -> None:
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="torch.compile every arm's forward with this mode (default, reduce-overhead, "
                          "max-autotune-no-cudagraphs); default: eager")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (standard is always run)")
     args = ap.parse_args()
+    run_arms = ["standard"] + [a for a in ARMS[1:] if a in args.arms.split(",")]
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {sorted(unknown)}; choose among {', '.join(ARMS)}")
     if args.name is None:
         args.name = "cggr_model_compiled" if args.compile else "cggr_model"
     if not torch.cuda.is_available():
@@ -146,16 +151,16 @@ def main() -> None:
             std_data = batches(4, b, t, vocab)
             scan_data = std_data if scan == b else batches(4, scan, t, vocab)
             # Arms interleaved over several rounds (drift and clock changes hit every arm alike).
-            fns = {arm: step_fn(arm, std_data if arm == "standard" else scan_data) for arm in ARMS}
-            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-            peaks: dict[str, int] = dict.fromkeys(ARMS, 0)
+            fns = {arm: step_fn(arm, std_data if arm == "standard" else scan_data) for arm in run_arms}
+            times: dict[str, list[float]] = {arm: [] for arm in run_arms}
+            peaks: dict[str, int] = dict.fromkeys(run_arms, 0)
             for r in range(args.rounds):
-                for arm in ARMS:
+                for arm in run_arms:
                     torch.cuda.empty_cache()
                     tm = time_fn(fns[arm], warmup=args.warmup if r == 0 else 1, iters=args.iters)
                     times[arm] += tm.times_ms
                     peaks[arm] = max(peaks[arm], tm.peak_mem_bytes)
-            res = {arm: Timing(statistics.median(times[arm]), times[arm], peaks[arm], args.warmup) for arm in ARMS}
+            res = {arm: Timing(statistics.median(times[arm]), times[arm], peaks[arm], args.warmup) for arm in run_arms}
             base = res["standard"]
             for arm, tm in res.items():
                 scanned = b if arm == "standard" else scan
@@ -178,7 +183,7 @@ def main() -> None:
                         "step_ms_p90": _quantile(tm.times_ms, 0.9),
                     }
                 )
-            print(markdown_table(rows[-3:]), flush=True)
+            print(markdown_table(rows[-len(run_arms):]), flush=True)
             if protocol == "equal_scan":
                 # Breakdown of the cggr arm: router forward, scoring, and a step on the k sequences alone.
                 x = std_data[0]
