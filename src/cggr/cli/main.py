@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     race.add_argument("--no-progress", action="store_true", help="no progress bars")
     race.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                       help="instead of racing, combine the arms of race.json files of the same race (same "
-                           "settings and seed, e.g. arms run in separate sessions) into <out>/<name>.json|md|png")
+                           "settings and seed, e.g. arms run in separate sessions) into <out>/<name>.json|md|png; "
+                           "each file may bring its own standard arm, and every other arm is compared with the "
+                           "standard of its own file")
     return parser
 
 
