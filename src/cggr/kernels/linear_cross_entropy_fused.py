@@ -224,6 +224,44 @@ def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(P, rows, mask, od, D, stride, EVEN_O: tl.constexpr):
+    """P[rows, od] as a [len(rows), BO] tile (0 where masked)."""
+    if EVEN_O:
+        return tl.load(P + rows[:, None] * stride + od[None, :], mask=mask[:, None], other=0.0)
+    return tl.load(P + rows[:, None] * stride + od[None, :], mask=mask[:, None] & (od < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _product_accumulate(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src,
+                        stride_dst, USE_ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
+
+    The next chunk's SRC tile is loaded before the current chunk is accumulated, so that its latency overlaps
+    the lock round trips and the read-add-write (the last iteration reloads the first chunk: in bounds, unused).
+    ``LOCKS + c`` is the lock of chunk c (unused with atomics).
+    """
+    n_oc = tl.cdiv(D, BLOCK_O)
+    offs_o = tl.arange(0, BLOCK_O)
+    oc = start % n_oc
+    od = oc * BLOCK_O + offs_o
+    src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)
+    for _ in range(0, n_oc):
+        part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [len(dst_rows), BO] fp32
+        cur_oc = oc
+        cur_od = od
+        oc = (oc + 1) % n_oc
+        od = oc * BLOCK_O + offs_o
+        src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)  # prefetch (the last one: unused)
+        if EVEN_O:
+            m_out = dst_mask[:, None]
+        else:
+            m_out = dst_mask[:, None] & (cur_od < D)[None, :]
+        _accumulate(DST + dst_rows[:, None] * stride_dst + cur_od[None, :], part, m_out, LOCKS + cur_oc,
+                    USE_ATOMIC)
+
+
+@triton.jit
 def _bwd_kernel(
     H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, CT, LOCK_H, LOCK_W,
     R, V, D, stride_h, stride_w, softcap, filter_eps,
@@ -278,36 +316,14 @@ def _bwd_kernel(
         tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=has_t)
         gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
     n_oc = tl.cdiv(D, BLOCK_O)
-    offs_o = tl.arange(0, BLOCK_O)
+    # rotated start chunk: the programs that share a lock row (same row block for d_hidden, same vocabulary
+    # block for d_weight) differ in the other tile index and so take different locks first
     if COMPUTE_DH:
-        for j in range(0, n_oc):
-            oc = (j + pid_v) % n_oc  # rotated start: programs of one row block take different locks first
-            od = oc * BLOCK_O + offs_o
-            if EVEN_O:
-                wt = tl.load(W + cols[:, None] * stride_w + od[None, :], mask=col_mask[:, None], other=0.0)
-                m_out = row_mask[:, None]
-            else:
-                wt = tl.load(W + cols[:, None] * stride_w + od[None, :],
-                             mask=col_mask[:, None] & (od < D)[None, :], other=0.0)
-                m_out = row_mask[:, None] & (od < D)[None, :]
-            part = tl.dot(gh, wt, input_precision=DOT_PRECISION)  # [BN, BO]
-            _accumulate(DH + rows[:, None] * stride_h + od[None, :], part, m_out,
-                        LOCK_H + pid_n * n_oc + oc, DH_ATOMIC)
+        _product_accumulate(gh, W, cols, col_mask, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D,
+                            stride_w, stride_h, DH_ATOMIC, BLOCK_O, EVEN_O, DOT_PRECISION)
     if COMPUTE_DW:
-        gt = tl.trans(gb)
-        for j in range(0, n_oc):
-            oc = (j + pid_n) % n_oc
-            od = oc * BLOCK_O + offs_o
-            if EVEN_O:
-                ht = tl.load(H + rows[:, None] * stride_h + od[None, :], mask=row_mask[:, None], other=0.0)
-                m_out = col_mask[:, None]
-            else:
-                ht = tl.load(H + rows[:, None] * stride_h + od[None, :],
-                             mask=row_mask[:, None] & (od < D)[None, :], other=0.0)
-                m_out = col_mask[:, None] & (od < D)[None, :]
-            part = tl.dot(gt, ht, input_precision=DOT_PRECISION)  # [BV, BO]
-            _accumulate(DW + cols[:, None] * stride_w + od[None, :], part, m_out,
-                        LOCK_W + pid_v * n_oc + oc, DW_ATOMIC)
+        _product_accumulate(tl.trans(gb), H, rows, row_mask, DW, cols, col_mask, LOCK_W + pid_v * n_oc, pid_n, D,
+                            stride_h, stride_w, DW_ATOMIC, BLOCK_O, EVEN_O, DOT_PRECISION)
 
 
 @triton.jit
