@@ -23,10 +23,11 @@ Arms:
     python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
         [--fused-sweep] [--atomic] [--only 'cggr fused,cce'] [--no-breakdown] [--name linear_ce] [--out DIR]
 
---fused-sweep also times 'cggr fused r=1.0' under other tile configurations (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O,
-num_warps, num_stages), for tuning. Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS
-GEMM hidden @ weight.T into a bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone
-(scores) and its ratio-1 backward alone (3 GEMM passes + accumulation), and the chunked kernel's forward alone.
+Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS GEMM hidden @ weight.T into a
+bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone (scores) and its ratio-1 backward
+alone (3 GEMM passes + accumulation), and the chunked kernel's forward alone. --fused-sweep also times
+'cggr fused r=1.0' and those two parts under other tile configurations (SWEEP: overrides of the fused kernel's
+default_config), for tuning.
 """
 
 from __future__ import annotations
@@ -55,21 +56,26 @@ CASES = [(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)]
 FUSED = LinearCrossEntropyOptions(kernel="fused")
 FUSED_FP32H = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32_hidden")
 FUSED_ATOMIC = LinearCrossEntropyOptions(kernel="fused", accumulate="atomic")
-# (BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_O, num_warps, num_stages) for --fused-sweep
-SWEEP = [(128, 256, 64, 64, 8, 3), (128, 256, 64, 64, 16, 3), (256, 128, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3)]
+# --fused-sweep: overrides of the fused kernel's bf16 default tiles (BLOCK_N=128, BLOCK_V=128, BLOCK_D=64,
+# BLOCK_O=64, num_warps=8, num_stages=3); FLATTEN: flattened forward tile loop (Triton >= 3.3)
+SWEEP = [dict(num_warps=16), dict(BLOCK_V=64), dict(BLOCK_N=64), dict(BLOCK_N=64, BLOCK_V=64),
+         dict(BLOCK_O=32, num_warps=16), dict(FLATTEN=True), dict(BLOCK_D=32, num_stages=4)]
 FUSED_FILTER = LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)  # CCE's bf16 default
 
 
-class _Tiles:
-    """Context: the fused kernel's default tiles replaced by ``tiles`` (forward and backward of one step)."""
+def _tiles_name(tiles: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in tiles.items())
 
-    def __init__(self, tiles):
-        bn, bv, bd, bo, nw, ns = tiles
-        self.cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=8, num_warps=nw, num_stages=ns)
+
+class _Tiles:
+    """Context: the fused kernel's default tiles overridden by ``tiles`` (forward and backward of one step)."""
+
+    def __init__(self, tiles: dict):
+        self.tiles = tiles
 
     def __enter__(self):
-        self.orig = fused_kernel.default_config
-        fused_kernel.default_config = lambda dtype, interpret: dict(self.cfg)
+        self.orig = orig = fused_kernel.default_config
+        fused_kernel.default_config = lambda dtype, interpret: {**orig(dtype, interpret), **self.tiles}
 
     def __exit__(self, *exc):
         fused_kernel.default_config = self.orig
@@ -152,6 +158,14 @@ def _breakdown(hidden, weight, targets, args) -> dict:
     res = {}
     for name, fn in parts.items():
         res[name] = time_fn(fn, warmup=args.warmup, iters=args.iters).median_ms
+    for tiles in SWEEP if args.fused_sweep else []:
+        for part in ("fused forward (scores)", "fused backward r=1 (native)"):
+            try:
+                with _Tiles(tiles):
+                    res[f"part: {part} tiles {_tiles_name(tiles)}"] = time_fn(
+                        parts[f"part: {part}"], warmup=args.warmup, iters=args.iters).median_ms
+            except (OutOfResources, CompilationError) as e:
+                print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
     return res
 
 
@@ -179,7 +193,7 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FILTER)
     if args.fused_sweep:
         for tiles in SWEEP:
-            arms[f"cggr fused r=1.0 tiles={tiles}"] = (arms["cggr fused r=1.0"], tiles)
+            arms[f"cggr fused r=1.0 tiles {_tiles_name(tiles)}"] = (arms["cggr fused r=1.0"], tiles)
     if args.workspace_arms:
         small = LinearCrossEntropyOptions(workspace_bytes=64 * 2**20)
         for r in (1.0, 0.25):

@@ -140,6 +140,17 @@ def test_forward_scores_match_fp64(dtype, n, h, v, softcap, bias):
 
 
 @needs_interp
+def test_forward_flattened_loop_and_forward_only_tiles_give_the_same_scores():
+    hidden, weight, b, t = _inputs((45,), 40, 301, torch.float32, seed=17, bias=True)
+    args = (hidden.detach(), weight.detach(), b.detach(), t)
+    base = fz.default_config(torch.float32, True)
+    ref, _ = fz.forward_stats(*args, ignore_index=-100, softcap=4.0, config=base)
+    for extra in (dict(FLATTEN=True), dict(FWD_BLOCK_N=32, FWD_BLOCK_V=16, FWD_BLOCK_D=32)):
+        got, _ = fz.forward_stats(*args, ignore_index=-100, softcap=4.0, config={**base, **extra})
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_interp
 def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
     """Duplicated columns (in different tiles and vocabulary splits) are an exact top-2 tie: margin 0."""
     hidden, weight, _, t = _inputs((19,), 16, 70, torch.float32, seed=3, bias=False, ignore_every=0)

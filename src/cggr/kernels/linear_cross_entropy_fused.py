@@ -112,10 +112,42 @@ def _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w, softcap, ref, s, t, a1, a2, zt,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One [BN, BV] logits tile folded into the online row state (ref, s, t, a1, a2, zt)."""
+    cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < V
+    z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                     HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
+    # exact top-2 of the tile, merged into (a1, a2)
+    t1 = tl.max(z, axis=1)
+    is_top = z == t1[:, None]
+    n_top = tl.sum(is_top.to(tl.int32), axis=1)
+    t2 = tl.max(tl.where(is_top, NEG_BIG, z), axis=1)
+    t2 = tl.where(n_top >= 2, t1, t2)
+    a2 = tl.maximum(tl.minimum(a1, t1), tl.maximum(a2, t2))
+    a1 = tl.maximum(a1, t1)
+    # online Σ exp and Σ exp·(z - ref) (log2 units), rescaled when the reference moves
+    new_ref = tl.maximum(ref, t1)
+    shift2 = (ref - new_ref) * LOG2E  # <= 0, finite
+    alpha = tl.exp2(shift2)
+    t = alpha * (t + shift2 * s)
+    s = alpha * s
+    d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
+    e = tl.exp2(d2)
+    s = s + tl.sum(e, axis=1)
+    t = t + tl.sum(e * d2, axis=1)
+    zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
+    return new_ref, s, t, a1, a2, zt
+
+
+@triton.jit
 def _fwd_stats_kernel(
     H, W, Bias, T, PART, N, V, D, stride_h, stride_w, vb_per_split, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -131,32 +163,16 @@ def _fwd_stats_kernel(
     n_vb = tl.cdiv(V, BLOCK_V)
     vb0 = pid_s * vb_per_split
     vb1 = tl.minimum(vb0 + vb_per_split, n_vb)
-    for vb in range(vb0, vb1):
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
-        z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
-        # exact top-2 of the tile, merged into (a1, a2)
-        t1 = tl.max(z, axis=1)
-        is_top = z == t1[:, None]
-        n_top = tl.sum(is_top.to(tl.int32), axis=1)
-        t2 = tl.max(tl.where(is_top, NEG_BIG, z), axis=1)
-        t2 = tl.where(n_top >= 2, t1, t2)
-        a2 = tl.maximum(tl.minimum(a1, t1), tl.maximum(a2, t2))
-        a1 = tl.maximum(a1, t1)
-        # online Σ exp and Σ exp·(z - ref) (log2 units), rescaled when the reference moves
-        new_ref = tl.maximum(ref, t1)
-        shift2 = (ref - new_ref) * LOG2E  # <= 0, finite
-        alpha = tl.exp2(shift2)
-        t = alpha * (t + shift2 * s)
-        s = alpha * s
-        d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
-        e = tl.exp2(d2)
-        s = s + tl.sum(e, axis=1)
-        t = t + tl.sum(e * d2, axis=1)
-        ref = new_ref
-        zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
+    if FLATTEN:  # tile loop and GEMM loop flattened into one pipelined loop (Triton >= 3.3 on Hopper)
+        for vb in tl.range(vb0, vb1, flatten=True):
+            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w,
+                                              softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
+                                              BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    else:
+        for vb in range(vb0, vb1):
+            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w,
+                                              softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
+                                              BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
     stride_k = tl.num_programs(1) * N  # PART is [6, S, N]
     base = PART + pid_s * N + rows
     tl.store(base, ref, mask=row_mask)
@@ -348,14 +364,18 @@ def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.c
 
 # ---------------------------------------------------------------------------------------------- launchers
 def default_config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes: 128 x 128 tiles with 64-deep steps for 16-bit inputs, 32-deep steps for fp32 (shared memory).
+    """Tile sizes: 128 x 128 tiles with 64-deep steps for 16-bit inputs; 64 x 64 with 32-deep steps for fp32
+    (fp32 products run on FMA units, register-bound; fp32 is the correctness path, not the fast one).
 
+    Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
+    num_warps, num_stages; optional forward-only overrides FWD_BLOCK_N, FWD_BLOCK_V, FWD_BLOCK_D,
+    FWD_num_warps, FWD_num_stages, and FLATTEN (flattened tile loop in the forward, off by default).
     Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests exercise several blocks per axis.
     """
     if interpret:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=64, GROUP_N=8, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=32, GROUP_N=8, num_warps=8, num_stages=2)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3)
 
 
@@ -432,7 +452,7 @@ def forward_stats(
         return stats, (None, None, None)
     bias = bias.contiguous() if bias is not None else None
     cfg = dict(config or default_config(hidden.dtype, _interpreting()))
-    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    bn, bv, bd = (cfg.get("FWD_" + k, cfg[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
     n_nb, n_vb = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     splits = max(1, min(n_vb, triton.cdiv(_programs_target(hidden.device), n_nb)))
     vb_per_split = triton.cdiv(n_vb, splits)
@@ -442,8 +462,8 @@ def forward_stats(
         hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, d,
         hidden.stride(0), weight.stride(0), vb_per_split, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-        EVEN_D=d % bd == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN_D=d % bd == 0, DOT_PRECISION=_dot_precision(hidden.dtype), FLATTEN=bool(cfg.get("FLATTEN", False)),
+        num_warps=cfg.get("FWD_num_warps", cfg["num_warps"]), num_stages=cfg.get("FWD_num_stages", cfg["num_stages"]),
     )
     merge_block = 1024 if not _interpreting() else 64
     _merge_kernel[(triton.cdiv(n, merge_block),)](
