@@ -1,0 +1,103 @@
+"""The fused linear cross-entropy kernels compile for an H100/H200 (sm_90) without a GPU.
+
+Every kernel of :mod:`cggr.kernels.linear_cross_entropy_fused` is compiled ahead of time with the installed
+Triton (``triton.compile`` on an ``ASTSource`` for ``GPUTarget('cuda', 90, 32)``, ptxas included) at its default
+tiles for bf16, fp16 and fp32, in the constexpr variants the launchers use (bias, softcap, selected rows,
+accumulation modes, gradient filter, flattened forward loop). This catches type and lowering errors (for
+example a 16-bit atomic the backend cannot lower) before any GPU time is spent. It runs in a subprocess so
+that the kernels are plain JIT functions even when another test module turned the interpreter on.
+Skipped without triton or without its bundled ptxas (CI). The GPU's own Triton may differ in version:
+tests/gpu/test_linear_ce_gpu.py remains the check on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from cggr.kernels import linear_cross_entropy_fused as fz
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    NOT_DIVISIBLE = ("ignore_index", "S", "vb_per_split")
+
+
+    def compile_one(fn, sig, constexprs, num_warps, num_stages):
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
+                 if t.startswith("*") or (t == "i32" and k not in NOT_DIVISIBLE)}
+        full = {**sig, **{k: "constexpr" for k in constexprs}}
+        src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
+        triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+    count = 0
+    for name, dtype in DTYPES.items():
+        cfg = fz.default_config(dtype, False)
+        p = "*" + name
+        prec = fz._dot_precision(dtype)
+        fwd = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "N": "i32", "V": "i32", "D": "i32",
+               "stride_h": "i32", "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32"}
+        variants = ((False, False, False, True), (True, True, False, False), (False, False, True, True))
+        for bias, cap, flat, even in variants:
+            compile_one(fz._fwd_stats_kernel, fwd, dict(
+                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+                BLOCK_D=cfg["BLOCK_D"], EVEN_D=even, DOT_PRECISION=prec, FLATTEN=flat),
+                cfg["num_warps"], cfg["num_stages"])
+            count += 1
+        bwd = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
+               "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32", "R": "i32",
+               "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
+               "filter_eps": "fp32"}
+        modes = ("fp32",) if dtype == torch.float32 else ("native", "atomic", "fp32_hidden", "fp32")
+        for mode in modes:
+            for bias, cap, idx, filt, even in ((False, False, False, False, True), (True, True, True, True, False)):
+                sig = dict(bwd)
+                dh32 = mode in ("fp32_hidden", "fp32")
+                if dh32:
+                    sig["DH"] = "*fp32"
+                if mode == "fp32":
+                    sig["DW"] = "*fp32"
+                compile_one(fz._bwd_kernel, sig, dict(
+                    HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, COMPUTE_DH=True, COMPUTE_DW=True,
+                    COMPUTE_DB=bias, DH_ATOMIC=dh32 or mode == "atomic", DW_ATOMIC=mode in ("fp32", "atomic"),
+                    FILTER=filt, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                    BLOCK_O=cfg["BLOCK_O"], GROUP_N=cfg["GROUP_N"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec),
+                    cfg["num_warps"], cfg["num_stages"])
+                count += 1
+        fix = {"DH": p, "W": p, "T": "*i64", "IDX": "*i64", "CT": "*fp32", "D": "i32", "stride_h": "i32",
+               "stride_w": "i32"}
+        compile_one(fz._target_fixup_kernel, fix, dict(HAS_IDX=True, BLOCK=1024), 4, 1)
+        count += 1
+    merge = {"PART": "*fp32", "STATS": "*fp32", "T": "*i64", "N": "i32", "S": "i32", "ignore_index": "i32"}
+    compile_one(fz._merge_kernel, merge, dict(BLOCK=1024), 4, 1)
+    print("compiled", count + 1)
+    """
+)
+
+
+def _ptxas_available() -> bool:
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(bundled) or os.environ.get("TRITON_PTXAS_PATH") is not None
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+def test_fused_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, cwd=root,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "compiled" in r.stdout
