@@ -25,12 +25,21 @@ import torch.nn.functional as F
 
 # The interpreter must be on before triton itself is imported (its standard library is decorated at import).
 # When triton was imported already in this process (another test module), the checks run in a subprocess.
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-from cggr.kernels import grouped_gemm as gg
-from cggr.kernels import moe_routing as mr
-from cggr.kernels import moe_slot_sum as ss
+# The variable is restored afterwards (torch.compile in other test modules must not see it) and set again around
+# this module's tests by the fixture below.
+_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
+try:
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    from cggr.kernels import grouped_gemm as gg
+    from cggr.kernels import moe_routing as mr
+    from cggr.kernels import moe_slot_sum as ss
+finally:
+    if _ENV_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
 INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
                   for f in (mr._route_fwd_kernel, gg._rows_kernel, ss._sum_slots_kernel))
@@ -39,6 +48,13 @@ needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled befo
 
 from cggr.moe import aux_losses, expert_mlp_torch, route_tokens  # noqa: E402
 from tests.test_moe import naive_moe  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch):
+    """Code that reads TRITON_INTERPRET at call time sees it on during this module's tests only."""
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _gen(seed=None) -> torch.Generator:
