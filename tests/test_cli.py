@@ -62,6 +62,8 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
     assert "--minutes must be > 0" in _error(["race", "--minutes", "-1"], capsys)
     assert "--minutes must be > 0" in _error(["race", "--minutes", "0"], capsys)
     assert "unknown arm(s) fast" in _error(["race", "--arms", "standard,fast"], capsys)
+    assert "--scoring must be one of entropy, margin, loss, combined, got 'hard'" in _error(
+        ["race", "--scoring", "hard"], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("\n\n")

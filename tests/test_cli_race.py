@@ -166,6 +166,12 @@ def test_arms_run_separately_merge_into_one_race(small_config, tmp_path, capsys)
         diff = by[(arm, run)] - by[("standard", run)]
         assert rows[arm]["Δ loss"] == f"{diff:+.4f} ({diff / by[('standard', run)]:+.1%})"
     assert "Merged from separate runs" in (tmp_path / "n" / "race.md").read_text()
+    # a file recorded before a setting existed merges with one that has that setting's former implicit value
+    old = json.loads((tmp_path / "a" / "race.json").read_text())
+    del old["settings"]["scoring"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["race", "--merge", str(tmp_path / "old.json"), str(tmp_path / "d" / "race.json"), "--out",
+                 str(tmp_path / "o")]) == 0
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CGGR curriculum: optimizer steps over which the kept share falls linearly from 1 to "
                            "--ratio (default 0: the ratio from the first step, so every step trains on the same "
                            "number of sequences)")
+    race.add_argument("--scoring", default="combined",
+                      help="token difficulty used by the cggr and cggr-loss arms: entropy, margin, loss or "
+                           "combined (default)")
     race.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                       help="standard arm's sequences per step (default: preset's)")
     race.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
@@ -251,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out, scan_multiplier=args.scan_multiplier, batch_size=args.batch_size, seq_len=args.seq_len,
                 lr=args.lr, evals=args.evals, eval_sequences=args.eval_sequences, dtype=args.dtype,
                 progress=not args.no_progress, name=args.name, ratio_warmup_steps=args.ratio_warmup_steps,
+                scoring=args.scoring,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)

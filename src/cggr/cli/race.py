@@ -70,6 +70,7 @@ class RaceConfig:
     name: str = "race"
     train_problems: int = 50_000  # size of the generated arithmetic training pool
     ratio_warmup_steps: int = 0  # CGGR curriculum: steps over which the kept share falls from 1 to ratio
+    scoring: str = "combined"  # difficulty of the cggr and cggr-loss arms: entropy, margin, loss or combined
 
 
 def validate_config(cfg: RaceConfig) -> None:
@@ -86,6 +87,10 @@ def validate_config(cfg: RaceConfig) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if cfg.ratio_warmup_steps < 0:
         raise CLIError(f"--ratio-warmup-steps must be >= 0, got {cfg.ratio_warmup_steps}")
+    from cggr._validation import SCORING_MODES
+
+    if cfg.scoring not in SCORING_MODES:
+        raise CLIError(f"--scoring must be one of {', '.join(SCORING_MODES)}, got {cfg.scoring!r}")
     if cfg.evals < 1 or cfg.eval_sequences < 1:
         raise CLIError(f"--evals and --eval-sequences must be >= 1, got {cfg.evals} and {cfg.eval_sequences}")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -242,14 +247,14 @@ class _Arm:
             router = create_truncated_router(model, num_layers=router_layers) if arm == "cggr" else None
             self.wrapper = CGGRModel(
                 model, router=router, num_router_layers=router_layers, min_tokens_ratio=cfg.ratio,
-                warmup_steps=cfg.ratio_warmup_steps,
+                warmup_steps=cfg.ratio_warmup_steps, scoring=cfg.scoring,
                 selection="topk" if arm == "cggr" else "random", seed=cfg.seed,
             )
         elif arm == "cggr-loss":
             from cggr.integrations.hf_quirks import fused_head_parts
 
             self.criterion = CGGRLoss(
-                scoring="combined", selection="topk", dynamic_threshold=False, min_tokens_ratio=cfg.ratio,
+                scoring=cfg.scoring, selection="topk", dynamic_threshold=False, min_tokens_ratio=cfg.ratio,
                 warmup_steps=cfg.ratio_warmup_steps, seed=cfg.seed,
             ).to(device)
             self.head = fused_head_parts(model)[0]  # (base model, HeadSpec) or None: logits path
@@ -423,7 +428,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         "minutes_per_arm": minutes,
         "ratio": cfg.ratio, "scan_multiplier": multiplier, "batch_size": batch, "scanned_per_step": scan,
         "trained_per_step": kept,
-        "ratio_warmup_steps": cfg.ratio_warmup_steps, "router_layers": router_layers,
+        "ratio_warmup_steps": cfg.ratio_warmup_steps, "scoring": cfg.scoring, "router_layers": router_layers,
         "num_layers": spec.num_layers, "lr": lr, "warmup_fraction": WARMUP_FRACTION,
         "schedule": "linear warm-up, cosine to 0 over each arm's budget (by elapsed time)", "seed": cfg.seed,
         "device": str(device), "dtype": cfg.dtype, "evals": cfg.evals, "setup_seconds": round(setup_seconds, 1),

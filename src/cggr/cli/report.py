@@ -219,7 +219,11 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
 
 
 _SAME_SETTINGS = ("model", "parameters", "data", "minutes_per_arm", "ratio", "scan_multiplier", "batch_size",
-                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "evals")
+                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "scoring", "evals")
+
+
+# settings added after races were recorded: the value those races implied
+_SETTING_DEFAULTS = {"scoring": "combined"}
 
 
 def merge_race_files(paths: list[Path]) -> dict[str, Any]:
@@ -245,9 +249,11 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
     arms: list[dict[str, Any]] = []
     for run, (path, payload) in enumerate(zip(paths, payloads), start=1):
         for key in _SAME_SETTINGS:
-            if payload["settings"].get(key) != first["settings"].get(key):
-                raise CLIError(f"--merge: {str(path)!r} has {key}={payload['settings'].get(key)!r}, "
-                               f"the first file {first['settings'].get(key)!r}; not the same race")
+            mine = payload["settings"].get(key, _SETTING_DEFAULTS.get(key))
+            theirs = first["settings"].get(key, _SETTING_DEFAULTS.get(key))
+            if mine != theirs:
+                raise CLIError(f"--merge: {str(path)!r} has {key}={mine!r}, the first file {theirs!r}; "
+                               "not the same race")
         for arm in payload["arms"]:
             if arm["arm"] != "standard" and any(a["arm"] == arm["arm"] for a in arms):
                 raise CLIError(f"--merge: arm {arm['arm']!r} appears in more than one file")
