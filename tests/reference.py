@@ -78,3 +78,41 @@ def stratified_quotas(k: int, sizes: list[int]) -> list[int]:
         q[i] += add
         over -= add
     return q
+
+
+# ------------------------------------------------------------------ linear cross-entropy (hidden states + head)
+def lce_inputs(shape, h, v, dtype=torch.float64, seed=0, bias=True, ignore_every=5, scale=2.0):
+    """Leaf (hidden (*shape, h), weight (v, h), bias (v,) or None) and targets (shape) with every
+    ``ignore_every``-th target ignored; logits ~ N(0, scale²)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * (scale / h**0.5)).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, shape, generator=gen)
+    if ignore_every:
+        t.view(-1)[1::ignore_every] = -100
+    return hidden, weight, b, t
+
+
+def lce_logits64(hidden, weight, b, softcap):
+    """fp64 logits hidden @ weight.T (+ b), soft-capped; differentiable."""
+    z = hidden.double() @ weight.double().t()
+    if b is not None:
+        z = z + b.double()
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+def lce_naive(hidden, weight, b, t, mask, softcap, reduction):
+    """fp64 loss and [d hidden, d weight(, d bias)] with materialised logits, over the tokens in ``mask``."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    bb = b.detach().double().requires_grad_() if b is not None else None
+    z = lce_logits64(h, w, bb, softcap).reshape(-1, w.shape[0])
+    logp = torch.log_softmax(z, dim=-1)
+    nll = -logp.gather(1, t.reshape(-1).clamp(min=0)[:, None]).squeeze(1)
+    m = mask.reshape(-1).double()
+    loss = (nll * m).sum()
+    if reduction == "mean":
+        loss = loss / m.sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])

@@ -14,41 +14,7 @@ from cggr._rng import CounterRNG
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy, token_scores
 from cggr.loss import CGGRLoss
 from cggr.scoring import token_scores as torch_token_scores
-
-
-def _inputs(shape, h, v, dtype=torch.float64, seed=0, bias=True, ignore_every=5):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * (2.0 / h**0.5)).to(dtype).requires_grad_()
-    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
-    t = torch.randint(0, v, shape, generator=gen)
-    if ignore_every:
-        t.view(-1)[1::ignore_every] = -100
-    return hidden, weight, b, t
-
-
-def _logits64(hidden, weight, b, softcap):
-    z = hidden.double() @ weight.double().t()
-    if b is not None:
-        z = z + b.double()
-    return softcap * torch.tanh(z / softcap) if softcap is not None else z
-
-
-def _naive(hidden, weight, b, t, mask, softcap, reduction):
-    """fp64 loss and grads with the materialised logits, over the given mask."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    bb = b.detach().double().requires_grad_() if b is not None else None
-    z = _logits64(h, w, bb, softcap).reshape(-1, w.shape[0])
-    logp = F.log_softmax(z, dim=-1)
-    tt = t.reshape(-1)
-    nll = -logp.gather(1, tt.clamp(min=0)[:, None]).squeeze(1)
-    m = mask.reshape(-1).double()
-    loss = (nll * m).sum()
-    if reduction == "mean":
-        loss = loss / m.sum().clamp(min=1)
-    loss.backward()
-    return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])
+from tests.reference import lce_inputs, lce_logits64, lce_naive
 
 
 def _ours(hidden, weight, b, t, **kw):
@@ -95,10 +61,10 @@ def test_token_scores_explicit_triton_on_cpu_raises_and_env_forces_torch(monkeyp
     ],
 )
 def test_torch_path_matches_naive_fp64(shape, h, v, ratio, softcap, bias, reduction):
-    hidden, weight, b, t = _inputs(shape, h, v, seed=sum(shape) + v, bias=bias)
+    hidden, weight, b, t = lce_inputs(shape, h, v, seed=sum(shape) + v, bias=bias)
     opts = LinearCrossEntropyOptions(workspace_bytes=2048)  # several row chunks
     loss, info, grads = _ours(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction, options=opts)
-    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, softcap, reduction)
+    ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, softcap, reduction)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-7)
     for a, c in zip(grads, ref_grads):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-8)
@@ -110,16 +76,16 @@ def test_torch_path_matches_naive_fp64(shape, h, v, ratio, softcap, bias, reduct
 
 
 def test_fp32_inputs_match_naive_within_fp32_tolerance():
-    hidden, weight, b, t = _inputs((50,), 24, 301, dtype=torch.float32, seed=4)
+    hidden, weight, b, t = lce_inputs((50,), 24, 301, dtype=torch.float32, seed=4)
     loss, info, grads = _ours(hidden, weight, b, t, ratio=0.4, softcap=12.0)
-    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, 12.0, "mean")
+    ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, 12.0, "mean")
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     for a, c in zip(grads, ref_grads):
         assert float((a.double() - c).norm() / c.norm()) <= 1e-5
 
 
 def test_ratio_one_equals_plain_cross_entropy():
-    hidden, weight, b, t = _inputs((3, 13), 20, 91, seed=7)
+    hidden, weight, b, t = lce_inputs((3, 13), 20, 91, seed=7)
     loss, info, grads = _ours(hidden, weight, b, t, ratio=1.0)
     assert torch.equal(info.mask, t != -100)
     h = hidden.detach().clone().requires_grad_()
@@ -133,7 +99,7 @@ def test_ratio_one_equals_plain_cross_entropy():
 
 
 def test_all_ignored_rows_give_zero_loss_and_zero_grads():
-    hidden, weight, b, t = _inputs((6,), 8, 40, seed=2)
+    hidden, weight, b, t = lce_inputs((6,), 8, 40, seed=2)
     t[:] = -100
     for ratio in (1.0, 0.5):
         loss, info, grads = _ours(hidden, weight, b, t, ratio=ratio)
@@ -146,11 +112,11 @@ def test_all_ignored_rows_give_zero_loss_and_zero_grads():
 @pytest.mark.parametrize("scoring", ["entropy", "margin", "loss", "combined"])
 @pytest.mark.parametrize("selection", ["topk", "stratified", "random", "fixed_quota"])
 def test_selected_set_equals_cggrloss_on_materialised_logits(scoring, selection):
-    hidden, weight, b, t = _inputs((120,), 16, 203, seed=11, bias=True)
+    hidden, weight, b, t = lce_inputs((120,), 16, 203, seed=11, bias=True)
     ratio = 0.3
     crit = CGGRLoss(scoring=scoring, selection=selection, dynamic_threshold=False, min_tokens_ratio=ratio,
                     warmup_steps=0, seed=123)
-    ref_mask, _ = crit.select(_logits64(hidden, weight, b, None).float(), t)
+    ref_mask, _ = crit.select(lce_logits64(hidden, weight, b, None).float(), t)
     # the same random source as the loss's: seed 123, first draw
     opts = LinearCrossEntropyOptions(generator=CounterRNG(123, torch.zeros((), dtype=torch.long)), workspace_bytes=4096)
     _, info = linear_cross_entropy(hidden, weight, t, bias=b, ratio=ratio, scoring=scoring, selection=selection,
@@ -159,24 +125,24 @@ def test_selected_set_equals_cggrloss_on_materialised_logits(scoring, selection)
 
 
 def test_dynamic_threshold_and_sequence_aware_match_cggrloss():
-    hidden, weight, _, t = _inputs((4, 25), 16, 97, seed=5, bias=False)
+    hidden, weight, _, t = lce_inputs((4, 25), 16, 97, seed=5, bias=False)
     t[2, :] = -100
     for selection in ("topk", "sequence_aware"):
         crit = CGGRLoss(scoring="combined", selection=selection, dynamic_threshold=True, threshold_sensitivity=0.5,
                         min_tokens_ratio=0.2, warmup_steps=0, min_tokens_per_sequence=4)
-        ref_mask, _ = crit.select(_logits64(hidden, weight, None, None).float(), t)
+        ref_mask, _ = crit.select(lce_logits64(hidden, weight, None, None).float(), t)
         opts = LinearCrossEntropyOptions(threshold_sensitivity=0.5, min_tokens_per_sequence=4)
         loss, info = linear_cross_entropy(hidden, weight, t, ratio=0.2, selection=selection, impl="torch",
                                           return_info=True, options=opts)
         assert torch.equal(info.mask, ref_mask), selection
         assert float(info.ratio) == pytest.approx(crit.get_metrics()["effective_ratio"])
-        ref_loss, _ = _naive(hidden, weight, None, t, info.mask, None, "mean")
+        ref_loss, _ = lce_naive(hidden, weight, None, t, info.mask, None, "mean")
         torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-6, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------ errors
 def test_bad_arguments_raise_with_names():
-    hidden, weight, b, t = _inputs((5,), 8, 30, seed=1)
+    hidden, weight, b, t = lce_inputs((5,), 8, 30, seed=1)
     with pytest.raises(ValueError, match="weight shape"):
         linear_cross_entropy(hidden, weight[:, :7], t, impl="torch")
     with pytest.raises(TypeError, match="dtype"):
@@ -203,7 +169,7 @@ def test_bad_arguments_raise_with_names():
 
 
 def test_second_backward_through_the_same_graph_raises():
-    hidden, weight, b, t = _inputs((7,), 8, 30, seed=3)
+    hidden, weight, b, t = lce_inputs((7,), 8, 30, seed=3)
     loss = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
@@ -211,7 +177,7 @@ def test_second_backward_through_the_same_graph_raises():
 
 
 def test_no_grad_forward_keeps_nothing_and_matches():
-    hidden, weight, b, t = _inputs((9,), 8, 30, seed=6)
+    hidden, weight, b, t = lce_inputs((9,), 8, 30, seed=6)
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, t, bias=b, ratio=1.0, impl="torch")
     assert not loss.requires_grad
@@ -230,7 +196,7 @@ def test_kernel_options_are_validated_and_ignored_by_the_torch_path():
         LinearCrossEntropyOptions(accumulate="fp32")
     with pytest.raises(ValueError, match="kernel='fused' only"):
         LinearCrossEntropyOptions(filter_eps=1e-4)
-    hidden, weight, b, t = _inputs((11,), 8, 30, seed=9)
+    hidden, weight, b, t = lce_inputs((11,), 8, 30, seed=9)
     opts = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32", filter_eps=1e-4)
     a = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch", options=opts)
     c = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch")

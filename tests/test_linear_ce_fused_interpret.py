@@ -46,6 +46,7 @@ needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled befo
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
 from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
+from tests.reference import lce_inputs, lce_logits64, lce_naive  # noqa: E402
 
 FUSED = LinearCrossEntropyOptions(kernel="fused")
 
@@ -68,38 +69,10 @@ def test_in_fresh_process():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def _inputs(shape, h, v, dtype, seed, bias=True, ignore_every=5, scale=2.0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, h, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen, dtype=torch.float64) * (scale / h**0.5)).to(dtype).requires_grad_()
-    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype).requires_grad_() if bias else None
-    t = torch.randint(0, v, shape, generator=gen)
-    if ignore_every:
-        t.view(-1)[1::ignore_every] = -100
-    return hidden, weight, b, t
 
 
-def _logits64(hidden, weight, b, softcap):
-    z = hidden.detach().double() @ weight.detach().double().t()
-    if b is not None:
-        z = z + b.detach().double()
-    return softcap * torch.tanh(z / softcap) if softcap is not None else z
 
 
-def _naive(hidden, weight, b, t, mask, softcap, reduction):
-    """fp64 loss and gradients with the materialised logits, over ``mask``."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    bb = b.detach().double().requires_grad_() if b is not None else None
-    z = h @ w.t() + (bb if bb is not None else 0.0)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z.reshape(-1, w.shape[0])
-    nll = F.cross_entropy(z, torch.where(t == -100, 0, t).reshape(-1), reduction="none")
-    m = mask.reshape(-1).double()
-    loss = (nll * m).sum() / (m.sum().clamp(min=1) if reduction == "mean" else 1.0)
-    loss.backward()
-    return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])
 
 
 def _rel(a, b):
@@ -125,13 +98,13 @@ def _fused(hidden, weight, b, t, options=FUSED, **kw):
     [(1, 24, 50, None, False), (37, 24, 101, 5.0, True), (53, 40, 257, None, True), (20, 16, 33, 3.0, False)],
 )
 def test_forward_scores_match_fp64(dtype, n, h, v, softcap, bias):
-    hidden, weight, b, t = _inputs((n,), h, v, dtype, seed=n + v, bias=bias)
+    hidden, weight, b, t = lce_inputs((n,), h, v, dtype, seed=n + v, bias=bias)
     if n > 1:
         t[3] = -100
     stats, grads = fz.forward_stats(hidden.detach(), weight.detach(), b.detach() if b is not None else None, t,
                                     ignore_index=-100, softcap=softcap)
     assert grads == (None, None, None)
-    z = _logits64(hidden, weight, b, softcap)
+    z = lce_logits64(hidden, weight, b, softcap)
     ref = torch_token_scores(z, t)
     torch.testing.assert_close(stats[0].double(), torch.logsumexp(z, -1), rtol=1e-5, atol=1e-5)
     for i, name in enumerate(("entropy", "confidence", "margin", "nll"), start=1):
@@ -141,7 +114,7 @@ def test_forward_scores_match_fp64(dtype, n, h, v, softcap, bias):
 
 @needs_interp
 def test_forward_flattened_loop_and_forward_only_tiles_give_the_same_scores():
-    hidden, weight, b, t = _inputs((45,), 40, 301, torch.float32, seed=17, bias=True)
+    hidden, weight, b, t = lce_inputs((45,), 40, 301, torch.float32, seed=17, bias=True)
     args = (hidden.detach(), weight.detach(), b.detach(), t)
     base = fz.default_config(torch.float32, True)
     ref, _ = fz.forward_stats(*args, ignore_index=-100, softcap=4.0, config=base)
@@ -153,11 +126,11 @@ def test_forward_flattened_loop_and_forward_only_tiles_give_the_same_scores():
 @needs_interp
 def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
     """Duplicated columns (in different tiles and vocabulary splits) are an exact top-2 tie: margin 0."""
-    hidden, weight, _, t = _inputs((19,), 16, 70, torch.float32, seed=3, bias=False, ignore_every=0)
+    hidden, weight, _, t = lce_inputs((19,), 16, 70, torch.float32, seed=3, bias=False, ignore_every=0)
     w = weight.detach().clone()
     w[65] = w[2] * 3.0  # column 65 is the maximum everywhere (scaled copy), column 66 its twin
     w[66] = w[65]
-    z = _logits64(hidden, w, None, None)
+    z = lce_logits64(hidden, w, None, None)
     stats, _ = fz.forward_stats(hidden.detach(), w, None, t, ignore_index=-100, softcap=None)
     ref = torch_token_scores(z, t)
     pos = (z[:, 65] > 0) & (z[:, 65] == z.max(-1).values)
@@ -179,9 +152,9 @@ def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
     ],
 )
 def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bias, reduction):
-    hidden, weight, b, t = _inputs(shape, h, v, dtype, seed=sum(shape) + v + h, bias=bias)
+    hidden, weight, b, t = lce_inputs(shape, h, v, dtype, seed=sum(shape) + v + h, bias=bias)
     loss, info, grads = _fused(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction)
-    ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, softcap, reduction)
+    ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, softcap, reduction)
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
     for a, c in zip(grads, ref_grads):
         assert a.dtype == dtype and torch.isfinite(a).all()
@@ -198,11 +171,11 @@ def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bia
 @needs_interp
 @pytest.mark.parametrize("accumulate", ["native", "atomic", "fp32_hidden", "fp32"])
 def test_accumulate_modes_fp16(accumulate):
-    hidden, weight, b, t = _inputs((45,), 24, 131, torch.float16, seed=21, bias=True)
+    hidden, weight, b, t = lce_inputs((45,), 24, 131, torch.float16, seed=21, bias=True)
     opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate)
     for ratio in (1.0, 0.5):
         loss, info, grads = _fused(hidden, weight, b, t, options=opts, ratio=ratio)
-        ref_loss, ref_grads = _naive(hidden, weight, b, t, info.mask, None, "mean")
+        ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
         assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
         for a, c in zip(grads, ref_grads):
             assert a.dtype == torch.float16
@@ -211,29 +184,29 @@ def test_accumulate_modes_fp16(accumulate):
 
 @needs_interp
 def test_all_ignored_rows_and_no_grad_forward():
-    hidden, weight, b, t = _inputs((6,), 16, 40, torch.float32, seed=2)
+    hidden, weight, b, t = lce_inputs((6,), 16, 40, torch.float32, seed=2)
     t[:] = -100
     for ratio in (1.0, 0.5):
         loss, info, grads = _fused(hidden, weight, b, t, ratio=ratio)
         assert float(loss) == 0.0 and int(info.num_selected) == 0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
-    hidden, weight, b, t = _inputs((9,), 16, 40, torch.float32, seed=6)
+    hidden, weight, b, t = lce_inputs((9,), 16, 40, torch.float32, seed=6)
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", options=FUSED)
     assert not loss.requires_grad
-    ref = F.cross_entropy(_logits64(hidden, weight, b, None), t, ignore_index=-100)
+    ref = F.cross_entropy(lce_logits64(hidden, weight, b, None), t, ignore_index=-100)
     assert abs(float(loss) - float(ref)) <= 1e-5 * float(ref)
 
 
 @needs_interp
 def test_only_some_gradients_requested():
-    hidden, weight, b, t = _inputs((33,), 24, 90, torch.float32, seed=8)
+    hidden, weight, b, t = lce_inputs((33,), 24, 90, torch.float32, seed=8)
     for ratio in (1.0, 0.4):
         loss, info = linear_cross_entropy(hidden, weight.detach(), t, bias=b.detach(), impl="triton",
                                           ratio=ratio, return_info=True, options=FUSED)
         (g_h,) = torch.autograd.grad(loss, (hidden,))
-        _, ref_grads = _naive(hidden, weight, b, t, info.mask, None, "mean")
+        _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
         assert _rel(g_h, ref_grads[0]) <= 1e-5
         loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=FUSED)
         g_w, g_b = torch.autograd.grad(loss, (weight, b))
@@ -244,7 +217,7 @@ def test_only_some_gradients_requested():
 def test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact():
     """Skipped tiles have every |p - onehot| < eps: the d_hidden error is at most eps · w_n · Σ_v |W[v, :]|."""
     # 8 rows, peaked softmax (logit std 20), one target column: most of the 19 vocabulary tiles are skippable
-    hidden, weight, _, t = _inputs((8,), 16, 600, torch.float32, seed=13, bias=False, ignore_every=0, scale=20.0)
+    hidden, weight, _, t = lce_inputs((8,), 16, 600, torch.float32, seed=13, bias=False, ignore_every=0, scale=20.0)
     t[:] = 0
     _, _, exact = _fused(hidden, weight, None, t, reduction="sum")
     _, _, tiny = _fused(hidden, weight, None, t, reduction="sum",
