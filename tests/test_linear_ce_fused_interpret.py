@@ -20,27 +20,17 @@ Shape legend: N tokens, H hidden, V vocabulary.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
+from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+
+with interpreter_env():  # only this module's tests run interpreted (fixture below)
     pytest.importorskip("triton")
     from cggr.kernels import linear_cross_entropy_fused as fz
-finally:  # only this module's tests run interpreted (fixture below): other modules see the environment unchanged
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
-INTERPRETED = type(fz._bwd_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = is_interpreted(fz._bwd_kernel)
 needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
                                                           "see test_in_fresh_process")
 
@@ -62,11 +52,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 @pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
 def test_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 

@@ -15,34 +15,19 @@ Shape legend: N tokens, d hidden, I intermediate, E experts, k = top_k, M = N·k
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-# The interpreter must be on before triton itself is imported (its standard library is decorated at import).
-# When triton was imported already in this process (another test module), the checks run in a subprocess.
-# The variable is restored afterwards (torch.compile in other test modules must not see it) and set again around
-# this module's tests by the fixture below.
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-try:
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
+from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+
+with interpreter_env():  # see tests/_interpret.py
     pytest.importorskip("triton")
     from cggr.kernels import grouped_gemm as gg
     from cggr.kernels import moe_routing as mr
     from cggr.kernels import moe_slot_sum as ss
-finally:
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (mr._route_fwd_kernel, gg._rows_kernel, ss._sum_slots_kernel))
+INTERPRETED = is_interpreted(mr._route_fwd_kernel, gg._rows_kernel, ss._sum_slots_kernel)
 needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
                                                           "see test_in_fresh_process")
 
@@ -63,11 +48,7 @@ def _gen(seed=None) -> torch.Generator:
 
 @pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
 def test_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def _torch_plan(logits, k, mask):

@@ -1,0 +1,46 @@
+"""Helpers for CPU test modules that run Triton kernels in the interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter must be on before triton itself is imported (its standard library is decorated at import). A
+module imports its kernels inside :func:`interpreter_env`; when triton was imported already in this process (by
+another test module), the kernels are compiled ones and the module's checks run through
+:func:`run_in_fresh_process` instead. The variable is restored after the import (torch.compile in other test
+modules must not see it: without triton it makes dynamo graph-break) and set again around the module's own
+tests by an autouse fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def interpreter_env() -> Iterator[None]:
+    """TRITON_INTERPRET=1 while the body imports triton and the kernels (if triton is not imported yet)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    try:
+        if "triton" not in sys.modules:
+            os.environ["TRITON_INTERPRET"] = "1"
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def is_interpreted(*kernels) -> bool:
+    """Whether every given ``@triton.jit`` kernel is an interpreted one."""
+    return all(type(k).__name__ == "InterpretedFunction" for k in kernels)
+
+
+def run_in_fresh_process(test_file: str) -> None:
+    """Run ``pytest`` on ``test_file`` in a new interpreter with TRITON_INTERPRET=1; fail with its output."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                       env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
