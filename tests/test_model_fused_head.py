@@ -175,3 +175,27 @@ def test_head_spec_quirks():
     model = build_model("llama")
     model.config.model_type = "dory"
     assert "per-vocabulary" in head_spec(model)[1]
+
+
+@pytest.mark.parametrize("token_ratio", [None, 0.4])
+def test_compiled_fused_head_equals_eager_and_does_not_recompile(token_ratio):
+    """torch.compile of CGGRModel with the fused head: the same loss and gradients, one compilation."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = build_model("llama").train()
+    wrapper = CGGRModel(model, num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, fused_head=True,
+                        token_ratio=token_ratio)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(wrapper, backend=counter)
+    frames = []
+    for seed in range(3):
+        ids, labels, mask = _batch(seed)
+        loss_c, grads_c, metrics_c = _loss_and_grads(model, compiled, ids, labels, mask)
+        loss_e, grads_e, metrics_e = _loss_and_grads(model, wrapper, ids, labels, mask)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
+        for gc, ge in zip(grads_c, grads_e):
+            torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-7)
+        assert sorted(metrics_c["selected_indices"]) == sorted(metrics_e["selected_indices"])
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[-1] == frames[0], frames

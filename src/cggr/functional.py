@@ -499,6 +499,9 @@ def linear_cross_entropy(
     cross-entropy over the kept tokens; the gradients of ``hidden``, ``weight`` and ``bias`` come from the kept
     tokens only. With ``ratio=1`` it equals ``F.cross_entropy(hidden @ weight.T + bias, targets)``.
 
+    Under ``torch.compile`` the op itself runs eagerly (one graph break; not usable with ``fullgraph=True``):
+    the code around it compiles as usual, and it launches the same kernels as in eager mode.
+
     Args:
         hidden: (N, H) or (B, T, H) hidden states (float16, bfloat16, float32; float64 on the torch path).
         weight: (V, H) LM-head weight, same dtype and device.
@@ -537,8 +540,19 @@ def linear_cross_entropy(
         target_shape=tuple(targets.shape), grad_enabled=torch.is_grad_enabled(),
     )
     h2 = hidden.reshape(-1, hsize).contiguous()
-    loss = _SelectiveLinearCE.apply(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
-    return (loss, plan.info) if return_info else loss
+    loss, info = _run_selective(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
+    return (loss, info) if return_info else loss
+
+
+@torch.compiler.disable
+def _run_selective(hidden, weight, bias, targets, plan: _Plan):
+    """The autograd Function, run eagerly under ``torch.compile`` (a graph break here).
+
+    Its forward hands the selection back through ``plan.info`` and its context keeps tensors as attributes,
+    which dynamo cannot trace (it raised an internal error); eager, it costs a handful of launches.
+    """
+    loss = _SelectiveLinearCE.apply(hidden, weight, bias, targets, plan)
+    return loss, plan.info
 
 
 __all__ = [
