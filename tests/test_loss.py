@@ -217,12 +217,13 @@ def test_logits_and_targets_on_different_devices(monkeypatch):
         CGGRLoss()(logits, torch.zeros(3, dtype=torch.long))
 
 
-def test_compiled_loss_runs_steps_without_recompiling_or_graph_breaks():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_compiled_loss_runs_steps_without_recompiling_or_graph_breaks(strategy):
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    crit = CGGRLoss(selection=strategy, min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, seed=2)
     explain = torch._dynamo.explain(crit)(*_inputs((2, 16), 64, torch.float32, seed=0))
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
@@ -231,8 +232,10 @@ def test_compiled_loss_runs_steps_without_recompiling_or_graph_breaks():
     for step in range(4):
         logits, targets = _inputs((2, 16), 64, torch.float32, seed=step)
         logits.requires_grad_()
+        draw = crit.rng_counter.clone()
         loss = compiled(logits, targets)
         loss.backward()
+        crit.rng_counter.copy_(draw)  # the reference selection from the same random draw
         mask, _ = crit.select(logits.detach(), targets)
         ref, ref_grad = _reference_loss(logits, targets, set(torch.nonzero(mask.reshape(-1)).flatten().tolist()))
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
