@@ -251,3 +251,31 @@ def test_a_step_crossing_several_evaluation_points_records_each_of_them(small_co
     assert [p["fraction"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert payload["arms"][0]["steps"] == 1
     assert len({p["heldout_loss"] for p in curve[1:]}) == 1  # one evaluation of the one trained state
+
+
+def test_device_race_script_starts_waits_and_collects(small_config, tmp_path):
+    """benchmarks/device_race.sh: a detached race, polled by repeated calls, its outputs copied to $OUT."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_race.sh"
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, CGGR_RACE_STATE=str(tmp_path / "state"), OUT=str(out))
+    args = ["--model", str(small_config), "--minutes", "0.003", "--arms", "standard", "--router-layers", "1",
+            "--batch-size", "2", "--seq-len", "32", "--evals", "1", "--eval-sequences", "4", "--device", "cpu"]
+    first = subprocess.run(["bash", str(script), "t", "0", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0 and "started race t" in first.stdout, first.stdout + first.stderr
+    done = subprocess.run(["bash", str(script), "t", "240"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "DONE (t)" in done.stdout, done.stdout + done.stderr
+    payload = json.loads((out / "race-t.json").read_text())
+    assert [a["arm"] for a in payload["arms"]] == ["standard"]
+    assert math.isfinite(payload["arms"][0]["heldout_loss"])
+    assert (out / "race-t.log").is_file() and (out / "race-t.md").is_file()
+    bad = subprocess.run(["bash", str(script), "no good", "1"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "NAME must be" in bad.stderr
