@@ -260,8 +260,8 @@ def test_device_race_script_starts_waits_and_collects(small_config, tmp_path):
     import subprocess
     from pathlib import Path
 
-    if shutil.which("bash") is None:
-        pytest.skip("needs bash")
+    if shutil.which("bash") is None or shutil.which("setsid") is None:
+        pytest.skip("needs bash and setsid")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_race.sh"
     out = tmp_path / "out"
     out.mkdir()
