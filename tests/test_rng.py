@@ -114,3 +114,19 @@ def test_state_dict_resumes_the_random_stream():
     resumed = CGGRLoss(selection="random", min_tokens_ratio=0.4, warmup_steps=0, seed=9)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.select(logits, targets)[0], crit.select(logits, targets)[0])
+
+
+def test_a_state_dict_without_the_counter_still_loads_strictly():
+    """Checkpoints saved before the counter-based random source (no rng_counter) load; the stream restarts."""
+    crit = CGGRLoss(selection="random", min_tokens_ratio=0.4, warmup_steps=0, seed=9)
+    crit.step()
+    state = crit.state_dict()
+    del state["rng_counter"]
+    resumed = CGGRLoss(selection="random", min_tokens_ratio=0.4, warmup_steps=0, seed=9)
+    resumed.rng_counter.fill_(5)
+    resumed.load_state_dict(state)  # strict
+    assert int(resumed.rng_counter) == 0 and int(resumed.step_count) == 1
+    outer = torch.nn.ModuleDict({"loss": CGGRLoss(selection="random", seed=9)})
+    nested = {f"loss.{k}": v for k, v in state.items()}
+    outer.load_state_dict(nested)
+    assert int(outer["loss"].rng_counter) == 0

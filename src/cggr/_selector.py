@@ -52,6 +52,7 @@ class Curriculum(nn.Module):
         # the random source: a counter-based hash (traceable by torch.compile, no host sync); the counter is saved
         self._rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
         self.register_buffer("rng_counter", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(_default_rng_counter)
         self.register_load_state_dict_post_hook(_sync_step)
 
     @property
@@ -76,6 +77,11 @@ class Curriculum(nn.Module):
     def random_generator(self) -> CounterRNG:
         """The module's random source (draws land on their inputs' device; each advances ``rng_counter``)."""
         return CounterRNG(self._rng_seed, self.rng_counter)
+
+
+def _default_rng_counter(module: Curriculum, state_dict, prefix, *_) -> None:
+    """State dicts saved before the counter-based random source had no ``rng_counter``: its stream restarts."""
+    state_dict.setdefault(prefix + "rng_counter", torch.zeros((), dtype=torch.long))
 
 
 def _sync_step(module: Curriculum, incompatible_keys) -> None:
