@@ -98,6 +98,7 @@ def token_scores(
     targets: Tensor | None = None,
     *,
     ignore_index: int = -100,
+    chunk_size: int | None = None,
     impl: Impl = "auto",
 ) -> TokenScores:
     """Entropy, confidence, top-2 margin and nll of every token, fp32, in one read of the logits.
@@ -109,14 +110,15 @@ def token_scores(
         logits: (N, V) or (B, T, V), any floating dtype (Triton: float16, bfloat16, float32).
         targets: (N,) or (B, T) class indices aligned with ``logits`` (no shift), or ``None``.
         ignore_index: Target value marking positions to ignore (nll 0, ``valid`` False).
+        chunk_size: Rows per chunk of the ``'torch'`` path (default ~16 Mi elements); the kernel needs none.
         impl: ``'auto'``, ``'torch'`` or ``'triton'``.
 
     Returns:
         :class:`cggr.scoring.TokenScores`, tensors shaped ``logits.shape[:-1]``. No gradient flows.
     """
+    if resolve_impl(impl, logits, op="token_scores") == "torch":  # it checks its inputs itself
+        return _torch_token_scores(logits, targets, ignore_index=ignore_index, chunk_size=chunk_size)
     check_logits_targets(logits, targets, ignore_index=ignore_index)
-    if resolve_impl(impl, logits, op="token_scores") == "torch":
-        return _torch_token_scores(logits, targets, ignore_index=ignore_index)
     from cggr.kernels.scoring import token_scores_triton
 
     lead = logits.shape[:-1]

@@ -23,15 +23,9 @@ import torch
 from torch import Tensor
 
 from cggr._selector import TokenSelector
-from cggr._validation import (
-    REDUCTIONS,
-    check_choice,
-    check_int,
-    check_logits_targets,
-)
-from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, resolve_impl
-from cggr.functional import token_scores as fused_token_scores
-from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, TokenScores, token_scores
+from cggr._validation import REDUCTIONS, check_choice, check_int
+from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, token_scores
+from cggr.scoring import DEFAULT_CHUNK_ELEMENTS
 
 
 class _SelectedCrossEntropy(torch.autograd.Function):
@@ -112,14 +106,10 @@ class CGGRLoss(TokenSelector):
         self.impl = check_choice("impl", impl, IMPLS)
         self._last: dict[str, Tensor] = {}
 
-    def _scores(self, logits: Tensor, targets: Tensor) -> TokenScores:
-        if resolve_impl(self.impl, logits, op="CGGRLoss") == "torch":
-            return token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size)
-        return fused_token_scores(logits, targets, ignore_index=self.ignore_index, impl="triton")
-
     def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
         """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
-        scores = self._scores(logits, targets)
+        scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+                              impl=self.impl)  # checks logits and targets
         _, mask, info = self.select_scored(scores, scores.valid)
         self._last = {k: v.detach() for k, v in info.items()}
         return mask, scores
@@ -134,7 +124,6 @@ class CGGRLoss(TokenSelector):
         Returns:
             0-d fp32 loss. 0.0 (still differentiable) when every target is ignored.
         """
-        check_logits_targets(logits, targets, ignore_index=self.ignore_index)
         mask, scores = self.select(logits, targets)
         vocab = logits.shape[-1]
         flat_mask = mask.reshape(-1)
