@@ -95,10 +95,6 @@ def _ranking_keys(difficulty: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, d.clamp(min=finite_min), -torch.inf)
 
 
-def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | CounterRNG | None) -> Tensor:
-    return uniform(shape, device, generator)
-
-
 def _stratified(keys: Tensor, valid: Tensor, k: Tensor, num_strata: int, generator) -> Tensor:
     n = keys.numel()
     n_valid = valid.sum()
@@ -125,7 +121,7 @@ def _stratified(keys: Tensor, valid: Tensor, k: Tensor, num_strata: int, generat
     quota = torch.stack(parts)  # (S,)
 
     # Random order inside each bucket: sort by a random key, then stably by bucket.
-    order = torch.argsort(_uniform((n,), keys.device, generator))
+    order = torch.argsort(uniform((n,), keys.device, generator))
     order = order[torch.argsort(bucket[order], stable=True)]  # (N,) grouped by bucket, random within
     pos = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=keys.device))
     starts = torch.cumsum(sizes, 0) - sizes  # (S,)
@@ -193,7 +189,7 @@ def select_tokens(
     k = num_selected(ratio, flat_valid.sum())  # 0-d long, on device
 
     if strategy == "random":
-        rand_keys = torch.where(flat_valid, _uniform(keys.shape, keys.device, generator), -1.0)
+        rand_keys = torch.where(flat_valid, uniform(keys.shape, keys.device, generator), -1.0)
         mask = _descending_rank(rand_keys) < k
     elif strategy == "stratified":
         mask = _stratified(keys, flat_valid, k, num_strata, generator)
