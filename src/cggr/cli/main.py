@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cggr._validation import SCORING_MODES
 from cggr.cli.presets import PRESETS, CLIError
 
 
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "--ratio (default 0: the ratio from the first step, so every step trains on the same "
                            "number of sequences)")
     race.add_argument("--scoring", default="combined",
-                      help="token difficulty used by the cggr and cggr-loss arms: entropy, margin, loss or "
-                           "combined (default)")
+                      help="token difficulty used by the cggr and cggr-loss arms, one of "
+                           f"{', '.join(SCORING_MODES)} (default combined)")
     race.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                       help="standard arm's sequences per step (default: preset's)")
     race.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,

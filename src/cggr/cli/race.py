@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cggr._validation import SCORING_MODES
 from cggr.cli.data import BatchStream, RaceData, load_arithmetic_data, load_text_data, pretrained_tokenizer
 from cggr.cli.presets import CLIError, ModelSpec, build_model, resolve_model
 
@@ -87,8 +88,6 @@ def validate_config(cfg: RaceConfig) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if cfg.ratio_warmup_steps < 0:
         raise CLIError(f"--ratio-warmup-steps must be >= 0, got {cfg.ratio_warmup_steps}")
-    from cggr._validation import SCORING_MODES
-
     if cfg.scoring not in SCORING_MODES:
         raise CLIError(f"--scoring must be one of {', '.join(SCORING_MODES)}, got {cfg.scoring!r}")
     if cfg.evals < 1 or cfg.eval_sequences < 1:

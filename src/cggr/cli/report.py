@@ -91,7 +91,7 @@ def repeat_warnings(arms: list[dict[str, Any]], data: str | None = None) -> list
                 rise = f", held-out loss rose from its best {best:.3f} to {a['heldout_loss']:.3f}"
             out.append(f"{a['arm']} read the training data {epochs:.1f} times{rise}")
     if out and data == "code":
-        out.append("a larger corpus (e.g. --data code+packages) keeps every arm under one epoch")
+        out.append("a larger corpus (e.g. --data code+packages) repeats less")
     return out
 
 
