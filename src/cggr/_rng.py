@@ -58,6 +58,11 @@ class CounterRNG:
         """fp32 values in [0, 1) (multiples of 2^-24) of the given shape on ``device``; advances the counter."""
         shape = torch.Size(shape)
         if self.counter.device.type == "cpu" and not torch.compiler.is_compiling():
+            if _capturing():  # int(counter) would freeze this draw into the graph: every replay would repeat it
+                raise RuntimeError(
+                    "CounterRNG: the draw counter is a CPU tensor while a CUDA graph is being captured; move the "
+                    "module that owns it (e.g. the CGGRModel) to the GPU so that the counter advances in the graph"
+                )
             c = int(self.counter)  # a host value already: no copy to the device, no sync
         else:
             c = self.counter.to(device)  # 0-d (no copy when it lives there, e.g. a module moved with .to())
@@ -71,6 +76,11 @@ class CounterRNG:
     def permutation(self, n: int, device: torch.device | str) -> Tensor:
         """A uniformly random permutation of ``range(n)`` (long, on ``device``); advances the counter."""
         return torch.argsort(self.uniform((n,), device), stable=True)
+
+
+def _capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def uniform(shape: tuple[int, ...] | torch.Size, device: torch.device | str,

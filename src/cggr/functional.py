@@ -378,7 +378,8 @@ class _SelectiveLinearCE(torch.autograd.Function):
             ratio = torch.ones((), dtype=torch.float32, device=hidden.device)
         else:
             sel_ratio: float | Tensor = plan.ratio
-            ratio = torch.tensor(plan.ratio, dtype=torch.float32, device=hidden.device)
+            # a fill kernel, not torch.tensor(): a host-to-device copy cannot be captured in a CUDA graph
+            ratio = torch.full((), plan.ratio, dtype=torch.float32, device=hidden.device)
             if opts.threshold_sensitivity is not None and plan.selection != "fixed_quota":
                 mean_conf = (stats[2] * valid).sum() / n_valid.clamp(min=1)
                 sel_ratio = ratio = dynamic_ratio(plan.ratio, mean_conf, opts.threshold_sensitivity)
