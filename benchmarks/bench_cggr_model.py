@@ -24,8 +24,17 @@ small steps) every arm's forward (+ the backward AOTAutograd derives from it) ru
 selection, the k-sequence forward and the loss); the optimizer step stays eager (fused AdamW). Compilation happens
 in the untimed warm-up steps. The breakdown rows stay eager.
 
+With ``--cuda-graph`` every arm's WHOLE step (the standard step too; for cggr/random: router forward, scoring,
+sequence selection, gather, the k-sequence forward with the loss, backward, and fused AdamW with
+``capturable=True``) is captured once per shape and protocol with ``torch.cuda.graph`` after warm-up steps on a
+side stream (PyTorch's whole-network capture; benchmarks/_cggr_model_graph.py), and a timed step is the copy of
+the next batch into the static input + ``graph.replay()`` (+ the CGGRModel's ``step()``, one tiny launch):
+the host's per-kernel launch cost is gone, so the timings show GPU work. The breakdown rows are graphed too.
+Results go to ``cggr_model_graphed`` by default.
+
 Usage: python benchmarks/bench_cggr_model.py [--shapes 4x512,16x512,16x2048,32x2048] [--iters 10]
        python benchmarks/bench_cggr_model.py --compile reduce-overhead --shapes 16x2048,32x2048 --free-lunch-shapes ""
+       python benchmarks/bench_cggr_model.py --cuda-graph --shapes 4x512,16x2048,32x2048 --free-lunch-shapes 4x512
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from benchmarks._cggr_model_graph import graphed_no_grad, graphed_train_step
 from benchmarks._timing import Timing, markdown_table, time_fn, write_results
 
 from cggr import CGGRModel, create_truncated_router
@@ -92,25 +102,32 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attn", default=None, help="attention implementation (default: the model's default)")
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--name", default=None, help="file stem (default cggr_model, cggr_model_compiled with --compile)")
+    ap.add_argument("--name", default=None,
+                    help="file stem (default cggr_model; cggr_model_compiled with --compile, "
+                         "cggr_model_graphed with --cuda-graph)")
     ap.add_argument("--compile", default=None, metavar="MODE",
                     help="torch.compile every arm's forward with this mode (default, reduce-overhead, "
                          "max-autotune-no-cudagraphs); default: eager")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture every arm's whole training step in a CUDA graph and time replays")
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (standard is always run)")
     args = ap.parse_args()
+    if args.cuda_graph and args.compile:
+        raise SystemExit("--cuda-graph and --compile are exclusive (choose one execution mode)")
     run_arms = ["standard"] + [a for a in ARMS[1:] if a in args.arms.split(",")]
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         raise SystemExit(f"--arms: unknown arm(s) {sorted(unknown)}; choose among {', '.join(ARMS)}")
     if args.name is None:
-        args.name = "cggr_model_compiled" if args.compile else "cggr_model"
+        args.name = "cggr_model_compiled" if args.compile else "cggr_model_graphed" if args.cuda_graph else "cggr_model"
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
 
     model = smollm_135m(args.attn)
     model.train()
     vocab = model.config.vocab_size
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    # capturable: the step count and bias corrections stay on the device, so the step can live in a CUDA graph
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=args.cuda_graph)
     router = create_truncated_router(model, ROUTER_LAYERS)
     arms = {
         "cggr": CGGRModel(model, router=router, min_tokens_ratio=RATIO, warmup_steps=0),
@@ -124,9 +141,21 @@ def main() -> None:
     if args.compile:
         forwards = {arm: torch.compile(fn, mode=args.compile, dynamic=False) for arm, fn in forwards.items()}
 
+    pool = None  # the CUDA-graph memory pool of the current shape (--cuda-graph)
+
     def step_fn(arm: str, data: list[torch.Tensor], *, eager: bool = False):
         state = {"i": 0}
         forward = standard_loss if eager else forwards[arm]
+        if args.cuda_graph:  # whole step captured once (warm-up steps included), then copy + replay
+            graphed = graphed_train_step(forward, opt, data[0], warmup=args.warmup, pool=pool)
+
+            def replay_step():
+                graphed(data[state["i"] % len(data)])
+                state["i"] += 1
+                if arm != "standard":
+                    arms[arm].step()
+
+            return replay_step
 
         def step():
             x = data[state["i"] % len(data)]
@@ -144,6 +173,8 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     fl_shapes = {tuple(int(v) for v in s.split("x")) for s in args.free_lunch_shapes.split(",") if s}
     for b, t in shapes:
+        if args.cuda_graph:  # a fresh pool per shape: the previous shape's graphs are freed with it
+            pool = torch.cuda.graph_pool_handle()
         for protocol in ("equal_scan", "free_lunch"):
             if protocol == "free_lunch" and (b, t) not in fl_shapes:
                 continue
@@ -151,12 +182,19 @@ def main() -> None:
             std_data = batches(4, b, t, vocab)
             scan_data = std_data if scan == b else batches(4, scan, t, vocab)
             # Arms interleaved over several rounds (drift and clock changes hit every arm alike).
-            fns = {arm: step_fn(arm, std_data if arm == "standard" else scan_data) for arm in run_arms}
-            times: dict[str, list[float]] = {arm: [] for arm in run_arms}
+            fns = {}
             peaks: dict[str, int] = dict.fromkeys(run_arms, 0)
+            for arm in run_arms:  # with --cuda-graph this captures: the peak of warm-up + capture is recorded
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fns[arm] = step_fn(arm, std_data if arm == "standard" else scan_data)
+                torch.cuda.synchronize()
+                peaks[arm] = torch.cuda.max_memory_allocated() if args.cuda_graph else 0
+            times: dict[str, list[float]] = {arm: [] for arm in run_arms}
             for r in range(args.rounds):
                 for arm in run_arms:
-                    torch.cuda.empty_cache()
+                    if not args.cuda_graph:  # (graph pools are private: emptying the cache would not touch them)
+                        torch.cuda.empty_cache()
                     tm = time_fn(fns[arm], warmup=args.warmup if r == 0 else 1, iters=args.iters)
                     times[arm] += tm.times_ms
                     peaks[arm] = max(peaks[arm], tm.peak_mem_bytes)
@@ -189,13 +227,21 @@ def main() -> None:
                 x = std_data[0]
                 k = arms["cggr"].num_selected_sequences(b)
                 targets = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
-                r_ms = time_fn(lambda x=x: router(x), warmup=2, iters=args.iters).median_ms
                 logits = router(x)
-                s_ms = time_fn(
-                    lambda lg=logits, tg=targets: difficulty(token_scores(lg, tg), "combined"),
-                    warmup=2,
-                    iters=args.iters,
-                ).median_ms
+                if args.cuda_graph:
+                    g_router = graphed_no_grad(router, x, pool=pool)
+                    r_ms = time_fn(lambda g=g_router, x=x: g(x), warmup=2, iters=args.iters).median_ms
+                    g_score = graphed_no_grad(lambda lg, tg=targets: difficulty(token_scores(lg, tg), "combined"),
+                                              logits, pool=pool)
+                    s_ms = time_fn(g_score.replay, warmup=2, iters=args.iters).median_ms
+                    del g_router, g_score
+                else:
+                    r_ms = time_fn(lambda x=x: router(x), warmup=2, iters=args.iters).median_ms
+                    s_ms = time_fn(
+                        lambda lg=logits, tg=targets: difficulty(token_scores(lg, tg), "combined"),
+                        warmup=2,
+                        iters=args.iters,
+                    ).median_ms
                 del logits
                 sub = [d[:k].contiguous() for d in std_data]
                 sub_ms = time_fn(step_fn("standard", sub, eager=True), warmup=2, iters=args.iters).median_ms
@@ -218,6 +264,13 @@ def main() -> None:
                 print(markdown_table(rows[-1:]), flush=True)
 
     mode = f"torch.compile(mode={args.compile!r}, dynamic=False) on every arm's forward" if args.compile else "eager"
+    if args.cuda_graph:
+        mode = (
+            "CUDA graphs: every arm's whole step (forward, CGGR routing/selection, backward, fused capturable AdamW) "
+            "captured once per shape/protocol after warm-up on a side stream; a timed step = copy of the batch "
+            "into the static input + replay (+ CGGRModel.step()); peak_mem_gib = peak allocated during that arm's "
+            "warm-up and capture (graph pools of one shape are shared)"
+        )
     notes = (
         f"Execution: {mode}. "
         "SmolLM-135M architecture (LlamaConfig, random init), bf16 weights, fused AdamW, attention "
@@ -226,7 +279,8 @@ def main() -> None:
         "random sequences, no router. equal_scan: every arm receives B sequences; free_lunch: cggr/random scan "
         f"{SCAN_FACTOR}·B and train B, standard trains B. Ratios are to the standard arm of the same row group "
         "(same process). 'breakdown' rows: the cggr step's parts timed separately (router forward, scoring, a "
-        "standard step on the k selected sequences, all eager); their sum is the eager ceiling for the cggr arm. "
+        "standard step on the k selected sequences; each graphed with --cuda-graph, else eager); their sum is "
+        "the ceiling for the cggr arm. "
         f"Median of {args.rounds} interleaved rounds x {args.iters} CUDA-event timed steps per arm (p10/p90 "
         f"shown) after {args.warmup} warm-up steps; random token data."
     )
