@@ -40,6 +40,7 @@ Usage: python benchmarks/bench_cggr_model.py [--shapes 4x512,16x512,16x2048,32x2
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 from pathlib import Path
@@ -142,12 +143,16 @@ def main() -> None:
         forwards = {arm: torch.compile(fn, mode=args.compile, dynamic=False) for arm, fn in forwards.items()}
 
     pool = None  # the CUDA-graph memory pool of the current shape (--cuda-graph)
+    # Every graph captured into the current pool stays alive until the shape changes: capturing into a shared
+    # pool whose graphs were all freed trips an internal assert of the caching allocator (torch 2.11).
+    alive: list = []
 
     def step_fn(arm: str, data: list[torch.Tensor], *, eager: bool = False):
         state = {"i": 0}
         forward = standard_loss if eager else forwards[arm]
         if args.cuda_graph:  # whole step captured once (warm-up steps included), then copy + replay
             graphed = graphed_train_step(forward, opt, data[0], warmup=args.warmup, pool=pool)
+            alive.append(graphed)
 
             def replay_step():
                 graphed(data[state["i"] % len(data)])
@@ -174,6 +179,15 @@ def main() -> None:
     fl_shapes = {tuple(int(v) for v in s.split("x")) for s in args.free_lunch_shapes.split(",") if s}
     for b, t in shapes:
         if args.cuda_graph:  # a fresh pool per shape: the previous shape's graphs are freed with it
+            fns = {}
+            alive.clear()
+            # tensors that replays left in the pool (grads, the wrappers' last selection) would pin its segments
+            opt.zero_grad(set_to_none=True)
+            for wrapper in arms.values():
+                wrapper._last = {}
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             pool = torch.cuda.graph_pool_handle()
         for protocol in ("equal_scan", "free_lunch"):
             if protocol == "free_lunch" and (b, t) not in fl_shapes:
@@ -234,7 +248,8 @@ def main() -> None:
                     g_score = graphed_no_grad(lambda lg, tg=targets: difficulty(token_scores(lg, tg), "combined"),
                                               logits, pool=pool)
                     s_ms = time_fn(g_score.replay, warmup=2, iters=args.iters).median_ms
-                    del g_router, g_score
+                    alive.extend([g_router, g_score])
+                    del g_router, g_score  # only `alive` may hold graphs: the pool is freed with the last of them
                 else:
                     r_ms = time_fn(lambda x=x: router(x), warmup=2, iters=args.iters).median_ms
                     s_ms = time_fn(
