@@ -47,6 +47,9 @@ class GraphedCall:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the capture needs warmed-up kernels), got {warmup}")
         self.static_input = example.clone()
+        # the warm-up allocates from the ordinary caching allocator: hand back what earlier warm-ups left cached
+        # (next to a large graph pool, e.g. the standard step at (32, 2048), the cache alone can exhaust the GPU)
+        torch.cuda.empty_cache()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
