@@ -74,6 +74,9 @@ def test_race_on_code_corpus(small_config, tmp_path):
     data = load_text_data("code", seq_len=32, vocab_size=384, eval_sequences=8)
     assert set(data.train_keys).isdisjoint(data.heldout_keys)
     assert (tmp_path / "race.md").read_text().count("| standard |") == 1
+    # --head auto on a CPU: every arm on the model's logits, as CGGRModel's own default there
+    assert payload["settings"]["head"] == "logits" and payload["settings"]["head_option"] == "auto"
+    assert "the model's logits" in (tmp_path / "race.md").read_text()
 
 
 def test_race_on_arithmetic(small_config, tmp_path):
@@ -205,7 +208,7 @@ def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
     labels = ids.masked_fill(~mask, -100)
     race_cfg = RaceConfig(ratio=0.4, device="cpu", dtype="float32")
 
-    arm = _Arm("cggr-loss", model, race_cfg, 1, 0.0, torch.device("cpu"))
+    arm = _Arm("cggr-loss", model, race_cfg, 1, 0.0, torch.device("cpu"), fused_head=True)
     assert arm.head is not None
     loss = arm.loss(ids, mask, labels)
     loss.backward()
@@ -279,3 +282,186 @@ def test_device_race_script_starts_waits_and_collects(small_config, tmp_path):
     assert (out / "race-t.log").is_file() and (out / "race-t.md").is_file()
     bad = subprocess.run(["bash", str(script), "no good", "1"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "NAME must be" in bad.stderr
+
+
+# ------------------------------------------------------------------ one LM head for every arm (--head)
+def _tiny_causal_lm(kind: str = "llama", tie: bool = False):
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "gemma2":  # final-logit softcapping
+        cfg = transformers.Gemma2Config(
+            vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=4.0,
+        )
+        return transformers.Gemma2ForCausalLM(cfg)
+    cfg = transformers.LlamaConfig(
+        vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _padded_batch(batch: int = 5, seq: int = 11, vocab: int = 89):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, 7:] = False  # right padding
+    mask[3, 4:] = False
+    labels = ids.masked_fill(~mask, -100)
+    labels[0, 5] = -100  # an ignored label inside a sequence
+    labels[2, 1:4] = -100
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize(("kind", "tie"), [("llama", False), ("llama", True), ("gemma2", False)])
+def test_standard_arm_fused_head_equals_the_hf_loss_and_gradients(kind, tie):
+    """standard with the fused head: linear_cross_entropy(hidden[:, :-1], W, labels[:, 1:]) = HF's own loss."""
+    import copy
+
+    import torch
+
+    from cggr.cli.race import _Arm
+
+    model = _tiny_causal_lm(kind, tie)  # fp32
+    ref_model = copy.deepcopy(model)
+    ids, mask, labels = _padded_batch()
+    arm = _Arm("standard", model, RaceConfig(device="cpu", dtype="float32"), 1, 0.0, torch.device("cpu"),
+               fused_head=True)
+    assert arm.head is not None and arm.wrapper is None and arm.criterion is None
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    loss = arm.loss(ids, mask, labels)
+    loss.backward()
+    assert head_calls == []  # the logits were never computed by the head module
+
+    ref = ref_model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+    ref.backward()
+    # an independent fp64 reference of the same quantity: mean next-token NLL over the valid targets
+    logits = ref_model(input_ids=ids, attention_mask=mask.long()).logits.detach().double()[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]
+    valid = targets != -100
+    nll = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+    brute = (nll * valid).sum() / valid.sum()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach().double(), brute, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _recording_arms(monkeypatch):
+    """Replace race._Arm with a subclass that keeps its instances and counts the LM head module's calls with grad.
+
+    Calls without grad (the cggr arm's router, the held-out evaluation) are not the training loss's: not counted.
+    """
+    import torch
+
+    from cggr.cli import race
+
+    made = []
+
+    class Recording(race._Arm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.head_calls = []
+
+            def hook(*_):
+                if torch.is_grad_enabled():
+                    self.head_calls.append(1)
+
+            self.model.get_output_embeddings().register_forward_hook(hook)
+            made.append(self)
+
+    monkeypatch.setattr(race, "_Arm", Recording)
+    return made
+
+
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_head_option_sets_the_head_of_every_arm(small_config, tmp_path, monkeypatch, head):
+    """--head fused: every arm trains through the hidden-state head (never the head module's logits), CGGRModel
+    with fused_head=True; --head logits: every arm on the logits, CGGRModel with fused_head=False."""
+    made = _recording_arms(monkeypatch)
+    cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
+                     evals=1, eval_sequences=4, out=str(tmp_path), progress=False, device="cpu", head=head)
+    payload = run_race(cfg, log=lambda *_: None)
+    fused = head == "fused"
+    assert payload["settings"]["head"] == head and payload["settings"]["head_option"] == head
+    assert ("fused (linear cross-entropy" in (tmp_path / "race.md").read_text()) == fused
+    runners = made[1::2]  # each arm: an untimed scratch arm, then the runner
+    assert [r.arm for r in runners] == list(ARMS) and [r.arm for r in made[::2]] == list(ARMS)
+    for r in made:
+        assert r.fused_head is fused, r.arm
+        if r.wrapper is not None:
+            assert r.wrapper.fused_head is fused
+            assert (r.wrapper._fused_for(r.device) is not None) == fused
+        else:
+            assert (r.head is not None) == fused
+        # the head module computes training logits on the logits path only
+        assert (len(r.head_calls) == 0) == fused, (r.arm, len(r.head_calls))
+    assert all(math.isfinite(a["heldout_loss"]) for a in payload["arms"])
+
+
+def test_auto_head_mirrors_cggr_model_and_fused_is_refused_where_impossible():
+    import torch
+
+    from cggr import CGGRModel
+    from cggr.cli.presets import CLIError
+    from cggr.cli.race import resolve_head
+
+    model = _tiny_causal_lm()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: nothing runs on them
+    for device in (cpu, cuda):
+        auto = resolve_head("auto", model, device)
+        assert auto is (CGGRModel(model, num_router_layers=1)._fused_for(device) is not None)
+        assert resolve_head("fused", model, device) is True and resolve_head("logits", model, device) is False
+    assert resolve_head("auto", model, cuda) is True and resolve_head("auto", model, cpu) is False
+
+    class Scaled(torch.nn.Linear):  # a head that is not a plain nn.Linear cannot be fused
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model.lm_head = Scaled(32, 89, bias=False)
+    assert resolve_head("auto", model, cuda) is False
+    with pytest.raises(CLIError, match="--head fused is not possible for LlamaForCausalLM") as info:
+        resolve_head("fused", model, cpu)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_head_value_is_a_one_line_error(tmp_path):
+    from cggr.cli.presets import CLIError
+
+    with pytest.raises(CLIError) as info:
+        run_race(RaceConfig(head="hidden", out=str(tmp_path), progress=False), log=lambda *_: None)
+    assert str(info.value) == "--head must be one of auto, fused, logits, got 'hidden'"
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def _cli_has_head_option() -> bool:
+    import contextlib
+    import io
+
+    from cggr.cli.main import build_parser
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            args = build_parser().parse_args(["race", "--head", "fused"])
+        except SystemExit:
+            return False
+    return getattr(args, "head", None) == "fused"
+
+
+@pytest.mark.skipif(not _cli_has_head_option(), reason="cggr race --head is not in cggr.cli.main yet")
+def test_head_option_on_the_command_line(small_config, tmp_path, capsys):
+    assert main(["race", "--head", "hidden", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--head must be one of auto, fused, logits, got 'hidden'" in err
+    out = tmp_path / "cli"
+    assert main(["race", "--model", str(small_config), "--data", "code", "--minutes", "0.003", "--router-layers",
+                 "1", "--batch-size", "2", "--seq-len", "32", "--evals", "1", "--eval-sequences", "4", "--no-progress",
+                 "--device", "cpu", "--arms", "standard,random", "--head", "fused", "--out", str(out)]) == 0
+    assert json.loads((out / "race.json").read_text())["settings"]["head"] == "fused"

@@ -10,12 +10,19 @@ Arms (each from a deep copy of one initial model, each reading the same seeded s
 * ``cggr``: :class:`cggr.CGGRModel` scans S sequences with the truncated router (no grad) and runs the full
   forward + backward on the hardest k (= B by default) sequences.
 * ``cggr-loss``: :class:`cggr.CGGRLoss` over S sequences: full forward + backward of all S, loss (and LM-head
-  gradient) on the hardest ``ratio`` share of tokens only. The loss owns the LM head
+  gradient) on the hardest ``ratio`` share of tokens only. With the fused head (below) the loss owns the LM head
   (:meth:`cggr.CGGRLoss.forward_hidden` on the base model's final hidden states: [S·T, V] logits never exist, the
-  head's backward covers the selected tokens only); models whose head cannot be fused
-  (:func:`cggr.integrations.hf_quirks.fused_head_parts`) use ``CGGRLoss(logits, targets)`` instead.
+  head's backward covers the selected tokens only); with the logits head it is ``CGGRLoss(logits, targets)``.
 * ``random``: the control, ``CGGRModel(selection='random')``: k of the S sequences uniformly at random, no
   router (so it is never slower than ``cggr``: any gain of ``cggr`` over it is the ranking's).
+
+The LM head of the training loss is the same in every arm, decided once per race (``--head``, :func:`resolve_head`):
+``fused`` = :func:`cggr.functional.linear_cross_entropy` on the base model's final hidden states (fp32 logit
+math, [b·T, V] logits never stored; ``standard`` with ``ratio=1``, ``CGGRModel(fused_head=True)``,
+``CGGRLoss.forward_hidden``), ``logits`` = the Hugging Face logits (bf16 under autocast) and a cross-entropy on
+them (``standard``: ``model(..., labels=...).loss``; ``CGGRModel(fused_head=False)``; ``CGGRLoss(logits, ...)``).
+``auto`` follows ``CGGRModel``'s own default: fused for a causal LM whose head can be fused, on CUDA. Otherwise a
+Δ to ``standard`` would mix the selection with the loss implementation.
 
 Every arm trains for the same wall-clock budget; the learning rate follows the *elapsed fraction* of that budget
 (linear warm-up over the first 5%, cosine decay to zero at 100%), so each arm finishes its schedule whatever its
@@ -43,6 +50,8 @@ from cggr.cli.data import BatchStream, RaceData, load_arithmetic_data, load_text
 from cggr.cli.presets import CLIError, ModelSpec, build_model, resolve_model
 
 ARMS = ("standard", "cggr", "cggr-loss", "random")
+HEADS = ("auto", "fused", "logits")
+HEAD_NAMES = {True: "fused (linear-CE on hidden states)", False: "logits (the model's own)"}
 WARMUP_FRACTION = 0.05
 
 
@@ -72,6 +81,7 @@ class RaceConfig:
     train_problems: int = 50_000  # size of the generated arithmetic training pool
     ratio_warmup_steps: int = 0  # CGGR curriculum: steps over which the kept share falls from 1 to ratio
     scoring: str = "combined"  # difficulty of the cggr and cggr-loss arms: entropy, margin, loss or combined
+    head: str = "auto"  # LM head of every arm's training loss: auto, fused (linear-CE on hidden states) or logits
 
 
 def validate_config(cfg: RaceConfig) -> None:
@@ -90,6 +100,8 @@ def validate_config(cfg: RaceConfig) -> None:
         raise CLIError(f"--ratio-warmup-steps must be >= 0, got {cfg.ratio_warmup_steps}")
     if cfg.scoring not in SCORING_MODES:
         raise CLIError(f"--scoring must be one of {', '.join(SCORING_MODES)}, got {cfg.scoring!r}")
+    if cfg.head not in HEADS:
+        raise CLIError(f"--head must be one of {', '.join(HEADS)}, got {cfg.head!r}")
     if cfg.evals < 1 or cfg.eval_sequences < 1:
         raise CLIError(f"--evals and --eval-sequences must be >= 1, got {cfg.evals} and {cfg.eval_sequences}")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
@@ -118,6 +130,34 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def resolve_head(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every arm's training loss uses the fused linear-CE head (``True``) or the model's logits.
+
+    Args:
+        choice: ``'auto'``: the rule of ``CGGRModel(fused_head=None)``: fused for a causal LM whose head
+            :func:`cggr.integrations.hf_quirks.fused_head_parts` can fuse, on CUDA; ``'fused'``: always
+            (:class:`CLIError` when the model's head cannot be fused); ``'logits'``: never.
+        model: The race's model (before any wrapper).
+        device: The device the arms train on.
+    """
+    from cggr.integrations.hf_quirks import fused_head_parts
+    from cggr.model import is_masked_lm
+
+    if choice not in HEADS:
+        raise CLIError(f"--head must be one of {', '.join(HEADS)}, got {choice!r}")
+    if choice == "logits":
+        return False
+    if is_masked_lm(model):
+        parts, reason = None, "it is a masked LM (the fused head computes next-token losses)"
+    else:
+        parts, reason = fused_head_parts(model)
+    if choice == "fused":
+        if parts is None:
+            raise CLIError(f"--head fused is not possible for {type(model).__name__}: {reason}")
+        return True
+    return parts is not None and device.type == "cuda"
 
 
 def lr_at(fraction: float, peak: float, warmup: float = WARMUP_FRACTION) -> float:
@@ -231,12 +271,21 @@ def arithmetic_accuracy(model, data: RaceData, device: torch.device, dtype: str,
 
 
 class _Arm:
-    """One arm's model, optimizer and step function."""
+    """One arm's model, optimizer and step function.
 
-    def __init__(self, arm: str, model, cfg: RaceConfig, router_layers: int, lr: float, device: torch.device):
+    ``fused_head``: the race's head (:func:`resolve_head`; ``None`` resolves ``cfg.head`` for this model).
+    ``True``: ``standard`` and ``cggr-loss`` compute the loss from the base model's hidden states (``self.head``
+    holds the (base model, HeadSpec) pair), the CGGRModel arms run with ``fused_head=True``; ``False``: every
+    arm's loss is on the model's logits (``self.head`` is ``None``, ``CGGRModel(fused_head=False)``).
+    """
+
+    def __init__(self, arm: str, model, cfg: RaceConfig, router_layers: int, lr: float, device: torch.device,
+                 *, fused_head: bool | None = None):
         from cggr import CGGRLoss, CGGRModel, create_truncated_router
+        from cggr.integrations.hf_quirks import fused_head_parts
 
         self.arm, self.model, self.device, self.cfg = arm, model, device, cfg
+        self.fused_head = resolve_head(cfg.head, model, device) if fused_head is None else bool(fused_head)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
         self.wrapper = None
@@ -247,31 +296,38 @@ class _Arm:
             self.wrapper = CGGRModel(
                 model, router=router, num_router_layers=router_layers, min_tokens_ratio=cfg.ratio,
                 warmup_steps=cfg.ratio_warmup_steps, scoring=cfg.scoring,
-                selection="topk" if arm == "cggr" else "random", seed=cfg.seed,
+                selection="topk" if arm == "cggr" else "random", seed=cfg.seed, fused_head=self.fused_head,
             )
-        elif arm == "cggr-loss":
-            from cggr.integrations.hf_quirks import fused_head_parts
-
+            return
+        if arm == "cggr-loss":
             self.criterion = CGGRLoss(
                 scoring=cfg.scoring, selection="topk", dynamic_threshold=False, min_tokens_ratio=cfg.ratio,
                 warmup_steps=cfg.ratio_warmup_steps, seed=cfg.seed,
             ).to(device)
-            self.head = fused_head_parts(model)[0]  # (base model, HeadSpec) or None: logits path
+        if self.fused_head:
+            self.head, reason = fused_head_parts(model)  # (base model, HeadSpec)
+            if self.head is None:
+                raise CLIError(f"--head fused is not possible for {type(model).__name__}: {reason}")
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad."""
         with _autocast(self.device, self.cfg.dtype):
             if self.wrapper is not None:
                 loss = self.wrapper(ids, labels=labels, attention_mask=mask.long())
-            elif self.head is not None:
+            elif self.head is not None:  # the fused head: logits never stored, fp32 logit math
+                from cggr.functional import linear_cross_entropy
                 from cggr.integrations.hf_quirks import head_operands
 
                 base, spec = self.head
-                hidden = base(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (S, T, H)
-                hidden, weight, bias = head_operands(hidden[:, :-1], spec)  # (S, T-1, H)
+                hidden = base(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (b, T, H)
+                hidden, weight, bias = head_operands(hidden[:, :-1], spec)  # (b, T-1, H)
                 with torch.autocast(self.device.type, enabled=False):
-                    loss = self.criterion.forward_hidden(hidden, weight, labels[:, 1:], bias=bias,
-                                                         softcap=spec.softcap)
+                    if self.criterion is not None:
+                        loss = self.criterion.forward_hidden(hidden, weight, labels[:, 1:], bias=bias,
+                                                             softcap=spec.softcap)
+                    else:  # standard: every valid token (ratio 1), the mean over them as in HF's loss
+                        loss = linear_cross_entropy(hidden, weight, labels[:, 1:], bias=bias, ratio=1.0,
+                                                    softcap=spec.softcap)
             elif self.criterion is not None:
                 logits = self.model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
                 loss = self.criterion(logits, labels[:, 1:])
@@ -347,10 +403,11 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
     budget = minutes * 60.0
     base = build_model(spec, None if spec.kind == "pretrained" else data.tokenizer.vocab_size, seed=cfg.seed)
     n_params = sum(p.numel() for p in base.parameters())
+    fused = resolve_head(cfg.head, base, device)  # one head for every arm
     setup_seconds = time.perf_counter() - t_setup
     log(f"cggr race: {spec.name} ({n_params / 1e6:.1f}M parameters) on {data.info['origin']}, device {device}, "
         f"{minutes:g} min per arm, ratio {cfg.ratio}, standard batch {batch}, selecting arms scan {scan} "
-        f"and train on {kept}")
+        f"and train on {kept}; LM head {HEAD_NAMES[fused]} in every arm")
     fractions = [i / cfg.evals for i in range(cfg.evals + 1)]
     eval_bs = max(batch, 16)
     results: list[ArmResult] = []
@@ -361,10 +418,10 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         result = ArmResult(arm=arm, init_digest=weights_digest(model))
         per_step = batch if arm == "standard" else scan
         # untimed warm-up step on a scratch copy (allocator, kernels, lazy init), so no arm pays it on the clock
-        scratch = _Arm(arm, copy.deepcopy(model), cfg, router_layers, 0.0, device)
+        scratch = _Arm(arm, copy.deepcopy(model), cfg, router_layers, 0.0, device, fused_head=fused)
         scratch.step(data.train_ids[:per_step].to(device), data.train_mask[:per_step].to(device), 0.0)
         del scratch
-        runner = _Arm(arm, model, cfg, router_layers, lr, device)
+        runner = _Arm(arm, model, cfg, router_layers, lr, device, fused_head=fused)
         stream = BatchStream(data.train_ids.shape[0], cfg.seed)
         bar = _progress(arm, budget, cfg.progress)
         next_eval = 0
@@ -430,6 +487,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         "ratio_warmup_steps": cfg.ratio_warmup_steps, "scoring": cfg.scoring, "router_layers": router_layers,
         "num_layers": spec.num_layers, "lr": lr, "warmup_fraction": WARMUP_FRACTION,
         "schedule": "linear warm-up, cosine to 0 over each arm's budget (by elapsed time)", "seed": cfg.seed,
+        "head": "fused" if fused else "logits", "head_option": cfg.head,
         "device": str(device), "dtype": cfg.dtype, "evals": cfg.evals, "setup_seconds": round(setup_seconds, 1),
         "data_info": data.info,
     }
@@ -460,5 +518,5 @@ def _progress(arm: str, budget: float, enabled: bool):
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
 
 
-__all__ = ["ARMS", "ArmResult", "RaceConfig", "arithmetic_accuracy", "heldout_loss", "lr_at", "run_race",
-           "validate_config", "weights_digest"]
+__all__ = ["ARMS", "HEADS", "ArmResult", "RaceConfig", "arithmetic_accuracy", "heldout_loss", "lr_at", "resolve_head",
+           "run_race", "validate_config", "weights_digest"]

@@ -172,6 +172,19 @@ def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+HEAD_TEXT = {
+    "fused": "LM head of every arm's training loss: fused (linear cross-entropy on the final hidden states, "
+             "fp32 logit math)",
+    "logits": "LM head of every arm's training loss: the model's logits (bf16 under autocast, loss in fp32)",
+}
+
+
+def head_line(settings: dict[str, Any]) -> str:
+    """The header's sentence on the LM head the arms trained with (``settings['head']``, see ``--head``)."""
+    head = settings.get("head", _SETTING_DEFAULTS["head"])
+    return HEAD_TEXT.get(head, f"LM head: {head}")
+
+
 def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plot: bool = True) -> dict[str, str]:
     """Write ``<out>/<name>.json``, ``.md`` and ``.png``; print the table; return the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +202,7 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"{s['parameters'] / 1e6:.1f}M parameters, {s['num_layers']} layers; {s['minutes_per_arm']:g} min per arm; "
         f"ratio {s['ratio']}; standard batch {s['batch_size']} sequences of {s['data_info']['seq_len']} tokens; "
         f"selecting arms scan {s['scanned_per_step']} per step; router {s['router_layers']} layers; "
-        f"peak lr {s['lr']}, {s['schedule']}.", "",
+        f"peak lr {s['lr']}, {s['schedule']}; {head_line(s)}.", "",
         markdown_table(rows, _columns(rows)), "",
     ]
     if payload.get("merged_from"):
@@ -219,11 +232,15 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
 
 
 _SAME_SETTINGS = ("model", "parameters", "data", "minutes_per_arm", "ratio", "scan_multiplier", "batch_size",
-                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "scoring", "evals")
+                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "scoring", "evals", "head")
 
 
 # settings added after races were recorded: the value those races implied
-_SETTING_DEFAULTS = {"scoring": "combined"}
+_SETTING_DEFAULTS = {
+    "scoring": "combined",
+    # before --head: standard on the HF logits, the CGGRModel arms fused on CUDA, cggr-loss fused where possible
+    "head": "mixed (before --head: standard on the logits; cggr, random fused on CUDA; cggr-loss fused)",
+}
 
 
 def merge_race_files(paths: list[Path]) -> dict[str, Any]:
