@@ -15,19 +15,23 @@ Arms:
                    gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden',
                    'fused atomic' with accumulate='atomic' (bf16 hardware atomics instead of locks),
                    'fused filter=2^-12' with CCE's gradient filter at its bf16 default threshold (opt-in: inexact)
+  cggr fused split r=*  the same with bwd='split' (one backward kernel per gradient output, each output row owned
+                   by one program: no locks; 4 GEMM passes; 'split filter=2^-12' with the gradient filter)
   liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
   cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
   score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
     python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
-        [--fused-sweep] [--atomic] [--only 'cggr fused,cce'] [--no-breakdown] [--name linear_ce] [--out DIR]
+        [--fused-sweep] [--split-sweep] [--atomic] [--only 'cggr fused,cce'] [--no-breakdown] [--name linear_ce]
+        [--out DIR]
 
 Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS GEMM hidden @ weight.T into a
 bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone (scores) and its ratio-1 backward
-alone (3 GEMM passes + accumulation), and the chunked kernel's forward alone. --fused-sweep also times
-'cggr fused r=1.0' and those two parts under other tile configurations (SWEEP: overrides of the fused kernel's
-default_config), for tuning.
+alone (3 GEMM passes + accumulation), its split backward alone (bwd='split': 4 GEMM passes, no locks), and the
+chunked kernel's forward alone. --fused-sweep also times 'cggr fused r=1.0' and those two parts under other tile
+configurations (SWEEP: overrides of the fused kernel's default_config), for tuning; --split-sweep the split
+backward part under SPLIT_SWEEP (overrides of linear_cross_entropy_fused_split.split_config).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from benchmarks._timing import markdown_table, time_fn, write_results
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
 from cggr.kernels import linear_cross_entropy_fused as fused_kernel
+from cggr.kernels import linear_cross_entropy_fused_split as split_kernel
 from cggr.kernels.linear_cross_entropy import DEFAULT_WORKSPACE_BYTES, forward_stats
 from cggr.scoring import TokenScores, difficulty
 
@@ -61,6 +66,16 @@ FUSED_ATOMIC = LinearCrossEntropyOptions(kernel="fused", accumulate="atomic")
 SWEEP = [dict(num_warps=16), dict(BLOCK_V=64), dict(BLOCK_N=64), dict(BLOCK_N=64, BLOCK_V=64),
          dict(BLOCK_O=32, num_warps=16), dict(FLATTEN=True), dict(BLOCK_D=32, num_stages=4)]
 FUSED_FILTER = LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)  # CCE's bf16 default
+SPLIT = LinearCrossEntropyOptions(kernel="fused", bwd="split")
+SPLIT_FILTER = LinearCrossEntropyOptions(kernel="fused", bwd="split", filter_eps=2.0**-12)
+SPLIT_ATOMIC = LinearCrossEntropyOptions(kernel="fused", bwd="split", accumulate="atomic")
+# --split-sweep: overrides of the split backward's bf16 default tiles (DH 64 x 256, DW 256 x 64, BLOCK_D=64,
+# BLOCK_O=64, num_warps=8, num_stages=3; DH_SPLITS: vocabulary splits of the d_hidden kernel, default SMs // row
+# blocks, > 1 adds under locks)
+SPLIT_SWEEP = [dict(DH_BLOCK_N=128, DH_BLOCK_V=128, DW_BLOCK_N=128, DW_BLOCK_V=128),
+               dict(BLOCK_D=32, num_stages=4), dict(num_stages=2), dict(num_warps=4),
+               dict(BLOCK_O=128), dict(DH_SPLITS=2),
+               dict(DH_BLOCK_N=128, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=128, num_warps=16)]
 
 
 def _tiles_name(tiles: dict) -> str:
@@ -68,17 +83,18 @@ def _tiles_name(tiles: dict) -> str:
 
 
 class _Tiles:
-    """Context: the fused kernel's default tiles overridden by ``tiles`` (forward and backward of one step)."""
+    """Context: a kernel module's default tiles (``module.<attr>(dtype, interpret)``) overridden by ``tiles``
+    (the fused kernel's default_config by default: forward and backward of one step)."""
 
-    def __init__(self, tiles: dict):
-        self.tiles = tiles
+    def __init__(self, tiles: dict, module=fused_kernel, attr: str = "default_config"):
+        self.tiles, self.module, self.attr = tiles, module, attr
 
     def __enter__(self):
-        self.orig = orig = fused_kernel.default_config
-        fused_kernel.default_config = lambda dtype, interpret: {**orig(dtype, interpret), **self.tiles}
+        self.orig = orig = getattr(self.module, self.attr)
+        setattr(self.module, self.attr, lambda dtype, interpret: {**orig(dtype, interpret), **self.tiles})
 
     def __exit__(self, *exc):
-        fused_kernel.default_config = self.orig
+        setattr(self.module, self.attr, self.orig)
 
 
 def _optional_arms():
@@ -123,6 +139,7 @@ def main() -> None:
     ap.add_argument("--logit-std", default="1", help="comma list of logit scales (weight ~ N(0, std²/H))")
     ap.add_argument("--workspace-arms", action="store_true", help="also time cggr with a 64 MiB workspace")
     ap.add_argument("--fused-sweep", action="store_true", help="also time the fused kernel under other tiles")
+    ap.add_argument("--split-sweep", action="store_true", help="also time the split backward under other tiles")
     ap.add_argument("--atomic", action="store_true", help="also time the fused kernel with accumulate='atomic'")
     ap.add_argument("--only", default="", help="comma list of substrings: time only arms whose name has one")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the 'part: ...' rows")
@@ -153,6 +170,9 @@ def _breakdown(hidden, weight, targets, args) -> dict:
     parts["part: fused backward r=1 (native)"] = lambda: fused_kernel.backward_selected(
         h, w, None, targets, stats[0], row_w, None, ignore_index=-100, softcap=None, need_hidden_grad=True,
         need_weight_grad=True, need_bias_grad=False)
+    parts["part: fused split backward r=1 (native)"] = lambda: split_kernel.backward_selected(
+        h, w, None, targets, stats[0], row_w, None, ignore_index=-100, softcap=None, need_hidden_grad=True,
+        need_weight_grad=True, need_bias_grad=False)
     parts["part: chunked forward (scores)"] = lambda: forward_stats(
         h, w, None, targets, ignore_index=-100, softcap=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES)
     res = {}
@@ -166,6 +186,14 @@ def _breakdown(hidden, weight, targets, args) -> dict:
                         parts[f"part: {part}"], warmup=args.warmup, iters=args.iters).median_ms
             except (OutOfResources, CompilationError) as e:
                 print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
+    for tiles in SPLIT_SWEEP if args.split_sweep else []:
+        part = "fused split backward r=1 (native)"
+        try:
+            with _Tiles(tiles, split_kernel, "split_config"):
+                res[f"part: {part} tiles {_tiles_name(tiles)}"] = time_fn(
+                    parts[f"part: {part}"], warmup=args.warmup, iters=args.iters).median_ms
+        except (OutOfResources, CompilationError) as e:
+            print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
     return res
 
 
@@ -191,6 +219,11 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FP32H)
     arms["cggr fused filter=2^-12 r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
         hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_FILTER)
+    for r in (1.0, 0.25):
+        arms[f"cggr fused split r={r}"] = lambda hh, ww, tt, r=r: linear_cross_entropy(
+            hh, ww, tt, ratio=r, impl="triton", options=SPLIT)
+    arms["cggr fused split filter=2^-12 r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
+        hh, ww, tt, ratio=1.0, impl="triton", options=SPLIT_FILTER)
     if args.fused_sweep:
         for tiles in SWEEP:
             arms[f"cggr fused r=1.0 tiles {_tiles_name(tiles)}"] = (arms["cggr fused r=1.0"], tiles)
@@ -208,6 +241,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     if args.atomic:  # opt-in: a Triton without bf16 atomic_add may fail to compile it (or abort in LLVM)
         arms["cggr fused atomic r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
             hh, ww, tt, ratio=1.0, impl="triton", options=FUSED_ATOMIC)
+        arms["cggr fused split atomic r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(
+            hh, ww, tt, ratio=0.25, impl="triton", options=SPLIT_ATOMIC)  # atomics where the d_hidden kernel splits
     if args.only:
         keep = [k.strip() for k in args.only.split(",") if k.strip()]
         arms = {name: fn for name, fn in arms.items() if any(k in name for k in keep or [""])}

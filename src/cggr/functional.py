@@ -61,6 +61,7 @@ Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
 ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
+FUSED_BACKWARDS = ("tiled", "split")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -160,6 +161,10 @@ class LinearCrossEntropyOptions:
         filter_eps: ``kernel='fused'`` only: ``None`` (exact, default) or Cut Cross-Entropy's gradient
             filter: backward tiles whose every |softmax - onehot| is below ``filter_eps`` are skipped (faster
             when the softmax is spread thin; drops those tiles' gradient, at most filter_eps per logit).
+        bwd: ``kernel='fused'`` only: the backward's schedule. ``'tiled'`` (default): one kernel, every logits
+            tile adds into both gradient outputs under locks (3 GEMM passes). ``'split'``: one kernel per output,
+            each output row owned by one program (no locks unless the d_hidden kernel must split the vocabulary
+            to fill the GPU; 4 GEMM passes; :mod:`cggr.kernels.linear_cross_entropy_fused_split`).
     """
 
     num_strata: int = 4
@@ -170,17 +175,19 @@ class LinearCrossEntropyOptions:
     kernel: str = "chunked"
     accumulate: str = "native"
     filter_eps: float | None = None
+    bwd: str = "tiled"
 
     def __post_init__(self) -> None:
         check_choice("kernel", self.kernel, KERNELS)
         check_choice("accumulate", self.accumulate, ACCUMULATE_MODES)
+        check_choice("bwd", self.bwd, FUSED_BACKWARDS)
         fe = self.filter_eps
         if fe is not None and (isinstance(fe, bool) or not isinstance(fe, (int, float)) or not 0 < fe < 1):
             raise ValueError(f"filter_eps must be None or a float in (0, 1), got {fe!r}")
-        if self.kernel != "fused" and (self.accumulate != "native" or fe is not None):
+        if self.kernel != "fused" and (self.accumulate != "native" or fe is not None or self.bwd != "tiled"):
             raise ValueError(
-                f"accumulate={self.accumulate!r} and filter_eps={fe!r} apply to kernel='fused' only, "
-                f"got kernel={self.kernel!r}"
+                f"accumulate={self.accumulate!r}, filter_eps={fe!r} and bwd={self.bwd!r} apply to kernel='fused' "
+                f"only, got kernel={self.kernel!r}"
             )
         check_int("num_strata", self.num_strata, minimum=1)
         check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, minimum=1)
@@ -306,8 +313,12 @@ class _Plan:
             from cggr.kernels import linear_cross_entropy_fused as fused
 
             opts = self.options
+            if opts.bwd == "split":
+                from cggr.kernels.linear_cross_entropy_fused_split import backward_selected
+            else:
+                backward_selected = fused.backward_selected
             return fused.forward_stats, functools.partial(
-                fused.backward_selected, accumulate=opts.accumulate, filter_eps=opts.filter_eps
+                backward_selected, accumulate=opts.accumulate, filter_eps=opts.filter_eps
             )
         if self.impl == "triton":
             from cggr.kernels import linear_cross_entropy as kernels

@@ -1,0 +1,363 @@
+"""Split backward of the fused linear cross-entropy (``LinearCrossEntropyOptions(kernel='fused', bwd='split')``).
+
+Shape legend: N tokens, H hidden size, V vocabulary, R = N or K_max rows of the backward, BN / BV / BD / BO tile
+sizes along rows / vocabulary / the GEMM depth H / the H chunk of the output products, S vocabulary splits of
+the d_hidden kernel. One GEMM pass = R·V·H multiply-adds.
+
+The forward is the one of :mod:`cggr.kernels.linear_cross_entropy_fused` (scores, lse). Only the backward
+differs: instead of one kernel whose every [BN, BV] tile adds a [BN, H] slice into d_hidden and a [BV, H] slice
+into d_weight under locks ('tiled', that module's ``_bwd_kernel``), each output gets its own kernel that OWNS
+what it writes:
+
+    _bwd_dw_kernel      grid (V / BV_w): a program owns vocabulary block ``cols`` and loops over every row block
+        acc_b = 0                                                      [BV_w] fp32 (bias gradient, registers)
+        for each [BN_w] row block with some nonzero row weight:
+            g = (softmax(z) - onehot) · w_row (· softcap factor)       z recomputed, [BN_w, BV_w] fp32
+            acc_b += Σ_rows g
+            for each BO chunk c of H:  d_weight[cols, c] = d_weight[cols, c] + g.T @ hidden[rows, c]
+                (a plain load-add-store: no other program touches d_weight[cols]; no lock, no atomic)
+        d_bias[cols] = acc_b                                           written once
+    _bwd_dh_kernel      grid (R / BN_h, S): a program owns row block ``rows`` and one vocabulary range
+        for each [BV_h] vocabulary tile of its range:
+            g recomputed as above; c_t[rows] += g[row, target] (registers)
+            for each BO chunk c:  d_hidden[rows, c] += (g with the target column zeroed) @ weight[cols, c]
+                (S = 1: plain load-add-store, the program owns the rows; S > 1: the S programs of a row
+                block add under a lock per (row block, chunk), or with 16-bit atomics ('atomic'))
+        CT[rows] = c_t (the split that holds the target)
+    _target_fixup_kernel (shared)  d_hidden[row] += c_t[row] · weight[target[row]] in fp32, one rounding
+
+Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output element per add):
+
+* 'tiled' does 3 GEMM passes (recompute z, g @ W, g.T @ h) but adds partials of every tile into both outputs:
+  R·V·H·4·(1/BN + 1/BV) bytes of locked read-modify-write (128 x 128 tiles: R·V·H / 16 bytes, 29 GB at
+  (16384, 576, 49152)), each add a lock round trip on a row block that ~16 resident programs share. Measured on
+  the H200: 18 passes' worth of time at that shape.
+* Owning an output row needs its whole reduction in one program. A register accumulator [BN, H] does not fit
+  (H = 2048: 512 KiB fp32 at BN = 64), and splitting H into chunks each owned by its own program costs one
+  z recompute per chunk (H / BO passes). So the output itself, in its own dtype, is the accumulator, as in
+  'tiled', but with ONE owner: no locks, no contention, and the load of a chunk is issued before its product
+  so that its latency overlaps the tile GEMM.
+* The price is a second z recompute: 4 GEMM passes instead of 3. The adds are cut to R·V·H·4·(1/BV_h + 1/BN_w)
+  bytes with long tiles along the reduction axis (BV_h = BN_w = 256: half of 'tiled' at 128 x 128), on
+  [BN_h, H] / [BV_w, H] slices that stay in L2 for the program's lifetime.
+* Expected per case (R, H, V) = (16384, 576, 49152) / (8192, 2048, 128256) / (8192, 2304, 256000): 4 passes =
+  4 x 1.4 / 6.3 / 15 ms at cuBLAS speed (Triton's tile GEMM is slower), plus 7 / 34 / 75 GB of unlocked
+  read-modify-write split over the two kernels, largely L2-resident.
+* The d_hidden kernel has only R / BN_h row blocks (64 at R = 8192, BN_h = 128; 32 at ratio 0.25 with 64-row
+  blocks), fewer than the SMs: it splits the vocabulary S = max(1, SMs // row blocks) ways, and only then
+  takes locks (S writers per row block, start chunk rotated per split, so they rarely meet).
+* The gradient filter (``filter_eps``) skips the products (not the recompute) of tiles below the threshold;
+  the target coefficient is kept whole.
+
+Error model: that of 'native' in the fused module, with fewer adds per element: d_hidden[n, :] receives
+ceil(V / BV_h) rounded partials (target column excluded, added last in fp32), d_weight[v, :] ceil(R / BN_w).
+``accumulate='fp32_hidden'`` / ``'fp32'`` accumulate in fp32 buffers as there (N·H·4 / (N + V)·H·4 extra bytes);
+fp32 inputs always do.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cggr.kernels._utils import LOG2E
+from cggr.kernels.linear_cross_entropy_fused import (
+    ACCUMULATE_MODES,
+    _accumulate,
+    _dot_precision,
+    _interpreting,
+    _load_chunk,
+    _logits_tile,
+    _num_sms,
+    _on_input_device,
+    _target_fixup_kernel,
+)
+
+#: Accumulation of the d_hidden kernel when it is split over the vocabulary (S > 1).
+_EXCLUSIVE, _LOCKED, _ATOMIC = 0, 1, 2
+
+
+@triton.jit
+def _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h, stride_w, softcap,
+               filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Recomputed [BN, BV] fp32 gradient of Σ w_n · nll_n w.r.t. the (pre-softcap) logits, its target mask, and
+    with FILTER whether its products are needed (gradient filter: not every |softmax - onehot| of a weighted row
+    is below eps); without FILTER the third value is an unused scalar (the callers branch on FILTER first)."""
+    zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
+    p = tl.where(col_mask[None, :], p, 0.0)
+    is_t = cols[None, :] == tgt[:, None]
+    g = tl.where(is_t, p - 1.0, p)
+    if FILTER:
+        live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
+        keep = tl.max(tl.max(live, axis=1), axis=0) >= filter_eps
+    else:
+        keep = tl.max(w_row, axis=0)  # unused
+    g = g * w_row[:, None]
+    if HAS_SOFTCAP:
+        y = zc / softcap
+        g = g * (1.0 - y * y)
+    return g, is_t, keep
+
+
+@triton.jit
+def _product_add(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src, stride_dst,
+                 MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
+
+    MODE 0 (exclusive): plain load-add-store, the DST chunk loaded before the product so that its latency
+    overlaps it; 1: under the chunk's lock ``LOCKS + c``; 2: atomic adds. The next SRC chunk is prefetched.
+    """
+    n_oc = tl.cdiv(D, BLOCK_O)
+    offs_o = tl.arange(0, BLOCK_O)
+    oc = start % n_oc
+    od = oc * BLOCK_O + offs_o
+    src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)
+    for _ in range(0, n_oc):
+        if EVEN_O:
+            m_out = dst_mask[:, None]
+        else:
+            m_out = dst_mask[:, None] & (od < D)[None, :]
+        ptrs = DST + dst_rows[:, None] * stride_dst + od[None, :]
+        if MODE == 0:
+            cur = tl.load(ptrs, mask=m_out, other=0.0)
+        part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [len(dst_rows), BO] fp32
+        cur_oc = oc
+        oc = (oc + 1) % n_oc
+        od = oc * BLOCK_O + offs_o
+        src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)  # prefetch (the last one: unused)
+        if MODE == 0:
+            tl.store(ptrs, (cur.to(tl.float32) + part).to(DST.dtype.element_ty), mask=m_out)
+        else:
+            _accumulate(ptrs, part, m_out, LOCKS + cur_oc, MODE == 2)
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    H, W, Bias, T, LSE, WROW, IDX, DW, DB, R, V, D, stride_h, stride_w, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < V
+    acc_b = tl.zeros((BLOCK_V,), tl.float32)
+    for nb in range(0, tl.cdiv(R, BLOCK_N)):
+        offs_r = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_mask = offs_r < R
+        if HAS_IDX:
+            rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
+        else:
+            rows = offs_r
+        w_row = tl.load(WROW + rows, mask=row_mask, other=0.0)
+        if tl.max(tl.abs(w_row), axis=0) != 0.0:  # ignored / padding rows only: exactly zero, skipped
+            lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+            tgt = tl.load(T + rows, mask=row_mask, other=-1)
+            g, _is_t, keep = _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h,
+                                        stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP, FILTER, BLOCK_N,
+                                        BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+            if COMPUTE_DB:
+                acc_b += tl.sum(g, axis=0)
+            if COMPUTE_DW:
+                gt = tl.trans(g.to(H.dtype.element_ty))  # [BV, BN]
+                if FILTER:
+                    if keep:
+                        _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
+                                     0, BLOCK_O, EVEN_O, DOT_PRECISION)
+                else:
+                    _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
+                                 0, BLOCK_O, EVEN_O, DOT_PRECISION)
+    if COMPUTE_DB:
+        tl.store(DB + cols, acc_b, mask=col_mask)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    H, W, Bias, T, LSE, WROW, IDX, DH, CT, LOCK, R, V, D, stride_h, stride_w, vb_per_split, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, MODE: tl.constexpr,
+    FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = offs_r < R
+    if HAS_IDX:
+        rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_r
+    w_row = tl.load(WROW + rows, mask=row_mask, other=0.0)
+    if tl.max(tl.abs(w_row), axis=0) == 0.0:
+        return  # ignored or padding rows only: their gradient is exactly zero
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    n_oc = tl.cdiv(D, BLOCK_O)
+    vb0 = pid_s * vb_per_split
+    vb1 = tl.minimum(vb0 + vb_per_split, tl.cdiv(V, BLOCK_V))
+    c_t = tl.zeros((BLOCK_N,), tl.float32)
+    for vb in range(vb0, vb1):
+        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        g, is_t, keep = _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h,
+                                   stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP, FILTER, BLOCK_N, BLOCK_V,
+                                   BLOCK_D, EVEN_D, DOT_PRECISION)
+        c_t += tl.sum(tl.where(is_t, g, 0.0), axis=1)
+        gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)  # target column: added by _target_fixup_kernel
+        # the splits of one row block start at different chunks (their locks rarely meet)
+        if FILTER:
+            if keep:
+                _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
+                             stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION)
+        else:
+            _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
+                         stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION)
+    has_t = row_mask & (tgt >= vb0 * BLOCK_V) & (tgt < vb1 * BLOCK_V)
+    tl.store(CT + offs_r, c_t, mask=has_t)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def split_config(dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles of the split backward.
+
+    Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile: long along the vocabulary, its reduction axis),
+    DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile: long along the rows), BLOCK_D (GEMM depth step), BLOCK_O
+    (H chunk of the products), num_warps, num_stages, optional DH_SPLITS (S; default max(1, SMs // row blocks))
+    and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides).
+    Under the Triton interpreter the tiles are small, so that tests exercise several blocks per axis.
+    """
+    if interpret:
+        return dict(DH_BLOCK_N=16, DH_BLOCK_V=32, DW_BLOCK_N=32, DW_BLOCK_V=16, BLOCK_D=16, BLOCK_O=16,
+                    num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(DH_BLOCK_N=64, DH_BLOCK_V=64, DW_BLOCK_N=64, DW_BLOCK_V=64, BLOCK_D=32, BLOCK_O=32,
+                    num_warps=8, num_stages=2)
+    return dict(DH_BLOCK_N=64, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=64, BLOCK_D=64, BLOCK_O=64,
+                num_warps=8, num_stages=3)
+
+
+def _dh_splits(cfg: dict, n_nb: int, n_vb: int, device: torch.device) -> int:
+    if "DH_SPLITS" in cfg:
+        s = int(cfg["DH_SPLITS"])
+    elif device.type != "cuda":
+        s = max(1, 4 // n_nb)  # interpreter: split small problems, so that the locked path is exercised
+    else:
+        s = max(1, _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // n_nb)
+    return max(1, min(s, n_vb))
+
+
+@_on_input_device
+def backward_selected(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    row_weights: Tensor,
+    idx: Tensor | None,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    workspace_bytes: int | None = None,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+    accumulate: str = "native",
+    filter_eps: float | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ_n w_n · nll_n from the rows ``idx`` (or all rows): one kernel per output (module docstring).
+
+    Args:
+        hidden: (N, H) contiguous, float16 / bfloat16 / float32.
+        weight: (V, H) contiguous, same dtype.
+        bias: (V,) or ``None``.
+        targets: (N,) long.
+        lse: (N,) fp32 log-sum-exp saved by the forward.
+        row_weights: (N,) fp32 weights, already multiplied by the upstream gradient; 0 outside the selection.
+        idx: (K_max,) long row indices, each at most once (padding rows carry weight 0), or ``None`` for
+            every row (ratio 1). Each row at most once is what makes a row block's d_hidden exclusively owned.
+        ignore_index: Unused (ignored rows carry weight 0); kept for signature parity.
+        softcap: ``None`` or the logit soft-cap.
+        workspace_bytes: Unused (no workspace).
+        need_hidden_grad, need_weight_grad, need_bias_grad: Which gradients to compute.
+        accumulate: ``'native'`` (adds in the output dtype; locks only where the d_hidden kernel is split),
+            ``'atomic'`` (split d_hidden adds with 16-bit atomics instead of locks), ``'fp32_hidden'``,
+            ``'fp32'`` (fp32 buffers, cast at the end).
+        filter_eps: ``None`` (exact) or CCE's gradient filter threshold.
+        config: Tile-size override (keys of :func:`split_config`).
+
+    Returns:
+        ``(d_hidden (N, H), d_weight (V, H), d_bias (V,))`` in the input dtype, ``None`` where not needed.
+    """
+    del ignore_index, workspace_bytes
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == f32
+    dw_fp32 = accumulate == "fp32" or hidden.dtype == f32
+    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
+    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
+    d_b = torch.zeros(vocab, dtype=f32, device=dev) if need_bias_grad else None
+    r = n if idx is None else idx.shape[0]
+    bias = bias.contiguous() if bias is not None else None
+    if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
+        cfg = dict(config or split_config(hidden.dtype, _interpreting()))
+        bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
+        prec = _dot_precision(hidden.dtype)
+        idx_arg = idx if idx is not None else targets
+        common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
+                      FILTER=filter_eps is not None, BLOCK_D=bd, BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0,
+                      DOT_PRECISION=prec)
+        cap = float(softcap) if softcap is not None else 1.0
+        eps = float(filter_eps) if filter_eps is not None else 0.0
+        b_arg = bias if bias is not None else hidden
+        if d_w is not None or d_b is not None:
+            bn, bv = cfg["DW_BLOCK_N"], cfg["DW_BLOCK_V"]
+            _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
+                hidden, weight, b_arg, targets, lse, row_weights, idx_arg,
+                d_w if d_w is not None else lse, d_b if d_b is not None else lse,
+                r, vocab, d, hidden.stride(0), weight.stride(0), cap, eps,
+                COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None, BLOCK_N=bn, BLOCK_V=bv, **common,
+                num_warps=cfg.get("DW_num_warps", cfg["num_warps"]),
+                num_stages=cfg.get("DW_num_stages", cfg["num_stages"]),
+            )
+        if d_h is not None:
+            bn, bv = cfg["DH_BLOCK_N"], cfg["DH_BLOCK_V"]
+            n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
+            splits = _dh_splits(cfg, n_nb, n_vb, dev)
+            vb_per_split = triton.cdiv(n_vb, splits)
+            splits = triton.cdiv(n_vb, vb_per_split)  # no empty split
+            if splits == 1:
+                mode = _EXCLUSIVE
+            elif dh_fp32 or accumulate == "atomic":
+                mode = _ATOMIC
+            else:
+                mode = _LOCKED
+            lock = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if mode == _LOCKED else targets
+            c_t = torch.zeros(r, dtype=f32, device=dev)  # (R,) target coefficients
+            _bwd_dh_kernel[(n_nb, splits)](
+                hidden, weight, b_arg, targets, lse, row_weights, idx_arg, d_h, c_t, lock,
+                r, vocab, d, hidden.stride(0), weight.stride(0), vb_per_split, cap, eps,
+                MODE=mode, BLOCK_N=bn, BLOCK_V=bv, **common,
+                num_warps=cfg.get("DH_num_warps", cfg["num_warps"]),
+                num_stages=cfg.get("DH_num_stages", cfg["num_stages"]),
+            )
+            _target_fixup_kernel[(r,)](
+                d_h, weight, targets, idx_arg, c_t, d, d_h.stride(0), weight.stride(0),
+                HAS_IDX=idx is not None, BLOCK=min(1024, triton.next_power_of_2(d)), num_warps=4,
+            )
+    return (
+        d_h.to(hidden.dtype) if d_h is not None else None,
+        d_w.to(weight.dtype) if d_w is not None else None,
+        d_b.to(bias.dtype) if d_b is not None else None,
+    )
