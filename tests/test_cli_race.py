@@ -465,3 +465,52 @@ def test_head_option_on_the_command_line(small_config, tmp_path, capsys):
                  "1", "--batch-size", "2", "--seq-len", "32", "--evals", "1", "--eval-sequences", "4", "--no-progress",
                  "--device", "cpu", "--arms", "standard,random", "--head", "fused", "--out", str(out)]) == 0
     assert json.loads((out / "race.json").read_text())["settings"]["head"] == "fused"
+
+
+def test_token_bookkeeping_is_off_the_clock(small_config, tmp_path, monkeypatch):
+    """Reading the token counts (host syncs, more of them in the CGGR arms) is not charged to any arm's budget."""
+    import time
+
+    from cggr.cli import race
+
+    real_counts = race._Arm.counts
+    calls = []
+
+    def slow_counts(self, mask):
+        calls.append(self.arm)
+        time.sleep(0.3)
+        return real_counts(self, mask)
+
+    monkeypatch.setattr(race._Arm, "counts", slow_counts)
+    cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
+                     evals=1, eval_sequences=4, out=str(tmp_path), progress=False, arms=("standard", "cggr"))
+    payload = run_race(cfg, log=lambda *_: None)
+    for a in payload["arms"]:
+        assert calls.count(a["arm"]) == a["steps"] >= 1  # every timed step counted, with the clock stopped
+        assert a["max_step_seconds"] < 0.3
+        assert a["tokens_backpropagated"] > 0 and a["tokens_in_loss"] > 0
+
+
+def test_merge_refuses_races_trained_with_different_heads(tmp_path):
+    from cggr.cli.presets import CLIError
+    from cggr.cli.report import merge_race_files
+
+    def race_file(name, arm, head):
+        settings = {"model": "m", "parameters": 1, "data": "code", "minutes_per_arm": 1, "ratio": 0.25,
+                    "scan_multiplier": 4.0, "batch_size": 2, "scanned_per_step": 8, "router_layers": 1, "lr": 1e-3,
+                    "seed": 0, "ratio_warmup_steps": 0, "scoring": "combined", "evals": 1}
+        if head is not None:
+            settings["head"] = head
+        row = {"arm": arm, "init_digest": "d", "heldout_loss": 1.0}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"settings": settings, "environment": {"command": name}, "arms": [row]}))
+        return path
+
+    fused, logits = race_file("a", "standard", "fused"), race_file("b", "cggr", "logits")
+    with pytest.raises(CLIError, match="has head='logits', the first file 'fused'"):
+        merge_race_files([fused, logits])
+    old = race_file("c", "random", None)  # recorded before --head: the arms' heads were mixed
+    with pytest.raises(CLIError, match="head="):
+        merge_race_files([fused, old])
+    assert len(merge_race_files([fused, race_file("d", "cggr", "fused")])["arms"]) == 2
+    assert len(merge_race_files([old, race_file("e", "cggr", None)])["arms"]) == 2

@@ -340,7 +340,8 @@ class _Arm:
     ) -> tuple[torch.Tensor, int, int]:
         """One optimizer step on (S or B, T) ``ids``; returns (loss, tokens back-propagated, tokens in loss).
 
-        ``count=False`` skips the token counts (they read device values) and returns zeros for them.
+        ``count=False`` skips the token counts (they read device values) and returns zeros for them; the race
+        times the step that way and reads :meth:`counts` with the clock stopped.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -350,21 +351,22 @@ class _Arm:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for module in (self.wrapper, self.criterion):
+            if module is not None:
+                module.step()  # the curriculum only (no host sync); the last forward's metrics stay readable
         if not count:
-            for module in (self.wrapper, self.criterion):
-                if module is not None:
-                    module.step()
             return loss, 0, 0
-        valid = int((labels[:, 1:] != -100).sum())
+        return (loss, *self.counts(mask))
+
+    def counts(self, mask: torch.Tensor) -> tuple[int, int]:
+        """(tokens back-propagated, tokens in the loss) of the last step on (b, T) ``mask`` (host syncs)."""
+        valid = int(mask[:, 1:].sum())  # targets of position t are the tokens at t + 1
         if self.wrapper is not None:
-            metrics = self.wrapper.get_metrics()
-            self.wrapper.step()
-            return loss, metrics["tokens_selected"], metrics["tokens_selected"]
+            selected = self.wrapper.get_metrics()["tokens_selected"]
+            return selected, selected
         if self.criterion is not None:
-            metrics = self.criterion.get_metrics()
-            self.criterion.step()
-            return loss, valid, metrics["tokens_selected"]
-        return loss, valid, valid
+            return valid, self.criterion.get_metrics()["tokens_selected"]
+        return valid, valid
 
 
 def _prepare(cfg: RaceConfig) -> tuple[ModelSpec, RaceData]:
@@ -419,7 +421,8 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         per_step = batch if arm == "standard" else scan
         # untimed warm-up step on a scratch copy (allocator, kernels, lazy init), so no arm pays it on the clock
         scratch = _Arm(arm, copy.deepcopy(model), cfg, router_layers, 0.0, device, fused_head=fused)
-        scratch.step(data.train_ids[:per_step].to(device), data.train_mask[:per_step].to(device), 0.0)
+        scratch.step(data.train_ids[:per_step].to(device), data.train_mask[:per_step].to(device), 0.0,
+                     count=False)
         del scratch
         runner = _Arm(arm, model, cfg, router_layers, lr, device, fused_head=fused)
         stream = BatchStream(data.train_ids.shape[0], cfg.seed)
@@ -448,11 +451,12 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
             ids, mask = data.train_ids[idx].to(device), data.train_mask[idx].to(device)  # (S or B, T)
             synchronize(device)
             c0, t0 = time.process_time(), time.perf_counter()
-            loss, backprop, in_loss = runner.step(ids, mask, lr_at(result.train_seconds / budget, lr))
+            loss, _, _ = runner.step(ids, mask, lr_at(result.train_seconds / budget, lr), count=False)
             result.last_train_loss = float(loss.detach())  # host sync: the clock stops when the step is done
             synchronize(device)
             dt = time.perf_counter() - t0
             result.cpu_seconds += time.process_time() - c0
+            backprop, in_loss = runner.counts(mask)  # bookkeeping, off the clock (its host syncs differ per arm)
             result.train_seconds += dt
             result.step_seconds.append(dt)
             result.steps += 1
