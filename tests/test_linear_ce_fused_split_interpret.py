@@ -1,0 +1,211 @@
+"""The split backward of the fused linear cross-entropy (``bwd='split'``) on the CPU through the Triton interpreter.
+
+:mod:`cggr.kernels.linear_cross_entropy_fused_split` against float64 references with materialised logits, at
+small odd shapes (V not a power of two, N = 1, N and H not multiples of the interpreter tiles, all-ignored rows,
+softcap on/off, bias, ratio 1 and below), with the d_hidden kernel unsplit (each row block owned by one program:
+plain adds) and split over the vocabulary (locked or atomic adds), and every accumulation mode. Skipped without
+triton (CI); run in a fresh subprocess when another module imported triton first (see tests/_interpret.py).
+
+fp32 and fp16 only (the interpreter's tl.dot is wrong for bf16; bf16 is covered by tests/gpu/test_linear_ce_gpu.py).
+Tolerances as in tests/test_linear_ce_fused_interpret.py: fp32 1e-5 (DESIGN §6); fp16 gradients 3e-3
+(g rounded once to fp16, at most ceil(V / 16) <= 7 rounded adds per element here plus the final rounding, each
+at most 2^-11 relative to the running sum, RMS far below).
+
+Shape legend: N tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+
+with interpreter_env():  # only this module's tests run interpreted (fixture below)
+    pytest.importorskip("triton")
+    from cggr.kernels import linear_cross_entropy_fused as fz
+    from cggr.kernels import linear_cross_entropy_fused_split as sp
+
+INTERPRETED = is_interpreted(sp._bwd_dh_kernel, sp._bwd_dw_kernel, fz._fwd_stats_kernel)
+needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
+                                                          "see test_in_fresh_process")
+
+from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
+from tests.reference import lce_inputs, lce_naive  # noqa: E402
+
+SPLIT = LinearCrossEntropyOptions(kernel="fused", bwd="split")
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env(monkeypatch):
+    """The dispatch (resolve_impl) and the tile choice read TRITON_INTERPRET at call time."""
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
+def test_in_fresh_process():
+    run_in_fresh_process(__file__)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def _split(hidden, weight, b, t, options=SPLIT, **kw):
+    for x in (hidden, weight, b):
+        if x is not None:
+            x.grad = None
+    loss, info = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", return_info=True, options=options,
+                                      **kw)
+    loss.backward()
+    return loss.detach(), info, [hidden.grad, weight.grad] + ([b.grad] if b is not None else [])
+
+
+def _backward(hidden, weight, b, t, mask, softcap, idx, config, accumulate="native", need=(True, True, True)):
+    """Direct call of the split backward with a tile/split override: rows ``idx`` (or all), weights 1/K."""
+    h, w = hidden.detach(), weight.detach()
+    bb = b.detach() if b is not None else None
+    stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=softcap)
+    row_w = mask.reshape(-1).float() / mask.sum().clamp(min=1)
+    return sp.backward_selected(h, w, bb, t, stats[0], row_w, idx, ignore_index=-100, softcap=softcap,
+                                need_hidden_grad=need[0], need_weight_grad=need[1],
+                                need_bias_grad=bb is not None and need[2], accumulate=accumulate,
+                                config={**sp.split_config(h.dtype, True), **config})
+
+
+# ------------------------------------------------------------------------------------------ through the public op
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "shape,h,v,ratio,softcap,bias,reduction",
+    [
+        ((1,), 24, 50, 1.0, None, True, "mean"),
+        ((37,), 40, 101, 1.0, 7.0, True, "sum"),
+        ((37,), 40, 101, 0.3, None, False, "mean"),
+        ((2, 21), 24, 97, 0.25, 5.0, True, "mean"),
+    ],
+)
+def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bias, reduction):
+    hidden, weight, b, t = lce_inputs(shape, h, v, dtype, seed=sum(shape) + v + h + 1, bias=bias)
+    loss, info, grads = _split(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction)
+    ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, softcap, reduction)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
+    for a, c in zip(grads, ref_grads):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        assert _rel(a, c) <= GRAD_TOL[dtype], (_rel(a, c), a.shape)
+    unselected = ~info.mask
+    assert torch.equal(grads[0][unselected], torch.zeros_like(grads[0][unselected]))
+
+
+@needs_interp
+@pytest.mark.parametrize("accumulate", ["native", "atomic", "fp32_hidden", "fp32"])
+def test_accumulate_modes_fp16(accumulate):
+    hidden, weight, b, t = lce_inputs((45,), 24, 131, torch.float16, seed=22, bias=True)
+    opts = LinearCrossEntropyOptions(kernel="fused", bwd="split", accumulate=accumulate)
+    for ratio in (1.0, 0.5):
+        _, info, grads = _split(hidden, weight, b, t, options=opts, ratio=ratio)
+        _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
+        for a, c in zip(grads, ref_grads):
+            assert a.dtype == torch.float16
+            assert _rel(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, _rel(a, c))
+
+
+@needs_interp
+def test_all_ignored_rows_give_zero_grads():
+    hidden, weight, b, t = lce_inputs((6,), 16, 40, torch.float32, seed=2)
+    t[:] = -100
+    for ratio in (1.0, 0.5):
+        loss, info, grads = _split(hidden, weight, b, t, ratio=ratio)
+        assert float(loss) == 0.0 and int(info.num_selected) == 0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+@needs_interp
+def test_only_some_gradients_requested():
+    hidden, weight, b, t = lce_inputs((33,), 24, 90, torch.float32, seed=8)
+    for ratio in (1.0, 0.4):
+        loss, info = linear_cross_entropy(hidden, weight.detach(), t, bias=b.detach(), impl="triton",
+                                          ratio=ratio, return_info=True, options=SPLIT)
+        (g_h,) = torch.autograd.grad(loss, (hidden,))
+        _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
+        assert _rel(g_h, ref_grads[0]) <= 1e-5
+        loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=SPLIT)
+        g_w, g_b = torch.autograd.grad(loss, (weight, b))
+        assert _rel(g_w, ref_grads[1]) <= 1e-5 and _rel(g_b, ref_grads[2]) <= 1e-5
+        loss = linear_cross_entropy(hidden.detach(), weight.detach(), t, bias=b, impl="triton", ratio=ratio,
+                                    options=SPLIT)
+        (g_b,) = torch.autograd.grad(loss, (b,))  # d_weight kernel for the bias alone
+        assert _rel(g_b, ref_grads[2]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ kernel schedules
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "splits,accumulate", [(1, "native"), (3, "native"), (3, "atomic"), (2, "fp32_hidden"), (64, "native")]
+)
+def test_d_hidden_vocabulary_splits_and_selected_rows(dtype, splits, accumulate):
+    """d_hidden kernel owned (S = 1: plain adds) or split over the vocabulary (locks / atomics; S clamped to the
+    number of vocabulary tiles), over all rows and over a permuted subset of rows, with softcap and bias."""
+    hidden, weight, b, t = lce_inputs((29,), 40, 211, dtype, seed=splits + 5, bias=True, ignore_every=0)
+    gen = torch.Generator().manual_seed(splits)
+    perm = torch.randperm(29, generator=gen)
+    for idx, k in ((None, 29), (perm[:11], 11)):
+        mask = torch.zeros(29, dtype=torch.bool)
+        mask[perm[:k] if idx is not None else slice(None)] = True
+        if idx is not None:  # padding: unselected rows (weight 0) after the selected ones, as the op builds it
+            idx = torch.cat([idx, perm[k:k + 4]])
+        got = _backward(hidden, weight, b, t, mask, 4.0, idx, dict(DH_SPLITS=splits), accumulate)
+        _, ref = lce_naive(hidden, weight, b, t, mask, 4.0, "mean")
+        for a, c in zip(got, ref):
+            assert a.dtype == dtype
+            assert _rel(a, c) <= GRAD_TOL[dtype], (splits, accumulate, idx is not None, _rel(a, c))
+        assert torch.equal(got[0][~mask], torch.zeros_like(got[0][~mask]))
+
+
+@needs_interp
+def test_other_tiles_and_uneven_chunks_give_the_same_gradients():
+    """Tiles that do not divide N, V or H (BLOCK_O = 32 over H = 40: a partial last chunk; BLOCK_D = 32)."""
+    hidden, weight, b, t = lce_inputs((45,), 40, 301, torch.float32, seed=17, bias=True)
+    mask = t != -100
+    _, ref = lce_naive(hidden, weight, b, t, mask, None, "mean")
+    for cfg in (dict(), dict(DH_BLOCK_N=32, DH_BLOCK_V=16, DW_BLOCK_N=16, DW_BLOCK_V=64, BLOCK_D=32, BLOCK_O=32)):
+        got = _backward(hidden, weight, b, t, mask, None, None, cfg)
+        for a, c in zip(got, ref):
+            assert _rel(a, c) <= 1e-5, (cfg, _rel(a, c))
+
+
+@needs_interp
+def test_split_equals_tiled_backward_fp32():
+    """Both schedules sum the same fp32 products: equal up to fp32 summation order."""
+    hidden, weight, b, t = lce_inputs((40,), 24, 150, torch.float32, seed=4, bias=True)
+    tiled = _split(hidden, weight, b, t, options=LinearCrossEntropyOptions(kernel="fused"), ratio=0.5, softcap=6.0)
+    split = _split(hidden, weight, b, t, ratio=0.5, softcap=6.0)
+    assert torch.equal(tiled[1].mask, split[1].mask) and float(tiled[0]) == float(split[0])
+    for a, c in zip(split[2], tiled[2]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+@needs_interp
+def test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact():
+    """Skipped tiles have every |p - onehot| < eps: the d_hidden error is at most eps · w_n · Σ_v |W[v, :]|, and
+    the d_weight error of column v at most eps · Σ_n w_n · |h[n, :]|; the bias gradient is never filtered."""
+    hidden, weight, _, t = lce_inputs((8,), 16, 600, torch.float32, seed=13, bias=False, ignore_every=0, scale=20.0)
+    t[:] = 0
+    _, _, exact = _split(hidden, weight, None, t, reduction="sum")
+    tiny = LinearCrossEntropyOptions(kernel="fused", bwd="split", filter_eps=1e-30)
+    _, _, got = _split(hidden, weight, None, t, reduction="sum", options=tiny)
+    for a, c in zip(got, exact):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    eps = 0.03
+    filt_opts = LinearCrossEntropyOptions(kernel="fused", bwd="split", filter_eps=eps)
+    _, _, filt = _split(hidden, weight, None, t, reduction="sum", options=filt_opts)
+    bound_h = eps * weight.detach().abs().sum(0)  # (H,), w_n = 1 ('sum')
+    assert ((filt[0] - exact[0]).abs() <= bound_h[None, :] + 1e-6).all()
+    bound_w = eps * hidden.detach().abs().sum(0)  # (H,)
+    assert ((filt[1] - exact[1]).abs() <= bound_w[None, :] + 1e-6).all()
+    assert not torch.equal(filt[1], exact[1])  # something was skipped at this eps
