@@ -1,6 +1,7 @@
 """The fused linear cross-entropy kernels compile for an H100/H200 (sm_90) without a GPU.
 
-Every kernel of :mod:`cggr.kernels.linear_cross_entropy_fused` is compiled ahead of time with the installed
+Every kernel of :mod:`cggr.kernels.linear_cross_entropy_fused` (and of its split backward,
+:mod:`cggr.kernels.linear_cross_entropy_fused_split`) is compiled ahead of time with the installed
 Triton (``triton.compile`` on an ``ASTSource`` for ``GPUTarget('cuda', 90, 32)``, ptxas included) at its default
 tiles for bf16, fp16 and fp32, in the constexpr variants the launchers use (bias, softcap, selected rows,
 accumulation modes, gradient filter, flattened forward loop). This catches type and lowering errors (for
@@ -28,6 +29,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from cggr.kernels import linear_cross_entropy_fused as fz
+    from cggr.kernels import linear_cross_entropy_fused_split as sp
 
     TARGET = GPUTarget("cuda", 90, 32)
     DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -80,6 +82,26 @@ SCRIPT = textwrap.dedent(
                "stride_w": "i32"}
         compile_one(fz._target_fixup_kernel, fix, dict(HAS_IDX=True, BLOCK=1024), 4, 1)
         count += 1
+    for name, dtype in DTYPES.items():  # split backward (bwd='split')
+        cfg = sp.split_config(dtype, False)
+        p = "*" + name
+        prec = fz._dot_precision(dtype)
+        acc = p if dtype != torch.float32 else "*fp32"
+        base = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64"}
+        dw = {**base, "DW": acc, "DB": "*fp32", "R": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
+              "stride_w": "i32", "softcap": "fp32", "filter_eps": "fp32"}
+        dh = {**base, "DH": acc, "CT": "*fp32", "LOCK": "*i32", "R": "i32", "V": "i32", "D": "i32",
+              "stride_h": "i32", "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32", "filter_eps": "fp32"}
+        for bias, cap, idx, filt, even in ((False, False, False, False, True), (True, True, True, True, False)):
+            common = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, FILTER=filt, BLOCK_D=cfg["BLOCK_D"],
+                          BLOCK_O=cfg["BLOCK_O"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec)
+            compile_one(sp._bwd_dw_kernel, dw, dict(common, COMPUTE_DW=True, COMPUTE_DB=bias,
+                        BLOCK_N=cfg["DW_BLOCK_N"], BLOCK_V=cfg["DW_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
+            count += 1
+            for mode in (0, 1, 2):  # exclusive, locked, atomic (16-bit atomics: fp16 / bf16 outputs)
+                compile_one(sp._bwd_dh_kernel, dh, dict(common, MODE=mode, BLOCK_N=cfg["DH_BLOCK_N"],
+                            BLOCK_V=cfg["DH_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
+                count += 1
     merge = {"PART": "*fp32", "STATS": "*fp32", "T": "*i64", "N": "i32", "S": "i32", "ignore_index": "i32"}
     compile_one(fz._merge_kernel, merge, dict(BLOCK=1024), 4, 1)
     print("compiled", count + 1)
