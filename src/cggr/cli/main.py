@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     race.add_argument("--scoring", default="combined",
                       help="token difficulty used by the cggr and cggr-loss arms, one of "
                            f"{', '.join(SCORING_MODES)} (default combined)")
+    race.add_argument("--head", default="auto",
+                      help="LM head of every arm's training loss: fused (linear cross-entropy on the final hidden "
+                           "states, fp32 logit math), logits (the model's own logits) or auto (default: fused for "
+                           "a causal LM with a fusable head on CUDA, as CGGRModel does, else logits)")
     race.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None,
                       help="standard arm's sequences per step (default: preset's)")
     race.add_argument("--seq-len", type=_positive_int("--seq-len"), default=None,
@@ -255,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out, scan_multiplier=args.scan_multiplier, batch_size=args.batch_size, seq_len=args.seq_len,
                 lr=args.lr, evals=args.evals, eval_sequences=args.eval_sequences, dtype=args.dtype,
                 progress=not args.no_progress, name=args.name, ratio_warmup_steps=args.ratio_warmup_steps,
-                scoring=args.scoring,
+                scoring=args.scoring, head=args.head,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)
