@@ -3,8 +3,9 @@
 Fresh random inputs per check; the allocator cache is poisoned with NaN before each run so unwritten output
 elements (gradients, scores) show up. Odd shapes: V not a power of two, N = 1, N not a multiple of the chunk,
 tiny workspaces that force several row and vocabulary chunks. Every check runs for both Triton kernels
-(``options.kernel``: 'chunked' and 'fused'); the fused kernel's accumulation modes and a lock-contention case
-are checked at the end.
+(``options.kernel``: 'chunked' and 'fused', the latter with both backward schedules ``options.bwd``: 'tiled' and
+'split'); the fused kernel's accumulation modes, a lock-contention case and the split backward's tiles and
+vocabulary splits are checked at the end.
 """
 
 from __future__ import annotations
@@ -80,14 +81,20 @@ CASES = [
 ]
 
 
-KERNELS = ["chunked", "fused"]
+KERNELS = ["chunked", "fused", "fused-split"]  # 'fused-split': kernel='fused', bwd='split'
+BWDS = ["tiled", "split"]
+
+
+def _k(kernel: str) -> dict:
+    """LinearCrossEntropyOptions keywords of a KERNELS entry."""
+    return dict(kernel="fused", bwd="split") if kernel == "fused-split" else dict(kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n,h,v,ratio,softcap,bias,ws", CASES)
 def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws, kernel):
     hidden, weight, b, t = _inputs(n, h, v, torch.float32, seed=n * 7 + v, bias=bias)
-    opts = LinearCrossEntropyOptions(workspace_bytes=ws, kernel=kernel)
+    opts = LinearCrossEntropyOptions(workspace_bytes=ws, **_k(kernel))
     kw = dict(ratio=ratio, softcap=softcap, options=opts)
     loss_t, info_t, g_t = _run("triton", hidden, weight, b, t, **kw)
     loss_r, info_r, g_r = _run("torch", hidden, weight, b, t, **kw)
@@ -107,7 +114,7 @@ def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws, kerne
 @pytest.mark.parametrize("n,h,v,ratio,softcap,bias,ws", CASES)
 def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bias, ws, kernel):
     hidden, weight, b, t = _inputs(n, h, v, torch.bfloat16, seed=n * 11 + v, bias=bias)
-    opts = LinearCrossEntropyOptions(workspace_bytes=ws, kernel=kernel)
+    opts = LinearCrossEntropyOptions(workspace_bytes=ws, **_k(kernel))
     loss_t, info, g_t = _run("triton", hidden, weight, b, t, ratio=ratio, softcap=softcap, options=opts)
     loss_ref, g_ref, z = _materialised(hidden, weight, b, t, info.mask, softcap)
     assert abs(float(loss_t) - float(loss_ref)) <= 1e-2 * abs(float(loss_ref)) + 1e-6
@@ -124,7 +131,7 @@ def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bia
 def test_bf16_ratio_one_equals_cross_entropy_and_fp16_runs(kernel):
     for dtype in (torch.bfloat16, torch.float16):
         hidden, weight, _, t = _inputs(513, 256, 50257, dtype, seed=5, bias=False)
-        loss, _, g = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(kernel=kernel))
+        loss, _, g = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(**_k(kernel)))
         ref, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
@@ -141,7 +148,7 @@ def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold(kernel):
     for selection, sens in (("sequence_aware", None), ("topk", 0.5), ("stratified", None)):
         opts = LinearCrossEntropyOptions(
             threshold_sensitivity=sens, min_tokens_per_sequence=3, workspace_bytes=1 << 16,
-            generator=torch.Generator(device="cuda").manual_seed(0), kernel=kernel,
+            generator=torch.Generator(device="cuda").manual_seed(0), **_k(kernel),
         )
         kw = dict(ratio=0.2, selection=selection, reduction="sum", options=opts)
         loss_t, info_t, g_t = _run("triton", hidden, weight, None, t, **kw)
@@ -167,7 +174,7 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(kernel):
     t[:] = -100
     for ratio in (1.0, 0.5):
         loss, info, grads = _run("triton", hidden, weight, b, t, ratio=ratio,
-                                 options=LinearCrossEntropyOptions(kernel=kernel))
+                                 options=LinearCrossEntropyOptions(**_k(kernel)))
         assert float(loss) == 0.0 and int(info.num_selected) == 0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
@@ -179,7 +186,7 @@ def test_fp16_large_k_does_not_lose_small_gradients(kernel):
     hidden, weight, _, t = _inputs(8192, 64, 32000, torch.float16, seed=12, bias=False, ignore_every=0)
     for ratio in (1.0, 0.5):
         loss, info, g = _run("triton", hidden, weight, None, t, ratio=ratio,
-                             options=LinearCrossEntropyOptions(kernel=kernel))
+                             options=LinearCrossEntropyOptions(**_k(kernel)))
         ref, g_ref, _ = _materialised(hidden, weight, None, t, info.mask, None)
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
@@ -188,14 +195,15 @@ def test_fp16_large_k_does_not_lose_small_gradients(kernel):
 
 
 # ------------------------------------------------------------------------------------------ fused kernel only
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("accumulate", ["native", "atomic", "fp32_hidden", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_accumulate_modes_against_materialised(accumulate, dtype):
+def test_fused_accumulate_modes_against_materialised(accumulate, dtype, bwd):
     """Bench-like proportions (logits ~ N(0, 1), V / 128 = 250 vocabulary tiles per d_hidden element)."""
     hidden, weight, b, t = _inputs(1000, 256, 32000, dtype, seed=31, bias=True)
     with torch.no_grad():
         weight.mul_(0.5)
-    opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate)
+    opts = LinearCrossEntropyOptions(kernel="fused", accumulate=accumulate, bwd=bwd)
     for ratio, softcap in ((1.0, None), (0.25, 20.0)):
         loss, info, g = _run("triton", hidden, weight, b, t, ratio=ratio, softcap=softcap, options=opts)
         ref, g_ref, _ = _materialised(hidden, weight, b, t, info.mask, softcap)
@@ -205,22 +213,24 @@ def test_fused_accumulate_modes_against_materialised(accumulate, dtype):
             assert _rel(a, c) <= 1e-2, (accumulate, ratio, _rel(a, c))
 
 
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("accumulate", ["native", "atomic"])
-def test_fused_16bit_accumulation_under_contention(accumulate, dtype):
+def test_fused_16bit_accumulation_under_contention(accumulate, dtype, bwd):
     """Many row blocks writing the same few d_weight rows (V = 300: 3 vocabulary blocks, 64 row blocks).
 
     16-bit accumulation (locked read-add-write, or 16-bit atomics) against 'fp32' on the same inputs. m = 64
     adds per d_weight element give an RMS rounding error of about u · sqrt(m / 3) (u = 2^-11 fp16: ~2.3e-3 at
     most; 2^-8 bf16: ~1.8e-2 at most, typically a third of it) norm-relative; a lost update (broken lock) drops
-    a whole partial of ~1/64 of the element, and many of them show far above the bounds used here.
+    a whole partial of ~1/64 of the element, and many of them show far above the bounds used here. ('split':
+    d_weight owned by one program per vocabulary block, 32 adds of 256-row partials per element.)
     """
     tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for seed in range(3):
         hidden, weight, b, t = _inputs(8192, 96, 300, dtype, seed=40 + seed, bias=True, ignore_every=0)
         out = {}
         for acc in (accumulate, "fp32"):
-            opts = LinearCrossEntropyOptions(kernel="fused", accumulate=acc)
+            opts = LinearCrossEntropyOptions(kernel="fused", accumulate=acc, bwd=bwd)
             out[acc] = _run("triton", hidden, weight, b, t, reduction="sum", options=opts)
         _, g_ref, _ = _materialised(hidden, weight, b, t, t != -100, None, reduction="sum")
         for a, c, r in zip(out[accumulate][2], out["fp32"][2], g_ref):
@@ -228,15 +238,60 @@ def test_fused_16bit_accumulation_under_contention(accumulate, dtype):
             assert _rel(a, r) <= tol, _rel(a, r)
 
 
-def test_fused_gradient_filter_is_opt_in_and_bounded():
+@pytest.mark.parametrize("bwd", BWDS)
+def test_fused_gradient_filter_is_opt_in_and_bounded(bwd):
     hidden, weight, _, t = _inputs(700, 128, 20000, torch.bfloat16, seed=51, bias=False)
     with torch.no_grad():
         weight.mul_(3.0)  # peaked softmax: many tiles below the threshold
-    exact = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(kernel="fused"))
+    exact = _run("triton", hidden, weight, None, t, options=LinearCrossEntropyOptions(kernel="fused", bwd=bwd))
     eps = 2.0**-12  # CCE's bf16 default (bf16 eps / 32)
     filt = _run("triton", hidden, weight, None, t,
-                options=LinearCrossEntropyOptions(kernel="fused", filter_eps=eps))
+                options=LinearCrossEntropyOptions(kernel="fused", filter_eps=eps, bwd=bwd))
     assert torch.equal(filt[0], exact[0])  # the forward is never filtered
     _, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
     for a, c in zip(filt[2], g_ref):
         assert _rel(a, c) <= 1e-2
+
+
+# split backward: tiles, vocabulary splits of the d_hidden kernel (locked / atomic adds), selected rows
+SPLIT_CONFIGS = [
+    dict(),  # default tiles; S = SMs // row blocks
+    dict(DH_SPLITS=1),  # every row block owned by one program
+    dict(DH_SPLITS=3),  # locked adds, 3 writers per row block
+    dict(DH_BLOCK_N=128, DH_BLOCK_V=128, DW_BLOCK_N=128, DW_BLOCK_V=128, BLOCK_O=128, num_warps=8),
+    dict(BLOCK_D=32, num_stages=4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", SPLIT_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_split_backward_tiles_and_splits_against_materialised(config, dtype):
+    """The split backward called directly (tile / split overrides): d_hidden, d_weight, d_bias against fp32
+    materialised gradients, over all rows and over a shuffled half of them (with zero-weight padding rows), with
+    softcap and bias; the 'atomic' d_hidden adds with 3 splits too. H = 200 is not a multiple of the 64 / 128
+    chunks, V = 20011 not of the tiles."""
+    from cggr.kernels import linear_cross_entropy_fused as fz
+    from cggr.kernels import linear_cross_entropy_fused_split as sp
+
+    hidden, weight, b, t = _inputs(1500, 200, 20011, dtype, seed=61, bias=True)
+    h, w, bb = hidden.detach(), weight.detach(), b.detach()
+    stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=25.0)
+    valid = t != -100
+    perm = torch.randperm(1500, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    half = torch.zeros(1500, dtype=torch.bool, device="cuda")
+    half[perm[:750]] = True
+    half &= valid
+    order = torch.argsort((~half).to(torch.int8), stable=True)
+    for mask, idx in ((valid, None), (half, order[:800])):
+        row_w = mask.float() / mask.sum()
+        _, g_ref, _ = _materialised(hidden, weight, b, t, mask, 25.0)
+        modes = ("native", "atomic") if config.get("DH_SPLITS", 1) > 1 else ("native",)
+        for accumulate in modes:
+            _poison()
+            got = sp.backward_selected(h, w, bb, t, stats[0], row_w, idx, ignore_index=-100, softcap=25.0,
+                                       need_hidden_grad=True, need_weight_grad=True, need_bias_grad=True,
+                                       accumulate=accumulate, config={**sp.split_config(dtype, False), **config})
+            for a, c in zip(got, g_ref):
+                assert a.dtype == dtype and torch.isfinite(a).all()
+                assert _rel(a, c) <= 1e-2, (config, accumulate, idx is not None, _rel(a, c))
+            assert torch.equal(got[0][~mask], torch.zeros_like(got[0][~mask]))
