@@ -28,8 +28,9 @@ Arms:
 
 Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS GEMM hidden @ weight.T into a
 bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone (scores) and its ratio-1 backward
-alone (3 GEMM passes + accumulation), its split backward alone (bwd='split': 4 GEMM passes, no locks), and the
-chunked kernel's forward alone. --fused-sweep also times 'cggr fused r=1.0' and those two parts under other tile
+alone (3 GEMM passes + accumulation), its split backward alone (bwd='split': 4 GEMM passes, no locks; also each
+of its two kernels alone: 'd_hidden only', 'd_weight only'), and the chunked kernel's forward alone.
+--fused-sweep also times 'cggr fused r=1.0' and the fused forward / backward parts under other tile
 configurations (SWEEP: overrides of the fused kernel's default_config), for tuning; --split-sweep the split
 backward part under SPLIT_SWEEP (overrides of linear_cross_entropy_fused_split.split_config).
 """
@@ -170,9 +171,11 @@ def _breakdown(hidden, weight, targets, args) -> dict:
     parts["part: fused backward r=1 (native)"] = lambda: fused_kernel.backward_selected(
         h, w, None, targets, stats[0], row_w, None, ignore_index=-100, softcap=None, need_hidden_grad=True,
         need_weight_grad=True, need_bias_grad=False)
-    parts["part: fused split backward r=1 (native)"] = lambda: split_kernel.backward_selected(
-        h, w, None, targets, stats[0], row_w, None, ignore_index=-100, softcap=None, need_hidden_grad=True,
-        need_weight_grad=True, need_bias_grad=False)
+    for label, need_h, need_w in (("", True, True), (" d_hidden only", True, False), (" d_weight only", False, True)):
+        parts[f"part: fused split backward r=1 (native){label}"] = lambda need_h=need_h, need_w=need_w: (
+            split_kernel.backward_selected(h, w, None, targets, stats[0], row_w, None, ignore_index=-100,
+                                           softcap=None, need_hidden_grad=need_h, need_weight_grad=need_w,
+                                           need_bias_grad=False))
     parts["part: chunked forward (scores)"] = lambda: forward_stats(
         h, w, None, targets, ignore_index=-100, softcap=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES)
     res = {}

@@ -26,7 +26,9 @@ The Triton path has two kernels, chosen by ``LinearCrossEntropyOptions.kernel``:
 - ``'fused'``: Triton GEMM tiles fused with the online-softmax statistics in the forward and with the gradient
   in the backward (:mod:`cggr.kernels.linear_cross_entropy_fused`, Cut Cross-Entropy's design): no logits
   workspace at all, peak memory ~ the gradient outputs; the outputs are accumulated in their own dtype by
-  default (``accumulate``: error model in that module), four GEMM passes at ratio 1.
+  default (``accumulate``: error model in that module), four GEMM passes at ratio 1. ``bwd='split'`` swaps its
+  backward for one kernel per gradient output without locks (five passes;
+  :mod:`cggr.kernels.linear_cross_entropy_fused_split`).
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ Locks ('native'): one int32 per (row block, H chunk) of d_hidden and per (vocabu
 d_weight; a lock is taken with an atomic compare-and-swap spin, the read bypasses L1 (``.cg``), a CTA barrier
 precedes the release. fp32 buffers ('fp32_hidden', 'fp32', fp32 inputs) and 'atomic' use atomic adds instead.
 
+This backward ('tiled', ``LinearCrossEntropyOptions(bwd='tiled')``, the default) is one schedule;
+:mod:`cggr.kernels.linear_cross_entropy_fused_split` (``bwd='split'``) is the other: one kernel per gradient
+output, every output row owned by one program (no locks), at the price of a second logits recompute.
+
 The public entry point (argument checks, selection, autograd) is :func:`cggr.functional.linear_cross_entropy`.
 """
 
