@@ -102,6 +102,19 @@ SCRIPT = textwrap.dedent(
                 compile_one(sp._bwd_dh_kernel, dh, dict(common, MODE=mode, BLOCK_N=cfg["DH_BLOCK_N"],
                             BLOCK_V=cfg["DH_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
                 count += 1
+        acc = p if name == "bf16" else "*fp32"  # fp16: O accumulated in fp32
+        fdh = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "DH": acc, "N": "i32", "V": "i32",
+               "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32"}
+        for bias, cap, even in ((False, False, True), (True, True, False)):  # bwd='split_fwd' forward
+            compile_one(sp._fwd_dh_kernel, fdh, dict(
+                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=cfg["DH_BLOCK_N"], BLOCK_V=cfg["DH_BLOCK_V"],
+                BLOCK_D=cfg["BLOCK_D"], BLOCK_O=cfg["BLOCK_O"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec),
+                cfg["num_warps"], cfg["num_stages"])
+            count += 1
+        fin = {"DH": acc, "W": p, "T": "*i64", "WROW": "*fp32", "PART": "*fp32", "STATS": "*fp32", "N": "i32",
+               "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32", "ignore_index": "i32"}
+        compile_one(sp._fwd_dh_finalise_kernel, fin, dict(HAS_SOFTCAP=True, BLOCK=1024), 4, 1)
+        count += 1
     merge = {"PART": "*fp32", "STATS": "*fp32", "T": "*i64", "N": "i32", "S": "i32", "ignore_index": "i32"}
     compile_one(fz._merge_kernel, merge, dict(BLOCK=1024), 4, 1)
     print("compiled", count + 1)

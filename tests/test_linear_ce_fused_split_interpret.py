@@ -1,10 +1,11 @@
-"""The split backward of the fused linear cross-entropy (``bwd='split'``) on the CPU through the Triton interpreter.
+"""The split backward of the fused linear cross-entropy (``bwd='split'`` / ``'split_fwd'``) in the Triton interpreter.
 
 :mod:`cggr.kernels.linear_cross_entropy_fused_split` against float64 references with materialised logits, at
 small odd shapes (V not a power of two, N = 1, N and H not multiples of the interpreter tiles, all-ignored rows,
 softcap on/off, bias, ratio 1 and below), with the d_hidden kernel unsplit (each row block owned by one program:
-plain adds) and split over the vocabulary (locked or atomic adds), and every accumulation mode. Skipped without
-triton (CI); run in a fresh subprocess when another module imported triton first (see tests/_interpret.py).
+plain adds) and split over the vocabulary (locked or atomic adds), every accumulation mode, and 'split_fwd'
+(d_hidden accumulated in the forward at ratio 1). Skipped without triton (CI); run in a fresh subprocess when
+another module imported triton first (see tests/_interpret.py).
 
 fp32 and fp16 only (the interpreter's tl.dot is wrong for bf16; bf16 is covered by tests/gpu/test_linear_ce_gpu.py).
 Tolerances as in tests/test_linear_ce_fused_interpret.py: fp32 1e-5 (DESIGN §6); fp16 gradients 3e-3
@@ -34,6 +35,7 @@ from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # n
 from tests.reference import lce_inputs, lce_naive  # noqa: E402
 
 SPLIT = LinearCrossEntropyOptions(kernel="fused", bwd="split")
+BWDS = ["split", "split_fwd"]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
@@ -54,7 +56,9 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
-def _split(hidden, weight, b, t, options=SPLIT, **kw):
+def _split(hidden, weight, b, t, options=SPLIT, bwd=None, **kw):
+    if bwd is not None:
+        options = LinearCrossEntropyOptions(kernel="fused", bwd=bwd)
     for x in (hidden, weight, b):
         if x is not None:
             x.grad = None
@@ -78,6 +82,7 @@ def _backward(hidden, weight, b, t, mask, softcap, idx, config, accumulate="nati
 
 # ------------------------------------------------------------------------------------------ through the public op
 @needs_interp
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "shape,h,v,ratio,softcap,bias,reduction",
@@ -88,9 +93,9 @@ def _backward(hidden, weight, b, t, mask, softcap, idx, config, accumulate="nati
         ((2, 21), 24, 97, 0.25, 5.0, True, "mean"),
     ],
 )
-def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bias, reduction):
+def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bias, reduction, bwd):
     hidden, weight, b, t = lce_inputs(shape, h, v, dtype, seed=sum(shape) + v + h + 1, bias=bias)
-    loss, info, grads = _split(hidden, weight, b, t, ratio=ratio, softcap=softcap, reduction=reduction)
+    loss, info, grads = _split(hidden, weight, b, t, bwd=bwd, ratio=ratio, softcap=softcap, reduction=reduction)
     ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, softcap, reduction)
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
     for a, c in zip(grads, ref_grads):
@@ -101,10 +106,11 @@ def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bia
 
 
 @needs_interp
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("accumulate", ["native", "atomic", "fp32_hidden", "fp32"])
-def test_accumulate_modes_fp16(accumulate):
+def test_accumulate_modes_fp16(accumulate, bwd):
     hidden, weight, b, t = lce_inputs((45,), 24, 131, torch.float16, seed=22, bias=True)
-    opts = LinearCrossEntropyOptions(kernel="fused", bwd="split", accumulate=accumulate)
+    opts = LinearCrossEntropyOptions(kernel="fused", bwd=bwd, accumulate=accumulate)
     for ratio in (1.0, 0.5):
         _, info, grads = _split(hidden, weight, b, t, options=opts, ratio=ratio)
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
@@ -114,30 +120,33 @@ def test_accumulate_modes_fp16(accumulate):
 
 
 @needs_interp
-def test_all_ignored_rows_give_zero_grads():
+@pytest.mark.parametrize("bwd", BWDS)
+def test_all_ignored_rows_give_zero_grads(bwd):
     hidden, weight, b, t = lce_inputs((6,), 16, 40, torch.float32, seed=2)
     t[:] = -100
     for ratio in (1.0, 0.5):
-        loss, info, grads = _split(hidden, weight, b, t, ratio=ratio)
+        loss, info, grads = _split(hidden, weight, b, t, bwd=bwd, ratio=ratio, softcap=3.0)
         assert float(loss) == 0.0 and int(info.num_selected) == 0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
 
 
 @needs_interp
-def test_only_some_gradients_requested():
+@pytest.mark.parametrize("bwd", BWDS)
+def test_only_some_gradients_requested(bwd):
     hidden, weight, b, t = lce_inputs((33,), 24, 90, torch.float32, seed=8)
+    opts = LinearCrossEntropyOptions(kernel="fused", bwd=bwd)
     for ratio in (1.0, 0.4):
         loss, info = linear_cross_entropy(hidden, weight.detach(), t, bias=b.detach(), impl="triton",
-                                          ratio=ratio, return_info=True, options=SPLIT)
+                                          ratio=ratio, return_info=True, options=opts)
         (g_h,) = torch.autograd.grad(loss, (hidden,))
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
         assert _rel(g_h, ref_grads[0]) <= 1e-5
-        loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=SPLIT)
+        loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=opts)
         g_w, g_b = torch.autograd.grad(loss, (weight, b))
         assert _rel(g_w, ref_grads[1]) <= 1e-5 and _rel(g_b, ref_grads[2]) <= 1e-5
         loss = linear_cross_entropy(hidden.detach(), weight.detach(), t, bias=b, impl="triton", ratio=ratio,
-                                    options=SPLIT)
+                                    options=opts)
         (g_b,) = torch.autograd.grad(loss, (b,))  # d_weight kernel for the bias alone
         assert _rel(g_b, ref_grads[2]) <= 1e-5
 
@@ -209,3 +218,24 @@ def test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact():
     bound_w = eps * hidden.detach().abs().sum(0)  # (H,)
     assert ((filt[1] - exact[1]).abs() <= bound_w[None, :] + 1e-6).all()
     assert not torch.equal(filt[1], exact[1])  # something was skipped at this eps
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_with_hidden_grad_scores_and_upstream_gradient(dtype):
+    """'split_fwd' at ratio 1: the scores equal the fused forward's (another tile order: fp32 rounding only), the
+    upstream gradient scales d_hidden (and d_weight), and softcap with ignored rows stays finite."""
+    hidden, weight, b, t = lce_inputs((41,), 40, 163, dtype, seed=30, bias=True)
+    h, w, bb = hidden.detach(), weight.detach(), b.detach()
+    valid = t != -100
+    row_w = valid.float() / valid.sum()
+    stats, d_h = sp.forward_with_hidden_grad(h, w, bb, t, row_w, ignore_index=-100, softcap=6.0,
+                                             config={**sp.split_config(dtype, True), "FWD_DH_BLOCK_V": 64})
+    ref_stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=6.0)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-5)
+    _, ref = lce_naive(hidden, weight, b, t, valid, 6.0, "mean")
+    assert d_h.dtype == dtype and _rel(d_h, ref[0]) <= GRAD_TOL[dtype]
+    opts = LinearCrossEntropyOptions(kernel="fused", bwd="split_fwd")
+    loss = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", softcap=6.0, options=opts)
+    g_h, g_w = torch.autograd.grad(loss * 3.0, (hidden, weight))
+    assert _rel(g_h, 3.0 * ref[0]) <= GRAD_TOL[dtype] and _rel(g_w, 3.0 * ref[1]) <= GRAD_TOL[dtype]

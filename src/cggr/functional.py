@@ -63,7 +63,7 @@ Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
 ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
-FUSED_BACKWARDS = ("tiled", "split")
+FUSED_BACKWARDS = ("tiled", "split", "split_fwd")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -167,6 +167,10 @@ class LinearCrossEntropyOptions:
             tile adds into both gradient outputs under locks (3 GEMM passes). ``'split'``: one kernel per output,
             each output row owned by one program (no locks unless the d_hidden kernel must split the vocabulary
             to fill the GPU; 4 GEMM passes; :mod:`cggr.kernels.linear_cross_entropy_fused_split`).
+            ``'split_fwd'``: ``'split'``, except that at ratio 1 with the hidden gradient needed (and no
+            ``filter_eps``) d_hidden is accumulated during the forward's pass over the vocabulary (the row weights
+            are known then), saving the d_hidden kernel's logits recompute (4 GEMM passes forward + backward);
+            fp16 accumulates it in an fp32 buffer (N·H·4 bytes).
     """
 
     num_strata: int = 4
@@ -315,7 +319,7 @@ class _Plan:
             from cggr.kernels import linear_cross_entropy_fused as fused
 
             opts = self.options
-            if opts.bwd == "split":
+            if opts.bwd in ("split", "split_fwd"):
                 from cggr.kernels.linear_cross_entropy_fused_split import backward_selected
             else:
                 backward_selected = fused.backward_selected
@@ -369,6 +373,9 @@ class _SelectiveLinearCE(torch.autograd.Function):
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
         # chunked Triton kernel at ratio 1: gradients during the forward (the fused kernel needs the lse first)
         fused = plan.impl == "triton" and opts.kernel == "chunked" and wants_grad and plan.keeps_all_valid()
+        # fused kernel, bwd='split_fwd', ratio 1: d_hidden accumulated in the forward's pass over the vocabulary
+        fwd_dh = (plan.impl == "triton" and opts.kernel == "fused" and opts.bwd == "split_fwd" and need[0]
+                  and plan.keeps_all_valid() and opts.filter_eps is None)
         common = dict(ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=opts.workspace_bytes)
         # fp16 only: rows are weighted by w · scale (scale = 2^round(log2 K_max), exact) so that the chunk
         # gradient p · w does not underflow fp16 (p ~ 1/V, w = 1/K); the outputs are divided by scale after.
@@ -378,6 +385,14 @@ class _SelectiveLinearCE(torch.autograd.Function):
             stats, grads = forward_stats(
                 hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
                 need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], **common,
+            )
+        elif fwd_dh:
+            from cggr.kernels.linear_cross_entropy_fused_split import forward_with_hidden_grad
+
+            w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
+            stats, d_h_fwd = forward_with_hidden_grad(
+                hidden, weight, bias, targets, w, ignore_index=plan.ignore_index, softcap=plan.softcap,
+                accumulate=opts.accumulate,
             )
         else:
             stats, grads = forward_stats(hidden, weight, bias, targets, **common)
@@ -411,6 +426,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
         ctx.fused = fused
         ctx.scale = scale
         ctx.consumed = False
+        ctx.d_h_fwd = d_h_fwd if fwd_dh else None
         if fused:
             ctx.grads = grads
         elif wants_grad:
@@ -439,12 +455,16 @@ class _SelectiveLinearCE(torch.autograd.Function):
                         t.mul_(1.0 / ctx.scale)  # a power of two: exact
             return d_h, d_w, d_b, None, None
         hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
+        d_h_fwd, ctx.d_h_fwd = ctx.d_h_fwd, None  # bwd='split_fwd' at ratio 1: d_hidden from the forward
         _, backward_selected = plan.backend()
         d_h, d_w, d_b = backward_selected(
             hidden, weight, bias, targets, lse, w * (grad_out.float() * ctx.scale), idx,
             ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes,
-            need_hidden_grad=need[0], need_weight_grad=need[1], need_bias_grad=bias is not None and need[2],
+            need_hidden_grad=need[0] and d_h_fwd is None, need_weight_grad=need[1],
+            need_bias_grad=bias is not None and need[2],
         )
+        if d_h_fwd is not None:  # in place: the forward's buffer belongs to this graph only
+            d_h = d_h_fwd.mul_(grad_out.float().to(d_h_fwd.dtype))
         if ctx.scale != 1.0:
             for t in (d_h, d_w, d_b):
                 if t is not None:

@@ -116,15 +116,9 @@ def _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w, softcap, ref, s, t, a1, a2, zt,
-              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-              BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One [BN, BV] logits tile folded into the online row state (ref, s, t, a1, a2, zt)."""
-    cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < V
-    z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                     HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
-    z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
+def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt):
+    """One [BN, BV] logits tile ``z`` (masked columns at NEG_BIG) folded into the online row state
+    (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns)."""
     # exact top-2 of the tile, merged into (a1, a2)
     t1 = tl.max(z, axis=1)
     is_top = z == t1[:, None]
@@ -144,7 +138,21 @@ def _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w, sof
     s = s + tl.sum(e, axis=1)
     t = t + tl.sum(e * d2, axis=1)
     zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
-    return new_ref, s, t, a1, a2, zt
+    return new_ref, s, t, a1, a2, zt, e
+
+
+@triton.jit
+def _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w, softcap, ref, s, t, a1, a2, zt,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One [BN, BV] logits tile folded into the online row state (ref, s, t, a1, a2, zt)."""
+    cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col_mask = cols < V
+    z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                     HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
+    ref, s, t, a1, a2, zt, _e = _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt)
+    return ref, s, t, a1, a2, zt
 
 
 @triton.jit

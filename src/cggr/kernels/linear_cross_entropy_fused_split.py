@@ -1,4 +1,5 @@
-"""Split backward of the fused linear cross-entropy (``LinearCrossEntropyOptions(kernel='fused', bwd='split')``).
+"""Split backward of the fused linear cross-entropy (``LinearCrossEntropyOptions(kernel='fused', bwd='split')``
+and ``bwd='split_fwd'``).
 
 Shape legend: N tokens, H hidden size, V vocabulary, R = N or K_max rows of the backward, BN / BV / BD / BO tile
 sizes along rows / vocabulary / the GEMM depth H / the H chunk of the output products, S vocabulary splits of
@@ -37,17 +38,30 @@ Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output e
   z recompute per chunk (H / BO passes). So the output itself, in its own dtype, is the accumulator, as in
   'tiled', but with ONE owner: no locks, no contention, and the load of a chunk is issued before its product
   so that its latency overlaps the tile GEMM.
-* The price is a second z recompute: 4 GEMM passes instead of 3. The adds are cut to R·V·H·4·(1/BV_h + 1/BN_w)
-  bytes with long tiles along the reduction axis (BV_h = BN_w = 256: half of 'tiled' at 128 x 128), on
-  [BN_h, H] / [BV_w, H] slices that stay in L2 for the program's lifetime.
+* The price is a second z recompute: 4 GEMM passes instead of 3 (5 with the forward). The adds are cut to
+  R·V·H·4·(1/BV_h + 1/BN_w) bytes with long tiles along the reduction axis (BV_h = BN_w = 256: half of 'tiled'
+  at 128 x 128), on [BN_h, H] / [BV_w, H] slices that a program keeps revisiting (L2-friendly).
 * Expected per case (R, H, V) = (16384, 576, 49152) / (8192, 2048, 128256) / (8192, 2304, 256000): 4 passes =
-  4 x 1.4 / 6.3 / 15 ms at cuBLAS speed (Triton's tile GEMM is slower), plus 7 / 34 / 75 GB of unlocked
-  read-modify-write split over the two kernels, largely L2-resident.
-* The d_hidden kernel has only R / BN_h row blocks (64 at R = 8192, BN_h = 128; 32 at ratio 0.25 with 64-row
-  blocks), fewer than the SMs: it splits the vocabulary S = max(1, SMs // row blocks) ways, and only then
-  takes locks (S writers per row block, start chunk rotated per split, so they rarely meet).
+  4 x 1.4 / 6.3 / 15 ms at cuBLAS speed (Triton's tile GEMM is ~1.7x slower: the fused forward, 1 pass,
+  measured 2.8 / 10.9 / 24.7 ms), plus 7 / 34 / 75 GB of unlocked read-modify-write in EACH of the two
+  kernels (R·V·H·4 / 256), against 29 / 134 / 302 GB of locked read-modify-write in 'tiled'.
+* The d_hidden kernel has only R / BN_h row blocks (BN_h = 64: 128 at R = 8192, about one per SM; 32 at ratio
+  0.25), so where there are fewer than SMs it splits the vocabulary S = max(1, SMs // row blocks) ways, and
+  only then takes locks (S writers per row block, start chunk rotated per split, so they rarely meet).
 * The gradient filter (``filter_eps``) skips the products (not the recompute) of tiles below the threshold;
   the target coefficient is kept whole.
+
+``bwd='split_fwd'``: at ratio 1 the row weights are known before the forward (every valid row, 1/N_valid),
+so d_hidden needs no second pass over the logits. ``_fwd_dh_kernel`` (grid R / BN_h: one program per row block
+over the whole vocabulary, so no vocabulary-split partials to merge) folds each logits tile into the online
+statistics AND adds e @ weight[cols] into d_hidden, e = exp(z - ref) off the target column (the softmax's
+numerator against the running maximum ref; flash-attention style: the running sum is rescaled by
+exp(ref_old - ref_new) in the same read-modify-write when ref moves, i.e. only in the first few tiles of a
+row). ``_fwd_dh_finalise_kernel`` then writes w · (O · exp(ref - lse) + (p_t - 1) · weight[t]) per row in fp32
+(one rounding). The backward runs only the d_weight kernel: 2 + 2 = 4 GEMM passes for forward + backward,
+like 'tiled', with no lock anywhere. Not used when ``filter_eps`` is set (the filter needs the lse) or at
+ratio < 1 (the selection needs the scores first: plain 'split'); fp16 accumulates O in fp32 (O is
+unnormalised, up to V · |weight|: beyond fp16's range for large V).
 
 Error model: that of 'native' in the fused module, with fewer adds per element: d_hidden[n, :] receives
 ceil(V / BV_h) rounded partials (target column excluded, added last in fp32), d_weight[v, :] ceil(R / BN_w).
@@ -62,14 +76,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cggr.kernels._utils import LOG2E
+from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
     ACCUMULATE_MODES,
     _accumulate,
     _dot_precision,
+    _fwd_fold,
     _interpreting,
     _load_chunk,
     _logits_tile,
+    _merge_kernel,
     _num_sms,
     _on_input_device,
     _target_fixup_kernel,
@@ -107,11 +123,13 @@ def _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, s
 
 @triton.jit
 def _product_add(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src, stride_dst,
-                 MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 row_scale, MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr):
     """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
 
     MODE 0 (exclusive): plain load-add-store, the DST chunk loaded before the product so that its latency
-    overlaps it; 1: under the chunk's lock ``LOCKS + c``; 2: atomic adds. The next SRC chunk is prefetched.
+    overlaps it (with HAS_SCALE: DST = DST · row_scale[:, None] + A @ SRC); 1: under the chunk's lock
+    ``LOCKS + c``; 2: atomic adds. The next SRC chunk is prefetched.
     """
     n_oc = tl.cdiv(D, BLOCK_O)
     offs_o = tl.arange(0, BLOCK_O)
@@ -132,7 +150,11 @@ def _product_add(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, sta
         od = oc * BLOCK_O + offs_o
         src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)  # prefetch (the last one: unused)
         if MODE == 0:
-            tl.store(ptrs, (cur.to(tl.float32) + part).to(DST.dtype.element_ty), mask=m_out)
+            if HAS_SCALE:
+                part = cur.to(tl.float32) * row_scale[:, None] + part
+            else:
+                part = cur.to(tl.float32) + part
+            tl.store(ptrs, part.to(DST.dtype.element_ty), mask=m_out)
         else:
             _accumulate(ptrs, part, m_out, LOCKS + cur_oc, MODE == 2)
 
@@ -170,10 +192,10 @@ def _bwd_dw_kernel(
                 if FILTER:
                     if keep:
                         _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
-                                     0, BLOCK_O, EVEN_O, DOT_PRECISION)
+                                     acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False)
                 else:
                     _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
-                                 0, BLOCK_O, EVEN_O, DOT_PRECISION)
+                                 acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False)
     if COMPUTE_DB:
         tl.store(DB + cols, acc_b, mask=col_mask)
 
@@ -214,12 +236,85 @@ def _bwd_dh_kernel(
         if FILTER:
             if keep:
                 _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
-                             stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION)
+                             stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False)
         else:
             _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
-                         stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION)
+                         stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False)
     has_t = row_mask & (tgt >= vb0 * BLOCK_V) & (tgt < vb1 * BLOCK_V)
     tl.store(CT + offs_r, c_t, mask=has_t)
+
+
+@triton.jit
+def _fwd_dh_kernel(
+    H, W, Bias, T, PART, DH, N, V, D, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Forward statistics of a row block over the whole vocabulary, plus O = Σ_{v != target} exp(z_v - ref) ·
+    (softcap factor) · weight[v] into DH, rescaled whenever the running maximum ``ref`` moves (flash-attention
+    style: DH = DH · exp(ref_old - ref_new) + e @ weight[cols]). PART is [6, 1, N] (one vocabulary split)."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    a1 = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    a2 = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    zt = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    for vb in range(0, tl.cdiv(V, BLOCK_V)):
+        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < V
+        zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+        z = tl.where(col_mask[None, :], zc, NEG_BIG)
+        old_ref = ref
+        ref, s, t, a1, a2, zt, e = _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt)
+        e = tl.where(cols[None, :] == tgt[:, None], 0.0, e)  # target column: added by the finalise kernel
+        if HAS_SOFTCAP:
+            y = zc / softcap
+            e = e * (1.0 - y * y)
+        alpha = tl.exp2((old_ref - ref) * LOG2E)  # [BN], 1 once the row maximum has settled
+        _product_add(e.to(H.dtype.element_ty), W, cols, col_mask, DH, rows, row_mask, DH, 0, D, stride_w,
+                     stride_h, alpha, 0, BLOCK_O, EVEN_O, DOT_PRECISION, True)
+    base = PART + rows  # [6, 1, N]
+    tl.store(base, ref, mask=row_mask)
+    tl.store(base + N, s, mask=row_mask)
+    tl.store(base + 2 * N, t, mask=row_mask)
+    tl.store(base + 3 * N, a1, mask=row_mask)
+    tl.store(base + 4 * N, a2, mask=row_mask)
+    tl.store(base + 5 * N, zt, mask=row_mask)
+
+
+@triton.jit
+def _fwd_dh_finalise_kernel(DH, W, T, WROW, PART, STATS, N, D, stride_h, stride_w, softcap, ignore_index,
+                            HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """d_hidden[row] = w · (O[row] · exp(ref - lse) + (p_t - 1) · (softcap factor) · weight[target]), in fp32
+    with one rounding: O · exp(ref - lse) = Σ_{v != t} p_v · (factor) · weight[v]."""
+    r = tl.program_id(0).to(tl.int64)
+    w = tl.load(WROW + r)
+    ref = tl.load(PART + r)
+    zt = tl.load(PART + 5 * N + r)
+    lse = tl.load(STATS + r)
+    tgt = tl.load(T + r).to(tl.int64)
+    has_t = tgt != ignore_index
+    tgt = tl.where(has_t, tgt, 0)  # an in-bounds row; its coefficient c_t is 0
+    c0 = w * tl.exp(ref - lse)
+    zt = tl.where(has_t, zt, lse)  # ignored rows: zt is NEG_BIG; any finite value (c_t is 0 there)
+    c_t = w * (tl.exp(zt - lse) - 1.0)
+    if HAS_SOFTCAP:
+        y = zt / softcap
+        c_t = c_t * (1.0 - y * y)
+    c_t = tl.where(has_t, c_t, 0.0)
+    offs = tl.arange(0, BLOCK)
+    for d0 in range(0, D, BLOCK):
+        m = (offs + d0) < D
+        ptrs = DH + r * stride_h + d0 + offs
+        o = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        wt = tl.load(W + tgt * stride_w + d0 + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptrs, (c0 * o + c_t * wt).to(DH.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -229,7 +324,8 @@ def split_config(dtype: torch.dtype, interpret: bool) -> dict:
     Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile: long along the vocabulary, its reduction axis),
     DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile: long along the rows), BLOCK_D (GEMM depth step), BLOCK_O
     (H chunk of the products), num_warps, num_stages, optional DH_SPLITS (S; default max(1, SMs // row blocks))
-    and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides).
+    and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides); FWD_DH_BLOCK_N,
+    FWD_DH_BLOCK_V, FWD_DH_num_warps, FWD_DH_num_stages for :func:`forward_with_hidden_grad` (default: DH_).
     Under the Triton interpreter the tiles are small, so that tests exercise several blocks per axis.
     """
     if interpret:
@@ -361,3 +457,74 @@ def backward_selected(
         d_w.to(weight.dtype) if d_w is not None else None,
         d_b.to(bias.dtype) if d_b is not None else None,
     )
+
+
+@_on_input_device
+def forward_with_hidden_grad(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    row_weights: Tensor,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    accumulate: str = "native",
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scores of every row and d_hidden of Σ_n w_n · nll_n over every row, in ONE pass over the vocabulary.
+
+    For ``bwd='split_fwd'`` at ratio 1 (the row weights are known before the forward): the forward's row block
+    (BN = DH_BLOCK_N rows, the whole vocabulary in one program, so no split partials to merge) also
+    accumulates O = Σ_{v != t} exp(z_v - ref) · weight[v] into d_hidden, rescaled as its running maximum moves;
+    a finalise kernel turns O into w · (Σ_{v != t} p_v · weight[v] + (p_t - 1) · weight[t]). This replaces
+    the d_hidden kernel's logits recompute of the split backward: 1 + 1 GEMM passes here, 2 in the backward
+    (d_weight kernel). fp16 accumulates O in an fp32 buffer (O is not normalised: up to V · |weight| could
+    overflow fp16); bf16 and fp32 in the output dtype unless ``accumulate`` asks for fp32.
+
+    Args:
+        hidden, weight, bias, targets: as in :func:`cggr.kernels.linear_cross_entropy_fused.forward_stats`.
+        row_weights: (N,) fp32 weights of the rows' nll (0 for ignored rows).
+        ignore_index: Target value to ignore (nll 0, no target term).
+        softcap: ``None`` or the logit soft-cap.
+        accumulate: ``'native'`` / ``'atomic'`` (output dtype) or ``'fp32_hidden'`` / ``'fp32'`` (fp32 buffer).
+        config: Tile-size override (keys of :func:`split_config`: FWD_DH_BLOCK_N / FWD_DH_BLOCK_V (default: the
+            DH_ tiles), BLOCK_D, BLOCK_O, num_warps, num_stages, FWD_DH_num_warps / FWD_DH_num_stages (default:
+            DH_num_warps / DH_num_stages, then num_warps / num_stages)).
+
+    Returns:
+        ``(stats (5, N) fp32 = lse, entropy, confidence, margin, nll;  d_hidden (N, H) in the input dtype)``.
+    """
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float32
+    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype in (f32, torch.float16)
+    stats = torch.empty(5, n, dtype=f32, device=dev)
+    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev)
+    if n > 0:
+        cfg = dict(config or split_config(hidden.dtype, _interpreting()))
+        bn, bv = cfg.get("FWD_DH_BLOCK_N", cfg["DH_BLOCK_N"]), cfg.get("FWD_DH_BLOCK_V", cfg["DH_BLOCK_V"])
+        bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
+        bias = bias.contiguous() if bias is not None else None
+        cap = float(softcap) if softcap is not None else 1.0
+        part = torch.empty(6, 1, n, dtype=f32, device=dev)
+        _fwd_dh_kernel[(triton.cdiv(n, bn),)](
+            hidden, weight, bias if bias is not None else hidden, targets, part, d_h, n, vocab, d,
+            hidden.stride(0), weight.stride(0), cap,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
+            BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            num_warps=cfg.get("FWD_DH_num_warps", cfg.get("DH_num_warps", cfg["num_warps"])),
+            num_stages=cfg.get("FWD_DH_num_stages", cfg.get("DH_num_stages", cfg["num_stages"])),
+        )
+        merge_block = 1024 if not _interpreting() else 64
+        _merge_kernel[(triton.cdiv(n, merge_block),)](
+            part, stats, targets, n, 1, ignore_index, BLOCK=merge_block, num_warps=4,
+        )
+        _fwd_dh_finalise_kernel[(n,)](
+            d_h, weight, targets, row_weights, part, stats, n, d, d_h.stride(0), weight.stride(0), cap, ignore_index,
+            HAS_SOFTCAP=softcap is not None, BLOCK=min(1024, triton.next_power_of_2(d)), num_warps=4,
+        )
+    return stats, d_h.to(hidden.dtype)
