@@ -3,9 +3,9 @@
 Fresh random inputs per check; the allocator cache is poisoned with NaN before each run so unwritten output
 elements (gradients, scores) show up. Odd shapes: V not a power of two, N = 1, N not a multiple of the chunk,
 tiny workspaces that force several row and vocabulary chunks. Every check runs for both Triton kernels
-(``options.kernel``: 'chunked' and 'fused', the latter with both backward schedules ``options.bwd``: 'tiled' and
-'split'); the fused kernel's accumulation modes, a lock-contention case and the split backward's tiles and
-vocabulary splits are checked at the end.
+(``options.kernel``: 'chunked' and 'fused', the latter with every backward schedule ``options.bwd``: 'tiled',
+'split' and 'split_fwd'); the fused kernel's accumulation modes, a lock-contention case and the split
+backward's tiles and vocabulary splits are checked at the end.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ CASES = [
 ]
 
 
-KERNELS = ["chunked", "fused", "fused-split"]  # 'fused-split': kernel='fused', bwd='split'
-BWDS = ["tiled", "split"]
+KERNELS = ["chunked", "fused", "fused-split", "fused-split_fwd"]  # 'fused-<bwd>': kernel='fused', bwd=<bwd>
+BWDS = ["tiled", "split", "split_fwd"]
 
 
 def _k(kernel: str) -> dict:
     """LinearCrossEntropyOptions keywords of a KERNELS entry."""
-    return dict(kernel="fused", bwd="split") if kernel == "fused-split" else dict(kernel=kernel)
+    return dict(kernel="fused", bwd=kernel.split("-")[1]) if "-" in kernel else dict(kernel=kernel)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
