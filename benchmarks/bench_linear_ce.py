@@ -16,23 +16,26 @@ Arms:
                    'fused atomic' with accumulate='atomic' (bf16 hardware atomics instead of locks),
                    'fused filter=2^-12' with CCE's gradient filter at its bf16 default threshold (opt-in: inexact)
   cggr fused split r=*  the same with bwd='split' (one backward kernel per gradient output, each output row owned
-                   by one program: no locks; 4 GEMM passes; 'split filter=2^-12' with the gradient filter)
+                   by one program: no locks; 4 GEMM passes; 'split filter=2^-12' with the gradient filter);
+                   'split_fwd' with bwd='split_fwd' (ratio 1: d_hidden accumulated during the forward)
   liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
   cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
   score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
     python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
-        [--fused-sweep] [--split-sweep] [--atomic] [--only 'cggr fused,cce'] [--no-breakdown] [--name linear_ce]
-        [--out DIR]
+        [--fused-sweep] [--split-sweep] [--atomic] [--only 'cggr fused,cce'] [--exclude '25%'] [--no-breakdown]
+        [--name linear_ce] [--out DIR]
 
 Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS GEMM hidden @ weight.T into a
 bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone (scores) and its ratio-1 backward
 alone (3 GEMM passes + accumulation), its split backward alone (bwd='split': 4 GEMM passes, no locks; also each
-of its two kernels alone: 'd_hidden only', 'd_weight only'), and the chunked kernel's forward alone.
+of its two kernels alone: 'd_hidden only', 'd_weight only'), the 'split_fwd' forward alone (scores + d_hidden),
+and the chunked kernel's forward alone.
 --fused-sweep also times 'cggr fused r=1.0' and the fused forward / backward parts under other tile
 configurations (SWEEP: overrides of the fused kernel's default_config), for tuning; --split-sweep the split
-backward part under SPLIT_SWEEP (overrides of linear_cross_entropy_fused_split.split_config).
+backward and 'split_fwd' forward parts under SPLIT_SWEEP (overrides of
+linear_cross_entropy_fused_split.split_config).
 """
 
 from __future__ import annotations
@@ -70,13 +73,13 @@ FUSED_FILTER = LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)  #
 SPLIT = LinearCrossEntropyOptions(kernel="fused", bwd="split")
 SPLIT_FILTER = LinearCrossEntropyOptions(kernel="fused", bwd="split", filter_eps=2.0**-12)
 SPLIT_ATOMIC = LinearCrossEntropyOptions(kernel="fused", bwd="split", accumulate="atomic")
+SPLIT_FWD = LinearCrossEntropyOptions(kernel="fused", bwd="split_fwd")
 # --split-sweep: overrides of the split backward's bf16 default tiles (DH 64 x 256, DW 256 x 64, BLOCK_D=64,
 # BLOCK_O=64, num_warps=8, num_stages=3; DH_SPLITS: vocabulary splits of the d_hidden kernel, default SMs // row
 # blocks, > 1 adds under locks)
 SPLIT_SWEEP = [dict(DH_BLOCK_N=128, DH_BLOCK_V=128, DW_BLOCK_N=128, DW_BLOCK_V=128),
-               dict(BLOCK_D=32, num_stages=4), dict(num_stages=2), dict(num_warps=4),
-               dict(BLOCK_O=128), dict(DH_SPLITS=2),
-               dict(DH_BLOCK_N=128, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=128, num_warps=16)]
+               dict(DH_BLOCK_V=128, DW_BLOCK_N=128), dict(BLOCK_D=32, num_stages=4), dict(BLOCK_O=128),
+               dict(DH_SPLITS=2)]
 
 
 def _tiles_name(tiles: dict) -> str:
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--split-sweep", action="store_true", help="also time the split backward under other tiles")
     ap.add_argument("--atomic", action="store_true", help="also time the fused kernel with accumulate='atomic'")
     ap.add_argument("--only", default="", help="comma list of substrings: time only arms whose name has one")
+    ap.add_argument("--exclude", default="", help="comma list of substrings: skip arms whose name has one")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the 'part: ...' rows")
     ap.add_argument("--name", default="linear_ce", help="results file stem")
     ap.add_argument("--out", default=None)
@@ -176,6 +180,8 @@ def _breakdown(hidden, weight, targets, args) -> dict:
             split_kernel.backward_selected(h, w, None, targets, stats[0], row_w, None, ignore_index=-100,
                                            softcap=None, need_hidden_grad=need_h, need_weight_grad=need_w,
                                            need_bias_grad=False))
+    parts["part: fused split_fwd forward (scores + d_hidden)"] = lambda: split_kernel.forward_with_hidden_grad(
+        h, w, None, targets, row_w, ignore_index=-100, softcap=None)
     parts["part: chunked forward (scores)"] = lambda: forward_stats(
         h, w, None, targets, ignore_index=-100, softcap=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES)
     res = {}
@@ -190,13 +196,13 @@ def _breakdown(hidden, weight, targets, args) -> dict:
             except (OutOfResources, CompilationError) as e:
                 print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
     for tiles in SPLIT_SWEEP if args.split_sweep else []:
-        part = "fused split backward r=1 (native)"
-        try:
-            with _Tiles(tiles, split_kernel, "split_config"):
-                res[f"part: {part} tiles {_tiles_name(tiles)}"] = time_fn(
-                    parts[f"part: {part}"], warmup=args.warmup, iters=args.iters).median_ms
-        except (OutOfResources, CompilationError) as e:
-            print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
+        for part in ("fused split backward r=1 (native)", "fused split_fwd forward (scores + d_hidden)"):
+            try:
+                with _Tiles(tiles, split_kernel, "split_config"):
+                    res[f"part: {part} tiles {_tiles_name(tiles)}"] = time_fn(
+                        parts[f"part: {part}"], warmup=args.warmup, iters=args.iters).median_ms
+            except (OutOfResources, CompilationError) as e:
+                print(part, tiles, "not measured:", type(e).__name__, str(e)[:2000])
     return res
 
 
@@ -227,6 +233,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
             hh, ww, tt, ratio=r, impl="triton", options=SPLIT)
     arms["cggr fused split filter=2^-12 r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
         hh, ww, tt, ratio=1.0, impl="triton", options=SPLIT_FILTER)
+    arms["cggr fused split_fwd r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(
+        hh, ww, tt, ratio=1.0, impl="triton", options=SPLIT_FWD)
     if args.fused_sweep:
         for tiles in SWEEP:
             arms[f"cggr fused r=1.0 tiles {_tiles_name(tiles)}"] = (arms["cggr fused r=1.0"], tiles)
@@ -249,6 +257,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     if args.only:
         keep = [k.strip() for k in args.only.split(",") if k.strip()]
         arms = {name: fn for name, fn in arms.items() if any(k in name for k in keep or [""])}
+    drop = [k.strip() for k in args.exclude.split(",") if k.strip()]
+    arms = {name: fn for name, fn in arms.items() if not any(k in name for k in drop)}
 
     results = {}
     steps_by_name = {}
