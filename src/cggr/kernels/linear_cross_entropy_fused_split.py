@@ -157,6 +157,9 @@ def _product_add(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, sta
             tl.store(ptrs, part.to(DST.dtype.element_ty), mask=m_out)
         else:
             _accumulate(ptrs, part, m_out, LOCKS + cur_oc, MODE == 2)
+    if MODE == 0:
+        # the caller's next tile re-reads these chunks, maybe from other threads of the CTA: order the stores first
+        tl.debug_barrier()
 
 
 @triton.jit
