@@ -76,10 +76,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LN2, LOG2E, NEG_BIG, softcap_fn
 
 #: Accumulation modes of the backward (see the module docstring).
-ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------- shared tile
@@ -484,6 +484,46 @@ def forward_stats(
     return stats, (None, None, None)
 
 
+def gradient_accumulators(
+    hidden: Tensor,
+    weight: Tensor,
+    accumulate: str,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool, bool]:
+    """Zeroed gradient outputs of a fused backward, which the kernels accumulate into.
+
+    d_hidden is fp32 for ``accumulate`` in ('fp32_hidden', 'fp32') or fp32 inputs, d_weight for 'fp32' or fp32
+    inputs, else each in its input's dtype; d_bias is always fp32 (it is summed with fp32 atomics / in registers).
+
+    Returns:
+        ``(d_hidden (N, H), d_weight (V, H), d_bias (V,), dh_fp32, dw_fp32)``, ``None`` where not needed.
+    """
+    if accumulate not in ACCUMULATE_MODES:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev, f32 = hidden.device, torch.float32
+    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == f32
+    dw_fp32 = accumulate == "fp32" or hidden.dtype == f32
+    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
+    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
+    d_b = torch.zeros(vocab, dtype=f32, device=dev) if need_bias_grad else None
+    return d_h, d_w, d_b, dh_fp32, dw_fp32
+
+
+def in_input_dtypes(
+    d_h: Tensor | None, d_w: Tensor | None, d_b: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The accumulated gradients cast to the dtypes of ``hidden``, ``weight`` and ``bias`` (no copy if equal)."""
+    return (
+        d_h.to(hidden.dtype) if d_h is not None else None,
+        d_w.to(weight.dtype) if d_w is not None else None,
+        d_b.to(bias.dtype) if d_b is not None else None,
+    )
+
+
 @_on_input_device
 def backward_selected(
     hidden: Tensor,
@@ -523,18 +563,13 @@ def backward_selected(
         ``(d_hidden (N, H), d_weight (V, H), d_bias (V,))`` in the input dtype, ``None`` where not needed.
     """
     del ignore_index, workspace_bytes
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == torch.float32
-    dw_fp32 = accumulate == "fp32" or hidden.dtype == torch.float32
+    d_h, d_w, d_b, dh_fp32, dw_fp32 = gradient_accumulators(
+        hidden, weight, accumulate, need_hidden_grad, need_weight_grad, need_bias_grad
+    )
     atomic = accumulate == "atomic"
-    f32 = torch.float32
-    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
-    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
-    d_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias_grad else None
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
@@ -565,8 +600,4 @@ def backward_selected(
                 d_h, weight, targets, idx if idx is not None else targets, c_t, d, d_h.stride(0), weight.stride(0),
                 HAS_IDX=idx is not None, BLOCK=min(1024, triton.next_power_of_2(d)), num_warps=4,
             )
-    return (
-        d_h.to(hidden.dtype) if d_h is not None else None,
-        d_w.to(weight.dtype) if d_w is not None else None,
-        d_b.to(bias.dtype) if d_b is not None else None,
-    )
+    return in_input_dtypes(d_h, d_w, d_b, hidden, weight, bias)

@@ -76,9 +76,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
-    ACCUMULATE_MODES,
     _accumulate,
     _dot_precision,
     _fwd_fold,
@@ -89,6 +89,8 @@ from cggr.kernels.linear_cross_entropy_fused import (
     _num_sms,
     _on_input_device,
     _target_fixup_kernel,
+    gradient_accumulators,
+    in_input_dtypes,
 )
 
 #: Accumulation of the d_hidden kernel when it is split over the vocabulary (S > 1).
@@ -396,17 +398,13 @@ def backward_selected(
         ``(d_hidden (N, H), d_weight (V, H), d_bias (V,))`` in the input dtype, ``None`` where not needed.
     """
     del ignore_index, workspace_bytes
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
-    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == f32
-    dw_fp32 = accumulate == "fp32" or hidden.dtype == f32
-    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
-    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
-    d_b = torch.zeros(vocab, dtype=f32, device=dev) if need_bias_grad else None
+    d_h, d_w, d_b, dh_fp32, _ = gradient_accumulators(
+        hidden, weight, accumulate, need_hidden_grad, need_weight_grad, need_bias_grad
+    )
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
@@ -455,11 +453,7 @@ def backward_selected(
                 d_h, weight, targets, idx_arg, c_t, d, d_h.stride(0), weight.stride(0),
                 HAS_IDX=idx is not None, BLOCK=min(1024, triton.next_power_of_2(d)), num_warps=4,
             )
-    return (
-        d_h.to(hidden.dtype) if d_h is not None else None,
-        d_w.to(weight.dtype) if d_w is not None else None,
-        d_b.to(bias.dtype) if d_b is not None else None,
-    )
+    return in_input_dtypes(d_h, d_w, d_b, hidden, weight, bias)
 
 
 @_on_input_device
