@@ -5,7 +5,8 @@ module imports its kernels inside :func:`interpreter_env`; when triton was impor
 another test module), the kernels are compiled ones and the module's checks run through
 :func:`run_in_fresh_process` instead. The variable is restored after the import (torch.compile in other test
 modules must not see it: without triton it makes dynamo graph-break) and set again around the module's own
-tests by an autouse fixture.
+tests by an autouse fixture. :func:`module_hooks` gives a module that fixture, its ``needs_interp`` mark and its
+``test_in_fresh_process``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+import pytest
 
 
 @contextlib.contextmanager
@@ -44,3 +47,31 @@ def run_in_fresh_process(test_file: str) -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
                        env=env, capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorator, Callable, Callable]:
+    """What every interpreter test module binds at its top, from whether its kernels are interpreted ones.
+
+    Usage (module level): ``needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED,
+    __file__)``.
+
+    Returns:
+        ``needs_interp``: a skip mark for checks that need interpreted kernels (compiled ones: the checks run in
+        the fresh process instead); an autouse fixture that sets TRITON_INTERPRET=1 around each of the module's
+        tests when its kernels are interpreted (the dispatch and the tile choice read it at call time); and
+        ``test_in_fresh_process``, which runs the module in a new interpreter when its kernels are compiled ones.
+    """
+    needs_interp = pytest.mark.skipif(
+        not interpreted, reason="kernels compiled before TRITON_INTERPRET was set: see test_in_fresh_process"
+    )
+
+    @pytest.fixture(autouse=True)
+    def interpret_env(monkeypatch):
+        if interpreted:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    @pytest.mark.skipif(interpreted, reason="the checks run in this process")
+    def test_in_fresh_process():
+        run_in_fresh_process(test_file)
+
+    return needs_interp, interpret_env, test_in_fresh_process

@@ -116,3 +116,9 @@ def lce_naive(hidden, weight, b, t, mask, softcap, reduction):
         loss = loss / m.sum().clamp(min=1)
     loss.backward()
     return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else [])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative error ||a - b|| / ||b|| computed in float64 (a zero ``b`` counts as 1e-300)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))

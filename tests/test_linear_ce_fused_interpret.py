@@ -24,46 +24,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+from tests._interpret import interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
     pytest.importorskip("triton")
     from cggr.kernels import linear_cross_entropy_fused as fz
 
 INTERPRETED = is_interpreted(fz._bwd_kernel)
-needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
-                                                          "see test_in_fresh_process")
+needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
 from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
-from tests.reference import lce_inputs, lce_logits64, lce_naive  # noqa: E402
+from tests.reference import lce_inputs, lce_logits64, lce_naive, rel_err  # noqa: E402
 
 FUSED = LinearCrossEntropyOptions(kernel="fused")
 
 
-@pytest.fixture(autouse=True)
-def _interpret_env(monkeypatch):
-    """The dispatch (resolve_impl) and the tile choice read TRITON_INTERPRET at call time."""
-    if INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
-def test_in_fresh_process():
-    run_in_fresh_process(__file__)
-
-
-
-
-
-
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
 def _fused(hidden, weight, b, t, options=FUSED, **kw):
@@ -144,7 +121,7 @@ def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bia
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
     for a, c in zip(grads, ref_grads):
         assert a.dtype == dtype and torch.isfinite(a).all()
-        assert _rel(a, c) <= GRAD_TOL[dtype], (_rel(a, c), a.shape)
+        assert rel_err(a, c) <= GRAD_TOL[dtype], (rel_err(a, c), a.shape)
     unselected = ~info.mask
     assert torch.equal(grads[0][unselected], torch.zeros_like(grads[0][unselected]))
     # the selection is the torch path's (fp32 scores of the same logits)
@@ -165,7 +142,7 @@ def test_accumulate_modes_fp16(accumulate):
         assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
         for a, c in zip(grads, ref_grads):
             assert a.dtype == torch.float16
-            assert _rel(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, _rel(a, c))
+            assert rel_err(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, rel_err(a, c))
 
 
 @needs_interp
@@ -193,10 +170,10 @@ def test_only_some_gradients_requested():
                                           ratio=ratio, return_info=True, options=FUSED)
         (g_h,) = torch.autograd.grad(loss, (hidden,))
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
-        assert _rel(g_h, ref_grads[0]) <= 1e-5
+        assert rel_err(g_h, ref_grads[0]) <= 1e-5
         loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=FUSED)
         g_w, g_b = torch.autograd.grad(loss, (weight, b))
-        assert _rel(g_w, ref_grads[1]) <= 1e-5 and _rel(g_b, ref_grads[2]) <= 1e-5
+        assert rel_err(g_w, ref_grads[1]) <= 1e-5 and rel_err(g_b, ref_grads[2]) <= 1e-5
 
 
 @needs_interp

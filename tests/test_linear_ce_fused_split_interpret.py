@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+from tests._interpret import interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
     pytest.importorskip("triton")
@@ -28,32 +28,14 @@ with interpreter_env():  # only this module's tests run interpreted (fixture bel
     from cggr.kernels import linear_cross_entropy_fused_split as sp
 
 INTERPRETED = is_interpreted(sp._bwd_dh_kernel, sp._bwd_dw_kernel, fz._fwd_stats_kernel)
-needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
-                                                          "see test_in_fresh_process")
+needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
-from tests.reference import lce_inputs, lce_naive  # noqa: E402
+from tests.reference import lce_inputs, lce_naive, rel_err  # noqa: E402
 
 SPLIT = LinearCrossEntropyOptions(kernel="fused", bwd="split")
 BWDS = ["split", "split_fwd"]
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-@pytest.fixture(autouse=True)
-def _interpret_env(monkeypatch):
-    """The dispatch (resolve_impl) and the tile choice read TRITON_INTERPRET at call time."""
-    if INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
-def test_in_fresh_process():
-    run_in_fresh_process(__file__)
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
 def _split(hidden, weight, b, t, options=SPLIT, bwd=None, **kw):
@@ -100,7 +82,7 @@ def test_loss_and_grads_match_naive_fp64(dtype, shape, h, v, ratio, softcap, bia
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
     for a, c in zip(grads, ref_grads):
         assert a.dtype == dtype and torch.isfinite(a).all()
-        assert _rel(a, c) <= GRAD_TOL[dtype], (_rel(a, c), a.shape)
+        assert rel_err(a, c) <= GRAD_TOL[dtype], (rel_err(a, c), a.shape)
     unselected = ~info.mask
     assert torch.equal(grads[0][unselected], torch.zeros_like(grads[0][unselected]))
 
@@ -116,7 +98,7 @@ def test_accumulate_modes_fp16(accumulate, bwd):
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
         for a, c in zip(grads, ref_grads):
             assert a.dtype == torch.float16
-            assert _rel(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, _rel(a, c))
+            assert rel_err(a, c) <= GRAD_TOL[torch.float16], (accumulate, ratio, rel_err(a, c))
 
 
 @needs_interp
@@ -141,14 +123,14 @@ def test_only_some_gradients_requested(bwd):
                                           ratio=ratio, return_info=True, options=opts)
         (g_h,) = torch.autograd.grad(loss, (hidden,))
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
-        assert _rel(g_h, ref_grads[0]) <= 1e-5
+        assert rel_err(g_h, ref_grads[0]) <= 1e-5
         loss = linear_cross_entropy(hidden.detach(), weight, t, bias=b, impl="triton", ratio=ratio, options=opts)
         g_w, g_b = torch.autograd.grad(loss, (weight, b))
-        assert _rel(g_w, ref_grads[1]) <= 1e-5 and _rel(g_b, ref_grads[2]) <= 1e-5
+        assert rel_err(g_w, ref_grads[1]) <= 1e-5 and rel_err(g_b, ref_grads[2]) <= 1e-5
         loss = linear_cross_entropy(hidden.detach(), weight.detach(), t, bias=b, impl="triton", ratio=ratio,
                                     options=opts)
         (g_b,) = torch.autograd.grad(loss, (b,))  # d_weight kernel for the bias alone
-        assert _rel(g_b, ref_grads[2]) <= 1e-5
+        assert rel_err(g_b, ref_grads[2]) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------ kernel schedules
@@ -172,7 +154,7 @@ def test_d_hidden_vocabulary_splits_and_selected_rows(dtype, splits, accumulate)
         _, ref = lce_naive(hidden, weight, b, t, mask, 4.0, "mean")
         for a, c in zip(got, ref):
             assert a.dtype == dtype
-            assert _rel(a, c) <= GRAD_TOL[dtype], (splits, accumulate, idx is not None, _rel(a, c))
+            assert rel_err(a, c) <= GRAD_TOL[dtype], (splits, accumulate, idx is not None, rel_err(a, c))
         assert torch.equal(got[0][~mask], torch.zeros_like(got[0][~mask]))
 
 
@@ -185,7 +167,7 @@ def test_other_tiles_and_uneven_chunks_give_the_same_gradients():
     for cfg in (dict(), dict(DH_BLOCK_N=32, DH_BLOCK_V=16, DW_BLOCK_N=16, DW_BLOCK_V=64, BLOCK_D=32, BLOCK_O=32)):
         got = _backward(hidden, weight, b, t, mask, None, None, cfg)
         for a, c in zip(got, ref):
-            assert _rel(a, c) <= 1e-5, (cfg, _rel(a, c))
+            assert rel_err(a, c) <= 1e-5, (cfg, rel_err(a, c))
 
 
 @needs_interp
@@ -234,8 +216,8 @@ def test_forward_with_hidden_grad_scores_and_upstream_gradient(dtype):
     ref_stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=6.0)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-5)
     _, ref = lce_naive(hidden, weight, b, t, valid, 6.0, "mean")
-    assert d_h.dtype == dtype and _rel(d_h, ref[0]) <= GRAD_TOL[dtype]
+    assert d_h.dtype == dtype and rel_err(d_h, ref[0]) <= GRAD_TOL[dtype]
     opts = LinearCrossEntropyOptions(kernel="fused", bwd="split_fwd")
     loss = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", softcap=6.0, options=opts)
     g_h, g_w = torch.autograd.grad(loss * 3.0, (hidden, weight))
-    assert _rel(g_h, 3.0 * ref[0]) <= GRAD_TOL[dtype] and _rel(g_w, 3.0 * ref[1]) <= GRAD_TOL[dtype]
+    assert rel_err(g_h, 3.0 * ref[0]) <= GRAD_TOL[dtype] and rel_err(g_w, 3.0 * ref[1]) <= GRAD_TOL[dtype]

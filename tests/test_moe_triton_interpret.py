@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._interpret import interpreter_env, is_interpreted, run_in_fresh_process
+from tests._interpret import interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # see tests/_interpret.py
     pytest.importorskip("triton")
@@ -28,27 +28,14 @@ with interpreter_env():  # see tests/_interpret.py
     from cggr.kernels import moe_slot_sum as ss
 
 INTERPRETED = is_interpreted(mr._route_fwd_kernel, gg._rows_kernel, ss._sum_slots_kernel)
-needs_interp = pytest.mark.skipif(not INTERPRETED, reason="kernels compiled before TRITON_INTERPRET was set: "
-                                                          "see test_in_fresh_process")
+needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.moe import aux_losses, expert_mlp_torch, route_tokens  # noqa: E402
 from tests.test_moe import naive_moe  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _interpret_env(monkeypatch):
-    """Code that reads TRITON_INTERPRET at call time sees it on during this module's tests only."""
-    if INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def _gen(seed=None) -> torch.Generator:
     return torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the checks run in this process")
-def test_in_fresh_process():
-    run_in_fresh_process(__file__)
 
 
 def _torch_plan(logits, k, mask):

@@ -18,6 +18,7 @@ from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
 from cggr.scoring import difficulty
 from cggr.scoring import token_scores as torch_token_scores
 from cggr.selection import select_tokens
+from tests.reference import rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -25,11 +26,6 @@ pytestmark = pytest.mark.cuda
 def _poison() -> None:
     junk = torch.full((1 << 26,), float("nan"), device="cuda")
     del junk
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def _inputs(n, h, v, dtype, seed, bias, ignore_every=4):
@@ -102,9 +98,9 @@ def test_fp32_triton_matches_torch_path(n, h, v, ratio, softcap, bias, ws, kerne
     assert abs(float(loss_t) - float(loss_r)) <= 1e-5 * max(1.0, abs(float(loss_r)))
     for a, c in zip(g_t, g_r):
         assert torch.isfinite(a).all()
-        assert _rel(a, c) <= 1e-5, _rel(a, c)
+        assert rel_err(a, c) <= 1e-5, rel_err(a, c)
     for name in ("entropy", "confidence", "margin", "nll"):
-        assert _rel(getattr(info_t.scores, name), getattr(info_r.scores, name)) <= 1e-5, name
+        assert rel_err(getattr(info_t.scores, name), getattr(info_r.scores, name)) <= 1e-5, name
     # unselected rows get exactly zero gradient
     unselected = ~info_t.mask
     assert torch.equal(g_t[0][unselected], torch.zeros_like(g_t[0][unselected]))
@@ -120,7 +116,7 @@ def test_bf16_triton_against_materialised_reference(n, h, v, ratio, softcap, bia
     assert abs(float(loss_t) - float(loss_ref)) <= 1e-2 * abs(float(loss_ref)) + 1e-6
     for a, c in zip(g_t, g_ref):
         assert torch.isfinite(a).all()
-        assert _rel(a, c) <= 1e-2, _rel(a, c)
+        assert rel_err(a, c) <= 1e-2, rel_err(a, c)
     # the selection is the one CGGRLoss makes on the (fp32) materialised logits, up to bf16 near-ties
     ref_mask = select_tokens(difficulty(torch_token_scores(z, t), "combined"), t != -100, ratio)
     agree = (ref_mask == info.mask).float().mean()
@@ -135,7 +131,7 @@ def test_bf16_ratio_one_equals_cross_entropy_and_fp16_runs(kernel):
         ref, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
-            assert _rel(a, c) <= 1e-2
+            assert rel_err(a, c) <= 1e-2
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -163,7 +159,7 @@ def test_sum_reduction_3d_inputs_sequence_aware_and_dynamic_threshold(kernel):
         assert not info_t.mask[1].any()
         assert abs(float(loss_t) - float(loss_r)) <= 1e-5 * abs(float(loss_r))
         for a, c in zip(g_t, g_r):
-            assert _rel(a, c) <= 1e-5
+            assert rel_err(a, c) <= 1e-5
         loss_m, _, _ = _materialised(hidden, weight, None, t, info_t.mask, None, reduction="sum")
         assert abs(float(loss_t) - float(loss_m)) <= 1e-5 * abs(float(loss_m))
 
@@ -191,7 +187,7 @@ def test_fp16_large_k_does_not_lose_small_gradients(kernel):
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
             assert torch.isfinite(a).all()
-            assert _rel(a, c) <= 1e-2, (ratio, _rel(a, c))
+            assert rel_err(a, c) <= 1e-2, (ratio, rel_err(a, c))
 
 
 # ------------------------------------------------------------------------------------------ fused kernel only
@@ -210,7 +206,7 @@ def test_fused_accumulate_modes_against_materialised(accumulate, dtype, bwd):
         assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
         for a, c in zip(g, g_ref):
             assert a.dtype == dtype and torch.isfinite(a).all()
-            assert _rel(a, c) <= 1e-2, (accumulate, ratio, _rel(a, c))
+            assert rel_err(a, c) <= 1e-2, (accumulate, ratio, rel_err(a, c))
 
 
 @pytest.mark.parametrize("bwd", BWDS)
@@ -234,8 +230,8 @@ def test_fused_16bit_accumulation_under_contention(accumulate, dtype, bwd):
             out[acc] = _run("triton", hidden, weight, b, t, reduction="sum", options=opts)
         _, g_ref, _ = _materialised(hidden, weight, b, t, t != -100, None, reduction="sum")
         for a, c, r in zip(out[accumulate][2], out["fp32"][2], g_ref):
-            assert _rel(c, r) <= (1e-3 if dtype == torch.float16 else 1e-2)
-            assert _rel(a, r) <= tol, _rel(a, r)
+            assert rel_err(c, r) <= (1e-3 if dtype == torch.float16 else 1e-2)
+            assert rel_err(a, r) <= tol, rel_err(a, r)
 
 
 @pytest.mark.parametrize("bwd", BWDS)
@@ -250,7 +246,7 @@ def test_fused_gradient_filter_is_opt_in_and_bounded(bwd):
     assert torch.equal(filt[0], exact[0])  # the forward is never filtered
     _, g_ref, _ = _materialised(hidden, weight, None, t, t != -100, None)
     for a, c in zip(filt[2], g_ref):
-        assert _rel(a, c) <= 1e-2
+        assert rel_err(a, c) <= 1e-2
 
 
 # split backward: tiles, vocabulary splits of the d_hidden kernel (locked / atomic adds), selected rows
@@ -293,5 +289,5 @@ def test_split_backward_tiles_and_splits_against_materialised(config, dtype):
                                        accumulate=accumulate, config={**sp.split_config(dtype, False), **config})
             for a, c in zip(got, g_ref):
                 assert a.dtype == dtype and torch.isfinite(a).all()
-                assert _rel(a, c) <= 1e-2, (config, accumulate, idx is not None, _rel(a, c))
+                assert rel_err(a, c) <= 1e-2, (config, accumulate, idx is not None, rel_err(a, c))
             assert torch.equal(got[0][~mask], torch.zeros_like(got[0][~mask]))

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import cggr.model as cggr_model  # noqa: E402
 from cggr import CGGRModel  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
 from tests.test_router import CONFIGS, make_config  # noqa: E402
 
 pytestmark = pytest.mark.cuda
@@ -40,10 +41,6 @@ def _batch(b: int = 6, t: int = 37):
     mask[0, 25:] = 0
     mask[4, 17:] = 0
     return ids, labels, mask
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def _run(model, wrapper, ids, labels, mask):
@@ -84,10 +81,10 @@ def test_fused_head_matches_unfused_cuda(name, token_ratio, dtype, tol, monkeypa
     flat_f = torch.cat([g.flatten() for g in g_f])
     flat_p = torch.cat([g.flatten() for g in g_p])
     assert torch.isfinite(flat_f).all()
-    assert _rel(flat_f, flat_p) <= tol, _rel(flat_f, flat_p)
+    assert rel_err(flat_f, flat_p) <= tol, rel_err(flat_f, flat_p)
     for (pname, _), a, b in zip(model.named_parameters(), g_f, g_p, strict=True):
         if b.norm() > 1e-3 * flat_p.norm():  # parameters with a non-negligible gradient
-            assert _rel(a, b) <= 3 * tol, (pname, _rel(a, b))
+            assert rel_err(a, b) <= 3 * tol, (pname, rel_err(a, b))
 
 
 def test_fused_head_autocast_cuda():
@@ -102,4 +99,4 @@ def test_fused_head_autocast_cuda():
             out.append(_run(model, wrapper, ids, labels, mask))
     (l_f, g_f, _), (l_p, g_p, _) = out
     assert abs(float(l_f) - float(l_p)) <= 1e-2 * abs(float(l_p))
-    assert _rel(torch.cat([g.flatten() for g in g_f]), torch.cat([g.flatten() for g in g_p])) <= 2e-2
+    assert rel_err(torch.cat([g.flatten() for g in g_f]), torch.cat([g.flatten() for g in g_p])) <= 2e-2

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from cggr.kernels.grouped_gemm import GroupedMLPOptions, grouped_expert_mlp  # noqa: E402
 from cggr.kernels.moe_routing import fused_route  # noqa: E402
 from cggr.moe import aux_losses  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
 
 
 def _gen(device="cuda") -> torch.Generator:
@@ -27,11 +28,6 @@ def _poison_allocator() -> None:
     """Fill freed cached blocks with NaN so that any output row a kernel forgets to write shows up."""
     junk = torch.full((1 << 27,), float("nan"), device="cuda", dtype=torch.float32)  # 512 MiB
     del junk
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _inputs(n_tok, d, inter, n_exp, activation, dtype, skew, g):
@@ -104,7 +100,7 @@ def _check_against_oracle(case, dtype, opts):
     names = ["y", "dx", "dw1", "dw2", "dweights"]
     for name, o, r, t in zip(names, ours, ref, same_dtype):
         assert torch.isfinite(o).all(), f"{name} has non-finite values"
-        err, err_torch = _rel(o, r), _rel(t, r)
+        err, err_torch = rel_err(o, r), rel_err(t, r)
         assert err < 2e-2 and err < 3 * err_torch + 1e-3, f"{name}: triton rel err {err:.3g}, torch {err_torch:.3g}"
     if mask is not None:
         assert int(torch.count_nonzero(ours[0][~mask])) == 0
@@ -153,7 +149,7 @@ def test_fused_routing_matches_torch(case, dtype):
     (weights * gw).sum().add(0.7 * bal + 0.3 * z).backward()
     (plan.weights * gw).sum().add(0.7 * rbal + 0.3 * rz).backward()
     assert fl.grad.dtype == dtype and torch.isfinite(fl.grad).all()
-    assert _rel(fl.grad, ref_l.grad) < 1e-2, f"router logit gradient rel err {_rel(fl.grad, ref_l.grad):.3g}"
+    assert rel_err(fl.grad, ref_l.grad) < 1e-2, f"router logit gradient rel err {rel_err(fl.grad, ref_l.grad):.3g}"
 
 
 @pytest.mark.parametrize(("dtype", "skew", "fused_routing"), [
@@ -183,7 +179,7 @@ def test_module_triton_vs_torch(dtype, skew, fused_routing):
         res[impl] = [y.detach(), aux.detach(), xx.grad, m.router.weight.grad, m.expert_w1.grad, m.expert_w2.grad]
     for name, a, b in zip(["y", "aux", "dx", "drouter", "dw1", "dw2"], res["triton"], res["torch"]):
         assert torch.isfinite(a).all(), name
-        assert _rel(a, b) < 2e-2, f"{name}: rel diff {_rel(a, b):.3g}"
+        assert rel_err(a, b) < 2e-2, f"{name}: rel diff {rel_err(a, b):.3g}"
     assert torch.equal(res["triton"][0][~mask], torch.zeros_like(res["triton"][0][~mask]))
 
 

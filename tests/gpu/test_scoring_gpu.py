@@ -11,7 +11,7 @@ import torch
 
 from cggr.functional import token_scores
 from cggr.scoring import token_scores as torch_token_scores
-from tests.reference import scores_fp64
+from tests.reference import rel_err, scores_fp64
 
 pytestmark = pytest.mark.cuda
 
@@ -22,11 +22,6 @@ def _poison() -> None:
     """Fill the CUDA caching allocator with NaN so that torch.empty hands back NaN-filled memory."""
     junk = torch.full((1 << 26,), float("nan"), device="cuda")
     del junk
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def _logits(shape, dtype, gen, scale=3.0):
@@ -49,7 +44,7 @@ def test_triton_matches_torch_path(shape, dtype):
         assert a.shape == b.shape and a.dtype == torch.float32
         assert torch.isfinite(a).all(), name
         if float(b.norm()) > 1e-3:  # (V = 1: entropy ~ 0, only the absolute check below is meaningful)
-            assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
+            assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
     assert torch.equal(out.valid, ref.valid)
     assert out.vocab_size == shape[-1]
