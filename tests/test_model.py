@@ -103,6 +103,38 @@ def test_padding_and_ignored_positions_have_no_influence():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_left_padding_equals_the_unpadded_sequences():
+    """A padding position predicts nothing: with left padding the loss (ratio 1) is the mean next-token CE of the
+    unpadded sequences, computed one by one (RoPE: shifting a sequence right leaves its logits unchanged), and
+    the padded tokens' content does not matter. HF's own loss would also count the last pad predicting the
+    first real token."""
+    model = build_model("llama").eval()
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(3, V, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n_pad in enumerate((0, 3, 5, 9)):
+        mask[row, :n_pad] = 0
+    cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=1.0, warmup_steps=0)
+    loss = cm(ids, labels=ids, attention_mask=mask)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(4):
+            seq = ids[row, mask[row].bool()][None]  # (1, T_row) unpadded
+            logits = model(input_ids=seq).logits[0, :-1].double()
+            nll += float(torch.nn.functional.cross_entropy(logits, seq[0, 1:], reduction="sum"))
+            count += seq.shape[1] - 1
+    assert cm.get_metrics()["tokens_total"] == count
+    assert abs(loss.item() - nll / count) < 1e-5
+    scrambled = torch.where(mask == 0, torch.randint(3, V, ids.shape, generator=g), ids)
+    torch.testing.assert_close(cm(scrambled, labels=scrambled, attention_mask=mask), loss, rtol=1e-6, atol=1e-6)
+    # the router's sequence scores ignore the padding too: the same sequences are picked whatever it holds
+    half = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0)
+    half(ids, labels=ids, attention_mask=mask)
+    picked = half.get_metrics()["selected_indices"]
+    half(scrambled, labels=scrambled, attention_mask=mask)
+    assert half.get_metrics()["selected_indices"] == picked
+
+
 @pytest.mark.parametrize("name", ["bert", "roberta"])
 def test_masked_lm_labels_are_not_shifted(name):
     model = build_model(name).eval()

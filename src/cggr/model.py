@@ -211,9 +211,11 @@ class CGGRModel(Curriculum):
 
     ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
     ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
-    sequences (0.0 with grad when there are none). Positions with ``attention_mask == 0`` are treated as
-    ``ignore_index`` labels. Call ``step()`` after each optimizer step; ``step_count`` is a buffer, so
-    ``state_dict()`` carries the curriculum. ``parameters()`` are the model's, each once.
+    sequences (0.0 with grad when there are none). Positions with ``attention_mask == 0`` are neither
+    predicted nor predict anything: with left padding the last pad does not predict the first real token (HF's
+    own loss counts that term), so the loss equals that of the unpadded sequences. Call ``step()`` after each
+    optimizer step; ``step_count`` is a buffer, so ``state_dict()`` carries the curriculum. ``parameters()`` are
+    the model's, each once.
     """
 
 
@@ -296,6 +298,8 @@ class CGGRModel(Curriculum):
             labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
         if self.causal:  # position t predicts label t+1; the last position predicts nothing
             targets = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)  # (B, T)
+            if attention_mask is not None:  # nor does a padding position (left padding: the last pad)
+                targets = targets.masked_fill(attention_mask == 0, self.ignore_index)
         else:
             targets = labels
         valid = targets != self.ignore_index  # (B, T)
