@@ -110,6 +110,24 @@ def test_all_ignored_gives_zero_that_backpropagates():
         assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+def test_masked_vocabulary_minus_inf_logits_keep_the_ranking():
+    """A padded / masked vocabulary (-inf logits) must not turn every difficulty into NaN (which would select by
+    position): the selection is still the fp64 top-k and the loss its cross-entropy."""
+    logits, targets = _inputs((3, 8), 40, torch.float32, seed=6)
+    logits[..., 33:] = float("-inf")
+    targets = targets.clamp(max=32)
+    logits.requires_grad_()
+    crit = CGGRLoss(min_tokens_ratio=0.3, warmup_steps=0, dynamic_threshold=False)
+    loss = crit(logits, targets)
+    loss.backward()
+    selected = topk_set(difficulty_fp64(scores_fp64(logits, targets), "combined", 40), targets != -100, 0.3)
+    mask, _ = crit.select(logits.detach(), targets)
+    assert set(torch.nonzero(mask.reshape(-1)).flatten().tolist()) == selected
+    ref_loss, ref_grad = _reference_loss(logits, targets, selected)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_nan_logits_give_nan_loss():
     logits, targets = _inputs((2, 6), 9, torch.float32, seed=1, ignore_share=0.0)
     logits[1, 2, 4] = float("nan")

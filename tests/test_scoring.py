@@ -74,6 +74,22 @@ def test_difficulty_matches_fp64(mode, with_targets, vocab):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_minus_inf_logits_are_zero_probability_not_nan(dtype):
+    """-inf logits (a masked vocabulary, a padded head) are legitimate: p = 0 adds 0 to the entropy (0 · log 0 = 0),
+    so every score stays finite and equals the fp64 reference; the selection still ranks by difficulty."""
+    logits, targets = _inputs((3, 6), 40, dtype, ignore_share=0.0)
+    logits[:, :, 30:] = float("-inf")  # padded vocabulary
+    logits[1, 2, :28] = float("-inf")  # only two tokens allowed here
+    targets = targets.clamp(max=29)
+    targets[1, 2] = 28
+    got = token_scores(logits, targets, chunk_size=5)
+    ref = scores_fp64(logits, targets)
+    for name in ("entropy", "confidence", "margin", "nll"):
+        assert torch.isfinite(getattr(got, name)).all(), name
+        torch.testing.assert_close(getattr(got, name).double(), ref[name], rtol=1e-5, atol=1e-5)
+
+
 def test_nan_logits_propagate_to_scores():
     logits, targets = _inputs((5,), 10, torch.float32)
     logits[2, 3] = float("nan")

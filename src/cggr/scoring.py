@@ -6,7 +6,7 @@ Every score is computed in fp32 whatever the logits' dtype, in chunks of rows so
 O(chunk × V) rather than several fp32 copies of the whole (N, V) tensor:
 
     p = softmax(z)                          # (chunk, V) fp32, one chunk at a time
-    entropy    H = -Σ p log p = log Σ e^(z-m) - Σ p (z - m)   # nats, m = max z
+    entropy    H = -Σ p log p = log Σ e^(z-m) - Σ p (z - m)   # nats, m = max z; 0 · log 0 = 0 (-inf logits)
     confidence   = max p = exp(max z - lse)
     margin       = p(1) - p(2)              # exact top-2 (a duplicated maximum gives 0); V = 1 gives 1
     nll          = lse - z[target]          # 0 at ignored positions
@@ -92,7 +92,9 @@ def token_scores(
         stop = min(start + rows, n)
         z = z_all[start:stop].float()  # (c, V) fp32 <- the only chunk-sized copy
         zmax = z.amax(dim=-1, keepdim=True)  # (c, 1)
-        zc = z - zmax  # (c, V), <= 0
+        # (c, V), <= 0; a -inf logit (masked vocabulary) becomes the most negative float, so that its
+        # p · (z - max z) term is 0 · finite = 0 rather than 0 · -inf = NaN (NaN logits still give NaN)
+        zc = (z - zmax).clamp_(min=torch.finfo(torch.float32).min)
         e = torch.exp(zc)  # (c, V)
         s = e.sum(dim=-1, keepdim=True)  # (c, 1)
         lse = zmax + torch.log(s)  # (c, 1)

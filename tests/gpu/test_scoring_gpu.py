@@ -91,6 +91,24 @@ def test_nan_row_is_not_hidden_and_other_rows_unaffected():
         torch.testing.assert_close(a[[0, 2]], getattr(ref, name)[[0, 2]], rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minus_inf_logits_are_zero_probability(dtype):
+    """-inf logits (masked / padded vocabulary) in the main loop and the tail: finite scores equal to the torch path."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    z = _logits((4, 50257), dtype, gen)
+    z[:, 50000:] = float("-inf")
+    z[1, :49998] = float("-inf")  # two allowed tokens
+    z[2, 1::2] = float("-inf")
+    t = torch.tensor([7, 49999, 8, -100], device="cuda")
+    _poison()
+    out = token_scores(z, t, impl="triton")
+    ref = torch_token_scores(z, t)
+    for name in FIELDS:
+        a = getattr(out, name)
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, getattr(ref, name), rtol=2e-4, atol=2e-5)
+
+
 def test_strided_rows_and_no_targets():
     gen = torch.Generator(device="cuda").manual_seed(4)
     wide = _logits((17, 3000 + 24), torch.bfloat16, gen)

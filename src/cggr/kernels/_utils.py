@@ -17,9 +17,10 @@ are merged at the end: M = max ref, S = Σ s·2^((ref - M)·log2 e), T likewise,
     lse = M + ln S,  entropy = ln S - T·ln2 / S,  confidence = exp(z(1) - lse),
     margin = exp(z(1) - lse) - exp(z(2) - lse)   with z(2) the exact second largest value.
 
-Masked tail elements load -inf and their exp2 argument is clamped to -1e38 (0 · -inf would be NaN). In the
-unmasked main loop a -inf logit gives a NaN entropy, exactly as the PyTorch reference does (0 · -inf); NaN
-logits always propagate to every score (s becomes NaN), so a broken row is never hidden.
+Every exp2 argument is clamped to -1e38, so a -inf logit (a masked tail element, or a masked vocabulary entry)
+adds 0 to s and 0 · -1e38 = 0 to t: p = 0 contributes 0 · log 0 = 0 to the entropy, as in the PyTorch reference
+(0 · -inf would be NaN). NaN logits always propagate to every score (the clamp keeps NaN, s becomes NaN), so a
+broken row is never hidden.
 
 This module imports Triton at the top: import it only where Triton is known to be importable.
 """
@@ -64,10 +65,9 @@ def _load_slice(row_ptr, offs, V, softcap, HAS_SOFTCAP: tl.constexpr, MASKED: tl
 
 
 @triton.jit
-def _exp_acc(z, ref2, s, t, MASKED: tl.constexpr):
+def _exp_acc(z, ref2, s, t):
     d2 = z * LOG2E - ref2  # fused multiply-add, log2 units
-    if MASKED:
-        d2 = tl.maximum(d2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)
+    d2 = tl.maximum(d2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)  # -inf logits: e = 0, e · d2 = 0 (not NaN)
     e = tl.exp2(d2)
     return s + e, t + e * d2
 
@@ -90,10 +90,10 @@ def _chunk_update(row_ptr, base, V, lanes, a1, a2, s, t, ref, softcap,
     t = alpha * (t + shift2 * s)
     s = alpha * s
     ref2 = new_ref * LOG2E
-    s, t = _exp_acc(z0, ref2, s, t, MASKED)
-    s, t = _exp_acc(z1, ref2, s, t, MASKED)
-    s, t = _exp_acc(z2, ref2, s, t, MASKED)
-    s, t = _exp_acc(z3, ref2, s, t, MASKED)
+    s, t = _exp_acc(z0, ref2, s, t)
+    s, t = _exp_acc(z1, ref2, s, t)
+    s, t = _exp_acc(z2, ref2, s, t)
+    s, t = _exp_acc(z3, ref2, s, t)
     return a1, a2, s, t, new_ref
 
 
