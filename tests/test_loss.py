@@ -99,6 +99,20 @@ def test_ratio_one_equals_plain_cross_entropy():
     torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_any_integer_target_dtype_equals_long_targets(dtype):
+    """Targets are validated as 'an integer tensor': every integer dtype must work, with the int64 result."""
+    logits, targets = _inputs((2, 9), 30, torch.float32, seed=8, ignore_share=0.0)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    crit = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=False)
+    loss_a = crit(a, targets.to(dtype))
+    loss_b = crit(b, targets)
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 def test_all_ignored_gives_zero_that_backpropagates():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     targets = torch.full((2, 5), -100)

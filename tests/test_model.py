@@ -180,6 +180,16 @@ def test_token_ratio_keeps_only_hardest_tokens_of_selected_sequences():
     assert torch.allclose(loss.double(), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_int32_labels_equal_int64_labels(ratio):
+    model = build_model("llama").eval()
+    ids, labels, mask = _batch(19)
+    cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=ratio, warmup_steps=0)
+    want = cm(ids, labels=labels, attention_mask=mask)
+    got = cm(ids, labels=labels.int(), attention_mask=mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_labels_none_returns_plain_output_and_random_control():
     model = build_model("llama")
     ids, labels, mask = _batch(15)

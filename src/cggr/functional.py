@@ -128,7 +128,8 @@ def token_scores(
     vocab = logits.shape[-1]
     with torch.no_grad():
         ent, conf, marg, nll = token_scores_triton(
-            logits.detach().reshape(-1, vocab), targets.reshape(-1) if targets is not None else None, ignore_index
+            logits.detach().reshape(-1, vocab), targets.reshape(-1).long() if targets is not None else None,
+            ignore_index,
         )
     return TokenScores(
         entropy=ent.view(lead),

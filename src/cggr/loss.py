@@ -130,7 +130,7 @@ class CGGRLoss(TokenSelector):
         weights = flat_mask.float()
         if self.reduction == "mean":
             weights = weights / flat_mask.sum().clamp(min=1)
-        safe_targets = torch.where(scores.valid, targets, 0).reshape(-1)
+        safe_targets = torch.where(scores.valid, targets, 0).reshape(-1).long()  # (N,) gather/scatter index
         rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
         return _SelectedCrossEntropy.apply(
             logits.reshape(-1, vocab), safe_targets, weights, scores.nll.reshape(-1), rows

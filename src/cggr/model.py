@@ -350,7 +350,7 @@ class CGGRModel(Curriculum):
             vocab = logits.shape[-1]
             flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
             ce = F.cross_entropy(
-                flat_logits, kept_targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum"
+                flat_logits, kept_targets.reshape(-1).long(), ignore_index=self.ignore_index, reduction="sum"
             )
             loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
 

@@ -80,7 +80,7 @@ def token_scores(
     vocab = logits.shape[-1]
     z_all = logits.reshape(-1, vocab)  # (N, V)
     n = z_all.shape[0]
-    t_all = targets.reshape(-1) if targets is not None else None
+    t_all = targets.reshape(-1).long() if targets is not None else None  # (N,) any integer dtype
 
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
     confidence = torch.empty_like(entropy)
