@@ -79,31 +79,47 @@ from torch import Tensor
 from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LN2, LOG2E, NEG_BIG, softcap_fn
 
-#: Accumulation modes of the backward (see the module docstring).
+try:  # host-side TMA descriptors (Triton >= 3.4); without them every tile is loaded through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:
+    _TensorDescriptor = None
 
 
 # ---------------------------------------------------------------------------------------------- shared tile
 @triton.jit
-def _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
+def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """[BN, BV] fp32 logits of the rows ``rows`` and vocabulary columns ``cols``, bias and softcap applied."""
+                 DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr):
+    """[BN, BV] fp32 logits of the rows ``rows`` and vocabulary columns ``cols``, bias and softcap applied.
+
+    The GEMM loop runs over H in BD steps (the innermost loop: Triton's pipeliner stages both operands through
+    shared memory, ``num_stages`` deep, and the product lowers to warp-group MMA on sm_90). With TMA_H / TMA_W
+    an operand tile is fetched by the tensor-memory accelerator from the descriptor HD ([N, H], block
+    [BN, BD]) at row ``row0`` / WD ([V, H], block [BV, BD]) at row ``col0``, out-of-bounds rows and columns
+    zero-filled: no per-thread addresses or masks (registers freed for the tile's epilogue). Otherwise the tile
+    is gathered with pointers (``rows`` may be any row indices) hoisted out of the loop, masked to zero.
+    """
     offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = H + rows[:, None] * stride_h + offs_d[None, :]  # [BN, BD]
-    w_ptrs = W + cols[None, :] * stride_w + offs_d[:, None]  # [BD, BV]
+    h_base = H + rows[:, None] * stride_h  # [BN, 1]
+    w_base = W + cols[None, :] * stride_w  # [1, BV]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            h = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        if TMA_H:
+            h = HD.load([row0, d0])  # [BN, BD]
+        elif EVEN_D:
+            h = tl.load(h_base + (d0 + offs_d)[None, :], mask=row_mask[:, None], other=0.0)
         else:
-            dm = (offs_d + d0) < D
-            h = tl.load(h_ptrs, mask=row_mask[:, None] & dm[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & dm[:, None], other=0.0)
+            h = tl.load(h_base + (d0 + offs_d)[None, :], mask=row_mask[:, None] & ((d0 + offs_d) < D)[None, :],
+                        other=0.0)
+        if TMA_W:
+            w = WD.load([col0, d0]).T  # [BD, BV]
+        elif EVEN_D:
+            w = tl.load(w_base + (d0 + offs_d)[:, None], mask=col_mask[None, :], other=0.0)
+        else:
+            w = tl.load(w_base + (d0 + offs_d)[:, None], mask=col_mask[None, :] & ((d0 + offs_d) < D)[:, None],
+                        other=0.0)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-        h_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D
     if HAS_BIAS:
         b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
@@ -118,7 +134,10 @@ def _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride
 @triton.jit
 def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt):
     """One [BN, BV] logits tile ``z`` (masked columns at NEG_BIG) folded into the online row state
-    (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns)."""
+    (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns).
+
+    ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): the callers pass int32 indices
+    local to the tile (``arange(BV)`` and ``target - first column``), cheaper in registers than int64 ones."""
     # exact top-2 of the tile, merged into (a1, a2)
     t1 = tl.max(z, axis=1)
     is_top = z == t1[:, None]
@@ -142,30 +161,36 @@ def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt):
 
 
 @triton.jit
-def _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w, softcap, ref, s, t, a1, a2, zt,
-              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-              BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h, stride_w, softcap,
+              ref, s, t, a1, a2, zt, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              TMA_H: tl.constexpr, TMA_W: tl.constexpr):
     """One [BN, BV] logits tile folded into the online row state (ref, s, t, a1, a2, zt)."""
-    cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < V
-    z = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                     HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    col0 = vb * BLOCK_V
+    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
+    cols = col0.to(tl.int64) + lcols
+    col_mask = lcols < V - col0
+    z = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
+                     HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
-    ref, s, t, a1, a2, zt, _e = _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt)
+    ref, s, t, a1, a2, zt, _e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt)
     return ref, s, t, a1, a2, zt
 
 
 @triton.jit
 def _fwd_stats_kernel(
-    H, W, Bias, T, PART, N, V, D, stride_h, stride_w, vb_per_split, softcap,
+    H, W, Bias, T, PART, HD, WD, N, V, D, stride_h, stride_w, vb_per_split, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = pid_n * BLOCK_N
+    rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    tgt = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)  # int32 (V < 2^31); -1: no target column
     ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -177,14 +202,14 @@ def _fwd_stats_kernel(
     vb1 = tl.minimum(vb0 + vb_per_split, n_vb)
     if FLATTEN:  # tile loop and GEMM loop flattened into one pipelined loop (Triton >= 3.3 on Hopper)
         for vb in tl.range(vb0, vb1, flatten=True):
-            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w,
-                                              softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
-                                              BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h,
+                                              stride_w, softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP,
+                                              BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     else:
         for vb in range(vb0, vb1):
-            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, rows, row_mask, tgt, vb, V, D, stride_h, stride_w,
-                                              softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
-                                              BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+            ref, s, t, a1, a2, zt = _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h,
+                                              stride_w, softcap, ref, s, t, a1, a2, zt, HAS_BIAS, HAS_SOFTCAP,
+                                              BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     stride_k = tl.num_programs(1) * N  # PART is [6, S, N]
     base = PART + pid_s * N + rows
     tl.store(base, ref, mask=row_mask)
@@ -252,52 +277,92 @@ def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(P, rows, mask, od, D, stride, EVEN_O: tl.constexpr):
-    """P[rows, od] as a [len(rows), BO] tile (0 where masked)."""
-    if EVEN_O:
-        return tl.load(P + rows[:, None] * stride + od[None, :], mask=mask[:, None], other=0.0)
-    return tl.load(P + rows[:, None] * stride + od[None, :], mask=mask[:, None] & (od < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _product_accumulate(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src,
-                        stride_dst, USE_ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src,
+                 stride_dst, row_scale, MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_SRC: tl.constexpr):
     """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
 
-    The next chunk's SRC tile is loaded before the current chunk is accumulated, so that its latency overlaps
-    the lock round trips and the read-add-write (the last iteration reloads the first chunk: in bounds, unused).
-    ``LOCKS + c`` is the lock of chunk c (unused with atomics).
+    MODE 0 (exclusive): plain load-add-store (with HAS_SCALE: DST = DST · row_scale[:, None] + A @ SRC);
+    1: under the chunk's lock ``LOCKS + c``; 2: atomic adds. With TMA_SRC the SRC chunk is the block at row
+    ``src0`` of the descriptor SD (block [len(src_rows), BO], out-of-bounds zero-filled), else gathered with
+    pointers (``src_rows`` any row indices).
+
+    MODE 0 / 2: the SRC chunk goes straight into the product from an address computed from the loop index only,
+    so that Triton's software pipeliner stages it through shared memory (``num_stages`` deep) and the product
+    is an asynchronous warp-group MMA (sm_90) overlapped with the next chunks' loads; the DST chunk is loaded
+    before the product so that its latency overlaps it. MODE 1: the lock's spin loop inside the chunk loop
+    keeps the pipeliner out, so the next SRC chunk is prefetched by hand (into registers) before the lock is
+    taken, and the product is completed before it (a barrier): the lock is held for the read-add-write only.
     """
     n_oc = tl.cdiv(D, BLOCK_O)
     offs_o = tl.arange(0, BLOCK_O)
-    oc = start % n_oc
-    od = oc * BLOCK_O + offs_o
-    src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)
-    for _ in range(0, n_oc):
-        part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [len(dst_rows), BO] fp32
-        cur_oc = oc
-        cur_od = od
-        oc = (oc + 1) % n_oc
-        od = oc * BLOCK_O + offs_o
-        src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)  # prefetch (the last one: unused)
-        if EVEN_O:
-            m_out = dst_mask[:, None]
-        else:
-            m_out = dst_mask[:, None] & (cur_od < D)[None, :]
-        _accumulate(DST + dst_rows[:, None] * stride_dst + cur_od[None, :], part, m_out, LOCKS + cur_oc,
-                    USE_ATOMIC)
+    src_base = SRC + src_rows[:, None] * stride_src  # [BK, 1]
+    dst_base = DST + dst_rows[:, None] * stride_dst  # [BM, 1]
+    start = start % n_oc
+    if MODE == 1:
+        oc = start
+        src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)
+        for _i in range(0, n_oc):
+            part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [BM, BO] fp32
+            tl.debug_barrier()  # the product is complete before the lock is taken
+            nxt = oc + 1
+            nxt = tl.where(nxt >= n_oc, nxt - n_oc, nxt)
+            src = _load_src(SD, src_base, src_mask, src0, nxt * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)  # prefetch
+            od = oc * BLOCK_O + offs_o
+            if EVEN_O:
+                m_out = dst_mask[:, None]
+            else:
+                m_out = dst_mask[:, None] & (od < D)[None, :]
+            _accumulate(dst_base + od[None, :], part, m_out, LOCKS + oc, False)
+            oc = nxt
+    else:
+        for i in range(0, n_oc):
+            oc = start + i
+            oc = tl.where(oc >= n_oc, oc - n_oc, oc)  # start < n_oc: one wrap at most
+            od = oc * BLOCK_O + offs_o
+            if EVEN_O:
+                m_out = dst_mask[:, None]
+            else:
+                m_out = dst_mask[:, None] & (od < D)[None, :]
+            ptrs = dst_base + od[None, :]
+            if MODE == 0:
+                cur = tl.load(ptrs, mask=m_out, other=0.0)
+            src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)  # [BK, BO]
+            part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [BM, BO] fp32
+            if MODE == 0:
+                if HAS_SCALE:
+                    part = cur.to(tl.float32) * row_scale[:, None] + part
+                else:
+                    part = cur.to(tl.float32) + part
+                tl.store(ptrs, part.to(DST.dtype.element_ty), mask=m_out)
+            else:
+                _accumulate(ptrs, part, m_out, LOCKS + oc, True)
+        if MODE == 0:
+            # the caller's next tile re-reads these chunks, maybe from other threads of the CTA: order the stores
+            tl.debug_barrier()
+
+
+@triton.jit
+def _load_src(SD, src_base, src_mask, src0, o0, offs_o, D, EVEN_O: tl.constexpr, TMA_SRC: tl.constexpr):
+    """The [BK, BO] SRC chunk of columns o0 + offs_o: the TMA block of SD at (src0, o0), or through pointers."""
+    if TMA_SRC:
+        return SD.load([src0, o0])
+    od = o0 + offs_o
+    if EVEN_O:
+        return tl.load(src_base + od[None, :], mask=src_mask[:, None], other=0.0)
+    return tl.load(src_base + od[None, :], mask=src_mask[:, None] & (od < D)[None, :], other=0.0)
 
 
 @triton.jit
 def _bwd_kernel(
-    H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, CT, LOCK_H, LOCK_W,
+    H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, CT, LOCK_H, LOCK_W, HD, WD, HOD, WOD,
     R, V, D, stride_h, stride_w, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     DH_ATOMIC: tl.constexpr, DW_ATOMIC: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_nb = tl.cdiv(R, BLOCK_N)
@@ -308,7 +373,8 @@ def _bwd_kernel(
     pid_n = first_n + (pid % per_group) % group_size
     pid_v = (pid % per_group) // group_size
 
-    offs_r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = pid_n * BLOCK_N
+    offs_r = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = offs_r < R
     if HAS_IDX:
         rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
@@ -317,15 +383,18 @@ def _bwd_kernel(
     w_row = tl.load(WROW + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(w_row), axis=0) == 0.0:
         return  # ignored or padding rows only: their gradient is exactly zero
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    col_mask = cols < V
-    zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+    col0 = pid_v * BLOCK_V
+    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
+    cols = col0.to(tl.int64) + lcols
+    col_mask = lcols < V - col0
+    zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
+                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)  # -1: not in the tile
     p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
     p = tl.where(col_mask[None, :], p, 0.0)
-    is_t = cols[None, :] == tgt[:, None]
+    is_t = lcols[None, :] == ltgt[:, None]
     g = tl.where(is_t, p - 1.0, p)
     if FILTER:
         live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
@@ -340,18 +409,18 @@ def _bwd_kernel(
     gb = g.to(H.dtype.element_ty)
     if COMPUTE_DH:
         # target column: its coefficient is saved and added by _target_fixup_kernel after the accumulation
-        has_t = row_mask & (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
+        has_t = row_mask & (ltgt >= 0)
         tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=has_t)
         gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
     n_oc = tl.cdiv(D, BLOCK_O)
     # rotated start chunk: the programs that share a lock row (same row block for d_hidden, same vocabulary
     # block for d_weight) differ in the other tile index and so take different locks first
     if COMPUTE_DH:
-        _product_accumulate(gh, W, cols, col_mask, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D,
-                            stride_w, stride_h, DH_ATOMIC, BLOCK_O, EVEN_O, DOT_PRECISION)
+        _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D, stride_w,
+                     stride_h, w_row, 2 if DH_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
     if COMPUTE_DW:
-        _product_accumulate(tl.trans(gb), H, rows, row_mask, DW, cols, col_mask, LOCK_W + pid_v * n_oc, pid_n, D,
-                            stride_h, stride_w, DW_ATOMIC, BLOCK_O, EVEN_O, DOT_PRECISION)
+        _product_add(tl.trans(gb), H, HOD, rows, row_mask, row0, DW, cols, col_mask, LOCK_W + pid_v * n_oc, pid_n, D,
+                     stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
 
 
 @triton.jit
@@ -426,6 +495,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: true fp32 products, never TF32
 
 
+def _tma_usable(cfg: dict, *tensors: Tensor) -> bool:
+    """Whether the operand tiles of ``tensors`` (2-D, row-major) can come through TMA descriptors: the config
+    allows it (key TMA, default on), this Triton has host-side tensor descriptors, and every tensor is
+    non-empty with a 16-byte aligned base and row stride (the hardware's requirement; H % 8 == 0 for 16-bit)."""
+    if not cfg.get("TMA", True) or _TensorDescriptor is None:
+        return False
+    return all(
+        t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+def _descriptor(t: Tensor, block: tuple[int, int], use: bool):
+    """A TMA descriptor of the 2-D tensor ``t`` with ``block``-shaped tiles, or ``t`` itself (unused) if not ``use``."""
+    return _TensorDescriptor.from_tensor(t, list(block)) if use else t
+
+
 @_on_input_device
 def forward_stats(
     hidden: Tensor,
@@ -470,11 +557,14 @@ def forward_stats(
     vb_per_split = triton.cdiv(n_vb, splits)
     splits = triton.cdiv(n_vb, vb_per_split)  # no empty split
     part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
+    tma = _tma_usable(cfg, hidden, weight)
     _fwd_stats_kernel[(n_nb, splits)](
-        hidden, weight, bias if bias is not None else hidden, targets, part, n, vocab, d,
+        hidden, weight, bias if bias is not None else hidden, targets, part,
+        _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), n, vocab, d,
         hidden.stride(0), weight.stride(0), vb_per_split, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
         EVEN_D=d % bd == 0, DOT_PRECISION=_dot_precision(hidden.dtype), FLATTEN=bool(cfg.get("FLATTEN", False)),
+        TMA_H=tma, TMA_W=tma,
         num_warps=cfg.get("FWD_num_warps", cfg["num_warps"]), num_stages=cfg.get("FWD_num_stages", cfg["num_stages"]),
     )
     merge_block = 1024 if not _interpreting() else 64
@@ -580,20 +670,25 @@ def backward_selected(
         lock_w = None if d_w is None or dw_fp32 or atomic else torch.zeros(n_vb * n_oc, dtype=torch.int32, device=dev)
         dummy = lse
         c_t = torch.zeros(r, dtype=torch.float32, device=dev) if d_h is not None else dummy  # (R,) target coeffs
+        bd = cfg["BLOCK_D"]
+        tma_w = _tma_usable(cfg, hidden, weight)
+        tma_h = tma_w and idx is None  # selected rows are gathered with pointers
         _bwd_kernel[(n_nb * n_vb,)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, row_weights,
             idx if idx is not None else targets,
             d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
             c_t,
             lock_h if lock_h is not None else targets, lock_w if lock_w is not None else targets,
+            _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
+            _descriptor(hidden, (bn, bo), tma_h), _descriptor(weight, (bv, bo), tma_w),
             r, vocab, d, hidden.stride(0), weight.stride(0),
             float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
             COMPUTE_DH=d_h is not None, COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None,
             DH_ATOMIC=dh_fp32 or atomic, DW_ATOMIC=dw_fp32 or atomic, FILTER=filter_eps is not None,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg["BLOCK_D"], BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
-            EVEN_D=d % cfg["BLOCK_D"] == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
+            EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            TMA_H=tma_h, TMA_W=tma_w, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if d_h is not None:
             _target_fixup_kernel[(r,)](

@@ -79,16 +79,17 @@ from torch import Tensor
 from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
-    _accumulate,
+    _descriptor,
     _dot_precision,
     _fwd_fold,
     _interpreting,
-    _load_chunk,
     _logits_tile,
     _merge_kernel,
     _num_sms,
     _on_input_device,
+    _product_add,
     _target_fixup_kernel,
+    _tma_usable,
     gradient_accumulators,
     in_input_dtypes,
 )
@@ -98,18 +99,23 @@ _EXCLUSIVE, _LOCKED, _ATOMIC = 0, 1, 2
 
 
 @triton.jit
-def _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h, stride_w, softcap,
+def _grad_tile(H, W, Bias, HD, WD, rows, row_mask, row0, col0, lse, tgt, w_row, V, D, stride_h, stride_w, softcap,
                filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Recomputed [BN, BV] fp32 gradient of Σ w_n · nll_n w.r.t. the (pre-softcap) logits, its target mask, and
-    with FILTER whether its products are needed (gradient filter: not every |softmax - onehot| of a weighted row
-    is below eps); without FILTER the third value is an unused scalar (the callers branch on FILTER first)."""
-    zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+               DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr):
+    """Recomputed [BN, BV] fp32 gradient of Σ w_n · nll_n w.r.t. the (pre-softcap) logits of the rows ``rows``
+    and the columns col0 + [0, BV), its target mask, and with FILTER whether its products are needed (gradient
+    filter: not every |softmax - onehot| of a weighted row is below eps); without FILTER the third value is an
+    unused scalar (the callers branch on FILTER first). ``tgt`` [BN] int64 targets (negative: none)."""
+    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
+    cols = col0.to(tl.int64) + lcols
+    col_mask = lcols < V - col0
+    zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
+                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
     p = tl.where(col_mask[None, :], p, 0.0)
-    is_t = cols[None, :] == tgt[:, None]
+    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)  # -1: not in the tile
+    is_t = lcols[None, :] == ltgt[:, None]
     g = tl.where(is_t, p - 1.0, p)
     if FILTER:
         live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
@@ -124,60 +130,21 @@ def _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, s
 
 
 @triton.jit
-def _product_add(A, SRC, src_rows, src_mask, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src, stride_dst,
-                 row_scale, MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
-
-    MODE 0 (exclusive): plain load-add-store, the DST chunk loaded before the product so that its latency
-    overlaps it (with HAS_SCALE: DST = DST · row_scale[:, None] + A @ SRC); 1: under the chunk's lock
-    ``LOCKS + c``; 2: atomic adds. The next SRC chunk is prefetched.
-    """
-    n_oc = tl.cdiv(D, BLOCK_O)
-    offs_o = tl.arange(0, BLOCK_O)
-    oc = start % n_oc
-    od = oc * BLOCK_O + offs_o
-    src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)
-    for _ in range(0, n_oc):
-        if EVEN_O:
-            m_out = dst_mask[:, None]
-        else:
-            m_out = dst_mask[:, None] & (od < D)[None, :]
-        ptrs = DST + dst_rows[:, None] * stride_dst + od[None, :]
-        if MODE == 0:
-            cur = tl.load(ptrs, mask=m_out, other=0.0)
-        part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [len(dst_rows), BO] fp32
-        cur_oc = oc
-        oc = (oc + 1) % n_oc
-        od = oc * BLOCK_O + offs_o
-        src = _load_chunk(SRC, src_rows, src_mask, od, D, stride_src, EVEN_O)  # prefetch (the last one: unused)
-        if MODE == 0:
-            if HAS_SCALE:
-                part = cur.to(tl.float32) * row_scale[:, None] + part
-            else:
-                part = cur.to(tl.float32) + part
-            tl.store(ptrs, part.to(DST.dtype.element_ty), mask=m_out)
-        else:
-            _accumulate(ptrs, part, m_out, LOCKS + cur_oc, MODE == 2)
-    if MODE == 0:
-        # the caller's next tile re-reads these chunks, maybe from other threads of the CTA: order the stores first
-        tl.debug_barrier()
-
-
-@triton.jit
 def _bwd_dw_kernel(
-    H, W, Bias, T, LSE, WROW, IDX, DW, DB, R, V, D, stride_h, stride_w, softcap, filter_eps,
+    H, W, Bias, T, LSE, WROW, IDX, DW, DB, HD, WD, HOD, R, V, D, stride_h, stride_w, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    col0 = pid_v * BLOCK_V
+    cols = (col0 + tl.arange(0, BLOCK_V)).to(tl.int64)
     col_mask = cols < V
     acc_b = tl.zeros((BLOCK_V,), tl.float32)
     for nb in range(0, tl.cdiv(R, BLOCK_N)):
-        offs_r = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row0 = nb * BLOCK_N
+        offs_r = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_mask = offs_r < R
         if HAS_IDX:
             rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
@@ -187,34 +154,36 @@ def _bwd_dw_kernel(
         if tl.max(tl.abs(w_row), axis=0) != 0.0:  # ignored / padding rows only: exactly zero, skipped
             lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
             tgt = tl.load(T + rows, mask=row_mask, other=-1)
-            g, _is_t, keep = _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h,
-                                        stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP, FILTER, BLOCK_N,
-                                        BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+            g, _is_t, keep = _grad_tile(H, W, Bias, HD, WD, rows, row_mask, row0, col0, lse, tgt, w_row, V, D,
+                                        stride_h, stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP, FILTER,
+                                        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
             if COMPUTE_DB:
                 acc_b += tl.sum(g, axis=0)
             if COMPUTE_DW:
                 gt = tl.trans(g.to(H.dtype.element_ty))  # [BV, BN]
                 if FILTER:
                     if keep:
-                        _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
-                                     acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False)
+                        _product_add(gt, H, HOD, rows, row_mask, row0, DW, cols, col_mask, DW, 0, D, stride_h,
+                                     stride_w, acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
                 else:
-                    _product_add(gt, H, rows, row_mask, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
-                                 acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False)
+                    _product_add(gt, H, HOD, rows, row_mask, row0, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
+                                 acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
     if COMPUTE_DB:
         tl.store(DB + cols, acc_b, mask=col_mask)
 
 
 @triton.jit
 def _bwd_dh_kernel(
-    H, W, Bias, T, LSE, WROW, IDX, DH, CT, LOCK, R, V, D, stride_h, stride_w, vb_per_split, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, MODE: tl.constexpr,
+    H, W, Bias, T, LSE, WROW, IDX, DH, CT, LOCK, HD, WD, WOD, R, V, D, stride_h, stride_w, vb_per_split, softcap,
+    filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, MODE: tl.constexpr,
     FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = pid_n * BLOCK_N
+    offs_r = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = offs_r < R
     if HAS_IDX:
         rows = tl.load(IDX + offs_r, mask=row_mask, other=0).to(tl.int64)
@@ -230,39 +199,42 @@ def _bwd_dh_kernel(
     vb1 = tl.minimum(vb0 + vb_per_split, tl.cdiv(V, BLOCK_V))
     c_t = tl.zeros((BLOCK_N,), tl.float32)
     for vb in range(vb0, vb1):
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col0 = vb * BLOCK_V
+        cols = (col0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < V
-        g, is_t, keep = _grad_tile(H, W, Bias, rows, row_mask, cols, col_mask, lse, tgt, w_row, D, stride_h,
+        g, is_t, keep = _grad_tile(H, W, Bias, HD, WD, rows, row_mask, row0, col0, lse, tgt, w_row, V, D, stride_h,
                                    stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP, FILTER, BLOCK_N, BLOCK_V,
-                                   BLOCK_D, EVEN_D, DOT_PRECISION)
+                                   BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
         c_t += tl.sum(tl.where(is_t, g, 0.0), axis=1)
         gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)  # target column: added by _target_fixup_kernel
         # the splits of one row block start at different chunks (their locks rarely meet)
         if FILTER:
             if keep:
-                _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
-                             stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False)
+                _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
+                             stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
         else:
-            _product_add(gh, W, cols, col_mask, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D, stride_w,
-                         stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False)
+            _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
+                         stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
     has_t = row_mask & (tgt >= vb0 * BLOCK_V) & (tgt < vb1 * BLOCK_V)
     tl.store(CT + offs_r, c_t, mask=has_t)
 
 
 @triton.jit
 def _fwd_dh_kernel(
-    H, W, Bias, T, PART, DH, N, V, D, stride_h, stride_w, softcap,
+    H, W, Bias, T, PART, DH, HD, WD, WOD, N, V, D, stride_h, stride_w, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
 ):
     """Forward statistics of a row block over the whole vocabulary, plus O = Σ_{v != target} exp(z_v - ref) ·
     (softcap factor) · weight[v] into DH, rescaled whenever the running maximum ``ref`` moves (flash-attention
     style: DH = DH · exp(ref_old - ref_new) + e @ weight[cols]). PART is [6, 1, N] (one vocabulary split)."""
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row0 = pid * BLOCK_N
+    rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
+    tgt = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)  # int32 (V < 2^31); -1: no target column
     ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -270,20 +242,23 @@ def _fwd_dh_kernel(
     a2 = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     zt = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     for vb in range(0, tl.cdiv(V, BLOCK_V)):
-        cols = (vb * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        col_mask = cols < V
-        zc = _logits_tile(H, W, Bias, rows, row_mask, cols, col_mask, D, stride_h, stride_w, softcap,
-                          HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION)
+        col0 = vb * BLOCK_V
+        lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
+        cols = col0.to(tl.int64) + lcols
+        col_mask = lcols < V - col0
+        zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w,
+                          softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H,
+                          TMA_W)
         z = tl.where(col_mask[None, :], zc, NEG_BIG)
         old_ref = ref
-        ref, s, t, a1, a2, zt, e = _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt)
-        e = tl.where(cols[None, :] == tgt[:, None], 0.0, e)  # target column: added by the finalise kernel
+        ref, s, t, a1, a2, zt, e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt)
+        e = tl.where(lcols[None, :] == (tgt - col0)[:, None], 0.0, e)  # target column: added by the finalise kernel
         if HAS_SOFTCAP:
             y = zc / softcap
             e = e * (1.0 - y * y)
         alpha = tl.exp2((old_ref - ref) * LOG2E)  # [BN], 1 once the row maximum has settled
-        _product_add(e.to(H.dtype.element_ty), W, cols, col_mask, DH, rows, row_mask, DH, 0, D, stride_w,
-                     stride_h, alpha, 0, BLOCK_O, EVEN_O, DOT_PRECISION, True)
+        _product_add(e.to(H.dtype.element_ty), W, WOD, cols, col_mask, col0, DH, rows, row_mask, DH, 0, D, stride_w,
+                     stride_h, alpha, 0, BLOCK_O, EVEN_O, DOT_PRECISION, True, TMA_W)
     base = PART + rows  # [6, 1, N]
     tl.store(base, ref, mask=row_mask)
     tl.store(base + N, s, mask=row_mask)
@@ -412,9 +387,11 @@ def backward_selected(
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         prec = _dot_precision(hidden.dtype)
         idx_arg = idx if idx is not None else targets
+        tma_w = _tma_usable(cfg, hidden, weight)
+        tma_h = tma_w and idx is None  # selected rows are gathered with pointers
         common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
                       FILTER=filter_eps is not None, BLOCK_D=bd, BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0,
-                      DOT_PRECISION=prec)
+                      DOT_PRECISION=prec, TMA_H=tma_h, TMA_W=tma_w)
         cap = float(softcap) if softcap is not None else 1.0
         eps = float(filter_eps) if filter_eps is not None else 0.0
         b_arg = bias if bias is not None else hidden
@@ -423,6 +400,8 @@ def backward_selected(
             _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg,
                 d_w if d_w is not None else lse, d_b if d_b is not None else lse,
+                _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
+                _descriptor(hidden, (bn, bo), tma_h),
                 r, vocab, d, hidden.stride(0), weight.stride(0), cap, eps,
                 COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None, BLOCK_N=bn, BLOCK_V=bv, **common,
                 num_warps=cfg.get("DW_num_warps", cfg["num_warps"]),
@@ -444,6 +423,8 @@ def backward_selected(
             c_t = torch.zeros(r, dtype=f32, device=dev)  # (R,) target coefficients
             _bwd_dh_kernel[(n_nb, splits)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg, d_h, c_t, lock,
+                _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
+                _descriptor(weight, (bv, bo), tma_w),
                 r, vocab, d, hidden.stride(0), weight.stride(0), vb_per_split, cap, eps,
                 MODE=mode, BLOCK_N=bn, BLOCK_V=bv, **common,
                 num_warps=cfg.get("DH_num_warps", cfg["num_warps"]),
@@ -508,11 +489,14 @@ def forward_with_hidden_grad(
         bias = bias.contiguous() if bias is not None else None
         cap = float(softcap) if softcap is not None else 1.0
         part = torch.empty(6, 1, n, dtype=f32, device=dev)
+        tma = _tma_usable(cfg, hidden, weight)
         _fwd_dh_kernel[(triton.cdiv(n, bn),)](
-            hidden, weight, bias if bias is not None else hidden, targets, part, d_h, n, vocab, d,
-            hidden.stride(0), weight.stride(0), cap,
+            hidden, weight, bias if bias is not None else hidden, targets, part, d_h,
+            _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), _descriptor(weight, (bv, bo), tma),
+            n, vocab, d, hidden.stride(0), weight.stride(0), cap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
             BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            TMA_H=tma, TMA_W=tma,
             num_warps=cfg.get("FWD_DH_num_warps", cfg.get("DH_num_warps", cfg["num_warps"])),
             num_stages=cfg.get("FWD_DH_num_stages", cfg.get("DH_num_stages", cfg["num_stages"])),
         )
