@@ -130,3 +130,30 @@ def test_a_state_dict_without_the_counter_still_loads_strictly():
     nested = {f"loss.{k}": v for k, v in state.items()}
     outer.load_state_dict(nested)
     assert int(outer["loss"].rng_counter) == 0
+
+
+@pytest.mark.parametrize("selection", ["random", "stratified"])
+def test_unseeded_module_resumes_the_same_stream(selection):
+    """seed=None draws the seed once; a resume in another process (another global RNG state) must continue the
+    same stream, so the seed travels in the state dict with the counter."""
+    logits = torch.randn(40, 11)
+    targets = torch.randint(0, 11, (40,))
+    torch.manual_seed(1)
+    crit = CGGRLoss(selection=selection, min_tokens_ratio=0.4, warmup_steps=0)
+    crit.select(logits, targets)
+    state = {k: v.clone() for k, v in crit.state_dict().items()}
+    torch.manual_seed(2)
+    resumed = CGGRLoss(selection=selection, min_tokens_ratio=0.4, warmup_steps=0)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        assert torch.equal(resumed.select(logits, targets)[0], crit.select(logits, targets)[0])
+
+
+def test_a_state_dict_without_the_seed_keeps_the_module_seed():
+    crit = CGGRLoss(selection="random", min_tokens_ratio=0.4, warmup_steps=0, seed=9)
+    state = crit.state_dict()
+    del state["rng_seed"]
+    resumed = CGGRLoss(selection="random", min_tokens_ratio=0.4, warmup_steps=0, seed=9)
+    resumed.load_state_dict(state)  # strict
+    logits, targets = torch.randn(30, 7), torch.randint(0, 7, (30,))
+    assert torch.equal(resumed.select(logits, targets)[0], crit.select(logits, targets)[0])

@@ -159,7 +159,7 @@ def test_no_parameter_duplicated(name):
     assert shell_tensors and all(t.data_ptr() in model_ptrs for t in shell_tensors)
     cm = CGGRModel(model, router=router, warmup_steps=0)
     sd = cm.state_dict()
-    assert set(sd) == {f"model.{k}" for k in model.state_dict()} | {"step_count", "rng_counter"}
+    assert set(sd) == {f"model.{k}" for k in model.state_dict()} | {"step_count", "rng_counter", "rng_seed"}
     ptrs = [p.data_ptr() for p in cm.parameters()]
     assert len(ptrs) == len(set(ptrs)) == len(list(model.parameters()))
     opt = torch.optim.AdamW(cm.parameters())

@@ -37,7 +37,8 @@ class Curriculum(nn.Module):
         warmup_steps: Steps of the linear warm-up (0: the minimum share from the start).
         seed: Seed of the random source of ``stratified`` and ``random`` (a :class:`cggr._rng.CounterRNG` whose
             draw counter is the ``rng_counter`` buffer); ``None``: drawn from torch's global generator at
-            construction, so ``torch.manual_seed`` before building the module makes runs repeatable.
+            construction, so ``torch.manual_seed`` before building the module makes runs repeatable. The seed in
+            use is the ``rng_seed`` buffer: ``load_state_dict`` resumes the saved stream (seed and counter).
     """
 
     step_count: Tensor
@@ -52,6 +53,9 @@ class Curriculum(nn.Module):
         # the random source: a counter-based hash (traceable by torch.compile, no host sync); the counter is saved
         self._rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
         self.register_buffer("rng_counter", torch.zeros((), dtype=torch.long))
+        # the seed travels with the counter (seed=None draws differ between processes); low 64 bits, as int64
+        low = self._rng_seed & (2**64 - 1)
+        self.register_buffer("rng_seed", torch.tensor(low - 2**64 if low >= 2**63 else low, dtype=torch.long))
         self.register_load_state_dict_pre_hook(_default_rng_counter)
         self.register_load_state_dict_post_hook(_sync_step)
 
@@ -80,12 +84,15 @@ class Curriculum(nn.Module):
 
 
 def _default_rng_counter(module: Curriculum, state_dict, prefix, *_) -> None:
-    """State dicts saved before the counter-based random source had no ``rng_counter``: its stream restarts."""
+    """State dicts saved before the counter-based random source had no ``rng_counter``: its stream restarts;
+    those saved before ``rng_seed`` keep the module's own seed."""
     state_dict.setdefault(prefix + "rng_counter", torch.zeros((), dtype=torch.long))
+    state_dict.setdefault(prefix + "rng_seed", module.rng_seed.detach().clone())
 
 
 def _sync_step(module: Curriculum, incompatible_keys) -> None:
     module._step = int(module.step_count)
+    module._rng_seed = int(module.rng_seed) & (2**64 - 1)  # CounterRNG reads the low 64 bits
     module._ratio = module.schedule(module._step)
 
 
