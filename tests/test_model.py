@@ -308,3 +308,12 @@ def test_bad_arguments():
         cm(None, labels=labels)
     with pytest.raises(TypeError, match="router"):
         CGGRScorer(42)
+    # the message names the argument the caller passed (labels, not the internal shifted targets)
+    for ratio in (1.0, 0.5):  # 1.0: the router is not run
+        cm = CGGRModel(model, warmup_steps=0, min_tokens_ratio=ratio)
+        with pytest.raises(TypeError, match=r"labels must be an integer tensor.*float32"):
+            cm(ids, labels=labels.float())
+        with pytest.raises(TypeError, match=r"input_ids must be an integer tensor.*float32"):
+            cm(ids.float(), labels=labels)
+    with pytest.raises(TypeError, match=r"targets must be an integer tensor.*float32"):
+        CGGRScorer(create_truncated_router(model, K_ROUTER))(ids, targets=labels.float())

@@ -79,7 +79,7 @@ def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask
     return logits
 
 
-def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None) -> None:
+def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None, *, integer: bool = False) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor) or t.dim() != 2:
@@ -87,6 +87,8 @@ def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None) -> N
         raise ValueError(f"{name} must be a (B, T) tensor, got {got}")
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {tuple(shape)}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
 
 
 def _resolve_router(model: nn.Module, router: Callable[..., Any] | None, num_router_layers: int) -> Any:
@@ -290,8 +292,8 @@ class CGGRModel(Curriculum):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("input_ids is required when labels are given (the router scores token ids)")
-        _check_2d("input_ids", input_ids)
-        _check_2d("labels", labels, input_ids.shape)
+        _check_2d("input_ids", input_ids, integer=True)
+        _check_2d("labels", labels, input_ids.shape, integer=True)  # before any .long(): floats never truncate
         _check_2d("attention_mask", attention_mask, input_ids.shape)
         batch = input_ids.shape[0]
         if attention_mask is not None:
