@@ -190,6 +190,22 @@ def test_int32_labels_equal_int64_labels(ratio):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_hf_trainer_divides_the_loss_by_gradient_accumulation_steps():
+    """transformers' Trainer (5.x, Trainer.__init__ / training_step) treats a model whose forward takes **kwargs as
+    one that normalises its loss by ``num_items_in_batch`` and then skips the division by the gradient
+    accumulation steps, unless the model says ``accepts_loss_kwargs = False``. CGGRModel returns a per-call mean:
+    under that rule every accumulated gradient would be G times too large, silently."""
+    import inspect
+
+    cm = CGGRModel(build_model("llama"), num_router_layers=K_ROUTER)
+    if hasattr(cm, "accepts_loss_kwargs"):  # the Trainer's rule, verbatim
+        accepts = cm.accepts_loss_kwargs
+    else:
+        params = inspect.signature(cm.forward).parameters.values()
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+    assert accepts is False
+
+
 def test_labels_none_returns_plain_output_and_random_control():
     model = build_model("llama")
     ids, labels, mask = _batch(15)

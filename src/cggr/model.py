@@ -220,6 +220,9 @@ class CGGRModel(Curriculum):
     the model's, each once.
     """
 
+    #: For transformers' Trainer: the loss is a per-call mean, not normalised by ``num_items_in_batch``, so the
+    #: Trainer must divide it by the gradient-accumulation steps (with ``**kwargs`` in ``forward`` it would not).
+    accepts_loss_kwargs = False
 
     def __init__(
         self,
