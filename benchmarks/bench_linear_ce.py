@@ -95,7 +95,8 @@ class _Tiles:
 
     def __enter__(self):
         self.orig = orig = getattr(self.module, self.attr)
-        setattr(self.module, self.attr, lambda dtype, interpret: {**orig(dtype, interpret), **self.tiles})
+        setattr(self.module, self.attr,
+                lambda dtype, interpret, hidden_size=None: {**orig(dtype, interpret, hidden_size), **self.tiles})
 
     def __exit__(self, *exc):
         setattr(self.module, self.attr, self.orig)

@@ -4,9 +4,9 @@ Every kernel of :mod:`cggr.kernels.linear_cross_entropy_fused` (and of its split
 :mod:`cggr.kernels.linear_cross_entropy_fused_split`) is compiled ahead of time with the installed
 Triton (``triton.compile`` on an ``ASTSource`` for ``GPUTarget('cuda', 90, 32)``, ptxas included) at its default
 tiles for bf16, fp16 and fp32, in the constexpr variants the launchers use (bias, softcap, selected rows,
-accumulation modes, gradient filter, flattened forward loop). This catches type and lowering errors (for
-example a 16-bit atomic the backend cannot lower) before any GPU time is spent. It runs in a subprocess so
-that the kernels are plain JIT functions even when another test module turned the interpreter on.
+accumulation modes, gradient filter, flattened forward loop, TMA descriptors or pointers). This catches type and
+lowering errors (for example a 16-bit atomic the backend cannot lower) before any GPU time is spent. It runs in a
+subprocess so that the kernels are plain JIT functions even when another test module turned the interpreter on.
 Skipped without triton or without its bundled ptxas (CI). The GPU's own Triton may differ in version:
 tests/gpu/test_linear_ce_gpu.py remains the check on the device.
 """
@@ -36,6 +36,10 @@ SCRIPT = textwrap.dedent(
     NOT_DIVISIBLE = ("ignore_index", "S", "vb_per_split")
 
 
+    def desc(p, block):  # a host-side TMA descriptor argument, or the plain pointer when TMA is off
+        return f"tensordesc<{p[1:]}[{block[0]},{block[1]}]>" if block else p
+
+
     def compile_one(fn, sig, constexprs, num_warps, num_stages):
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items()
                  if t.startswith("*") or (t == "i32" and k not in NOT_DIVISIBLE)}
@@ -49,23 +53,27 @@ SCRIPT = textwrap.dedent(
         cfg = fz.default_config(dtype, False)
         p = "*" + name
         prec = fz._dot_precision(dtype)
-        fwd = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "N": "i32", "V": "i32", "D": "i32",
-               "stride_h": "i32", "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32"}
-        variants = ((False, False, False, True), (True, True, False, False), (False, False, True, True))
-        for bias, cap, flat, even in variants:
+        bn, bv, bd, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"], cfg["BLOCK_O"]
+        variants = ((False, False, False, True, True), (True, True, False, False, False),
+                    (False, False, True, True, True), (False, False, False, True, False))
+        for bias, cap, flat, even, tma in variants:
+            fwd = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "HD": desc(p, tma and (bn, bd)),
+                   "WD": desc(p, tma and (bv, bd)), "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
+                   "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32"}
             compile_one(fz._fwd_stats_kernel, fwd, dict(
-                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                BLOCK_D=cfg["BLOCK_D"], EVEN_D=even, DOT_PRECISION=prec, FLATTEN=flat),
-                cfg["num_warps"], cfg["num_stages"])
+                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, EVEN_D=even, DOT_PRECISION=prec,
+                FLATTEN=flat, TMA_H=tma, TMA_W=tma), cfg["num_warps"], cfg["num_stages"])
             count += 1
-        bwd = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
-               "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32", "R": "i32",
-               "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
-               "filter_eps": "fp32"}
         modes = ("fp32",) if dtype == torch.float32 else ("native", "atomic", "fp32_hidden", "fp32")
         for mode in modes:
             for bias, cap, idx, filt, even in ((False, False, False, False, True), (True, True, True, True, False)):
-                sig = dict(bwd)
+                tma_w, tma_h = even, even and not idx  # as the launcher: selected rows are gathered with pointers
+                sig = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
+                       "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32",
+                       "HD": desc(p, tma_h and (bn, bd)), "WD": desc(p, tma_w and (bv, bd)),
+                       "HOD": desc(p, tma_h and (bn, bo)), "WOD": desc(p, tma_w and (bv, bo)), "R": "i32",
+                       "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
+                       "filter_eps": "fp32"}
                 dh32 = mode in ("fp32_hidden", "fp32")
                 if dh32:
                     sig["DH"] = "*fp32"
@@ -74,8 +82,8 @@ SCRIPT = textwrap.dedent(
                 compile_one(fz._bwd_kernel, sig, dict(
                     HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, COMPUTE_DH=True, COMPUTE_DW=True,
                     COMPUTE_DB=bias, DH_ATOMIC=dh32 or mode == "atomic", DW_ATOMIC=mode in ("fp32", "atomic"),
-                    FILTER=filt, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-                    BLOCK_O=cfg["BLOCK_O"], GROUP_N=cfg["GROUP_N"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec),
+                    FILTER=filt, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"], EVEN_D=even,
+                    EVEN_O=even, DOT_PRECISION=prec, TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg["PROD_STAGES"]),
                     cfg["num_warps"], cfg["num_stages"])
                 count += 1
         fix = {"DH": p, "W": p, "T": "*i64", "IDX": "*i64", "CT": "*fp32", "D": "i32", "stride_h": "i32",
@@ -88,13 +96,20 @@ SCRIPT = textwrap.dedent(
         prec = fz._dot_precision(dtype)
         acc = p if dtype != torch.float32 else "*fp32"
         base = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64"}
-        dw = {**base, "DW": acc, "DB": "*fp32", "R": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
-              "stride_w": "i32", "softcap": "fp32", "filter_eps": "fp32"}
-        dh = {**base, "DH": acc, "CT": "*fp32", "LOCK": "*i32", "R": "i32", "V": "i32", "D": "i32",
-              "stride_h": "i32", "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32", "filter_eps": "fp32"}
+        bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
+        hn, hv, wn, wv = cfg["DH_BLOCK_N"], cfg["DH_BLOCK_V"], cfg["DW_BLOCK_N"], cfg["DW_BLOCK_V"]
         for bias, cap, idx, filt, even in ((False, False, False, False, True), (True, True, True, True, False)):
-            common = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, FILTER=filt, BLOCK_D=cfg["BLOCK_D"],
-                          BLOCK_O=cfg["BLOCK_O"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec)
+            tma_w, tma_h = even, even and not idx
+            dw = {**base, "DW": acc, "DB": "*fp32", "HD": desc(p, tma_h and (wn, bd)),
+                  "WD": desc(p, tma_w and (wv, bd)), "HOD": desc(p, tma_h and (wn, bo)), "R": "i32",
+                  "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32", "filter_eps": "fp32"}
+            dh = {**base, "DH": acc, "CT": "*fp32", "LOCK": "*i32", "HD": desc(p, tma_h and (hn, bd)),
+                  "WD": desc(p, tma_w and (hv, bd)), "WOD": desc(p, tma_w and (hv, bo)), "R": "i32", "V": "i32",
+                  "D": "i32", "stride_h": "i32", "stride_w": "i32", "vb_per_split": "i32", "softcap": "fp32",
+                  "filter_eps": "fp32"}
+            common = dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, FILTER=filt, BLOCK_D=bd, BLOCK_O=bo,
+                          EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec, TMA_H=tma_h, TMA_W=tma_w,
+                          PROD_STAGES=cfg["PROD_STAGES"])
             compile_one(sp._bwd_dw_kernel, dw, dict(common, COMPUTE_DW=True, COMPUTE_DB=bias,
                         BLOCK_N=cfg["DW_BLOCK_N"], BLOCK_V=cfg["DW_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
             count += 1
@@ -103,12 +118,14 @@ SCRIPT = textwrap.dedent(
                             BLOCK_V=cfg["DH_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
                 count += 1
         acc = p if name == "bf16" else "*fp32"  # fp16: O accumulated in fp32
-        fdh = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "DH": acc, "N": "i32", "V": "i32",
-               "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32"}
         for bias, cap, even in ((False, False, True), (True, True, False)):  # bwd='split_fwd' forward
+            fdh = {"H": p, "W": p, "Bias": p, "T": "*i64", "PART": "*fp32", "DH": acc,
+                   "HD": desc(p, even and (hn, bd)), "WD": desc(p, even and (hv, bd)),
+                   "WOD": desc(p, even and (hv, bo)), "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
+                   "stride_w": "i32", "softcap": "fp32"}
             compile_one(sp._fwd_dh_kernel, fdh, dict(
-                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=cfg["DH_BLOCK_N"], BLOCK_V=cfg["DH_BLOCK_V"],
-                BLOCK_D=cfg["BLOCK_D"], BLOCK_O=cfg["BLOCK_O"], EVEN_D=even, EVEN_O=even, DOT_PRECISION=prec),
+                HAS_BIAS=bias, HAS_SOFTCAP=cap, BLOCK_N=hn, BLOCK_V=hv, BLOCK_D=bd, BLOCK_O=bo, EVEN_D=even,
+                EVEN_O=even, DOT_PRECISION=prec, TMA_H=even, TMA_W=even, PROD_STAGES=cfg["PROD_STAGES"]),
                 cfg["num_warps"], cfg["num_stages"])
             count += 1
         fin = {"DH": acc, "W": p, "T": "*i64", "WROW": "*fp32", "PART": "*fp32", "STATS": "*fp32", "N": "i32",

@@ -87,6 +87,28 @@ def test_forward_flattened_loop_and_forward_only_tiles_give_the_same_scores():
 
 
 @needs_interp
+@pytest.mark.parametrize("h", [48, 41])  # 48: rows 16-byte aligned (TMA descriptors); 41: pointers only
+def test_tma_descriptor_and_pointer_tiles_agree(h):
+    """TMA (zero-filled out-of-bounds blocks) and masked pointer loads feed the same products: same bits, for the
+    forward and the tiled backward, at the interpreter tiles and at the sm_90 tiles (128 x 128, 64-deep)."""
+    hidden, weight, _b, t = lce_inputs((77,), h, 301, torch.float16, seed=23, bias=False)
+    hid, wt = hidden.detach(), weight.detach()
+    t[5] = -100
+    row_w = torch.where(t != -100, 1.0 / 76, 0.0).float()
+    for base in (fz.default_config(torch.float16, True, h), fz.default_config(torch.float16, False, h)):
+        outs = []
+        for tma in (True, False):
+            cfg = {**base, "TMA": tma}
+            stats, _ = fz.forward_stats(hid, wt, None, t, ignore_index=-100, softcap=None, config=cfg)
+            grads = fz.backward_selected(hid, wt, None, t, stats[0], row_w, None, ignore_index=-100, softcap=None,
+                                         need_hidden_grad=True, need_weight_grad=True, need_bias_grad=False,
+                                         config=cfg)
+            outs.append([stats, *grads[:2]])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+
+
+@needs_interp
 def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
     """Duplicated columns (in different tiles and vocabulary splits) are an exact top-2 tie: margin 0."""
     hidden, weight, _, t = lce_inputs((19,), 16, 70, torch.float32, seed=3, bias=False, ignore_every=0)

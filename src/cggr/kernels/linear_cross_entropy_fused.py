@@ -279,7 +279,8 @@ def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
 @triton.jit
 def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src,
                  stride_dst, row_scale, MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_SRC: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_SRC: tl.constexpr,
+                 PROD_STAGES: tl.constexpr):
     """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
 
     MODE 0 (exclusive): plain load-add-store (with HAS_SCALE: DST = DST · row_scale[:, None] + A @ SRC);
@@ -288,11 +289,12 @@ def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, 
     pointers (``src_rows`` any row indices).
 
     MODE 0 / 2: the SRC chunk goes straight into the product from an address computed from the loop index only,
-    so that Triton's software pipeliner stages it through shared memory (``num_stages`` deep) and the product
+    so that Triton's software pipeliner stages it through shared memory (PROD_STAGES deep) and the product
     is an asynchronous warp-group MMA (sm_90) overlapped with the next chunks' loads; the DST chunk is loaded
     before the product so that its latency overlaps it. MODE 1: the lock's spin loop inside the chunk loop
-    keeps the pipeliner out, so the next SRC chunk is prefetched by hand (into registers) before the lock is
-    taken, and the product is completed before it (a barrier): the lock is held for the read-add-write only.
+    keeps the pipeliner out, so the next SRC chunk is prefetched by hand (into registers, through pointers)
+    before the lock is taken. (Triton 3.6-3.9 schedule the product's MMA after the spin loop, i.e. inside the
+    critical section, whatever the source order: the lock is held for the MMA and the read-add-write.)
     """
     n_oc = tl.cdiv(D, BLOCK_O)
     offs_o = tl.arange(0, BLOCK_O)
@@ -300,14 +302,15 @@ def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, 
     dst_base = DST + dst_rows[:, None] * stride_dst  # [BM, 1]
     start = start % n_oc
     if MODE == 1:
+        # pointer loads: a TMA load outside the pipeliner would be waited for at once, a register load only at
+        # its first use (the next iteration)
         oc = start
-        src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)
+        src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, False)
         for _i in range(0, n_oc):
             part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [BM, BO] fp32
-            tl.debug_barrier()  # the product is complete before the lock is taken
             nxt = oc + 1
             nxt = tl.where(nxt >= n_oc, nxt - n_oc, nxt)
-            src = _load_src(SD, src_base, src_mask, src0, nxt * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)  # prefetch
+            src = _load_src(SD, src_base, src_mask, src0, nxt * BLOCK_O, offs_o, D, EVEN_O, False)  # prefetch
             od = oc * BLOCK_O + offs_o
             if EVEN_O:
                 m_out = dst_mask[:, None]
@@ -316,7 +319,7 @@ def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, 
             _accumulate(dst_base + od[None, :], part, m_out, LOCKS + oc, False)
             oc = nxt
     else:
-        for i in range(0, n_oc):
+        for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
             oc = start + i
             oc = tl.where(oc >= n_oc, oc - n_oc, oc)  # start < n_oc: one wrap at most
             od = oc * BLOCK_O + offs_o
@@ -362,7 +365,7 @@ def _bwd_kernel(
     DH_ATOMIC: tl.constexpr, DW_ATOMIC: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA_H: tl.constexpr, TMA_W: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_nb = tl.cdiv(R, BLOCK_N)
@@ -417,10 +420,11 @@ def _bwd_kernel(
     # block for d_weight) differ in the other tile index and so take different locks first
     if COMPUTE_DH:
         _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D, stride_w,
-                     stride_h, w_row, 2 if DH_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
+                     stride_h, w_row, 2 if DH_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
     if COMPUTE_DW:
         _product_add(tl.trans(gb), H, HOD, rows, row_mask, row0, DW, cols, col_mask, LOCK_W + pid_v * n_oc, pid_n, D,
-                     stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
+                     stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H,
+                     PROD_STAGES)
 
 
 @triton.jit
@@ -444,20 +448,45 @@ def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.c
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def default_config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes: 128 x 128 tiles with 64-deep steps for 16-bit inputs; 64 x 64 with 32-deep steps for fp32
-    (fp32 products run on FMA units, register-bound; fp32 is the correctness path, not the fast one).
+def default_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = None) -> dict:
+    """Tile heuristic of the forward (:func:`forward_stats`) and the tiled backward (:func:`backward_selected`).
 
-    Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
-    num_warps, num_stages; optional forward-only overrides FWD_BLOCK_N, FWD_BLOCK_V, FWD_BLOCK_D,
-    FWD_num_warps, FWD_num_stages, and FLATTEN (flattened tile loop in the forward, off by default).
-    Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests exercise several blocks per axis.
+    16-bit inputs on sm_90: 128 x 128 tiles, 64-deep GEMM steps, 8 warps (two warp groups, each a 64-row
+    warp-group MMA), 3 pipeline stages, operands through TMA descriptors where the rows are 16-byte aligned
+    (``TMA``; H % 8 == 0). Static check (``benchmarks/sweep_fused_tiles.py --static``, sm_90 compile): every
+    product is a warp-group MMA, no register spills; a 128 x 256 forward tile spills through pointers (400 bytes)
+    but not with TMA, so it is a sweep candidate (FWD_BLOCK_V=256), not yet a default. fp32: 64 x 64 tiles with
+    32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the correctness path, not the fast
+    one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests exercise several blocks per
+    axis.
+
+    Args:
+        dtype: Input dtype.
+        interpret: Whether the Triton interpreter runs the kernels.
+        hidden_size: H (unused by the current rule; the heuristic's input for H-dependent tiles).
+
+    Returns:
+        Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
+        num_warps, num_stages, PROD_STAGES (pipeline depth of the backward's product loops where they are
+        pipelined: 'atomic' / fp32 accumulation), TMA; optional forward-only overrides FWD_BLOCK_N, FWD_BLOCK_V,
+        FWD_BLOCK_D, FWD_num_warps, FWD_num_stages, and FLATTEN (flattened tile loop in the forward, off by
+        default). A ``config`` argument of the launchers replaces this dict.
     """
+    del hidden_size
     if interpret:
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1)
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1,
+                    PROD_STAGES=1, TMA=True)
     if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=32, GROUP_N=8, num_warps=8, num_stages=2)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=32, GROUP_N=8, num_warps=8, num_stages=2,
+                    PROD_STAGES=2, TMA=True)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3,
+                PROD_STAGES=3, TMA=True)
+
+
+#: The compiled kernel of the last launch of each main kernel ('fwd_stats', 'bwd_tiled', and the split module's
+#: 'bwd_dh', 'bwd_dw', 'fwd_dh'), as Triton's launch returns it: its registers (``n_regs``), spills
+#: (``n_spills``), shared memory and TTGIR, for benchmarks/sweep_fused_tiles.py. ``None`` under the interpreter.
+LAST_LAUNCHED: dict[str, object] = {}
 
 
 def _interpreting() -> bool:
@@ -550,7 +579,7 @@ def forward_stats(
     if n == 0:
         return stats, (None, None, None)
     bias = bias.contiguous() if bias is not None else None
-    cfg = dict(config or default_config(hidden.dtype, _interpreting()))
+    cfg = dict(config or default_config(hidden.dtype, _interpreting(), d))
     bn, bv, bd = (cfg.get("FWD_" + k, cfg[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
     n_nb, n_vb = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     splits = max(1, min(n_vb, triton.cdiv(_programs_target(hidden.device), n_nb)))
@@ -558,7 +587,7 @@ def forward_stats(
     splits = triton.cdiv(n_vb, vb_per_split)  # no empty split
     part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
     tma = _tma_usable(cfg, hidden, weight)
-    _fwd_stats_kernel[(n_nb, splits)](
+    LAST_LAUNCHED["fwd_stats"] = _fwd_stats_kernel[(n_nb, splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part,
         _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), n, vocab, d,
         hidden.stride(0), weight.stride(0), vb_per_split, float(softcap) if softcap is not None else 1.0,
@@ -663,7 +692,7 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or default_config(hidden.dtype, _interpreting()))
+        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
@@ -673,7 +702,7 @@ def backward_selected(
         bd = cfg["BLOCK_D"]
         tma_w = _tma_usable(cfg, hidden, weight)
         tma_h = tma_w and idx is None  # selected rows are gathered with pointers
-        _bwd_kernel[(n_nb * n_vb,)](
+        LAST_LAUNCHED["bwd_tiled"] = _bwd_kernel[(n_nb * n_vb,)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, row_weights,
             idx if idx is not None else targets,
             d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
@@ -688,7 +717,8 @@ def backward_selected(
             DH_ATOMIC=dh_fp32 or atomic, DW_ATOMIC=dw_fp32 or atomic, FILTER=filter_eps is not None,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
             EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
-            TMA_H=tma_h, TMA_W=tma_w, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if d_h is not None:
             _target_fixup_kernel[(r,)](

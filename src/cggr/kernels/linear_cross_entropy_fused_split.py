@@ -79,6 +79,7 @@ from torch import Tensor
 from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
+    LAST_LAUNCHED,
     _descriptor,
     _dot_precision,
     _fwd_fold,
@@ -135,7 +136,7 @@ def _bwd_dw_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     col0 = pid_v * BLOCK_V
@@ -164,10 +165,10 @@ def _bwd_dw_kernel(
                 if FILTER:
                     if keep:
                         _product_add(gt, H, HOD, rows, row_mask, row0, DW, cols, col_mask, DW, 0, D, stride_h,
-                                     stride_w, acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
+                                     stride_w, acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H, PROD_STAGES)
                 else:
                     _product_add(gt, H, HOD, rows, row_mask, row0, DW, cols, col_mask, DW, 0, D, stride_h, stride_w,
-                                 acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H)
+                                 acc_b, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H, PROD_STAGES)
     if COMPUTE_DB:
         tl.store(DB + cols, acc_b, mask=col_mask)
 
@@ -178,7 +179,7 @@ def _bwd_dh_kernel(
     filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, MODE: tl.constexpr,
     FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA_H: tl.constexpr, TMA_W: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -211,10 +212,10 @@ def _bwd_dh_kernel(
         if FILTER:
             if keep:
                 _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
-                             stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
+                             stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
         else:
             _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
-                         stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W)
+                         stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
     has_t = row_mask & (tgt >= vb0 * BLOCK_V) & (tgt < vb1 * BLOCK_V)
     tl.store(CT + offs_r, c_t, mask=has_t)
 
@@ -224,7 +225,7 @@ def _fwd_dh_kernel(
     H, W, Bias, T, PART, DH, HD, WD, WOD, N, V, D, stride_h, stride_w, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr,
 ):
     """Forward statistics of a row block over the whole vocabulary, plus O = Σ_{v != target} exp(z_v - ref) ·
     (softcap factor) · weight[v] into DH, rescaled whenever the running maximum ``ref`` moves (flash-attention
@@ -258,7 +259,7 @@ def _fwd_dh_kernel(
             e = e * (1.0 - y * y)
         alpha = tl.exp2((old_ref - ref) * LOG2E)  # [BN], 1 once the row maximum has settled
         _product_add(e.to(H.dtype.element_ty), W, WOD, cols, col_mask, col0, DH, rows, row_mask, DH, 0, D, stride_w,
-                     stride_h, alpha, 0, BLOCK_O, EVEN_O, DOT_PRECISION, True, TMA_W)
+                     stride_h, alpha, 0, BLOCK_O, EVEN_O, DOT_PRECISION, True, TMA_W, PROD_STAGES)
     base = PART + rows  # [6, 1, N]
     tl.store(base, ref, mask=row_mask)
     tl.store(base + N, s, mask=row_mask)
@@ -298,24 +299,39 @@ def _fwd_dh_finalise_kernel(DH, W, T, WROW, PART, STATS, N, D, stride_h, stride_
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-def split_config(dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles of the split backward.
+def split_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = None) -> dict:
+    """Tile heuristic of the split backward (and of :func:`forward_with_hidden_grad`).
 
-    Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile: long along the vocabulary, its reduction axis),
-    DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile: long along the rows), BLOCK_D (GEMM depth step), BLOCK_O
-    (H chunk of the products), num_warps, num_stages, optional DH_SPLITS (S; default max(1, SMs // row blocks))
-    and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides); FWD_DH_BLOCK_N,
-    FWD_DH_BLOCK_V, FWD_DH_num_warps, FWD_DH_num_stages for :func:`forward_with_hidden_grad` (default: DH_).
-    Under the Triton interpreter the tiles are small, so that tests exercise several blocks per axis.
+    16-bit inputs on sm_90: the d_hidden kernel's tile is 64 rows x 256 vocabulary columns (long along its
+    reduction axis), the d_weight kernel's 256 rows x 64 columns, 64-deep GEMM steps, 64-wide H chunks in the
+    products, 8 warps, 3 stages for the logits recompute and the products, operands through TMA where the rows
+    are 16-byte aligned. Static check (sm_90 compile, ``benchmarks/sweep_fused_tiles.py --static``): every
+    product a warp-group MMA, recompute and product loops pipelined (TMA + mbarriers), no spills, 139 KB of
+    shared memory. Sweep candidates: BLOCK_O=128 (needs PROD_STAGES=2: 3 stages of a 256 x 128 chunk exceed
+    the 227 KB of shared memory), 128 x 128 tiles, num_stages=4.
+
+    Args:
+        dtype: Input dtype.
+        interpret: Whether the Triton interpreter runs the kernels.
+        hidden_size: H (unused by the current rule; the heuristic's input for H-dependent tiles).
+
+    Returns:
+        Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile), DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile),
+        BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the products), num_warps, num_stages, PROD_STAGES
+        (pipeline depth of the product loops), TMA, optional DH_SPLITS (S; default max(1, SMs // row blocks))
+        and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides); FWD_DH_BLOCK_N,
+        FWD_DH_BLOCK_V, FWD_DH_num_warps, FWD_DH_num_stages for :func:`forward_with_hidden_grad` (default: DH_).
+        Under the Triton interpreter the tiles are small, so that tests exercise several blocks per axis.
     """
+    del hidden_size
     if interpret:
         return dict(DH_BLOCK_N=16, DH_BLOCK_V=32, DW_BLOCK_N=32, DW_BLOCK_V=16, BLOCK_D=16, BLOCK_O=16,
-                    num_warps=1, num_stages=1)
+                    num_warps=1, num_stages=1, PROD_STAGES=1, TMA=True)
     if dtype == torch.float32:
         return dict(DH_BLOCK_N=64, DH_BLOCK_V=64, DW_BLOCK_N=64, DW_BLOCK_V=64, BLOCK_D=32, BLOCK_O=32,
-                    num_warps=8, num_stages=2)
+                    num_warps=8, num_stages=2, PROD_STAGES=2, TMA=True)
     return dict(DH_BLOCK_N=64, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=64, BLOCK_D=64, BLOCK_O=64,
-                num_warps=8, num_stages=3)
+                num_warps=8, num_stages=3, PROD_STAGES=3, TMA=True)
 
 
 def _dh_splits(cfg: dict, n_nb: int, n_vb: int, device: torch.device) -> int:
@@ -383,7 +399,7 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or split_config(hidden.dtype, _interpreting()))
+        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d))
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         prec = _dot_precision(hidden.dtype)
         idx_arg = idx if idx is not None else targets
@@ -397,13 +413,14 @@ def backward_selected(
         b_arg = bias if bias is not None else hidden
         if d_w is not None or d_b is not None:
             bn, bv = cfg["DW_BLOCK_N"], cfg["DW_BLOCK_V"]
-            _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
+            LAST_LAUNCHED["bwd_dw"] = _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg,
                 d_w if d_w is not None else lse, d_b if d_b is not None else lse,
                 _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
                 _descriptor(hidden, (bn, bo), tma_h),
                 r, vocab, d, hidden.stride(0), weight.stride(0), cap, eps,
                 COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None, BLOCK_N=bn, BLOCK_V=bv, **common,
+                PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
                 num_warps=cfg.get("DW_num_warps", cfg["num_warps"]),
                 num_stages=cfg.get("DW_num_stages", cfg["num_stages"]),
             )
@@ -421,12 +438,12 @@ def backward_selected(
                 mode = _LOCKED
             lock = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if mode == _LOCKED else targets
             c_t = torch.zeros(r, dtype=f32, device=dev)  # (R,) target coefficients
-            _bwd_dh_kernel[(n_nb, splits)](
+            LAST_LAUNCHED["bwd_dh"] = _bwd_dh_kernel[(n_nb, splits)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg, d_h, c_t, lock,
                 _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
                 _descriptor(weight, (bv, bo), tma_w),
                 r, vocab, d, hidden.stride(0), weight.stride(0), vb_per_split, cap, eps,
-                MODE=mode, BLOCK_N=bn, BLOCK_V=bv, **common,
+                MODE=mode, BLOCK_N=bn, BLOCK_V=bv, **common, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
                 num_warps=cfg.get("DH_num_warps", cfg["num_warps"]),
                 num_stages=cfg.get("DH_num_stages", cfg["num_stages"]),
             )
@@ -483,20 +500,20 @@ def forward_with_hidden_grad(
     stats = torch.empty(5, n, dtype=f32, device=dev)
     d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev)
     if n > 0:
-        cfg = dict(config or split_config(hidden.dtype, _interpreting()))
+        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d))
         bn, bv = cfg.get("FWD_DH_BLOCK_N", cfg["DH_BLOCK_N"]), cfg.get("FWD_DH_BLOCK_V", cfg["DH_BLOCK_V"])
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         bias = bias.contiguous() if bias is not None else None
         cap = float(softcap) if softcap is not None else 1.0
         part = torch.empty(6, 1, n, dtype=f32, device=dev)
         tma = _tma_usable(cfg, hidden, weight)
-        _fwd_dh_kernel[(triton.cdiv(n, bn),)](
+        LAST_LAUNCHED["fwd_dh"] = _fwd_dh_kernel[(triton.cdiv(n, bn),)](
             hidden, weight, bias if bias is not None else hidden, targets, part, d_h,
             _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), _descriptor(weight, (bv, bo), tma),
             n, vocab, d, hidden.stride(0), weight.stride(0), cap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
             BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
-            TMA_H=tma, TMA_W=tma,
+            TMA_H=tma, TMA_W=tma, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
             num_warps=cfg.get("FWD_DH_num_warps", cfg.get("DH_num_warps", cfg["num_warps"])),
             num_stages=cfg.get("FWD_DH_num_stages", cfg.get("DH_num_stages", cfg["num_stages"])),
         )
