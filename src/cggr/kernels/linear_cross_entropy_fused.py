@@ -293,8 +293,8 @@ def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, 
     is an asynchronous warp-group MMA (sm_90) overlapped with the next chunks' loads; the DST chunk is loaded
     before the product so that its latency overlaps it. MODE 1: the lock's spin loop inside the chunk loop
     keeps the pipeliner out, so the next SRC chunk is prefetched by hand (into registers, through pointers)
-    before the lock is taken. (Triton 3.6-3.9 schedule the product's MMA after the spin loop, i.e. inside the
-    critical section, whatever the source order: the lock is held for the MMA and the read-add-write.)
+    before the lock is taken, and the product is issued before the lock (see the select below): the lock is held
+    for the read-add-write only.
     """
     n_oc = tl.cdiv(D, BLOCK_O)
     offs_o = tl.arange(0, BLOCK_O)
@@ -316,6 +316,9 @@ def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, 
                 m_out = dst_mask[:, None]
             else:
                 m_out = dst_mask[:, None] & (od < D)[None, :]
+            # the select keeps Triton from folding the add of the read-back into the product (dot(A, src, acc=cur)),
+            # which would move the MMA after the load, i.e. into the critical section (masked elements are not stored)
+            part = tl.where(m_out, part, 0.0)
             _accumulate(dst_base + od[None, :], part, m_out, LOCKS + oc, False)
             oc = nxt
     else:
