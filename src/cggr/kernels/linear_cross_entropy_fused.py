@@ -132,12 +132,13 @@ def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0,
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt):
+def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
     """One [BN, BV] logits tile ``z`` (masked columns at NEG_BIG) folded into the online row state
     (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns).
 
-    ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): the callers pass int32 indices
-    local to the tile (``arange(BV)`` and ``target - first column``), cheaper in registers than int64 ones."""
+    ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): int32 indices local to the
+    tile, ``cols = arange(BV)`` and ``tgt = target - first column`` (no target in the tile: outside [0, BV)),
+    cheaper in registers than int64 ones."""
     # exact top-2 of the tile, merged into (a1, a2)
     t1 = tl.max(z, axis=1)
     is_top = z == t1[:, None]
@@ -156,7 +157,10 @@ def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt):
     e = tl.exp2(d2)
     s = s + tl.sum(e, axis=1)
     t = t + tl.sum(e * d2, axis=1)
-    zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
+    # target logit: only a tile that holds some row's target column does the [BN, BV] compare (with random targets
+    # most tiles hold none: 1 - (1 - BV / V)^BN of them do)
+    if tl.max(((tgt >= 0) & (tgt < BLOCK_V)).to(tl.int32), axis=0) > 0:
+        zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
     return new_ref, s, t, a1, a2, zt, e
 
 
@@ -173,7 +177,7 @@ def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h,
     z = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
-    ref, s, t, a1, a2, zt, _e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt)
+    ref, s, t, a1, a2, zt, _e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt, BLOCK_V)
     return ref, s, t, a1, a2, zt
 
 

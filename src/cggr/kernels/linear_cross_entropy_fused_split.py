@@ -252,7 +252,7 @@ def _fwd_dh_kernel(
                           TMA_W)
         z = tl.where(col_mask[None, :], zc, NEG_BIG)
         old_ref = ref
-        ref, s, t, a1, a2, zt, e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt)
+        ref, s, t, a1, a2, zt, e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt, BLOCK_V)
         e = tl.where(lcols[None, :] == (tgt - col0)[:, None], 0.0, e)  # target column: added by the finalise kernel
         if HAS_SOFTCAP:
             y = zc / softcap
