@@ -59,6 +59,20 @@ Locks ('native'): one int32 per (row block, H chunk) of d_hidden and per (vocabu
 d_weight; a lock is taken with an atomic compare-and-swap spin, the read bypasses L1 (``.cg``), a CTA barrier
 precedes the release. fp32 buffers ('fp32_hidden', 'fp32', fp32 inputs) and 'atomic' use atomic adds instead.
 
+GEMM efficiency on sm_90 (H100 / H200; ``benchmarks/sweep_fused_tiles.py --static`` prints the compile facts).
+Every tile product lowers to an asynchronous warp-group MMA (``warp_group_dot``, 64-row MMAs per warp group).
+The logits GEMM loop (over H, BD deep) is the innermost loop of its tile and is software-pipelined
+``num_stages`` deep; where the rows of hidden / weight are 16-byte aligned (H % 8 == 0 for 16-bit inputs) its
+operands come through TMA descriptors (host-side ``TensorDescriptor``: one thread issues a block copy, no
+per-thread addresses, out-of-bounds rows / columns zero-filled), which frees registers for the epilogue (the bare
+GEMM loop of a 128 x 128 tile: 150 -> 90 per thread; a 128 x 256 forward tile no longer spills); selected rows
+(ratio < 1) are gathered with pointers. The backward's product loops (over the H chunks)
+are pipelined too (PROD_STAGES deep) where they have no lock ('atomic', fp32 buffers, the split backward's
+exclusive adds): the SRC chunk is addressed from the loop index only. With locks ('native') the spin loop keeps
+the pipeliner out: the next chunk is prefetched into registers and the MMA is issued before the lock is taken.
+The kernels are bound by on-chip operand traffic (L2 -> SM bytes per MAC: (1/BV + 1/BN) · 2 for the logits GEMM)
+more than by MMA issue, hence the large tiles; tile choices are :func:`default_config`'s (a sweep overrides them).
+
 This backward ('tiled', ``LinearCrossEntropyOptions(bwd='tiled')``, the default) is one schedule;
 :mod:`cggr.kernels.linear_cross_entropy_fused_split` (``bwd='split'``) is the other: one kernel per gradient
 output, every output row owned by one program (no locks), at the price of a second logits recompute.

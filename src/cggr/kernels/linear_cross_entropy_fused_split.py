@@ -36,8 +36,9 @@ Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output e
 * Owning an output row needs its whole reduction in one program. A register accumulator [BN, H] does not fit
   (H = 2048: 512 KiB fp32 at BN = 64), and splitting H into chunks each owned by its own program costs one
   z recompute per chunk (H / BO passes). So the output itself, in its own dtype, is the accumulator, as in
-  'tiled', but with ONE owner: no locks, no contention, and the load of a chunk is issued before its product
-  so that its latency overlaps the tile GEMM.
+  'tiled', but with ONE owner: no locks, no contention, and a product loop that Triton's software pipeliner
+  stages (the SRC chunk through TMA or cp.async, the DST chunk prefetched, PROD_STAGES deep) so that their
+  latency overlaps the chunk MMAs.
 * The price is a second z recompute: 4 GEMM passes instead of 3 (5 with the forward). The adds are cut to
   R·V·H·4·(1/BV_h + 1/BN_w) bytes with long tiles along the reduction axis (BV_h = BN_w = 256: half of 'tiled'
   at 128 x 128), on [BN_h, H] / [BV_w, H] slices that a program keeps revisiting (L2-friendly).
