@@ -54,9 +54,10 @@ CANDIDATES = {
     # forward: 128 x 256 / 256 x 128 tiles cut the L2 -> SM operand traffic per MAC by 1/4 (no spills with TMA);
     # 4 warps (one warp group, 255 registers, 96 KiB) lets two CTAs share an SM, one's epilogue (online softmax)
     # overlapping the other's MMAs; FLATTEN prefetches the next tile's operands during the epilogue
-    "fwd": [{}, {"TMA": False}, {"FWD_BLOCK_V": 256}, {"FWD_num_warps": 4}, {"FWD_num_warps": 4, "FLATTEN": True},
-            {"FWD_BLOCK_N": 256}, {"FLATTEN": True}, {"FWD_num_stages": 4}, {"FWD_num_warps": 4, "FWD_num_stages": 2}],
-    "tiled": [{}, {"TMA": False}, {"BLOCK_O": 128}, {"num_stages": 4}, {"GROUP_N": 16}],
+    "fwd": [{}, {"TMA": False}, {"FWD_BLOCK_V": 256}, {"FWD_num_warps": 4}, {"FWD_BLOCK_N": 256}, {"FLATTEN": True},
+            {"FWD_num_stages": 4}, {"FWD_num_warps": 4, "FWD_num_stages": 2}],
+    # tiled: larger tiles / BLOCK_O=128 spill (static report), so only the pipeline depth and the raster
+    "tiled": [{}, {"TMA": False}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
     # the default S = SMs // blocks = 2 adds under locks)
