@@ -57,13 +57,15 @@ CANDIDATES = {
     "fwd": [{}, {"TMA": False}, {"FWD_BLOCK_V": 256}, {"FWD_num_warps": 4}, {"FWD_BLOCK_N": 256}, {"FLATTEN": True},
             {"FWD_num_stages": 4}, {"FWD_num_warps": 4, "FWD_num_stages": 2}],
     # tiled: larger tiles / BLOCK_O=128 spill (static report), so only the pipeline depth and the raster
-    "tiled": [{}, {"TMA": False}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}],
+    # '_accumulate': 'atomic' (bf16 hardware atomics, the error model of 'native'): product loops pipelined, no locks
+    "tiled": [{}, {"TMA": False}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}, {"_accumulate": "atomic"}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
     # the default S = SMs // blocks = 2 adds under locks)
     "dh": [{}, {"TMA": False}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256,
            "DH_SPLITS": 1}, {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 128},
-           {"num_stages": 4}, {"PROD_STAGES": 2}, {"DH_num_warps": 4, "DH_BLOCK_V": 128}],
+           {"num_stages": 4}, {"PROD_STAGES": 2}, {"DH_num_warps": 4, "DH_BLOCK_V": 128},
+           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "_accumulate": "atomic"}],
     "dw": [{}, {"TMA": False}, {"DW_BLOCK_V": 128}, {"DW_BLOCK_V": 128, "PROD_STAGES": 2},
            {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DW_BLOCK_N": 128, "DW_BLOCK_V": 128}, {"num_stages": 4},
            {"DW_num_warps": 4, "DW_BLOCK_N": 128}, {"DW_num_warps": 4, "num_stages": 2, "PROD_STAGES": 2}],
@@ -78,6 +80,8 @@ def _name(over: dict) -> str:
 
 
 def _config(part: str, over: dict, dtype: torch.dtype, h: int) -> dict:
+    """The kernel's heuristic tiles with ``over`` applied (key ``_accumulate``: the backward's ``accumulate``
+    argument, 'native' by default, kept in the dict for :func:`_run_part`)."""
     base = fz.default_config(dtype, False, h) if part in ("fwd", "tiled") else sp.split_config(dtype, False, h)
     return {**base, **over}
 
@@ -86,7 +90,9 @@ def _run_part(part: str, cfg: dict, hid, wt, tgt, lse, row_w):
     """One call of ``part`` under ``cfg``; returns what is compared with the reference."""
     if part == "fwd":
         return fz.forward_stats(hid, wt, None, tgt, ignore_index=-100, softcap=None, config=cfg)[0]
-    kw = dict(ignore_index=-100, softcap=None, need_bias_grad=False, config=cfg)
+    cfg = dict(cfg)
+    kw = dict(ignore_index=-100, softcap=None, need_bias_grad=False, accumulate=cfg.pop("_accumulate", "native"),
+              config=cfg)
     if part == "tiled":
         return fz.backward_selected(hid, wt, None, tgt, lse, row_w, None, need_hidden_grad=True,
                                     need_weight_grad=True, **kw)
@@ -255,7 +261,7 @@ def _static(args) -> None:
     for part in PARTS:
         for over in CANDIDATES[part][: args.max_configs]:
             c = _config(part, over, torch.bfloat16, h)
-            tma = bool(c.get("TMA", True))
+            tma, atomic = bool(c.get("TMA", True)), c.get("_accumulate") == "atomic"
             try:
                 if part == "fwd":
                     bn, bv, bd = (c.get("FWD_" + k, c[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
@@ -276,7 +282,7 @@ def _static(args) -> None:
                            "stride_w": "i32", "softcap": "fp32", "filter_eps": "fp32"}
                     k = compile_one(fz._bwd_kernel, sig, dict(
                         HAS_BIAS=False, HAS_SOFTCAP=False, HAS_IDX=False, COMPUTE_DH=True, COMPUTE_DW=True,
-                        COMPUTE_DB=False, DH_ATOMIC=False, DW_ATOMIC=False, FILTER=False, BLOCK_N=bn, BLOCK_V=bv,
+                        COMPUTE_DB=False, DH_ATOMIC=atomic, DW_ATOMIC=atomic, FILTER=False, BLOCK_N=bn, BLOCK_V=bv,
                         BLOCK_D=bd, BLOCK_O=bo, GROUP_N=c["GROUP_N"], EVEN_D=True, EVEN_O=True,
                         DOT_PRECISION="tf32", TMA_H=tma, TMA_W=tma, PROD_STAGES=c["PROD_STAGES"]),
                         c["num_warps"], c["num_stages"])
@@ -290,7 +296,7 @@ def _static(args) -> None:
                         sig = {**common, "DH": p, "CT": "*fp32", "LOCK": "*i32", "HD": desc((bn, bd), tma),
                                "WD": desc((bv, bd), tma), "WOD": desc((bv, bo), tma), **tail, "vb_per_split": "i32",
                                "softcap": "fp32", "filter_eps": "fp32"}
-                        fn, extra = sp._bwd_dh_kernel, dict(MODE=0)
+                        fn, extra = sp._bwd_dh_kernel, dict(MODE=2 if atomic else 0)
                     else:
                         sig = {**common, "DW": p, "DB": "*fp32", "HD": desc((bn, bd), tma), "WD": desc((bv, bd), tma),
                                "HOD": desc((bn, bo), tma), **tail, "softcap": "fp32", "filter_eps": "fp32"}
