@@ -61,10 +61,11 @@ CANDIDATES = {
     "tiled": [{}, {"TMA": False}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}, {"_accumulate": "atomic"}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
-    # the default S = SMs // blocks = 2 adds under locks)
+    # the default S = SMs // blocks = 2 adds under per-chunk locks, DH_LOCK=block under one per row block)
     "dh": [{}, {"TMA": False}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256,
            "DH_SPLITS": 1}, {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 128},
            {"num_stages": 4}, {"PROD_STAGES": 2}, {"DH_num_warps": 4, "DH_BLOCK_V": 128},
+           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "DH_LOCK": "block"},
            {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "_accumulate": "atomic"}],
     "dw": [{}, {"TMA": False}, {"DW_BLOCK_V": 128}, {"DW_BLOCK_V": 128, "PROD_STAGES": 2},
            {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DW_BLOCK_N": 128, "DW_BLOCK_V": 128}, {"num_stages": 4},
@@ -296,7 +297,8 @@ def _static(args) -> None:
                         sig = {**common, "DH": p, "CT": "*fp32", "LOCK": "*i32", "HD": desc((bn, bd), tma),
                                "WD": desc((bv, bd), tma), "WOD": desc((bv, bo), tma), **tail, "vb_per_split": "i32",
                                "softcap": "fp32", "filter_eps": "fp32"}
-                        fn, extra = sp._bwd_dh_kernel, dict(MODE=2 if atomic else 0)
+                        mode = 2 if atomic else 3 if c.get("DH_LOCK") == "block" else 0  # as at S > 1
+                        fn, extra = sp._bwd_dh_kernel, dict(MODE=mode)
                     else:
                         sig = {**common, "DW": p, "DB": "*fp32", "HD": desc((bn, bd), tma), "WD": desc((bv, bd), tma),
                                "HOD": desc((bn, bo), tma), **tail, "softcap": "fp32", "filter_eps": "fp32"}

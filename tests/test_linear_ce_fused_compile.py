@@ -113,7 +113,7 @@ SCRIPT = textwrap.dedent(
             compile_one(sp._bwd_dw_kernel, dw, dict(common, COMPUTE_DW=True, COMPUTE_DB=bias,
                         BLOCK_N=cfg["DW_BLOCK_N"], BLOCK_V=cfg["DW_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
             count += 1
-            for mode in (0, 1, 2):  # exclusive, locked, atomic (16-bit atomics: fp16 / bf16 outputs)
+            for mode in (0, 1, 2, 3):  # exclusive, locked, atomic (16-bit atomics: fp16 / bf16), row-block lock
                 compile_one(sp._bwd_dh_kernel, dh, dict(common, MODE=mode, BLOCK_N=cfg["DH_BLOCK_N"],
                             BLOCK_V=cfg["DH_BLOCK_V"]), cfg["num_warps"], cfg["num_stages"])
                 count += 1

@@ -137,11 +137,13 @@ def test_only_some_gradients_requested(bwd):
 @needs_interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
-    "splits,accumulate", [(1, "native"), (3, "native"), (3, "atomic"), (2, "fp32_hidden"), (64, "native")]
+    "splits,accumulate,lock", [(1, "native", "chunk"), (3, "native", "chunk"), (3, "native", "block"),
+                               (3, "atomic", "chunk"), (2, "fp32_hidden", "chunk"), (64, "native", "chunk")]
 )
-def test_d_hidden_vocabulary_splits_and_selected_rows(dtype, splits, accumulate):
-    """d_hidden kernel owned (S = 1: plain adds) or split over the vocabulary (locks / atomics; S clamped to the
-    number of vocabulary tiles), over all rows and over a permuted subset of rows, with softcap and bias."""
+def test_d_hidden_vocabulary_splits_and_selected_rows(dtype, splits, accumulate, lock):
+    """d_hidden kernel owned (S = 1: plain adds) or split over the vocabulary (locks per chunk or per row block
+    (DH_LOCK) / atomics; S clamped to the number of vocabulary tiles), over all rows and over a permuted subset of
+    rows, with softcap and bias."""
     hidden, weight, b, t = lce_inputs((29,), 40, 211, dtype, seed=splits + 5, bias=True, ignore_every=0)
     gen = torch.Generator().manual_seed(splits)
     perm = torch.randperm(29, generator=gen)
@@ -150,7 +152,7 @@ def test_d_hidden_vocabulary_splits_and_selected_rows(dtype, splits, accumulate)
         mask[perm[:k] if idx is not None else slice(None)] = True
         if idx is not None:  # padding: unselected rows (weight 0) after the selected ones, as the op builds it
             idx = torch.cat([idx, perm[k:k + 4]])
-        got = _backward(hidden, weight, b, t, mask, 4.0, idx, dict(DH_SPLITS=splits), accumulate)
+        got = _backward(hidden, weight, b, t, mask, 4.0, idx, dict(DH_SPLITS=splits, DH_LOCK=lock), accumulate)
         _, ref = lce_naive(hidden, weight, b, t, mask, 4.0, "mean")
         for a, c in zip(got, ref):
             assert a.dtype == dtype

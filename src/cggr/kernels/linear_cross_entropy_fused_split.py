@@ -48,7 +48,9 @@ Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output e
   kernels (R·V·H·4 / 256), against 29 / 134 / 302 GB of locked read-modify-write in 'tiled'.
 * The d_hidden kernel has only R / BN_h row blocks (BN_h = 64: 128 at R = 8192, about one per SM; 32 at ratio
   0.25), so where there are fewer than SMs it splits the vocabulary S = max(1, SMs // row blocks) ways, and
-  only then takes locks (S writers per row block, start chunk rotated per split, so they rarely meet).
+  only then takes locks (S writers per row block, start chunk rotated per split, so they rarely meet; or, with
+  config DH_LOCK='block', one lock per row block around the tile's pipelined product: with S = 2 one program's
+  product overlaps the other's logits recompute).
 * The gradient filter (``filter_eps``) skips the products (not the recompute) of tiles below the threshold;
   the target coefficient is kept whole.
 
@@ -96,8 +98,10 @@ from cggr.kernels.linear_cross_entropy_fused import (
     in_input_dtypes,
 )
 
-#: Accumulation of the d_hidden kernel when it is split over the vocabulary (S > 1).
-_EXCLUSIVE, _LOCKED, _ATOMIC = 0, 1, 2
+#: Accumulation of the d_hidden kernel: one program per row block (S = 1: plain adds), or S > 1 programs per row
+#: block adding under a lock per (row block, H chunk), with atomics, or under one lock per row block held for the
+#: tile's whole (pipelined) product (config DH_LOCK='block').
+_EXCLUSIVE, _LOCKED, _ATOMIC, _BLOCK_LOCKED = 0, 1, 2, 3
 
 
 @triton.jit
@@ -212,13 +216,30 @@ def _bwd_dh_kernel(
         # the splits of one row block start at different chunks (their locks rarely meet)
         if FILTER:
             if keep:
-                _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
-                             stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
+                _dh_product(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
+                            stride_w, stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_W, PROD_STAGES)
         else:
-            _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
-                         stride_w, stride_h, c_t, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
+            _dh_product(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK + pid_n * n_oc, pid_s, D,
+                        stride_w, stride_h, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_W, PROD_STAGES)
     has_t = row_mask & (tgt >= vb0 * BLOCK_V) & (tgt < vb1 * BLOCK_V)
     tl.store(CT + offs_r, c_t, mask=has_t)
+
+
+@triton.jit
+def _dh_product(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCKS, start, D, stride_w, stride_h,
+                MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr):
+    """d_hidden[rows] += gh @ weight[cols] in accumulation MODE (0-2: :func:`_product_add`'s; 3: the row block's
+    lock ``LOCKS`` (its first chunk's) is held around a plain, pipelined pass over every chunk)."""
+    if MODE == 3:
+        while tl.atomic_cas(LOCKS, 0, 1) == 1:
+            pass
+        _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCKS, start, D, stride_w, stride_h,
+                     rows, 0, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)  # ends with a CTA barrier
+        tl.atomic_xchg(LOCKS, 0)
+    else:
+        _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCKS, start, D, stride_w, stride_h,
+                     rows, MODE, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
 
 
 @triton.jit
@@ -319,7 +340,9 @@ def split_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = 
     Returns:
         Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile), DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile),
         BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the products), num_warps, num_stages, PROD_STAGES
-        (pipeline depth of the product loops), TMA, optional DH_SPLITS (S; default max(1, SMs // row blocks))
+        (pipeline depth of the product loops), TMA, optional DH_SPLITS (S; default max(1, SMs // row blocks)),
+        DH_LOCK ('chunk', default: S > 1 programs of a row block add each H chunk under that chunk's lock, the
+        chunk loop not pipelined; 'block': under one lock per row block held for the tile's whole pipelined pass)
         and DH_num_warps / DH_num_stages / DW_num_warps / DW_num_stages (per-kernel overrides); FWD_DH_BLOCK_N,
         FWD_DH_BLOCK_V, FWD_DH_num_warps, FWD_DH_num_stages for :func:`forward_with_hidden_grad` (default: DH_).
         Under the Triton interpreter the tiles are small, so that tests exercise several blocks per axis.
@@ -436,8 +459,9 @@ def backward_selected(
             elif dh_fp32 or accumulate == "atomic":
                 mode = _ATOMIC
             else:
-                mode = _LOCKED
-            lock = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if mode == _LOCKED else targets
+                mode = _BLOCK_LOCKED if cfg.get("DH_LOCK", "chunk") == "block" else _LOCKED
+            locked = mode in (_LOCKED, _BLOCK_LOCKED)
+            lock = torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev) if locked else targets
             c_t = torch.zeros(r, dtype=f32, device=dev)  # (R,) target coefficients
             LAST_LAUNCHED["bwd_dh"] = _bwd_dh_kernel[(n_nb, splits)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg, d_h, c_t, lock,
