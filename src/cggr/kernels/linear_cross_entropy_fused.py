@@ -195,7 +195,7 @@ def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h,
     return ref, s, t, a1, a2, zt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vb_per_split"])  # a per-shape value: no recompile per N
 def _fwd_stats_kernel(
     H, W, Bias, T, PART, HD, WD, N, V, D, stride_h, stride_w, vb_per_split, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,

@@ -178,7 +178,7 @@ def _bwd_dw_kernel(
         tl.store(DB + cols, acc_b, mask=col_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vb_per_split"])  # a per-shape value: no recompile per N
 def _bwd_dh_kernel(
     H, W, Bias, T, LSE, WROW, IDX, DH, CT, LOCK, HD, WD, WOD, R, V, D, stride_h, stride_w, vb_per_split, softcap,
     filter_eps, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_IDX: tl.constexpr, MODE: tl.constexpr,
