@@ -58,15 +58,15 @@ CANDIDATES = {
             {"FWD_num_stages": 4}, {"FWD_num_warps": 4, "FWD_num_stages": 2}],
     # tiled: larger tiles / BLOCK_O=128 spill (static report), so only the pipeline depth and the raster
     # '_accumulate': 'atomic' (bf16 hardware atomics, the error model of 'native'): product loops pipelined, no locks
-    "tiled": [{}, {"TMA": False}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}, {"_accumulate": "atomic"}],
+    "tiled": [{}, {"TMA": False}, {"_accumulate": "atomic"}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
     # the default S = SMs // blocks = 2 adds under per-chunk locks, DH_LOCK=block under one per row block)
-    "dh": [{}, {"TMA": False}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256,
-           "DH_SPLITS": 1}, {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 128},
-           {"num_stages": 4}, {"PROD_STAGES": 2}, {"DH_num_warps": 4, "DH_BLOCK_V": 128},
-           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "DH_LOCK": "block"},
-           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "_accumulate": "atomic"}],
+    "dh": [{}, {"TMA": False}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "DH_LOCK": "block"},
+           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "DH_SPLITS": 1}, {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256},
+           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "_accumulate": "atomic"}, {"BLOCK_O": 128, "PROD_STAGES": 2},
+           {"DH_BLOCK_N": 128, "DH_BLOCK_V": 128}, {"num_stages": 4}, {"PROD_STAGES": 2},
+           {"DH_num_warps": 4, "DH_BLOCK_V": 128}],
     "dw": [{}, {"TMA": False}, {"DW_BLOCK_V": 128}, {"DW_BLOCK_V": 128, "PROD_STAGES": 2},
            {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DW_BLOCK_N": 128, "DW_BLOCK_V": 128}, {"num_stages": 4},
            {"DW_num_warps": 4, "DW_BLOCK_N": 128}, {"DW_num_warps": 4, "num_stages": 2, "PROD_STAGES": 2}],
