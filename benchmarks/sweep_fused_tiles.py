@@ -208,6 +208,19 @@ def _summary(rows: list[dict]) -> None:
             b = min(got, key=lambda r: r["ms"])
             print(f"{(n, h, v)!s:24} {part:6} {cub:7.2f} {d:8.2f} {d / cub:5.2f} {b['ms']:8.2f} "
                   f"{b['ms'] / cub:5.2f}  {b['config']}")
+    print("\nper part, the config valid and timed in every case with the lowest geometric mean of ms / default ms:")
+    for part in PARTS:
+        got = [r for r in rows if r["part"] == part and r.get("valid") and r.get("ms") is not None]
+        cases = {(r["N"], r["H"], r["V"]) for r in got}
+        default = {(r["N"], r["H"], r["V"]): r["ms"] for r in got if r["config"] == "default"}
+        scores = {}
+        for name in {r["config"] for r in got}:
+            ms = {(r["N"], r["H"], r["V"]): r["ms"] for r in got if r["config"] == name}
+            if cases and set(ms) == cases == set(default):
+                scores[name] = math.exp(sum(math.log(ms[c] / default[c]) for c in cases) / len(cases))
+        if scores:
+            best = min(scores, key=scores.get)
+            print(f"  {part:6} {best}  ({scores[best]:.3f} x default over {len(cases)} cases)")
 
 
 # ---------------------------------------------------------------------------------------------- static (CPU)
