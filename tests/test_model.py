@@ -223,6 +223,34 @@ def test_labels_none_returns_plain_output_and_random_control():
     assert len(seen) > 3
 
 
+@pytest.mark.parametrize("selection,token_ratio", [("topk", None), ("random", None), ("topk", 0.5)])
+def test_eval_mode_loss_covers_every_sequence_and_token(selection, token_ratio):
+    model = build_model("llama")
+    ids, labels, mask = _batch(17, b=8)
+    cm = CGGRModel(
+        model, num_router_layers=K_ROUTER, min_tokens_ratio=0.25, warmup_steps=0, selection=selection,
+        token_ratio=token_ratio, seed=4,
+    )
+    train_loss = cm(ids, labels=labels, attention_mask=mask)
+    metrics, counter = cm.get_metrics(), cm.rng_counter.clone()
+    cm.eval()
+    with torch.no_grad():
+        got = cm(ids, labels=labels, attention_mask=mask)
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()  # (B, T, V), all 8 sequences
+    # fp64 reference: mean next-token CE over every valid (unpadded, not ignored) position of the batch
+    targets = labels.masked_fill(mask == 0, -100)[:, 1:]
+    targets = targets.masked_fill(mask[:, :-1] == 0, -100)
+    valid = targets != -100
+    nll = torch.logsumexp(logits[:, :-1], -1) - logits[:, :-1].gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want = nll[valid].mean()
+    assert abs(float(got) - float(want)) < 1e-5 * float(want)
+    assert abs(float(train_loss.detach()) - float(want)) > 1e-4  # the train step saw a quarter of the batch
+    assert cm.get_metrics() == metrics and torch.equal(cm.rng_counter, counter)  # eval draws and logs nothing
+    cm.train()
+    cm(ids, labels=labels, attention_mask=mask)
+    assert cm.get_metrics()["sequences_selected"] == 2
+
+
 def test_curriculum_step_count_and_metrics():
     model = build_model("gpt2")
     cm = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=4)

@@ -284,6 +284,9 @@ class CGGRModel(Curriculum):
     ) -> Any:
         """Train step loss over the hardest sequences, or the plain model output when ``labels`` is None.
 
+        In eval mode (``not self.training``) the loss covers every sequence and valid token (no router, no
+        random draw, the metrics of the last training step kept), so evaluation loops report the true loss.
+
         Args:
             input_ids: (B, T) token ids.
             labels: (B, T) HF-style labels (shifted inside for causal LMs), ``ignore_index`` ignored.
@@ -308,9 +311,13 @@ class CGGRModel(Curriculum):
         else:
             targets = labels
         valid = targets != self.ignore_index  # (B, T)
-        k = self.num_selected_sequences(batch)
+        # eval mode: the loss of every sequence and token, so an evaluation loop (HF Trainer.evaluate, a
+        # held-out pass) reports the true loss, not the hardest share's; no router, no random draw
+        routing = self.training
+        token_ratio = self.token_ratio if routing else None
+        k = self.num_selected_sequences(batch) if routing else batch
 
-        need_scores = (self.selection == "topk" and k < batch) or self.token_ratio is not None
+        need_scores = (self.selection == "topk" and k < batch) or token_ratio is not None
         tok_diff: Tensor | None = None
         last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
@@ -324,7 +331,7 @@ class CGGRModel(Curriculum):
             n_all = n_tok.sum().clamp(min=1)
             last["router_confidence"] = (scores.confidence * valid).sum() / n_all
             last["router_entropy"] = (scores.entropy * valid).sum() / n_all
-        if self.selection == "random":
+        if self.selection == "random" and routing:
             idx = self.random_generator().permutation(batch, input_ids.device)[:k]  # (k,)
         elif k == batch:
             idx = torch.arange(batch, device=input_ids.device)
@@ -335,9 +342,9 @@ class CGGRModel(Curriculum):
         sub_targets = targets.index_select(0, idx)  # (k, T)
         sub_mask = attention_mask.index_select(0, idx) if attention_mask is not None else None
         sub_kwargs = _batch_kwargs(kwargs, batch, idx)
-        if self.token_ratio is not None:
+        if token_ratio is not None:
             sub_valid = sub_targets != self.ignore_index  # (k, T)
-            keep = select_tokens(tok_diff.index_select(0, idx), sub_valid, self.token_ratio)  # (k, T)
+            keep = select_tokens(tok_diff.index_select(0, idx), sub_valid, token_ratio)  # (k, T)
             kept_targets = torch.where(keep, sub_targets, self.ignore_index)
         else:
             keep = sub_targets != self.ignore_index
@@ -348,7 +355,7 @@ class CGGRModel(Curriculum):
             base, spec = fused
             out = base(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (k, T, H)
-            loss = self._fused_loss(hidden, spec, kept_targets, keep)
+            loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio)
         else:
             out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
@@ -359,6 +366,8 @@ class CGGRModel(Curriculum):
             )
             loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
 
+        if not routing:  # the training metrics of the last train step stay readable after an evaluation
+            return loss
         last.update(
             indices=idx.detach(),
             tokens_selected=n_keep.detach(),
@@ -385,7 +394,9 @@ class CGGRModel(Curriculum):
             raise ValueError(f"fused_head=True is no longer possible for {type(self.model).__name__}: {reason}")
         return parts
 
-    def _fused_loss(self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor) -> Tensor:
+    def _fused_loss(
+        self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor, token_ratio: float | None
+    ) -> Tensor:
         """Mean cross-entropy over the kept targets, straight from the final hidden states.
 
         Args:
@@ -393,17 +404,18 @@ class CGGRModel(Curriculum):
             spec: Head weight (V, H), bias (V,), softcap and logit scale.
             kept_targets: (k, T) shifted targets, ``ignore_index`` where not kept.
             keep: (k, T) bool, ``kept_targets != ignore_index``.
+            token_ratio: The token share of this call (``None``: every valid token).
 
         Returns:
             0-d fp32 loss (0.0 with grad when nothing is kept), equal to the unfused path's.
         """
         k, t, hsize = hidden.shape
         hidden, weight, bias = head_operands(hidden, spec)
-        if self.token_ratio is not None:
+        if token_ratio is not None:
             # Only the kept rows matter: gather a static K_max ≥ K of them (kept rows first; the rest carry
             # ignore_index targets), so the head costs ~token_ratio of a full one. K = max(1, round(r · n_valid))
             # and n_valid ≤ k·(T - 1) (the last position of a causal sequence predicts nothing).
-            k_max = min(k * t, max(1, math.floor(self.token_ratio * k * (t - 1) + 0.5)))
+            k_max = min(k * t, max(1, math.floor(token_ratio * k * (t - 1) + 0.5)))
             rows = torch.argsort((~keep.reshape(-1)).to(torch.int8), stable=True)[:k_max]  # (K_max,)
             h2 = hidden.reshape(-1, hsize).index_select(0, rows)  # (K_max, H)
             t2 = kept_targets.reshape(-1).index_select(0, rows)  # (K_max,)
