@@ -33,6 +33,7 @@ The Triton path has two kernels, chosen by ``LinearCrossEntropyOptions.kernel``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -62,7 +63,11 @@ from cggr.selection import dynamic_ratio, select_tokens
 Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
-ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")
+ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")  # what the fused kernels take
+ACCUMULATE_OPTIONS = ("auto", *ACCUMULATE_MODES)  # what LinearCrossEntropyOptions takes
+#: First Triton release whose 16-bit ``atomic_add`` the fused kernels use by default (``accumulate='auto'``): bf16
+#: atomics need sm_90 and a recent Triton; 3.6 is the release verified on an H200 (tests/gpu, the tile sweep).
+ATOMIC_MIN_TRITON = (3, 6)
 FUSED_BACKWARDS = ("tiled", "split", "split_fwd")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -156,9 +161,12 @@ class LinearCrossEntropyOptions:
         workspace_bytes: Bound on the logits workspace of one chunk (bytes; ``kernel='chunked'`` only).
         kernel: Triton path only: ``'chunked'`` (cuBLAS chunks + a logits workspace, the default) or
             ``'fused'`` (logits only in registers: minimal memory; see the module docstring).
-        accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'native'``
-            (default) adds fp32 tile partials into the output dtype under locks (no extra memory; one bf16
-            rounding per add), ``'atomic'`` the same with 16-bit hardware atomics instead of locks (bf16: Hopper),
+        accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'auto'``
+            (default): ``'atomic'`` for bf16/fp16 inputs on a GPU of compute capability 9.0 or newer with
+            Triton >= 3.6, else ``'native'`` (:func:`resolve_accumulate`). ``'native'`` adds fp32 tile partials
+            into the output dtype under locks (no extra memory; one bf16 rounding per add), ``'atomic'`` the same
+            with 16-bit hardware atomics instead of locks (bf16: Hopper; 0.37x the tiled backward's time on an
+            H200, benchmarks/results/h200/linear_ce_fused_tiles.md),
             ``'fp32_hidden'`` keeps d_hidden in an fp32 buffer (N·H·4 extra bytes), ``'fp32'`` both
             d_hidden and d_weight ((N + V)·H·4 extra bytes). fp32 inputs always accumulate in fp32.
         filter_eps: ``kernel='fused'`` only: ``None`` (exact, default) or Cut Cross-Entropy's gradient
@@ -180,18 +188,19 @@ class LinearCrossEntropyOptions:
     generator: torch.Generator | CounterRNG | None = None
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     kernel: str = "chunked"
-    accumulate: str = "native"
+    accumulate: str = "auto"
     filter_eps: float | None = None
     bwd: str = "tiled"
 
     def __post_init__(self) -> None:
         check_choice("kernel", self.kernel, KERNELS)
-        check_choice("accumulate", self.accumulate, ACCUMULATE_MODES)
+        check_choice("accumulate", self.accumulate, ACCUMULATE_OPTIONS)
         check_choice("bwd", self.bwd, FUSED_BACKWARDS)
         fe = self.filter_eps
         if fe is not None and (isinstance(fe, bool) or not isinstance(fe, (int, float)) or not 0 < fe < 1):
             raise ValueError(f"filter_eps must be None or a float in (0, 1), got {fe!r}")
-        if self.kernel != "fused" and (self.accumulate != "native" or fe is not None or self.bwd != "tiled"):
+        if self.kernel != "fused" and (self.accumulate not in ("auto", "native") or fe is not None
+                                       or self.bwd != "tiled"):
             raise ValueError(
                 f"accumulate={self.accumulate!r}, filter_eps={fe!r} and bwd={self.bwd!r} apply to kernel='fused' "
                 f"only, got kernel={self.kernel!r}"
@@ -296,6 +305,32 @@ def _torch_backward_selected(
         d_w.to(weight.dtype) if d_w is not None else None,
         d_b.to(bias.dtype) if d_b is not None else None,
     )
+
+
+def _triton_version() -> tuple[int, ...] | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+
+
+def resolve_accumulate(accumulate: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The fused kernels' accumulation mode for ``LinearCrossEntropyOptions.accumulate`` on this device.
+
+    ``'auto'`` becomes ``'atomic'`` (16-bit hardware atomics, no locks) for bfloat16 / float16 inputs on a CUDA
+    GPU of compute capability 9.0 or newer with Triton >= :data:`ATOMIC_MIN_TRITON`, and ``'native'`` (locked
+    adds, same error model) everywhere else; any other value is returned unchanged.
+    """
+    check_choice("accumulate", accumulate, ACCUMULATE_OPTIONS)
+    if accumulate != "auto":
+        return accumulate
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return "native"
+    version = _triton_version()
+    if version is None or version < ATOMIC_MIN_TRITON:
+        return "native"
+    return "atomic" if torch.cuda.get_device_capability(device) >= (9, 0) else "native"
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -571,6 +606,8 @@ def linear_cross_entropy(
     vocab, hsize = weight.shape
     check_target_range(targets, vocab, ignore_index=ignore_index)
     chosen = resolve_impl(impl, hidden, op="linear_cross_entropy")
+    if chosen == "triton" and options.kernel == "fused" and options.accumulate == "auto":
+        options = dataclasses.replace(options, accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype))
     plan = _Plan(
         impl=chosen, ratio=float(ratio), scoring=scoring, selection=selection, ignore_index=ignore_index,
         softcap=float(softcap) if softcap is not None else None, reduction=reduction, options=options,
@@ -596,6 +633,7 @@ __all__ = [
     "LinearCrossEntropyInfo",
     "LinearCrossEntropyOptions",
     "linear_cross_entropy",
+    "resolve_accumulate",
     "resolve_impl",
     "token_scores",
 ]
