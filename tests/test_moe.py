@@ -5,6 +5,7 @@ Shape legend: N tokens, d hidden, I intermediate, E experts, k = top_k.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -260,3 +261,28 @@ def test_top_k_ties_go_to_the_lowest_expert_index():
     plan = route_tokens(logits, torch.eye(5), 3)
     assert plan.top_idx.tolist() == [[1, 2, 3], [0, 1, 2], [1, 3, 2]]
     torch.testing.assert_close(plan.top_w[1], torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_computes_in_the_autocast_dtype_like_a_bf16_copy(x_dtype):
+    # fp32 parameters under torch.autocast(bf16): the same outputs as a bf16 copy of the layer on bf16 inputs,
+    # and fp32 parameter gradients equal to that copy's bf16 gradients (the casts are differentiable)
+    m = create_persistent_tr_mlp(16, 24, num_experts=4, top_k=2, impl="torch", z_loss_coef=1e-3)
+    ref = copy.deepcopy(m).to(torch.bfloat16)
+    g = _gen()
+    x = torch.randn(3, 5, 16, generator=g).to(x_dtype)
+    gy = torch.randn(3, 5, 16, generator=g).to(torch.bfloat16)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = m(x, token_mask=mask)
+    yr, auxr = ref(x.to(torch.bfloat16), token_mask=mask)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, yr, atol=0, rtol=0)
+    torch.testing.assert_close(aux.float(), auxr.float(), atol=0, rtol=0)
+    (y.float() * gy).sum().add(aux.float()).backward()
+    (yr.float() * gy).sum().add(auxr.float()).backward()
+    for p, pr in zip(m.parameters(), ref.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, pr.grad.float(), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="autocast"):  # outside autocast a dtype mismatch is still refused
+        m(torch.randn(2, 16, dtype=torch.bfloat16))

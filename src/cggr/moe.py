@@ -202,6 +202,14 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for a floating ``x`` when autocast is on for its device type, else ``None``."""
+    kind = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 class PersistentTRMLP(nn.Module):
     """Token-routed mixture-of-experts MLP whose experts run as persistent grouped GEMMs.
 
@@ -277,8 +285,11 @@ class PersistentTRMLP(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_dim:
             raise ValueError(f"x must be (N, {self.hidden_dim}) or (B, T, {self.hidden_dim}), got {tuple(x.shape)}")
-        if x.dtype != self.expert_w1.dtype:
-            raise TypeError(f"x dtype {x.dtype} does not match the layer's parameter dtype {self.expert_w1.dtype}")
+        if x.dtype != self.expert_w1.dtype and _autocast_dtype(x) is None:
+            raise TypeError(
+                f"x dtype {x.dtype} does not match the layer's parameter dtype {self.expert_w1.dtype} "
+                f"(cast one of them, or run under torch.autocast)"
+            )
         if token_mask is None:
             return
         if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
@@ -294,17 +305,21 @@ class PersistentTRMLP(nn.Module):
         """Route, run the experts, return ``(y, aux_loss)``; y has x's shape, null-routed tokens get 0."""
         self._check_input(x, token_mask)
         shape = x.shape
-        x2 = x.reshape(-1, self.hidden_dim)  # (N, d)
+        # under torch.autocast the layer computes in the autocast dtype like nn.Linear does: input, router and
+        # expert weights cast to it (the casts are differentiable: fp32 parameters get fp32 gradients)
+        dtype = _autocast_dtype(x) or self.expert_w1.dtype
+        x2 = x.reshape(-1, self.hidden_dim).to(dtype)  # (N, d)
+        w_router, w1, w2 = (w.to(dtype) for w in (self.router.weight, self.expert_w1, self.expert_w2))
         mask = None if token_mask is None else token_mask.reshape(-1)
         impl = _resolve_impl(self.impl, x2)
         route_impl = "triton" if impl == "triton" and self.kernel_options.fused_routing else "torch"
-        plan = route_tokens(x2, self.router.weight, self.top_k, mask, impl=route_impl)
+        plan = route_tokens(x2, w_router, self.top_k, mask, impl=route_impl)
         if impl == "triton":
-            y = grouped_expert_mlp(x2, self.expert_w1, self.expert_w2, plan.weights, plan.tok, plan.pair,
+            y = grouped_expert_mlp(x2, w1, w2, plan.weights, plan.tok, plan.pair,
                                    plan.offs, None if plan.all_routed else plan.routed, top_k=self.top_k,
                                    activation=self.activation, options=self.kernel_options)
         else:
-            y = expert_mlp_torch(x2, self.expert_w1, self.expert_w2, plan, self.top_k, self.activation)
+            y = expert_mlp_torch(x2, w1, w2, plan, self.top_k, self.activation)
         if plan.balance is not None:  # fused routing computed both terms
             balance, z = plan.balance, plan.z
         else:
