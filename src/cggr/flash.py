@@ -157,8 +157,10 @@ def load_model_with_flash_attention(
         backend: As in :func:`enable_flash_attention`.
         model_class: transformers class to load with (default ``AutoModelForCausalLM``).
         **kwargs: Passed to ``from_pretrained``. ``dtype`` (or ``torch_dtype``) defaults to bf16 when CUDA is
-            available; ``device_map`` is passed through. Put the model on a CUDA device (``device_map='cuda'``)
-            for flash_attention_2 to be chosen by ``'auto'``.
+            available; ``device_map`` is passed through. The backend is chosen for CUDA when CUDA is available
+            and ``device_map`` is ``None``, ``'auto'`` or names a CUDA device: with ``None`` the model loads on
+            the CPU and must be moved to the GPU before use (flash_attention_2 does not run on a CPU); pass
+            ``device_map='cpu'`` to choose for the CPU.
 
     Returns:
         The loaded model.
