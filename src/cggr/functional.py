@@ -63,6 +63,7 @@ from cggr.selection import dynamic_ratio, select_tokens
 Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
+WORKSPACES = ("buffer", "outputs")  # LinearCrossEntropyOptions.workspace (kernel='chunked')
 ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")  # what the fused kernels take
 ACCUMULATE_OPTIONS = ("auto", *ACCUMULATE_MODES)  # what LinearCrossEntropyOptions takes
 #: First Triton release whose 16-bit ``atomic_add`` the fused kernels use by default (``accumulate='auto'``): bf16
@@ -161,6 +162,16 @@ class LinearCrossEntropyOptions:
         workspace_bytes: Bound on the logits workspace of one chunk (bytes; ``kernel='chunked'`` only).
         kernel: Triton path only: ``'chunked'`` (cuBLAS chunks + a logits workspace, the default) or
             ``'fused'`` (logits only in registers: minimal memory; see the module docstring).
+        workspace: ``kernel='chunked'`` only: where its logits chunks live when the gradients are computed in the
+            forward (ratio 1 with the weight gradient wanted). ``'buffer'`` (default): a reusable workspace of
+            ``workspace_bytes`` (three GEMM passes). ``'outputs'``: no workspace; the chunks live in the
+            not-yet-written rows of the weight gradient (a statistics pass, then vocabulary chunks from the top
+            down, four GEMM passes; peak memory ~ the gradients + a tail buffer, usually <= 512 KiB and never
+            above ``workspace_bytes``); d_hidden is summed over the m vocabulary chunks in its own dtype (m
+            roundings instead of one). When N >> H the chunks would be too many (more than
+            :data:`cggr.kernels.linear_cross_entropy.OUTPUTS_MAX_CHUNKS`): the buffer path runs instead, as it
+            does without the weight gradient, below ratio 1 and without gradients
+            (:mod:`cggr.kernels.linear_cross_entropy`).
         accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'auto'``
             (default): ``'atomic'`` for bf16/fp16 inputs on a GPU of compute capability 9.0 or newer with
             Triton >= 3.6, else ``'native'`` (:func:`resolve_accumulate`). ``'native'`` adds fp32 tile partials
@@ -188,12 +199,18 @@ class LinearCrossEntropyOptions:
     generator: torch.Generator | CounterRNG | None = None
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
     kernel: str = "chunked"
+    workspace: str = "buffer"
     accumulate: str = "auto"
     filter_eps: float | None = None
     bwd: str = "tiled"
 
     def __post_init__(self) -> None:
         check_choice("kernel", self.kernel, KERNELS)
+        check_choice("workspace", self.workspace, WORKSPACES)
+        if self.kernel != "chunked" and self.workspace != "buffer":
+            raise ValueError(
+                f"workspace={self.workspace!r} applies to kernel='chunked' only, got kernel={self.kernel!r}"
+            )
         check_choice("accumulate", self.accumulate, ACCUMULATE_OPTIONS)
         check_choice("bwd", self.bwd, FUSED_BACKWARDS)
         fe = self.filter_eps
@@ -420,7 +437,8 @@ class _SelectiveLinearCE(torch.autograd.Function):
             w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
             stats, grads = forward_stats(
                 hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
-                need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], **common,
+                need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], workspace=opts.workspace,
+                **common,
             )
         elif fwd_dh:
             from cggr.kernels.linear_cross_entropy_fused_split import forward_with_hidden_grad

@@ -20,6 +20,31 @@ Forward with gradients (all valid tokens kept, e.g. ratio = 1; three GEMM passes
         _ce_rows_kernel(STATS + GRAD)   stats, then z <- (softmax(z) - onehot(target)) · w_row (· softcap')
         d_hidden_c = z @ weight;  d_weight (+)= z.T @ hidden_c;  d_bias += Σ_rows z      (fp32 accumulate)
 
+Forward with gradients, ``workspace='outputs'`` (opt-in; ratio 1 with the weight gradient wanted): no logits
+workspace; the chunks live in the not-yet-written part of d_weight [V, H] (viewed flat, V·H elements), four GEMM
+passes instead of three (schedule: :func:`outputs_schedule`)::
+
+    for each row chunk of C <= H rows (C·V <= V·H):
+        z = hidden_c @ weight.T (+ bias)  into d_weight's storage        [C, V]
+        _ce_rows_kernel(STATS)            lse, entropy, confidence, margin, nll of every row
+    for each vocabulary chunk [v0, v1), from the top down (N·(v1 - v0) <= v0·H, i.e. v1 - v0 <= v1·H / (N + H)):
+        z = hidden @ weight[v0:v1].T (+ bias)  into d_weight rows [0, v0) (not written yet)   [N, Vc]
+        _ce_rows_kernel(GRAD, saved lse)       z <- (exp(z - lse) - onehot) · w_row (· softcap')
+        d_weight[v0:v1] = z.T @ hidden         written once: exact
+        d_hidden (+)= z @ weight[v0:v1]        first chunk writes, later chunks add in the output dtype
+        d_bias[v0:v1] = Σ_rows z               (fp32, cast at the end)
+    the last columns [0, v_t) (once N·v_t elements fit ``OUTPUTS_TAIL_BYTES`` or a chunk would be narrower than
+    16 bytes): the same with a dedicated N x v_t buffer, last.
+
+  Memory: the gradients, the (5, N) fp32 stats and the tail buffer (<= ``OUTPUTS_TAIL_BYTES`` unless the 16-byte
+  alignment stops the schedule earlier; never above ``workspace_bytes``). Error model: d_weight and d_bias as
+  in the buffer path (one rounding of an fp32-accumulated product); d_hidden receives one rounding in its own
+  dtype per chunk (m = len(chunks) + 1 roundings of the running sum, each at most the unit roundoff relative to
+  it: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32) instead of the buffer path's single rounding. The chunks shrink
+  geometrically by the factor 1 - H / (N + H): when N >> H they are many and narrow, so above
+  ``OUTPUTS_MAX_CHUNKS`` chunks (or a tail buffer above ``workspace_bytes``) the buffer path runs instead; so it
+  does without the weight gradient (frozen head) or without gradients.
+
 Backward of the selected rows (recomputed logits of K_max compact rows only; three GEMM passes over K_max)::
 
     hs = hidden[idx]  [K_max, H]   (idx: selected rows first, then zero-weight padding up to the static K_max)
@@ -36,6 +61,8 @@ The public entry point (argument checks, selection, autograd) is :func:`cggr.fun
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +73,11 @@ from cggr.kernels.scoring import default_num_warps
 
 #: Default bound on the logits workspace (bytes).
 DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
+WORKSPACES = ("buffer", "outputs")
+#: ``workspace='outputs'``: the vocabulary chunks in d_weight stop once the remaining columns fit this (bytes).
+OUTPUTS_TAIL_BYTES = 512 * 1024
+#: ``workspace='outputs'``: a schedule with more vocabulary chunks than this falls back to the buffer path.
+OUTPUTS_MAX_CHUNKS = 64
 
 
 @triton.jit
@@ -124,6 +156,61 @@ def chunk_rows(n: int, vocab: int, element_size: int, workspace_bytes: int) -> i
     return max(1, min(n, rows))
 
 
+class OutputsSchedule(NamedTuple):
+    """Chunks of the ``workspace='outputs'`` forward with gradients (see the module docstring).
+
+    Attributes:
+        rows: C, rows per chunk of the statistics pass ([C, V] logits in d_weight's storage: C <= H).
+        chunks: Vocabulary chunks ``(v0, v1)`` of the gradient pass, from the top down; chunk i's [N, v1 - v0]
+            logits occupy d_weight's flat elements [0, N·(v1 - v0)), inside rows [0, v0), which no chunk has
+            written yet.
+        tail: v_t, the columns [0, v_t) done last with a dedicated [N, v_t] buffer (0: none).
+    """
+
+    rows: int
+    chunks: tuple[tuple[int, int], ...]
+    tail: int
+
+
+def outputs_schedule(
+    n: int,
+    hidden_size: int,
+    vocab: int,
+    element_size: int,
+    *,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    tail_bytes: int | None = None,
+    max_chunks: int | None = None,
+) -> OutputsSchedule | None:
+    """The ``workspace='outputs'`` schedule for (N, H, V), or ``None`` when the buffer path must run instead.
+
+    Chunk widths: the largest multiple of ``16 / element_size`` columns (16-byte rows for cuBLAS) with
+    N·width <= v0·H, i.e. width <= v1·H / (N + H); the chunks stop when the rest [0, v1) fits ``tail_bytes``
+    (default :data:`OUTPUTS_TAIL_BYTES`, capped by ``workspace_bytes``) or the next width would round to zero.
+    ``None`` when more than ``max_chunks`` (default :data:`OUTPUTS_MAX_CHUNKS`) chunks would be needed or the
+    tail buffer would exceed ``workspace_bytes`` (both happen when N >> H).
+    """
+    tail_bytes = OUTPUTS_TAIL_BYTES if tail_bytes is None else tail_bytes
+    max_chunks = OUTPUTS_MAX_CHUNKS if max_chunks is None else max_chunks
+    align = max(1, 16 // element_size)
+    rows = hidden_size - hidden_size % 16 if hidden_size >= 16 else hidden_size
+    rows = max(1, min(n, rows))
+    chunks = []
+    v1 = vocab
+    while v1 > 0 and n * v1 * element_size > min(tail_bytes, workspace_bytes):
+        width = v1 * hidden_size // (n + hidden_size)
+        width -= width % align
+        if width == 0:
+            break
+        if len(chunks) == max_chunks:
+            return None
+        chunks.append((v1 - width, v1))
+        v1 -= width
+    if n * v1 * element_size > workspace_bytes:
+        return None
+    return OutputsSchedule(rows, tuple(chunks), v1)
+
+
 def forward_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -137,6 +224,9 @@ def forward_stats(
     need_hidden_grad: bool = False,
     need_weight_grad: bool = False,
     need_bias_grad: bool = False,
+    workspace: str = "buffer",
+    outputs_tail_bytes: int | None = None,
+    outputs_max_chunks: int | None = None,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Scores of every row; with ``row_weights`` also the gradients of Σ w_n · nll_n (three GEMM passes).
 
@@ -146,17 +236,33 @@ def forward_stats(
         bias: (V,) or ``None``.
         targets: (N,) long; ``ignore_index`` rows get nll 0.
         row_weights: (N,) fp32 loss weight per row; when given, gradients are computed in this pass.
+        workspace: ``'buffer'`` (a reusable logits workspace of ``workspace_bytes``) or ``'outputs'`` (with
+            ``row_weights`` and the weight gradient wanted: the logits chunks live in d_weight's unwritten rows,
+            four GEMM passes; falls back to ``'buffer'`` when :func:`outputs_schedule` returns ``None`` or
+            without the weight gradient; see the module docstring).
+        outputs_tail_bytes, outputs_max_chunks: Overrides of :data:`OUTPUTS_TAIL_BYTES` and
+            :data:`OUTPUTS_MAX_CHUNKS` for ``workspace='outputs'``.
 
     Returns:
         ``(stats, (d_hidden, d_weight, d_bias))`` with stats (5, N) fp32 = lse, entropy, confidence, margin,
         nll; the gradients are ``None`` unless asked for.
     """
-    n, _ = hidden.shape
+    if workspace not in WORKSPACES:
+        raise ValueError(f"workspace must be one of {WORKSPACES}, got {workspace!r}")
+    n, hsize = hidden.shape
     vocab = weight.shape[0]
+    grads = row_weights is not None
+    if workspace == "outputs" and grads and need_weight_grad:
+        sched = outputs_schedule(n, hsize, vocab, hidden.element_size(), workspace_bytes=workspace_bytes,
+                                 tail_bytes=outputs_tail_bytes, max_chunks=outputs_max_chunks)
+        if sched is not None:
+            return _forward_grads_in_outputs(
+                hidden, weight, bias, targets, row_weights, sched, ignore_index=ignore_index, softcap=softcap,
+                need_hidden_grad=need_hidden_grad, need_bias_grad=need_bias_grad,
+            )
     stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
     rows = chunk_rows(n, vocab, hidden.element_size(), workspace_bytes)
     buf = torch.empty(rows * vocab, dtype=hidden.dtype, device=hidden.device)
-    grads = row_weights is not None
     d_hidden = torch.empty_like(hidden) if grads and need_hidden_grad else None
     d_weight = torch.empty_like(weight) if grads and need_weight_grad else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grads and need_bias_grad else None
@@ -181,6 +287,54 @@ def forward_stats(
                 d_weight.addmm_(z.t(), h_c)
         if d_bias is not None:
             d_bias += z.sum(0, dtype=torch.float32)
+    return stats, (d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
+
+
+def _forward_grads_in_outputs(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    row_weights: Tensor,
+    sched: OutputsSchedule,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    need_hidden_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, tuple[Tensor | None, Tensor, Tensor | None]]:
+    """``workspace='outputs'``: statistics, then the gradients by vocabulary chunks in d_weight's unwritten rows."""
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
+    d_weight = torch.empty_like(weight)  # (V, H)
+    flat = d_weight.view(-1)  # (V·H,): the scratch of both passes until its rows are written
+    for start in range(0, n, sched.rows):  # statistics pass: [C, V] chunks, C <= H
+        stop = min(n, start + sched.rows)
+        z = flat[: (stop - start) * vocab].view(stop - start, vocab)
+        _logits_into(z, hidden[start:stop], weight, bias)
+        _launch_rows(z, targets[start:stop], ignore_index=ignore_index, softcap=softcap,
+                     stats=tuple(stats[i, start:stop] for i in range(5)))
+    lse = stats[0]
+    d_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+    d_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias_grad else None
+    segments = [(v0, v1, flat) for v0, v1 in sched.chunks]
+    if sched.tail > 0:
+        segments.append((0, sched.tail, torch.empty(n * sched.tail, dtype=hidden.dtype, device=hidden.device)))
+    for i, (v0, v1, scratch) in enumerate(segments):  # top down; the tail (own buffer) last
+        z = scratch[: n * (v1 - v0)].view(n, v1 - v0)  # (N, Vc): d_weight rows [0, v0) or the tail buffer
+        w_c = weight[v0:v1]
+        _logits_into(z, hidden, w_c, bias[v0:v1] if bias is not None else None)
+        _launch_rows(z, targets, ignore_index=ignore_index, softcap=softcap, col_offset=v0,
+                     row_weights=row_weights, lse=lse)
+        torch.mm(z.t(), hidden, out=d_weight[v0:v1])  # written once: exact
+        if d_hidden is not None:
+            if i == 0:
+                torch.mm(z, w_c, out=d_hidden)
+            else:
+                d_hidden.addmm_(z, w_c)  # one rounding in the output dtype per chunk
+        if d_bias is not None:
+            torch.sum(z, dim=0, dtype=torch.float32, out=d_bias[v0:v1])
     return stats, (d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
 
 
