@@ -11,6 +11,9 @@ Arms:
   eager            logits = hidden @ weight.T (bf16), F.cross_entropy(logits.float(), targets)
   cggr r=1.0       cggr.functional.linear_cross_entropy(ratio=1.0, impl='triton')
   cggr r=0.25      cggr.functional.linear_cross_entropy(ratio=0.25, scoring='combined', selection='topk')
+  cggr r=1.0 outputs-ws  ratio 1 with LinearCrossEntropyOptions(workspace='outputs'): the chunked kernel's logits
+                   chunks live in the unwritten rows of d_weight (no 256 MiB workspace, 4 GEMM passes; the buffer
+                   path when the schedule would need more than OUTPUTS_MAX_CHUNKS chunks, e.g. N >> H)
   cggr fused r=*   the same with LinearCrossEntropyOptions(kernel='fused') (logits only in registers,
                    gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden',
                    'fused atomic' with accumulate='atomic' (bf16 hardware atomics instead of locks),
@@ -63,6 +66,7 @@ from cggr.scoring import TokenScores, difficulty
 
 CASES = [(16384, 576, 49152), (8192, 2048, 128256), (8192, 2304, 256000)]
 FUSED = LinearCrossEntropyOptions(kernel="fused")
+OUTPUTS_WS = LinearCrossEntropyOptions(workspace="outputs")
 FUSED_FP32H = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32_hidden")
 FUSED_ATOMIC = LinearCrossEntropyOptions(kernel="fused", accumulate="atomic")
 # --fused-sweep: overrides of the fused kernel's bf16 default tiles (BLOCK_N=128, BLOCK_V=128, BLOCK_D=64,
@@ -221,6 +225,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         arms["eager (materialised logits)"] = lambda hh, ww, tt: F.cross_entropy((hh @ ww.t()).float(), tt)
     arms["cggr r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton")
     arms["cggr r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton")
+    arms["cggr r=1.0 outputs-ws"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton",
+                                                                           options=OUTPUTS_WS)
     arms["cggr fused r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton",
                                                                       options=FUSED)
     arms["cggr fused r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton",

@@ -3,9 +3,11 @@
 Fresh random inputs per check; the allocator cache is poisoned with NaN before each run so unwritten output
 elements (gradients, scores) show up. Odd shapes: V not a power of two, N = 1, N not a multiple of the chunk,
 tiny workspaces that force several row and vocabulary chunks. Every check runs for both Triton kernels
-(``options.kernel``: 'chunked' and 'fused', the latter with every backward schedule ``options.bwd``: 'tiled',
-'split' and 'split_fwd'); the fused kernel's accumulation modes, a lock-contention case and the split
-backward's tiles and vocabulary splits are checked at the end.
+(``options.kernel``: 'chunked', with ``options.workspace`` 'buffer' and 'outputs', and 'fused', with every
+backward schedule ``options.bwd``: 'tiled', 'split' and 'split_fwd'); the fused kernel's accumulation modes, a
+lock-contention case and the split backward's tiles and vocabulary splits are checked at the end, and the chunked
+kernel's 'outputs' workspace (logits chunks in the unwritten rows of d_weight) with forced narrow chunks and its
+no-workspace memory bound.
 """
 
 from __future__ import annotations
@@ -77,13 +79,17 @@ CASES = [
 ]
 
 
-KERNELS = ["chunked", "fused", "fused-split", "fused-split_fwd"]  # 'fused-<bwd>': kernel='fused', bwd=<bwd>
+# 'fused-<bwd>': kernel='fused', bwd=<bwd>; 'chunked-outputs': kernel='chunked', workspace='outputs'
+KERNELS = ["chunked", "chunked-outputs", "fused", "fused-split", "fused-split_fwd"]
 BWDS = ["tiled", "split", "split_fwd"]
 
 
 def _k(kernel: str) -> dict:
     """LinearCrossEntropyOptions keywords of a KERNELS entry."""
-    return dict(kernel="fused", bwd=kernel.split("-")[1]) if "-" in kernel else dict(kernel=kernel)
+    name, _, variant = kernel.partition("-")
+    if name == "chunked":
+        return dict(kernel="chunked", workspace=variant or "buffer")
+    return dict(kernel="fused", bwd=variant or "tiled")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -188,6 +194,44 @@ def test_fp16_large_k_does_not_lose_small_gradients(kernel):
         for a, c in zip(g, g_ref):
             assert torch.isfinite(a).all()
             assert rel_err(a, c) <= 1e-2, (ratio, rel_err(a, c))
+
+
+# ------------------------------------------------------------------------------------------ chunked, 'outputs'
+@pytest.mark.parametrize("tail_bytes", [None, 0], ids=["default-tail", "no-tail-budget"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_outputs_workspace_allocates_no_logits_workspace(dtype, tail_bytes, monkeypatch):
+    """workspace='outputs' at ratio 1: the gradients against fp32 materialised ones, and the peak memory of the
+    forward + backward is the gradients (+ d_bias in fp32, the (5, N) stats, the tail buffer) plus 1 MiB for the
+    small tensors of the op: no [chunk, V] workspace (a 256 MiB one by default). tail_bytes=0 forces the
+    geometric chunks down to 8 columns (the 16-byte alignment)."""
+    from cggr.kernels import linear_cross_entropy as lce
+
+    if tail_bytes is not None:
+        monkeypatch.setattr(lce, "OUTPUTS_TAIL_BYTES", tail_bytes)
+    n, h, v = 2048, 1024, 32003
+    sched = lce.outputs_schedule(n, h, v, 2)
+    assert sched is not None and len(sched.chunks) >= 10
+    hidden, weight, b, t = _inputs(n, h, v, dtype, seed=71, bias=True)
+    with torch.no_grad():
+        weight.mul_(0.5)
+    opts = LinearCrossEntropyOptions(workspace="outputs")
+    for softcap in (None, 20.0):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = linear_cross_entropy(hidden, weight, t, bias=b, softcap=softcap, impl="triton", options=opts)
+        g = torch.autograd.grad(loss, (hidden, weight, b))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        grads = sum(x.numel() * x.element_size() for x in g)
+        bound = grads + v * 4 + 5 * n * 4 + n * sched.tail * 2 + 2**20
+        assert peak <= bound, (peak / 2**20, bound / 2**20)
+        ref, g_ref, _ = _materialised(hidden, weight, b, t, t != -100, softcap)
+        assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
+        for a, c in zip(g, g_ref):
+            assert a.dtype == dtype and torch.isfinite(a).all()
+            assert rel_err(a, c) <= 1e-2, (softcap, rel_err(a, c))
+        del g
 
 
 # ------------------------------------------------------------------------------------------ fused kernel only
