@@ -39,11 +39,13 @@ passes instead of three (schedule: :func:`outputs_schedule`)::
   Memory: the gradients, the (5, N) fp32 stats and the tail buffer (<= ``OUTPUTS_TAIL_BYTES`` unless the 16-byte
   alignment stops the schedule earlier; never above ``workspace_bytes``). Error model: d_weight and d_bias as
   in the buffer path (one rounding of an fp32-accumulated product); d_hidden receives one rounding in its own
-  dtype per chunk (m = len(chunks) + 1 roundings of the running sum, each at most the unit roundoff relative to
-  it: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32) instead of the buffer path's single rounding. The chunks shrink
-  geometrically by the factor 1 - H / (N + H): when N >> H they are many and narrow, so above
-  ``OUTPUTS_MAX_CHUNKS`` chunks (or a tail buffer above ``workspace_bytes``) the buffer path runs instead; so it
-  does without the weight gradient (frozen head) or without gradients.
+  dtype per chunk (m = chunks + tail roundings of the running sum, each at most the unit roundoff relative to
+  it: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32) instead of the buffer path's single rounding (an addend below half an
+  ulp of the sum is lost instead, so the many narrow chunks cost little). The chunks shrink geometrically by the
+  factor 1 - H / (N + H): when N >> H they are many and narrow, so above ``OUTPUTS_MAX_CHUNKS`` chunks (or a
+  tail buffer above ``workspace_bytes``) the buffer path runs instead; so it does without the weight gradient
+  (frozen head) or without gradients. bf16 (N, H, V) = (8192, 2048, 128256) and (8192, 2304, 256000): 39 chunks
+  and a 32-column tail (512 KiB); (16384, 576, 49152) would need 171 chunks: buffer path.
 
 Backward of the selected rows (recomputed logits of K_max compact rows only; three GEMM passes over K_max)::
 
