@@ -286,3 +286,15 @@ def test_autocast_computes_in_the_autocast_dtype_like_a_bf16_copy(x_dtype):
         torch.testing.assert_close(p.grad, pr.grad.float(), atol=0, rtol=0)
     with pytest.raises(TypeError, match="autocast"):  # outside autocast a dtype mismatch is still refused
         m(torch.randn(2, 16, dtype=torch.bfloat16))
+
+
+def test_float64_layer_under_autocast_stays_float64():
+    # autocast leaves float64 alone (as it does for nn.Linear): same result as without autocast
+    m = _layer(10, 12, 4, 2, "swiglu")
+    x = torch.randn(3, 4, 10, generator=_gen(), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = m(x)
+    yr, auxr = m(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, yr, atol=0, rtol=0)
+    torch.testing.assert_close(aux, auxr, atol=0, rtol=0)

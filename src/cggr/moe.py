@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cggr._autocast import autocast_dtype
 from cggr.kernels.grouped_gemm import HAS_TRITON, GroupedMLPOptions, grouped_expert_mlp
 
 __all__ = [
@@ -202,14 +203,6 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     return impl
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype for a floating ``x`` when autocast is on for its device type, else ``None``."""
-    kind = x.device.type
-    if not x.is_floating_point() or not torch.is_autocast_enabled(kind):
-        return None
-    return torch.get_autocast_dtype(kind)
-
-
 class PersistentTRMLP(nn.Module):
     """Token-routed mixture-of-experts MLP whose experts run as persistent grouped GEMMs.
 
@@ -285,7 +278,7 @@ class PersistentTRMLP(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_dim:
             raise ValueError(f"x must be (N, {self.hidden_dim}) or (B, T, {self.hidden_dim}), got {tuple(x.shape)}")
-        if x.dtype != self.expert_w1.dtype and _autocast_dtype(x) is None:
+        if x.dtype != self.expert_w1.dtype and autocast_dtype(x) is None:
             raise TypeError(
                 f"x dtype {x.dtype} does not match the layer's parameter dtype {self.expert_w1.dtype} "
                 f"(cast one of them, or run under torch.autocast)"
@@ -307,7 +300,7 @@ class PersistentTRMLP(nn.Module):
         shape = x.shape
         # under torch.autocast the layer computes in the autocast dtype like nn.Linear does: input, router and
         # expert weights cast to it (the casts are differentiable: fp32 parameters get fp32 gradients)
-        dtype = _autocast_dtype(x) or self.expert_w1.dtype
+        dtype = autocast_dtype(x) or self.expert_w1.dtype
         x2 = x.reshape(-1, self.hidden_dim).to(dtype)  # (N, d)
         w_router, w1, w2 = (w.to(dtype) for w in (self.router.weight, self.expert_w1, self.expert_w2))
         mask = None if token_mask is None else token_mask.reshape(-1)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from cggr._autocast import autocast_dtype
 from cggr.router import unwrap_model
 
 # model_type -> config attribute holding the final-logit soft-capping value (logits = c · tanh(logits / c)).
@@ -86,16 +86,17 @@ class HeadSpec:
 def head_operands(hidden: Tensor, spec: HeadSpec) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(hidden, weight, bias)`` for :func:`cggr.functional.linear_cross_entropy` with ``spec.softcap``.
 
-    Under autocast they are cast to the autocast dtype (the head GEMM runs in it, as ``nn.Linear`` would; call
-    the loss with autocast disabled); the logit scale is folded into the hidden states and the bias.
+    Under autocast they are cast to the autocast dtype (the head GEMM runs in it, as ``nn.Linear`` would: float64
+    stays float64; call the loss with autocast disabled); the logit scale is folded into the hidden states and
+    the bias.
 
     Args:
         hidden: (..., H) final hidden states (after the model's final norm).
         spec: The head (:func:`head_spec`).
     """
     weight, bias = spec.weight, spec.bias
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    dtype = autocast_dtype(hidden)
+    if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if spec.logit_scale is not None:  # scale · (h W^T + b) = (scale · h) W^T + scale · b
