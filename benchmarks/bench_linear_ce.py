@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from benchmarks._timing import markdown_table, time_fn, write_results
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
+from cggr.kernels import linear_cross_entropy as chunked_kernel
 from cggr.kernels import linear_cross_entropy_fused as fused_kernel
 from cggr.kernels import linear_cross_entropy_fused_split as split_kernel
 from cggr.kernels.linear_cross_entropy import DEFAULT_WORKSPACE_BYTES, forward_stats
@@ -86,6 +87,17 @@ SPLIT_SWEEP = [dict(DH_BLOCK_N=128, DH_BLOCK_V=128, DW_BLOCK_N=128, DW_BLOCK_V=1
                dict(DH_SPLITS=2)]
 
 
+def _many_chunks(fn, max_chunks: int = 512):
+    """``fn()`` with the outputs workspace's chunk cap raised (kernels.linear_cross_entropy.OUTPUTS_MAX_CHUNKS,
+    64 by default): times the narrow-chunk schedule that N >> H needs (case 0) instead of its buffer fallback."""
+    saved = chunked_kernel.OUTPUTS_MAX_CHUNKS
+    chunked_kernel.OUTPUTS_MAX_CHUNKS = max_chunks
+    try:
+        return fn()
+    finally:
+        chunked_kernel.OUTPUTS_MAX_CHUNKS = saved
+
+
 def _tiles_name(tiles: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in tiles.items())
 
@@ -100,7 +112,8 @@ class _Tiles:
     def __enter__(self):
         self.orig = orig = getattr(self.module, self.attr)
         setattr(self.module, self.attr,
-                lambda dtype, interpret, hidden_size=None: {**orig(dtype, interpret, hidden_size), **self.tiles})
+                lambda dtype, interpret, hidden_size=None, smem_bytes=None: {
+                    **orig(dtype, interpret, hidden_size, smem_bytes), **self.tiles})
 
     def __exit__(self, *exc):
         setattr(self.module, self.attr, self.orig)
@@ -227,6 +240,8 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     arms["cggr r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton")
     arms["cggr r=1.0 outputs-ws"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton",
                                                                            options=OUTPUTS_WS)
+    arms["cggr r=1.0 outputs-ws max-chunks=512"] = lambda hh, ww, tt: _many_chunks(
+        lambda: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton", options=OUTPUTS_WS))
     arms["cggr fused r=1.0"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=1.0, impl="triton",
                                                                       options=FUSED)
     arms["cggr fused r=0.25"] = lambda hh, ww, tt: linear_cross_entropy(hh, ww, tt, ratio=0.25, impl="triton",

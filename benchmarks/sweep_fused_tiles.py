@@ -58,7 +58,12 @@ CANDIDATES = {
             {"FWD_num_stages": 4}, {"FWD_num_warps": 4, "FWD_num_stages": 2}],
     # tiled: larger tiles / BLOCK_O=128 spill (static report), so only the pipeline depth and the raster
     # '_accumulate': 'atomic' (bf16 hardware atomics, the error model of 'native'): product loops pipelined, no locks
-    "tiled": [{}, {"TMA": False}, {"_accumulate": "atomic"}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4}],
+    "tiled": [{}, {"TMA": False}, {"_accumulate": "atomic"}, {"num_stages": 4}, {"GROUP_N": 16}, {"GROUP_N": 4},
+              # 'atomic' (the default on sm_90 with Triton >= 3.6): its product loops are pipelined and it holds
+              # fewer registers (184), so the tile shape is open again; atomics per MAC ~ 1/BLOCK_N + 1/BLOCK_V
+              {"_accumulate": "atomic", "BLOCK_V": 256}, {"_accumulate": "atomic", "BLOCK_N": 256},
+              {"_accumulate": "atomic", "BLOCK_O": 128, "PROD_STAGES": 2}, {"_accumulate": "atomic", "PROD_STAGES": 4},
+              {"_accumulate": "atomic", "num_stages": 4}, {"_accumulate": "atomic", "num_warps": 4}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
     # the default S = SMs // blocks = 2 adds under per-chunk locks, DH_LOCK=block under one per row block)
@@ -67,7 +72,8 @@ CANDIDATES = {
            {"DH_BLOCK_N": 128, "DH_BLOCK_V": 256, "_accumulate": "atomic"}, {"BLOCK_O": 128, "PROD_STAGES": 2},
            {"DH_BLOCK_N": 128, "DH_BLOCK_V": 128}, {"num_stages": 4}, {"PROD_STAGES": 2},
            {"DH_num_warps": 4, "DH_BLOCK_V": 128}],
-    "dw": [{}, {"TMA": False}, {"DW_BLOCK_V": 128}, {"DW_BLOCK_V": 128, "PROD_STAGES": 2},
+    "dw": [{}, {"TMA": False}, {"DW_BLOCK_V": 128}, {"DW_BLOCK_V": 128, "_accumulate": "fp32"},
+           {"DW_BLOCK_V": 64, "_accumulate": "fp32"}, {"DW_BLOCK_V": 128, "PROD_STAGES": 2},
            {"BLOCK_O": 128, "PROD_STAGES": 2}, {"DW_BLOCK_N": 128, "DW_BLOCK_V": 128}, {"num_stages": 4},
            {"DW_num_warps": 4, "DW_BLOCK_N": 128}, {"DW_num_warps": 4, "num_stages": 2, "PROD_STAGES": 2}],
 }
@@ -83,7 +89,9 @@ def _name(over: dict) -> str:
 def _config(part: str, over: dict, dtype: torch.dtype, h: int) -> dict:
     """The kernel's heuristic tiles with ``over`` applied (key ``_accumulate``: the backward's ``accumulate``
     argument, 'native' by default, kept in the dict for :func:`_run_part`)."""
-    base = fz.default_config(dtype, False, h) if part in ("fwd", "tiled") else sp.split_config(dtype, False, h)
+    smem = fz.smem_per_block(torch.device("cuda")) if torch.cuda.is_available() else None
+    cfg_fn = fz.default_config if part in ("fwd", "tiled") else sp.split_config
+    base = cfg_fn(dtype, False, h, smem)
     return {**base, **over}
 
 
@@ -313,8 +321,10 @@ def _static(args) -> None:
                         mode = 2 if atomic else 3 if c.get("DH_LOCK") == "block" else 0  # as at S > 1
                         fn, extra = sp._bwd_dh_kernel, dict(MODE=mode)
                     else:
-                        sig = {**common, "DW": p, "DB": "*fp32", "HD": desc((bn, bd), tma), "WD": desc((bv, bd), tma),
-                               "HOD": desc((bn, bo), tma), **tail, "softcap": "fp32", "filter_eps": "fp32"}
+                        dw_t = "*fp32" if c.get("_accumulate") == "fp32" else p  # 'fp32': an fp32 d_weight buffer
+                        sig = {**common, "DW": dw_t, "DB": "*fp32", "HD": desc((bn, bd), tma),
+                               "WD": desc((bv, bd), tma), "HOD": desc((bn, bo), tma), **tail, "softcap": "fp32",
+                               "filter_eps": "fp32"}
                         fn, extra = sp._bwd_dw_kernel, dict(COMPUTE_DW=True, COMPUTE_DB=False)
                     k = compile_one(fn, sig, dict(
                         HAS_BIAS=False, HAS_SOFTCAP=False, HAS_IDX=False, FILTER=False, BLOCK_N=bn, BLOCK_V=bv,

@@ -108,6 +108,28 @@ def test_tma_descriptor_and_pointer_tiles_agree(h):
             assert torch.equal(a, b)
 
 
+def test_tile_heuristic_takes_the_sweep_tiles_only_with_large_shared_memory():
+    base = fz.default_config(torch.bfloat16, False, 2048, None)
+    assert fz.default_config(torch.bfloat16, False, 2048, 163 * 1024) == base  # A100-class: unchanged
+    assert fz.default_config(torch.bfloat16, False, 2048, 227 * 1024) == {**base, "FWD_BLOCK_V": 256}
+    assert fz.default_config(torch.bfloat16, False, 2050, 227 * 1024) == base  # no TMA rows: the wide tile spills
+    assert fz.default_config(torch.float16, False, 576, 227 * 1024) == {**base, "FWD_num_warps": 4}
+    assert fz.default_config(torch.float32, False, 2048, 227 * 1024) == fz.default_config(torch.float32, False)
+
+
+@needs_interp
+def test_wide_forward_tile_gives_the_same_scores():
+    """The H100/H200 forward tile for H > 1024 (128 x 256) against the default tile, odd N and V."""
+    hidden, weight, _b, t = lce_inputs((77,), 1032, 301, torch.float16, seed=31, bias=False)
+    args = (hidden.detach(), weight.detach(), None, t)
+    base = fz.default_config(torch.float16, False, 1032)
+    ref, _ = fz.forward_stats(*args, ignore_index=-100, softcap=None, config=base)
+    wide = fz.default_config(torch.float16, False, 1032, 227 * 1024)
+    assert wide["FWD_BLOCK_V"] == 256
+    got, _ = fz.forward_stats(*args, ignore_index=-100, softcap=None, config=wide)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @needs_interp
 def test_forward_exact_ties_give_zero_margin_and_split_merge_is_exact():
     """Duplicated columns (in different tiles and vocabulary splits) are an exact top-2 tie: margin 0."""

@@ -172,6 +172,30 @@ def test_other_tiles_and_uneven_chunks_give_the_same_gradients():
             assert rel_err(a, c) <= 1e-5, (cfg, rel_err(a, c))
 
 
+def test_tile_heuristic_takes_the_sweep_tiles_only_with_large_shared_memory():
+    base = sp.split_config(torch.bfloat16, False, 2048, None)
+    assert sp.split_config(torch.bfloat16, False, 2048, 163 * 1024) == base  # A100-class: unchanged
+    big = sp.split_config(torch.bfloat16, False, 2048, 227 * 1024)
+    assert (big["DH_BLOCK_N"], big["DH_BLOCK_V"], big["DW_BLOCK_N"], big["DW_BLOCK_V"]) == (128, 256, 256, 128)
+    assert big["DH_LOCK"] == "block" and big["FWD_DH_BLOCK_N"] == 64
+    # an fp32 d_weight buffer: 256 x 128 would need 256 KiB of shared memory (sweep_fused_tiles.py --static)
+    assert sp.split_config(torch.bfloat16, False, 2048, 227 * 1024, fp32_weight_grad=True)["DW_BLOCK_V"] == 64
+    assert sp.split_config(torch.float32, False, 2048, 227 * 1024) == sp.split_config(torch.float32, False, 2048)
+
+
+@needs_interp
+@pytest.mark.parametrize("accumulate", ["native", "atomic"])
+def test_large_shared_memory_tiles_match_naive_fp16(accumulate):
+    """The H100/H200 tiles (d_hidden 128 x 256 under a row-block lock, d_weight 256 x 128) at odd N, H, V."""
+    hidden, weight, b, t = lce_inputs((150,), 72, 301, torch.float16, seed=29, bias=True)
+    mask = t != -100
+    _, ref = lce_naive(hidden, weight, b, t, mask, None, "mean")
+    cfg = {**sp.split_config(torch.float16, False, 72, 227 * 1024), "DH_SPLITS": 2}
+    got = _backward(hidden, weight, b, t, mask, None, None, cfg, accumulate=accumulate)
+    for a, c in zip(got, ref):
+        assert rel_err(a, c) <= GRAD_TOL[torch.float16], (accumulate, rel_err(a, c))
+
+
 @needs_interp
 def test_split_equals_tiled_backward_fp32():
     """Both schedules sum the same fp32 products: equal up to fp32 summation order."""

@@ -469,22 +469,29 @@ def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.c
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def default_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = None) -> dict:
+def default_config(
+    dtype: torch.dtype, interpret: bool, hidden_size: int | None = None, smem_bytes: int | None = None
+) -> dict:
     """Tile heuristic of the forward (:func:`forward_stats`) and the tiled backward (:func:`backward_selected`).
 
-    16-bit inputs on sm_90: 128 x 128 tiles, 64-deep GEMM steps, 8 warps (two warp groups, each a 64-row
-    warp-group MMA), 3 pipeline stages, operands through TMA descriptors where the rows are 16-byte aligned
-    (``TMA``; H % 8 == 0). Static check (``benchmarks/sweep_fused_tiles.py --static``, sm_90 compile): every
-    product is a warp-group MMA, no register spills; a 128 x 256 forward tile spills through pointers (400 bytes)
-    but not with TMA, so it is a sweep candidate (FWD_BLOCK_V=256), not yet a default. fp32: 64 x 64 tiles with
-    32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the correctness path, not the fast
-    one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests exercise several blocks per
-    axis.
+    16-bit inputs: 128 x 128 tiles, 64-deep GEMM steps, 8 warps (two warp groups, each a 64-row warp-group MMA
+    on sm_90), 3 pipeline stages (96 KiB of shared memory), operands through TMA descriptors where the rows are
+    16-byte aligned (``TMA``; H % 8 == 0). Where the GPU gives a block >= 200 KiB of shared memory (H100 / H200
+    class) the forward takes the tile-sweep winners (benchmarks/results/h200/linear_ce_fused_tiles.md, H200,
+    bf16): for H > 1024 a 128 x 256 tile (``FWD_BLOCK_V=256``, 144 KiB: 1.22 / 1.19 cuBLAS passes at
+    (8192, 2048, 128256) / (8192, 2304, 256000) instead of 1.64 / 1.55), for H <= 1024 four warps
+    (``FWD_num_warps=4``: 1.39 passes at (16384, 576, 49152) instead of 1.75; the wide tile gave 1.56 there).
+    The 128 x 256 tile spills through pointer loads (400 bytes), so it is taken only with TMA operands
+    (H % 8 == 0). fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is
+    the correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that
+    tests exercise several blocks per axis.
 
     Args:
         dtype: Input dtype.
         interpret: Whether the Triton interpreter runs the kernels.
-        hidden_size: H (unused by the current rule; the heuristic's input for H-dependent tiles).
+        hidden_size: H; ``None``: the H-dependent forward overrides are left out.
+        smem_bytes: Shared memory a block may opt in to on the target GPU (:func:`smem_per_block`); ``None``:
+            the large-shared-memory overrides are left out.
 
     Returns:
         Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
@@ -493,15 +500,41 @@ def default_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None 
         FWD_BLOCK_D, FWD_num_warps, FWD_num_stages, and FLATTEN (flattened tile loop in the forward, off by
         default). A ``config`` argument of the launchers replaces this dict.
     """
-    del hidden_size
     if interpret:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1,
                     PROD_STAGES=1, TMA=True)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=32, GROUP_N=8, num_warps=8, num_stages=2,
                     PROD_STAGES=2, TMA=True)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3,
-                PROD_STAGES=3, TMA=True)
+    cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3,
+               PROD_STAGES=3, TMA=True)
+    if hidden_size is not None and smem_bytes is not None and smem_bytes >= LARGE_SMEM_BYTES:
+        if hidden_size <= 1024:
+            cfg["FWD_num_warps"] = 4
+        elif hidden_size % 8 == 0:
+            cfg["FWD_BLOCK_V"] = 256
+    return cfg
+
+
+#: Shared memory per block (opt-in) from which the tile heuristics take the large tiles of the H200 sweep
+#: (H100 / H200: 227 KiB; A100: 163 KiB; consumer GPUs: ~99 KiB).
+LARGE_SMEM_BYTES = 200 * 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _smem_optin(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is not None:
+        return int(optin)
+    return 227 * 1024 if props.major >= 9 else 0  # older torch: assume Hopper-class only from sm_90
+
+
+def smem_per_block(device: torch.device) -> int | None:
+    """Shared memory (bytes) a block may opt in to on ``device``; ``None`` off CUDA (interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
 
 
 #: The compiled kernel of the last launch of each main kernel ('fwd_stats', 'bwd_tiled', and the split module's
@@ -600,7 +633,7 @@ def forward_stats(
     if n == 0:
         return stats, (None, None, None)
     bias = bias.contiguous() if bias is not None else None
-    cfg = dict(config or default_config(hidden.dtype, _interpreting(), d))
+    cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
     bn, bv, bd = (cfg.get("FWD_" + k, cfg[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
     n_nb, n_vb = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     splits = max(1, min(n_vb, triton.cdiv(_programs_target(hidden.device), n_nb)))
@@ -713,7 +746,7 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d))
+        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)

@@ -82,6 +82,7 @@ from torch import Tensor
 from cggr.functional import ACCUMULATE_MODES
 from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
+    LARGE_SMEM_BYTES,
     LAST_LAUNCHED,
     _descriptor,
     _dot_precision,
@@ -96,6 +97,7 @@ from cggr.kernels.linear_cross_entropy_fused import (
     _tma_usable,
     gradient_accumulators,
     in_input_dtypes,
+    smem_per_block,
 )
 
 #: Accumulation of the d_hidden kernel: one program per row block (S = 1: plain adds), or S > 1 programs per row
@@ -321,21 +323,36 @@ def _fwd_dh_finalise_kernel(DH, W, T, WROW, PART, STATS, N, D, stride_h, stride_
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-def split_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = None) -> dict:
+def split_config(
+    dtype: torch.dtype,
+    interpret: bool,
+    hidden_size: int | None = None,
+    smem_bytes: int | None = None,
+    *,
+    fp32_weight_grad: bool = False,
+) -> dict:
     """Tile heuristic of the split backward (and of :func:`forward_with_hidden_grad`).
 
-    16-bit inputs on sm_90: the d_hidden kernel's tile is 64 rows x 256 vocabulary columns (long along its
-    reduction axis), the d_weight kernel's 256 rows x 64 columns, 64-deep GEMM steps, 64-wide H chunks in the
-    products, 8 warps, 3 stages for the logits recompute and the products, operands through TMA where the rows
-    are 16-byte aligned. Static check (sm_90 compile, ``benchmarks/sweep_fused_tiles.py --static``): every
-    product a warp-group MMA, recompute and product loops pipelined (TMA + mbarriers), no spills, 139 KB of
-    shared memory. Sweep candidates: BLOCK_O=128 (needs PROD_STAGES=2: 3 stages of a 256 x 128 chunk exceed
-    the 227 KB of shared memory), 128 x 128 tiles, num_stages=4.
+    16-bit inputs: the d_hidden kernel's tile is 64 rows x 256 vocabulary columns (long along its reduction
+    axis), the d_weight kernel's 256 rows x 64 columns, 64-deep GEMM steps, 64-wide H chunks in the products,
+    8 warps, 3 stages for the logits recompute and the products, operands through TMA where the rows are
+    16-byte aligned. Static check (sm_90 compile, ``benchmarks/sweep_fused_tiles.py --static``): every product a
+    warp-group MMA, recompute and product loops pipelined (TMA + mbarriers), no spills, 139 KB of shared memory.
+    Where a block may use >= 200 KiB of shared memory (H100 / H200 class), the tile-sweep winners
+    (benchmarks/results/h200/linear_ce_fused_tiles.md, H200, bf16, at the three benchmark shapes): d_hidden
+    128 x 256 under one lock per row block (``DH_LOCK='block'``; 'native': 4.35 / 3.99 cuBLAS passes at
+    (8192, 2048, 128256) / (8192, 2304, 256000) instead of 5.41 / 4.78; 'atomic': 3.07 / 2.82), d_weight
+    256 x 128 (208 KiB; 4.15 / 3.74 passes instead of 5.23 / 4.56) unless d_weight accumulates in an fp32
+    buffer (``accumulate='fp32'``: the fp32 tile's add takes the 256 x 128 kernel to 256 KiB, over the 227 KiB
+    of an H200 block; 256 x 64 takes 176 KiB).
 
     Args:
         dtype: Input dtype.
         interpret: Whether the Triton interpreter runs the kernels.
         hidden_size: H (unused by the current rule; the heuristic's input for H-dependent tiles).
+        smem_bytes: Shared memory a block may opt in to (``linear_cross_entropy_fused.smem_per_block``);
+            ``None``: the large-shared-memory tiles are left out.
+        fp32_weight_grad: Whether the d_weight kernel adds into an fp32 buffer (its tile stays 256 x 64).
 
     Returns:
         Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile), DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile),
@@ -354,8 +371,14 @@ def split_config(dtype: torch.dtype, interpret: bool, hidden_size: int | None = 
     if dtype == torch.float32:
         return dict(DH_BLOCK_N=64, DH_BLOCK_V=64, DW_BLOCK_N=64, DW_BLOCK_V=64, BLOCK_D=32, BLOCK_O=32,
                     num_warps=8, num_stages=2, PROD_STAGES=2, TMA=True)
-    return dict(DH_BLOCK_N=64, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=64, BLOCK_D=64, BLOCK_O=64,
-                num_warps=8, num_stages=3, PROD_STAGES=3, TMA=True)
+    cfg = dict(DH_BLOCK_N=64, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=64, BLOCK_D=64, BLOCK_O=64,
+               num_warps=8, num_stages=3, PROD_STAGES=3, TMA=True)
+    if smem_bytes is not None and smem_bytes >= LARGE_SMEM_BYTES:
+        # forward_with_hidden_grad keeps its 64-row tile (FWD_DH_BLOCK_N): the sweep did not time it at 128
+        cfg.update(DH_BLOCK_N=128, DH_LOCK="block", FWD_DH_BLOCK_N=64)
+        if not fp32_weight_grad:
+            cfg["DW_BLOCK_V"] = 128
+    return cfg
 
 
 def _dh_splits(cfg: dict, n_nb: int, n_vb: int, device: torch.device) -> int:
@@ -417,13 +440,14 @@ def backward_selected(
     vocab = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
-    d_h, d_w, d_b, dh_fp32, _ = gradient_accumulators(
+    d_h, d_w, d_b, dh_fp32, dw_fp32 = gradient_accumulators(
         hidden, weight, accumulate, need_hidden_grad, need_weight_grad, need_bias_grad
     )
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d))
+        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device),
+                                          fp32_weight_grad=dw_fp32))
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         prec = _dot_precision(hidden.dtype)
         idx_arg = idx if idx is not None else targets
@@ -525,7 +549,7 @@ def forward_with_hidden_grad(
     stats = torch.empty(5, n, dtype=f32, device=dev)
     d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev)
     if n > 0:
-        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d))
+        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
         bn, bv = cfg.get("FWD_DH_BLOCK_N", cfg["DH_BLOCK_N"]), cfg.get("FWD_DH_BLOCK_V", cfg["DH_BLOCK_V"])
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         bias = bias.contiguous() if bias is not None else None
