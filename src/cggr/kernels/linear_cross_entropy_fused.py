@@ -470,7 +470,12 @@ def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.c
 
 # ---------------------------------------------------------------------------------------------- launchers
 def default_config(
-    dtype: torch.dtype, interpret: bool, hidden_size: int | None = None, smem_bytes: int | None = None
+    dtype: torch.dtype,
+    interpret: bool,
+    hidden_size: int | None = None,
+    smem_bytes: int | None = None,
+    *,
+    wide_backward: bool = False,
 ) -> dict:
     """Tile heuristic of the forward (:func:`forward_stats`) and the tiled backward (:func:`backward_selected`).
 
@@ -482,9 +487,12 @@ def default_config(
     (8192, 2048, 128256) / (8192, 2304, 256000) instead of 1.64 / 1.55), for H <= 1024 four warps
     (``FWD_num_warps=4``: 1.39 passes at (16384, 576, 49152) instead of 1.75; the wide tile gave 1.56 there).
     The 128 x 256 tile spills through pointer loads (400 bytes), so it is taken only with TMA operands
-    (H % 8 == 0). fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is
-    the correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that
-    tests exercise several blocks per axis.
+    (H % 8 == 0). The tiled backward takes 128 x 256 tiles there when ``wide_backward`` (hardware atomics, every
+    row, TMA rows: 5.4 / 5.6 / 4.7 cuBLAS passes instead of 6.5 / 6.4 / 5.7 at the three benchmark shapes, 10
+    spilled bytes; atomics per MAC ~ 1 / BLOCK_N + 1 / BLOCK_V; benchmarks/results/h200/linear_ce_tiles_s5_case*.md).
+    fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the
+    correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests
+    exercise several blocks per axis.
 
     Args:
         dtype: Input dtype.
@@ -492,6 +500,8 @@ def default_config(
         hidden_size: H; ``None``: the H-dependent forward overrides are left out.
         smem_bytes: Shared memory a block may opt in to on the target GPU (:func:`smem_per_block`); ``None``:
             the large-shared-memory overrides are left out.
+        wide_backward: Whether the tiled backward adds with hardware atomics over every row with TMA operands
+            (the case the 128 x 256 backward tile was timed in).
 
     Returns:
         Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
@@ -513,6 +523,8 @@ def default_config(
             cfg["FWD_num_warps"] = 4
         elif hidden_size % 8 == 0:
             cfg["FWD_BLOCK_V"] = 256
+        if wide_backward and hidden_size % 8 == 0:
+            cfg.update(BLOCK_V=256, FWD_BLOCK_V=cfg.get("FWD_BLOCK_V", 128))  # the forward keeps its own tile
     return cfg
 
 
@@ -746,7 +758,8 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
+        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(dev),
+                                            wide_backward=atomic and idx is None))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
