@@ -12,8 +12,8 @@ Arms:
   cggr r=1.0       cggr.functional.linear_cross_entropy(ratio=1.0, impl='triton')
   cggr r=0.25      cggr.functional.linear_cross_entropy(ratio=0.25, scoring='combined', selection='topk')
   cggr r=1.0 outputs-ws  ratio 1 with LinearCrossEntropyOptions(workspace='outputs'): the chunked kernel's logits
-                   chunks live in the unwritten rows of d_weight (no 256 MiB workspace, 4 GEMM passes; the buffer
-                   path when the schedule would need more than OUTPUTS_MAX_CHUNKS chunks, e.g. N >> H)
+                   chunks live in the unwritten rows of d_weight (no 256 MiB workspace, 4 GEMM passes; the fused
+                   kernel when the schedule would need more than OUTPUTS_MAX_CHUNKS chunks, e.g. N >> H)
   cggr fused r=*   the same with LinearCrossEntropyOptions(kernel='fused') (logits only in registers,
                    gradients accumulated in bf16 into the outputs); 'fused fp32_hidden' with accumulate='fp32_hidden',
                    'fused atomic' with accumulate='atomic' (bf16 hardware atomics instead of locks),
@@ -23,6 +23,7 @@ Arms:
                    'split_fwd' with bwd='split_fwd' (ratio 1: d_hidden accumulated during the forward)
   liger            liger_kernel 0.8.5 liger_fused_linear_cross_entropy (if importable)
   cce              cut_cross_entropy.linear_cross_entropy (defaults, incl. its gradient filter; if importable)
+  cce exact        the same with filter_eps=None (exact gradients, like every cggr arm without 'filter')
   score+cce r=0.25 score every token (cggr Triton forward, no grad), top-25% by 'combined', CCE on those rows
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
@@ -111,9 +112,7 @@ class _Tiles:
 
     def __enter__(self):
         self.orig = orig = getattr(self.module, self.attr)
-        setattr(self.module, self.attr,
-                lambda dtype, interpret, hidden_size=None, smem_bytes=None: {
-                    **orig(dtype, interpret, hidden_size, smem_bytes), **self.tiles})
+        setattr(self.module, self.attr, lambda *a, **k: {**orig(*a, **k), **self.tiles})
 
     def __exit__(self, *exc):
         setattr(self.module, self.attr, self.orig)
@@ -133,6 +132,7 @@ def _optional_arms():
         print("cut-cross-entropy not importable:", e)
     else:
         arms["cce"] = lambda h, w, t: cce(h, w, t)
+        arms["cce exact (filter_eps=None)"] = lambda h, w, t: cce(h, w, t, filter_eps=None)
     return arms
 
 

@@ -30,8 +30,9 @@ from tests._interpret import interpreter_env, is_interpreted, module_hooks
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
     pytest.importorskip("triton")
     from cggr.kernels import linear_cross_entropy as lce
+    from cggr.kernels import linear_cross_entropy_fused as fz
 
-INTERPRETED = is_interpreted(lce._ce_rows_kernel)
+INTERPRETED = is_interpreted(lce._ce_rows_kernel, fz._fwd_stats_kernel, fz._bwd_kernel)
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
@@ -243,6 +244,33 @@ def test_linear_cross_entropy_outputs_workspace(dtype, shape, h, v, softcap, bia
         for a, c, tol in zip(grads, ref_grads, tols):
             assert a.dtype == dtype and torch.isfinite(a).all()
             assert rel_err(a, c) <= tol, (ratio, rel_err(a, c), tol)
+
+
+@needs_interp
+def test_outputs_without_a_schedule_runs_the_fused_kernel(monkeypatch):
+    """N >> H (here: a chunk cap of 1): at ratio 1 the public op runs the fused kernel (no logits workspace
+    either) instead of the chunked kernel's buffer fallback; below ratio 1 the chunked kernel as before."""
+    monkeypatch.setattr(lce, "OUTPUTS_TAIL_BYTES", 0)
+    monkeypatch.setattr(lce, "OUTPUTS_MAX_CHUNKS", 1)
+    assert lce.outputs_schedule(37, 24, 203, 4) is None
+    fused_calls, chunked_calls = [], []
+    orig_fz, orig_lce = fz.forward_stats, lce.forward_stats
+    monkeypatch.setattr(fz, "forward_stats", lambda *a, **k: fused_calls.append(1) or orig_fz(*a, **k))
+    monkeypatch.setattr(lce, "forward_stats", lambda *a, **k: chunked_calls.append(1) or orig_lce(*a, **k))
+    hidden, weight, b, t = lce_inputs((37,), 24, 203, torch.float32, seed=5, bias=True)
+    for ratio in (1.0, 0.5):
+        fused_calls.clear()
+        chunked_calls.clear()
+        for x in (hidden, weight, b):
+            x.grad = None
+        loss, info = linear_cross_entropy(hidden, weight, t, bias=b, ratio=ratio, impl="triton", return_info=True,
+                                          options=OUTPUTS)
+        loss.backward()
+        assert (len(fused_calls), len(chunked_calls)) == ((1, 0) if ratio == 1.0 else (0, 1))
+        ref_loss, ref_grads = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
+        assert abs(float(loss.detach()) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss)))
+        for a, c in zip([hidden.grad, weight.grad, b.grad], ref_grads):
+            assert rel_err(a, c) <= 1e-5, (ratio, rel_err(a, c))
 
 
 def test_option_validation():

@@ -169,9 +169,10 @@ class LinearCrossEntropyOptions:
             down, four GEMM passes; peak memory ~ the gradients + a tail buffer, usually <= 512 KiB and never
             above ``workspace_bytes``); d_hidden is summed over the m vocabulary chunks in its own dtype (m
             roundings instead of one). When N >> H the chunks would be too many (more than
-            :data:`cggr.kernels.linear_cross_entropy.OUTPUTS_MAX_CHUNKS`): the buffer path runs instead, as it
-            does without the weight gradient, below ratio 1 and without gradients
-            (:mod:`cggr.kernels.linear_cross_entropy`).
+            :data:`cggr.kernels.linear_cross_entropy.OUTPUTS_MAX_CHUNKS`; e.g. N = 16384, H = 576, V = 49152:
+            171): at ratio 1 the ``'fused'`` kernel runs instead (no logits workspace either; ``accumulate``
+            'auto'). Without the weight gradient, below ratio 1 and without gradients the chunked kernel's
+            buffer path runs (:mod:`cggr.kernels.linear_cross_entropy`).
         accumulate: ``kernel='fused'`` only: how the gradient outputs are summed over tiles. ``'auto'``
             (default): ``'atomic'`` for bf16/fp16 inputs on a GPU of compute capability 9.0 or newer with
             Triton >= 3.6, else ``'native'`` (:func:`resolve_accumulate`). ``'native'`` adds fp32 tile partials
@@ -631,9 +632,27 @@ def linear_cross_entropy(
         softcap=float(softcap) if softcap is not None else None, reduction=reduction, options=options,
         target_shape=tuple(targets.shape), grad_enabled=torch.is_grad_enabled(),
     )
+    if _outputs_schedule_missing(plan, targets.numel(), hsize, vocab, hidden.element_size()):
+        # workspace='outputs' at ratio 1 with N >> H: too many vocabulary chunks; the fused kernel keeps the
+        # no-workspace promise (the chunked kernel would fall back to its logits buffer)
+        plan.options = dataclasses.replace(
+            options, kernel="fused", workspace="buffer",
+            accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype),
+        )
     h2 = hidden.reshape(-1, hsize).contiguous()
     loss, info = _run_selective(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
     return (loss, info) if return_info else loss
+
+
+def _outputs_schedule_missing(plan: _Plan, n: int, hidden_size: int, vocab: int, element_size: int) -> bool:
+    """Whether ``workspace='outputs'`` applies (Triton chunked kernel, every valid token kept) but has no schedule
+    for (N, H, V) (:func:`cggr.kernels.linear_cross_entropy.outputs_schedule`)."""
+    opts = plan.options
+    if plan.impl != "triton" or opts.kernel != "chunked" or opts.workspace != "outputs" or not plan.keeps_all_valid():
+        return False
+    from cggr.kernels.linear_cross_entropy import outputs_schedule
+
+    return outputs_schedule(n, hidden_size, vocab, element_size, workspace_bytes=opts.workspace_bytes) is None
 
 
 @torch.compiler.disable
