@@ -222,19 +222,22 @@ def test_linear_cross_entropy_outputs_workspace(dtype, shape, h, v, softcap, bia
     """Through the public op: the outputs path runs at ratio 1 (tiny tail budget: several chunks), the loss and
     gradients match fp64; below ratio 1 the selected-rows backward runs as before."""
     monkeypatch.setattr(lce, "OUTPUTS_TAIL_BYTES", 0)
-    used = []
-    orig = lce._forward_grads_in_outputs
-    monkeypatch.setattr(lce, "_forward_grads_in_outputs", lambda *a, **k: used.append(a[5]) or orig(*a, **k))
+    used, stats_calls = [], []
+    orig, orig_stats = lce.outputs_backward, lce.outputs_forward_stats
+    monkeypatch.setattr(lce, "outputs_backward", lambda *a, **k: used.append(a[6]) or orig(*a, **k))
+    monkeypatch.setattr(lce, "outputs_forward_stats", lambda *a, **k: stats_calls.append(a[4]) or orig_stats(*a, **k))
     hidden, weight, b, t = lce_inputs(shape, h, v, dtype, seed=sum(shape) + v, bias=bias)
     for ratio in (1.0, 0.5):
         used.clear()
+        stats_calls.clear()
         for x in (hidden, weight, b):
             if x is not None:
                 x.grad = None
         loss, info = linear_cross_entropy(hidden, weight, t, bias=b, ratio=ratio, softcap=softcap,
                                           reduction=reduction, impl="triton", return_info=True, options=OUTPUTS)
+        assert len(stats_calls) == (ratio == 1.0) and not used  # statistics in the forward, gradients later
         loss.backward()
-        assert len(used) == (ratio == 1.0)
+        assert len(used) == (ratio == 1.0) and stats_calls == used  # one schedule for both passes
         m = len(used[0].chunks) + (used[0].tail > 0) if used else 1
         _, ref_grads = lce_naive(hidden, weight, b, t, info.mask, softcap, reduction)
         ref_loss = _loss_fp64(_rounded_logits(hidden, weight, b, softcap), t, info.mask, reduction)
@@ -244,6 +247,24 @@ def test_linear_cross_entropy_outputs_workspace(dtype, shape, h, v, softcap, bia
         for a, c, tol in zip(grads, ref_grads, tols):
             assert a.dtype == dtype and torch.isfinite(a).all()
             assert rel_err(a, c) <= tol, (ratio, rel_err(a, c), tol)
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_outputs_workspace_upstream_gradient_and_double_backward_guard(dtype, monkeypatch):
+    """The vocabulary chunks run in the backward with the upstream gradient folded into the row weights: a
+    scaled loss gives scaled gradients (no extra pass over d_weight); a second backward is refused."""
+    monkeypatch.setattr(lce, "OUTPUTS_TAIL_BYTES", 0)
+    hidden, weight, b, t = lce_inputs((3, 13), 24, 101, dtype, seed=41, bias=True)
+    loss, info = linear_cross_entropy(hidden, weight, t, bias=b, impl="triton", return_info=True, options=OUTPUTS)
+    (loss * 2.5).backward(retain_graph=True)
+    _, ref = lce_naive(hidden, weight, b, t, info.mask, None, "mean")
+    m = len(lce.outputs_schedule(39, 24, 101, hidden.element_size()).chunks) + 1
+    tols = _grad_tols(dtype, m, lce_logits64(hidden, weight, b, None))
+    for a, c, tol in zip([hidden.grad, weight.grad, b.grad], ref, tols):
+        assert rel_err(a.double() / 2.5, c) <= tol, rel_err(a.double() / 2.5, c)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
 
 
 @needs_interp

@@ -165,9 +165,10 @@ class LinearCrossEntropyOptions:
         workspace: ``kernel='chunked'`` only: where its logits chunks live when the gradients are computed in the
             forward (ratio 1 with the weight gradient wanted). ``'buffer'`` (default): a reusable workspace of
             ``workspace_bytes`` (three GEMM passes). ``'outputs'``: no workspace; the chunks live in the
-            not-yet-written rows of the weight gradient (a statistics pass, then vocabulary chunks from the top
-            down, four GEMM passes; peak memory ~ the gradients + a tail buffer, usually <= 512 KiB and never
-            above ``workspace_bytes``); d_hidden is summed over the m vocabulary chunks in its own dtype (m
+            not-yet-written rows of the weight gradient (a statistics pass in the forward, then vocabulary
+            chunks from the top down in the backward, four GEMM passes; peak memory ~ the gradients + a tail
+            buffer, usually <= 512 KiB and never above ``workspace_bytes``; nothing held from the forward but
+            the (5, N) statistics); d_hidden is summed over the m vocabulary chunks in its own dtype (m
             roundings instead of one). When N >> H the chunks would be too many (more than
             :data:`cggr.kernels.linear_cross_entropy.OUTPUTS_MAX_CHUNKS`; e.g. N = 16384, H = 576, V = 49152:
             171): at ratio 1 the ``'fused'`` kernel runs instead (no logits workspace either; ``accumulate``
@@ -425,16 +426,26 @@ class _SelectiveLinearCE(torch.autograd.Function):
         n_valid = valid.sum()
         need = ctx.needs_input_grad if plan.grad_enabled else (False, False, False)
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
+        # chunked kernel, workspace='outputs', ratio 1, weight gradient wanted: statistics now, the vocabulary
+        # chunks (which need every row's lse first) in the backward, with the upstream gradient already known
+        outputs_sched = _outputs_schedule(plan, hidden, weight) if need[1] else None
         # chunked Triton kernel at ratio 1: gradients during the forward (the fused kernel needs the lse first)
-        fused = plan.impl == "triton" and opts.kernel == "chunked" and wants_grad and plan.keeps_all_valid()
+        fused = (plan.impl == "triton" and opts.kernel == "chunked" and wants_grad and plan.keeps_all_valid()
+                 and outputs_sched is None)
         # fused kernel, bwd='split_fwd', ratio 1: d_hidden accumulated in the forward's pass over the vocabulary
         fwd_dh = (plan.impl == "triton" and opts.kernel == "fused" and opts.bwd == "split_fwd" and need[0]
                   and plan.keeps_all_valid() and opts.filter_eps is None)
         common = dict(ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=opts.workspace_bytes)
         # fp16 only: rows are weighted by w · scale (scale = 2^round(log2 K_max), exact) so that the chunk
         # gradient p · w does not underflow fp16 (p ~ 1/V, w = 1/K); the outputs are divided by scale after.
-        scale = plan.fp16_scale(hidden.dtype, n if fused or plan.all_rows_backward() else plan.k_max(n))
-        if fused:  # every valid token is kept: gradients in the same pass
+        all_rows = fused or outputs_sched is not None or plan.all_rows_backward()
+        scale = plan.fp16_scale(hidden.dtype, n if all_rows else plan.k_max(n))
+        if outputs_sched is not None:
+            from cggr.kernels.linear_cross_entropy import outputs_forward_stats
+
+            stats = outputs_forward_stats(hidden, weight, bias, targets, outputs_sched,
+                                          ignore_index=plan.ignore_index, softcap=plan.softcap)
+        elif fused:  # every valid token is kept: gradients in the same pass
             w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
             stats, grads = forward_stats(
                 hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
@@ -482,11 +493,12 @@ class _SelectiveLinearCE(torch.autograd.Function):
         ctx.scale = scale
         ctx.consumed = False
         ctx.d_h_fwd = d_h_fwd if fwd_dh else None
+        ctx.outputs_sched = outputs_sched
         if fused:
             ctx.grads = grads
         elif wants_grad:
-            idx = None  # None: every row (fused kernel, ratio 1; unselected rows carry weight 0)
-            if not plan.all_rows_backward():
+            idx = None  # None: every row (fused kernel or workspace='outputs', ratio 1; unselected rows: weight 0)
+            if not all_rows:
                 k_max = plan.k_max(n)
                 idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k_max]  # selected rows first
             ctx.save_for_backward(hidden, weight, bias, targets, stats[0], w, idx)
@@ -511,13 +523,22 @@ class _SelectiveLinearCE(torch.autograd.Function):
             return d_h, d_w, d_b, None, None
         hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
         d_h_fwd, ctx.d_h_fwd = ctx.d_h_fwd, None  # bwd='split_fwd' at ratio 1: d_hidden from the forward
-        _, backward_selected = plan.backend()
-        d_h, d_w, d_b = backward_selected(
-            hidden, weight, bias, targets, lse, w * (grad_out.float() * ctx.scale), idx,
-            ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes,
-            need_hidden_grad=need[0] and d_h_fwd is None, need_weight_grad=need[1],
-            need_bias_grad=bias is not None and need[2],
-        )
+        if ctx.outputs_sched is not None:
+            from cggr.kernels.linear_cross_entropy import outputs_backward
+
+            d_h, d_w, d_b = outputs_backward(
+                hidden, weight, bias, targets, lse, w * (grad_out.float() * ctx.scale), ctx.outputs_sched,
+                ignore_index=plan.ignore_index, softcap=plan.softcap, need_hidden_grad=need[0],
+                need_bias_grad=bias is not None and need[2],
+            )
+        else:
+            _, backward_selected = plan.backend()
+            d_h, d_w, d_b = backward_selected(
+                hidden, weight, bias, targets, lse, w * (grad_out.float() * ctx.scale), idx,
+                ignore_index=plan.ignore_index, softcap=plan.softcap, workspace_bytes=plan.options.workspace_bytes,
+                need_hidden_grad=need[0] and d_h_fwd is None, need_weight_grad=need[1],
+                need_bias_grad=bias is not None and need[2],
+            )
         if d_h_fwd is not None:  # in place: the forward's buffer belongs to this graph only
             d_h = d_h_fwd.mul_(grad_out.float().to(d_h_fwd.dtype))
         if ctx.scale != 1.0:
@@ -644,15 +665,31 @@ def linear_cross_entropy(
     return (loss, info) if return_info else loss
 
 
-def _outputs_schedule_missing(plan: _Plan, n: int, hidden_size: int, vocab: int, element_size: int) -> bool:
-    """Whether ``workspace='outputs'`` applies (Triton chunked kernel, every valid token kept) but has no schedule
-    for (N, H, V) (:func:`cggr.kernels.linear_cross_entropy.outputs_schedule`)."""
+def _outputs_applies(plan: _Plan) -> bool:
+    """``workspace='outputs'`` on the Triton chunked kernel with every valid token kept."""
     opts = plan.options
-    if plan.impl != "triton" or opts.kernel != "chunked" or opts.workspace != "outputs" or not plan.keeps_all_valid():
+    return (plan.impl == "triton" and opts.kernel == "chunked" and opts.workspace == "outputs"
+            and plan.keeps_all_valid())
+
+
+def _outputs_schedule(plan: _Plan, hidden: Tensor, weight: Tensor):
+    """The ``workspace='outputs'`` schedule of this call (``None`` where it does not apply or has none)."""
+    if not _outputs_applies(plan):
+        return None
+    from cggr.kernels.linear_cross_entropy import outputs_schedule
+
+    return outputs_schedule(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.element_size(),
+                            workspace_bytes=plan.options.workspace_bytes)
+
+
+def _outputs_schedule_missing(plan: _Plan, n: int, hidden_size: int, vocab: int, element_size: int) -> bool:
+    """Whether ``workspace='outputs'`` applies but has no schedule for (N, H, V)
+    (:func:`cggr.kernels.linear_cross_entropy.outputs_schedule`)."""
+    if not _outputs_applies(plan):
         return False
     from cggr.kernels.linear_cross_entropy import outputs_schedule
 
-    return outputs_schedule(n, hidden_size, vocab, element_size, workspace_bytes=opts.workspace_bytes) is None
+    return outputs_schedule(n, hidden_size, vocab, element_size, workspace_bytes=plan.options.workspace_bytes) is None
 
 
 @torch.compiler.disable

@@ -244,10 +244,14 @@ def test_chunked_outputs_workspace_without_schedule_runs_fused(dtype, monkeypatc
     g = torch.autograd.grad(loss, (hidden, weight, b))
     assert calls == [1]
     ref, g_ref, _ = _materialised(hidden, weight, b, t, t != -100, None)
-    assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref)
-    for a, c in zip(g, g_ref):
+    assert abs(float(loss) - float(ref)) <= 1e-2 * float(ref), (float(loss), float(ref))
+    errs = [rel_err(a, c) for a, c in zip(g, g_ref)]
+    for a in g:
         assert a.dtype == dtype and torch.isfinite(a).all()
-        assert rel_err(a, c) <= 1e-2, rel_err(a, c)
+    # the fused kernel adds N / 128 = 64 row-block partials into each d_weight element in the output dtype:
+    # bf16 RMS error up to u · sqrt(64 / 3) ~ 1.8e-2 (test_fused_16bit_accumulation_under_contention's model)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+    assert max(errs) <= tol, errs
 
 
 # ------------------------------------------------------------------------------------------ fused kernel only

@@ -20,12 +20,15 @@ Forward with gradients (all valid tokens kept, e.g. ratio = 1; three GEMM passes
         _ce_rows_kernel(STATS + GRAD)   stats, then z <- (softmax(z) - onehot(target)) · w_row (· softcap')
         d_hidden_c = z @ weight;  d_weight (+)= z.T @ hidden_c;  d_bias += Σ_rows z      (fp32 accumulate)
 
-Forward with gradients, ``workspace='outputs'`` (opt-in; ratio 1 with the weight gradient wanted): no logits
+Gradients of every row, ``workspace='outputs'`` (opt-in; ratio 1 with the weight gradient wanted): no logits
 workspace; the chunks live in the not-yet-written part of d_weight [V, H] (viewed flat, V·H elements), four GEMM
-passes instead of three (schedule: :func:`outputs_schedule`)::
+passes instead of three (schedule: :func:`outputs_schedule`). The statistics pass is :func:`outputs_forward_stats`
+(the public op runs it in its forward, in a scratch of min(N, C)·V <= V·H elements freed on return), the chunk
+pass :func:`outputs_backward` (run in the backward, the upstream gradient folded into the row weights: no pass
+over d_weight to scale it); ``forward_stats(workspace='outputs', row_weights=...)`` runs both in one call::
 
     for each row chunk of C <= H rows (C·V <= V·H):
-        z = hidden_c @ weight.T (+ bias)  into d_weight's storage        [C, V]
+        z = hidden_c @ weight.T (+ bias)  into the scratch (d_weight's storage)   [C, V]
         _ce_rows_kernel(STATS)            lse, entropy, confidence, margin, nll of every row
     for each vocabulary chunk [v0, v1), from the top down (N·(v1 - v0) <= v0·H, i.e. v1 - v0 <= v1·H / (N + H)):
         z = hidden @ weight[v0:v1].T (+ bias)  into d_weight rows [0, v0) (not written yet)   [N, Vc]
@@ -43,9 +46,11 @@ passes instead of three (schedule: :func:`outputs_schedule`)::
   it: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32) instead of the buffer path's single rounding (an addend below half an
   ulp of the sum is lost instead, so the many narrow chunks cost little). The chunks shrink geometrically by the
   factor 1 - H / (N + H): when N >> H they are many and narrow, so above ``OUTPUTS_MAX_CHUNKS`` chunks (or a
-  tail buffer above ``workspace_bytes``) the buffer path runs instead; so it does without the weight gradient
-  (frozen head) or without gradients. bf16 (N, H, V) = (8192, 2048, 128256) and (8192, 2304, 256000): 39 chunks
-  and a 32-column tail (512 KiB); (16384, 576, 49152) would need 171 chunks: buffer path.
+  tail buffer above ``workspace_bytes``) :func:`outputs_schedule` returns ``None``: this module's
+  :func:`forward_stats` then runs the buffer path, the public op the fused kernel
+  (``cggr.kernels.linear_cross_entropy_fused``, no workspace either); without the weight gradient (frozen head) or
+  without gradients the buffer path runs. bf16 (N, H, V) = (8192, 2048, 128256) and (8192, 2304, 256000): 39
+  chunks and a 32-column tail (512 KiB); (16384, 576, 49152) would need 171 chunks: no schedule.
 
 Backward of the selected rows (recomputed logits of K_max compact rows only; three GEMM passes over K_max)::
 
@@ -305,19 +310,90 @@ def _forward_grads_in_outputs(
     need_hidden_grad: bool,
     need_bias_grad: bool,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor, Tensor | None]]:
-    """``workspace='outputs'``: statistics, then the gradients by vocabulary chunks in d_weight's unwritten rows."""
+    """``workspace='outputs'`` in one call: statistics, then the gradients by vocabulary chunks in d_weight's
+    unwritten rows (the statistics pass uses d_weight's storage too)."""
+    d_weight = torch.empty_like(weight)  # (V, H)
+    stats = outputs_forward_stats(hidden, weight, bias, targets, sched, ignore_index=ignore_index, softcap=softcap,
+                                  scratch=d_weight.view(-1))
+    grads = outputs_backward(hidden, weight, bias, targets, stats[0], row_weights, sched, ignore_index=ignore_index,
+                             softcap=softcap, need_hidden_grad=need_hidden_grad, need_bias_grad=need_bias_grad,
+                             d_weight=d_weight)
+    return stats, grads
+
+
+def outputs_forward_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    sched: OutputsSchedule,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """The statistics pass of ``workspace='outputs'``: [C, V] logits chunks (C = ``sched.rows`` <= H).
+
+    Args:
+        hidden, weight, bias, targets, ignore_index, softcap: as in :func:`forward_stats`.
+        sched: :func:`outputs_schedule` of (N, H, V).
+        scratch: Flat storage of at least min(N, C)·V elements in the input dtype (e.g. d_weight's, which
+            holds V·H >= C·V); ``None``: a temporary buffer of that size (at most d_weight's size, so no
+            higher than the peak of :func:`outputs_backward`), freed on return.
+
+    Returns:
+        stats (5, N) fp32 = lse, entropy, confidence, margin, nll.
+    """
     n, _ = hidden.shape
     vocab = weight.shape[0]
     stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
-    d_weight = torch.empty_like(weight)  # (V, H)
-    flat = d_weight.view(-1)  # (V·H,): the scratch of both passes until its rows are written
-    for start in range(0, n, sched.rows):  # statistics pass: [C, V] chunks, C <= H
+    rows = min(n, sched.rows)
+    if scratch is None:
+        scratch = torch.empty(rows * vocab, dtype=hidden.dtype, device=hidden.device)
+    elif scratch.numel() < rows * vocab or scratch.dtype != hidden.dtype:
+        raise ValueError(
+            f"scratch must hold {rows * vocab} {hidden.dtype} elements, got {scratch.numel()} {scratch.dtype}"
+        )
+    for start in range(0, n, sched.rows):
         stop = min(n, start + sched.rows)
-        z = flat[: (stop - start) * vocab].view(stop - start, vocab)
+        z = scratch[: (stop - start) * vocab].view(stop - start, vocab)  # (C, V)
         _logits_into(z, hidden[start:stop], weight, bias)
         _launch_rows(z, targets[start:stop], ignore_index=ignore_index, softcap=softcap,
                      stats=tuple(stats[i, start:stop] for i in range(5)))
-    lse = stats[0]
+    return stats
+
+
+def outputs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    row_weights: Tensor,
+    sched: OutputsSchedule,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    need_hidden_grad: bool,
+    need_bias_grad: bool,
+    d_weight: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """The gradient pass of ``workspace='outputs'``: vocabulary chunks from the top down in d_weight's unwritten
+    rows, then the tail buffer (module docstring). Gradients of Σ_n w_n · nll_n over every row.
+
+    Args:
+        lse: (N,) fp32 log-sum-exp of the statistics pass.
+        row_weights: (N,) fp32 w_n (already multiplied by the upstream gradient; 0 for ignored rows).
+        d_weight: Preallocated (V, H) output, or ``None`` (allocated here).
+
+    Returns:
+        ``(d_hidden, d_weight, d_bias)`` in the input dtype, ``None`` where not asked for.
+    """
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    if d_weight is None:
+        d_weight = torch.empty_like(weight)  # (V, H)
+    flat = d_weight.view(-1)  # (V·H,): the scratch of the chunks until their rows are written
     d_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     d_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias_grad else None
     segments = [(v0, v1, flat) for v0, v1 in sched.chunks]
@@ -337,7 +413,7 @@ def _forward_grads_in_outputs(
                 d_hidden.addmm_(z, w_c)  # one rounding in the output dtype per chunk
         if d_bias is not None:
             torch.sum(z, dim=0, dtype=torch.float32, out=d_bias[v0:v1])
-    return stats, (d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None)
+    return d_hidden, d_weight, d_bias.to(bias.dtype) if d_bias is not None else None
 
 
 def backward_selected(
