@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--options", default="", help="LinearCrossEntropyOptions as key=value,key=value")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print every kernel of the last step in launch order (name, ms)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,6 +84,15 @@ def main() -> None:
             t[0] += ev.device_time / 1000.0  # us -> ms
             t[1] += 1
     step_ms = sum(t[0] for t in totals.values()) / args.steps
+    if args.timeline:
+        kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+        kernels.sort(key=lambda ev: ev.time_range.start)
+        per_step = len(kernels) // args.steps
+        print(f"timeline of the last step ({per_step} kernels): start_ms duration_ms name")
+        last = kernels[-per_step:]
+        t0 = last[0].time_range.start
+        for ev in last:
+            print(f"  {(ev.time_range.start - t0) / 1000:9.3f} {ev.device_time / 1000:8.3f}  {ev.name[:70]}")
     rows = [
         {"kernel": name[:90], "ms_per_step": round(ms / args.steps, 3), "calls_per_step": calls // args.steps,
          "share": round(ms / args.steps / step_ms, 3)}
