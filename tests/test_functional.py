@@ -196,6 +196,10 @@ def test_kernel_options_are_validated_and_ignored_by_the_torch_path():
         LinearCrossEntropyOptions(accumulate="fp32")
     with pytest.raises(ValueError, match="kernel='fused' only"):
         LinearCrossEntropyOptions(filter_eps=1e-4)
+    with pytest.raises(TypeError, match="threshold_sensitivity must be None or a finite float, got str"):
+        LinearCrossEntropyOptions(threshold_sensitivity="0.5")
+    with pytest.raises(ValueError, match="threshold_sensitivity must be None or a finite float, got inf"):
+        LinearCrossEntropyOptions(threshold_sensitivity=float("inf"))
     hidden, weight, b, t = lce_inputs((11,), 8, 30, seed=9)
     opts = LinearCrossEntropyOptions(kernel="fused", accumulate="fp32", filter_eps=1e-4)
     a = linear_cross_entropy(hidden, weight, t, bias=b, ratio=0.5, impl="torch", options=opts)

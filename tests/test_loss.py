@@ -221,6 +221,7 @@ def test_gradient_accumulation_sums_like_plain_losses():
         ({"min_tokens_per_sequence": 0}, ValueError, "min_tokens_per_sequence must be >= 1"),
         ({"reduction": "none"}, ValueError, "reduction must be one of"),
         ({"threshold_sensitivity": float("nan")}, ValueError, "threshold_sensitivity must be a finite"),
+        ({"threshold_sensitivity": "0.5"}, TypeError, "threshold_sensitivity must be a finite number, got str"),
         ({"dynamic_threshold": "yes"}, TypeError, "dynamic_threshold must be a bool"),
     ],
 )

@@ -228,7 +228,9 @@ class LinearCrossEntropyOptions:
         check_int("min_tokens_per_sequence", self.min_tokens_per_sequence, minimum=1)
         check_int("workspace_bytes", self.workspace_bytes, minimum=1)
         ts = self.threshold_sensitivity
-        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
+            raise TypeError(f"threshold_sensitivity must be None or a finite float, got {type(ts).__name__} {ts!r}")
+        if ts is not None and not math.isfinite(ts):
             raise ValueError(f"threshold_sensitivity must be None or a finite float, got {ts!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator | CounterRNG):
             raise TypeError(
