@@ -359,5 +359,9 @@ def test_bad_arguments():
             cm(ids, labels=labels.float())
         with pytest.raises(TypeError, match=r"input_ids must be an integer tensor.*float32"):
             cm(ids.float(), labels=labels)
+        bad = labels.clone()
+        bad[1, 3] = model.config.vocab_size  # one past the head's rows
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {model.config.vocab_size}\).*found"):
+            cm(ids, labels=bad)
     with pytest.raises(TypeError, match=r"targets must be an integer tensor.*float32"):
         CGGRScorer(create_truncated_router(model, K_ROUTER))(ids, targets=labels.float())

@@ -96,8 +96,8 @@ def check_logits_targets(
     check_target_range(targets, logits.shape[-1], ignore_index=ignore_index)
 
 
-def check_target_range(targets: torch.Tensor, vocab_size: int, *, ignore_index: int) -> None:
-    """Targets must lie in [0, V) or equal ``ignore_index``.
+def check_target_range(targets: torch.Tensor, vocab_size: int, *, ignore_index: int, name: str = "targets") -> None:
+    """Targets must lie in [0, V) or equal ``ignore_index`` (``name``: the argument named in the message).
 
     On CPU this is an eager ``ValueError``. On accelerators it is a device-side assert (no host sync), which
     surfaces as a ``RuntimeError`` at the next synchronisation. Skipped while ``torch.compile`` traces.
@@ -109,7 +109,7 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, *, ignore_index: 
         if bool(bad.any()):
             first = targets[bad][0].item()
             raise ValueError(
-                f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {first}"
+                f"{name} must be in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {first}"
             )
     else:
-        torch._assert_async(~bad.any(), f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+        torch._assert_async(~bad.any(), f"{name} must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")

@@ -39,6 +39,7 @@ from cggr._validation import (
     check_ignore_index,
     check_int,
     check_ratio,
+    check_target_range,
 )
 from cggr.functional import IMPLS, linear_cross_entropy, token_scores
 from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands
@@ -301,6 +302,9 @@ class CGGRModel(Curriculum):
         _check_2d("input_ids", input_ids, integer=True)
         _check_2d("labels", labels, input_ids.shape, integer=True)  # before any .long(): floats never truncate
         _check_2d("attention_mask", attention_mask, input_ids.shape)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(getattr(head, "weight", None), Tensor):  # named as passed (the loss sees shifted targets)
+            check_target_range(labels, head.weight.shape[0], ignore_index=self.ignore_index, name="labels")
         batch = input_ids.shape[0]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
