@@ -76,6 +76,29 @@ def test_forward_scores_match_fp64(dtype, n, h, v, softcap, bias):
 
 
 @needs_interp
+@pytest.mark.parametrize("bwd", ["tiled", "split", "split_fwd"])
+def test_minus_inf_bias_masks_columns_without_nan(bwd):
+    """A -inf bias (a masked / padded vocabulary) is a legitimate zero-probability column: scores, loss and
+    gradients stay finite and equal the torch path's (float64)."""
+    hidden, weight, b, t = lce_inputs((23,), 16, 97, torch.float32, seed=43, bias=True)
+    with torch.no_grad():
+        b[90:] = float("-inf")
+        b[3:60:2] = float("-inf")  # every other column of a span: inside tiles, not only in the last one
+    t = torch.where((t >= 90) | ((t >= 3) & (t < 60) & (t % 2 == 1)), 2, t)  # targets on allowed columns
+    loss, info, grads = _fused(hidden, weight, b, t, options=LinearCrossEntropyOptions(kernel="fused", bwd=bwd))
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, b))
+    ref, ref_info = linear_cross_entropy(h64, w64, t, bias=b64, impl="torch", return_info=True)
+    ref.backward()
+    assert abs(float(loss) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
+    for name in ("entropy", "confidence", "margin", "nll"):
+        got, want = getattr(info.scores, name), getattr(ref_info.scores, name)
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5, msg=name)
+    for a, c in zip(grads, (h64.grad, w64.grad, b64.grad)):
+        assert torch.isfinite(a).all() and rel_err(a, c) <= 1e-5, rel_err(a, c)
+
+
+@needs_interp
 def test_forward_flattened_loop_and_forward_only_tiles_give_the_same_scores():
     hidden, weight, b, t = lce_inputs((45,), 40, 301, torch.float32, seed=17, bias=True)
     args = (hidden.detach(), weight.detach(), b.detach(), t)

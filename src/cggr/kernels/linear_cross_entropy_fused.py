@@ -147,7 +147,7 @@ def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0,
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
-    """One [BN, BV] logits tile ``z`` (masked columns at NEG_BIG) folded into the online row state
+    """One [BN, BV] logits tile ``z`` (masked columns at -inf) folded into the online row state
     (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns).
 
     ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): int32 indices local to the
@@ -168,6 +168,7 @@ def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
     t = alpha * (t + shift2 * s)
     s = alpha * s
     d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
+    d2 = tl.maximum(d2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)  # -inf logits (a -inf bias): e · d2 = 0, not NaN
     e = tl.exp2(d2)
     s = s + tl.sum(e, axis=1)
     t = t + tl.sum(e * d2, axis=1)
@@ -190,7 +191,9 @@ def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h,
     col_mask = lcols < V - col0
     z = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
-    z = tl.where(col_mask[None, :], z, NEG_BIG)  # finite stand-in: exp -> 0 and 0 · d2 stays 0
+    # columns past V: -inf, zero probability like a -inf logit (a finite stand-in would count as the row maximum
+    # of a tile whose real columns are all -inf); _fwd_fold clamps exp's argument, so e · d2 stays 0
+    z = tl.where(col_mask[None, :], z, float("-inf"))
     ref, s, t, a1, a2, zt, _e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt, BLOCK_V)
     return ref, s, t, a1, a2, zt
 

@@ -274,7 +274,7 @@ def _fwd_dh_kernel(
         zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w,
                           softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H,
                           TMA_W)
-        z = tl.where(col_mask[None, :], zc, NEG_BIG)
+        z = tl.where(col_mask[None, :], zc, float("-inf"))  # as in _fwd_tile: zero probability past V
         old_ref = ref
         ref, s, t, a1, a2, zt, e = _fwd_fold(z, lcols, tgt - col0, ref, s, t, a1, a2, zt, BLOCK_V)
         e = tl.where(lcols[None, :] == (tgt - col0)[:, None], 0.0, e)  # target column: added by the finalise kernel
