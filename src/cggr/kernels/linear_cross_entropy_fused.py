@@ -504,7 +504,8 @@ def default_config(
         smem_bytes: Shared memory a block may opt in to on the target GPU (:func:`smem_per_block`); ``None``:
             the large-shared-memory overrides are left out.
         wide_backward: Whether the tiled backward adds with hardware atomics over every row with TMA operands
-            (the case the 128 x 256 backward tile was timed in).
+            and no gradient filter (the case the 128 x 256 backward tile was timed in; a filter skips whole
+            tiles, and a smaller tile is skipped more often).
 
     Returns:
         Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
@@ -762,7 +763,7 @@ def backward_selected(
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
         cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(dev),
-                                            wide_backward=atomic and idx is None))
+                                            wide_backward=atomic and idx is None and filter_eps is None))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
