@@ -307,3 +307,28 @@ def test_explicit_triton_impl_on_cpu_raises():
         CGGRLoss(impl="triton")(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="impl must be one of"):
         CGGRLoss(impl="cuda")
+
+
+def test_head_options_reach_forward_hidden_and_selection_fields_are_refused(monkeypatch):
+    import cggr.loss as cggr_loss
+    from cggr.functional import LinearCrossEntropyOptions
+
+    seen = []
+    real = cggr_loss.linear_cross_entropy
+    monkeypatch.setattr(cggr_loss, "linear_cross_entropy", lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    hidden = torch.randn(2, 9, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(29, 16, generator=g, dtype=torch.float64) / 4
+    targets = torch.randint(0, 29, (2, 9), generator=g)
+    kw = dict(selection="stratified", num_strata=3, min_tokens_ratio=0.5, warmup_steps=0, seed=5)
+    head = LinearCrossEntropyOptions(workspace_bytes=64 * 8)  # torch path: 2 rows per chunk
+    loss_a = CGGRLoss(head_options=head, **kw).forward_hidden(hidden, weight, targets)
+    loss_b = CGGRLoss(**kw).forward_hidden(hidden, weight, targets)
+    assert seen[0].workspace_bytes == 64 * 8 and seen[0].num_strata == 3 and seen[1].workspace_bytes != 64 * 8
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="head_options must be a LinearCrossEntropyOptions or None, got dict"):
+        CGGRLoss(head_options={"workspace": "outputs"})
+    with pytest.raises(ValueError, match=r"head_options.num_strata=2 is a selection setting: CGGRLoss"):
+        CGGRLoss(head_options=LinearCrossEntropyOptions(num_strata=2))
+    with pytest.raises(ValueError, match=r"head_options.generator=.* is a selection setting"):
+        CGGRLoss(head_options=LinearCrossEntropyOptions(generator=torch.Generator()))

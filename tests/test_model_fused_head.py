@@ -199,3 +199,23 @@ def test_compiled_fused_head_equals_eager_and_does_not_recompile(token_ratio):
         assert sorted(metrics_c["selected_indices"]) == sorted(metrics_e["selected_indices"])
         frames.append(counter.frame_count)
     assert frames[0] >= 1 and frames[-1] == frames[0], frames
+
+
+def test_head_options_reach_the_fused_head(monkeypatch):
+    from cggr.functional import LinearCrossEntropyOptions
+
+    seen = []
+    real = cggr_model.linear_cross_entropy
+    monkeypatch.setattr(cggr_model, "linear_cross_entropy", lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
+    model = build_model("llama").double()
+    head = LinearCrossEntropyOptions(workspace_bytes=V * 8 * 3)  # torch path: 3 rows per chunk
+    common = dict(num_router_layers=2, min_tokens_ratio=0.6, warmup_steps=0, impl="torch", fused_head=True)
+    ids, labels, mask = _batch(4)
+    l_a, g_a, _ = _loss_and_grads(model, CGGRModel(model, head_options=head, **common), ids, labels, mask)
+    l_b, g_b, _ = _loss_and_grads(model, CGGRModel(model, **common), ids, labels, mask)
+    assert seen == [head, None]
+    torch.testing.assert_close(l_a, l_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"head_options.threshold_sensitivity=0.5 is a selection setting: CGGRModel"):
+        CGGRModel(model, num_router_layers=2, head_options=LinearCrossEntropyOptions(threshold_sensitivity=0.5))

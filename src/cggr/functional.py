@@ -417,6 +417,29 @@ class _Plan:
         return k
 
 
+#: LinearCrossEntropyOptions fields that set the kernel, not the selection (what ``head_options`` may set).
+HEAD_OPTION_FIELDS = ("workspace_bytes", "kernel", "workspace", "accumulate", "filter_eps", "bwd")
+
+
+def check_head_options(value: object, owner: str) -> LinearCrossEntropyOptions | None:
+    """``head_options`` of :class:`cggr.CGGRModel` / :class:`cggr.CGGRLoss`: ``None`` or a
+    :class:`LinearCrossEntropyOptions` that sets only kernel fields (:data:`HEAD_OPTION_FIELDS`); the selection
+    fields come from the owner's own arguments, so a non-default one is refused instead of being overwritten."""
+    if value is None:
+        return None
+    if not isinstance(value, LinearCrossEntropyOptions):
+        raise TypeError(f"head_options must be a LinearCrossEntropyOptions or None, got {type(value).__name__}")
+    default = LinearCrossEntropyOptions()
+    for field in dataclasses.fields(value):
+        got, want = getattr(value, field.name), getattr(default, field.name)
+        if field.name not in HEAD_OPTION_FIELDS and got is not want and got != want:
+            raise ValueError(
+                f"head_options.{field.name}={got!r} is a selection setting: {owner} sets it from its own "
+                f"arguments (head_options may set {', '.join(HEAD_OPTION_FIELDS)})"
+            )
+    return value
+
+
 class _SelectiveLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, plan: _Plan):

@@ -17,6 +17,7 @@ every token's gradient to earlier positions); use :class:`cggr.CGGRModel` for th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -24,7 +25,13 @@ from torch import Tensor
 
 from cggr._selector import TokenSelector
 from cggr._validation import REDUCTIONS, check_choice, check_int
-from cggr.functional import IMPLS, LinearCrossEntropyOptions, linear_cross_entropy, token_scores
+from cggr.functional import (
+    IMPLS,
+    LinearCrossEntropyOptions,
+    check_head_options,
+    linear_cross_entropy,
+    token_scores,
+)
 from cggr.scoring import DEFAULT_CHUNK_ELEMENTS
 
 
@@ -73,6 +80,10 @@ class CGGRLoss(TokenSelector):
         chunk_size: Rows of logits processed at once in scoring and backward (default: ~16 Mi elements).
         impl: Scoring implementation: ``'auto'`` (the one-pass Triton kernel on CUDA, else PyTorch),
             ``'torch'`` or ``'triton'`` (raises where it cannot run). ``CGGR_IMPL=torch`` forces PyTorch.
+        head_options: Kernel settings of :meth:`forward_hidden` (a :class:`cggr.functional.
+            LinearCrossEntropyOptions` setting only ``kernel``, ``workspace``, ``workspace_bytes``,
+            ``accumulate``, ``filter_eps``, ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')`` for
+            no logits workspace). ``None``: the defaults.
 
     Call ``step()`` after each optimizer step to advance the curriculum. ``step_count`` is a buffer, so
     ``state_dict()`` carries the curriculum across a resume. Inputs: logits (B, T, V) or (N, V), targets
@@ -94,6 +105,7 @@ class CGGRLoss(TokenSelector):
         seed: int | None = None,
         chunk_size: int | None = None,
         impl: str = "auto",
+        head_options: LinearCrossEntropyOptions | None = None,
     ) -> None:
         super().__init__(
             scoring=scoring, selection=selection, num_strata=num_strata,
@@ -104,6 +116,7 @@ class CGGRLoss(TokenSelector):
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         self.impl = check_choice("impl", impl, IMPLS)
+        self.head_options = check_head_options(head_options, "CGGRLoss")
         self._last: dict[str, Tensor] = {}
 
     def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
@@ -155,7 +168,8 @@ class CGGRLoss(TokenSelector):
         Returns:
             0-d fp32 loss.
         """
-        options = LinearCrossEntropyOptions(
+        options = dataclasses.replace(
+            self.head_options or LinearCrossEntropyOptions(),
             num_strata=self.num_strata,
             min_tokens_per_sequence=self.min_tokens_per_sequence,
             threshold_sensitivity=self.threshold_sensitivity if self.uses_dynamic_threshold else None,

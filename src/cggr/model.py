@@ -41,7 +41,7 @@ from cggr._validation import (
     check_ratio,
     check_target_range,
 )
-from cggr.functional import IMPLS, linear_cross_entropy, token_scores
+from cggr.functional import IMPLS, LinearCrossEntropyOptions, check_head_options, linear_cross_entropy, token_scores
 from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.scoring import difficulty
@@ -211,6 +211,10 @@ class CGGRModel(Curriculum):
             or ``torch.compile``: the base model is called directly; compile the ``CGGRModel`` instead);
             ``True``: always (``ValueError`` if impossible); ``False``: never. The loss and gradients equal
             the unfused path's (same selection, same mean over kept tokens) up to floating-point rounding.
+        head_options: Kernel settings of the fused head (a :class:`cggr.functional.LinearCrossEntropyOptions`
+            setting only ``kernel``, ``workspace``, ``workspace_bytes``, ``accumulate``, ``filter_eps``,
+            ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')``: no 256 MiB logits workspace, the
+            chunks live in the head weight's gradient). ``None``: the defaults.
 
     ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
     ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
@@ -240,6 +244,7 @@ class CGGRModel(Curriculum):
         seed: int | None = None,
         impl: str = "auto",
         fused_head: bool | None = None,
+        head_options: LinearCrossEntropyOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -258,6 +263,7 @@ class CGGRModel(Curriculum):
         self.causal = (not is_masked_lm(model)) if causal is None else causal
         self.impl = check_choice("impl", impl, IMPLS)
         self.fused_head = fused_head
+        self.head_options = check_head_options(head_options, "CGGRModel")
         if fused_head:
             _, reason = self._fused_parts()
             if reason:
@@ -429,7 +435,7 @@ class CGGRModel(Curriculum):
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_cross_entropy(
                 h2, weight, t2, bias=bias, ratio=1.0, ignore_index=self.ignore_index, softcap=spec.softcap,
-                reduction="mean", impl=self.impl,
+                reduction="mean", impl=self.impl, options=self.head_options,
             )
 
     # ------------------------------------------------------------------ metrics
