@@ -100,3 +100,32 @@ def test_fused_head_autocast_cuda():
     (l_f, g_f, _), (l_p, g_p, _) = out
     assert abs(float(l_f) - float(l_p)) <= 1e-2 * abs(float(l_p))
     assert rel_err(torch.cat([g.flatten() for g in g_f]), torch.cat([g.flatten() for g in g_p])) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("head", ["outputs", "fused", "fused-filter"])
+def test_head_options_match_unfused_cuda(head, dtype, tol, monkeypatch):
+    """head_options through CGGRModel: workspace='outputs' (tail budget 0: several vocabulary chunks, gradients
+    in the backward) and the fused kernel, against the unfused path."""
+    from cggr.functional import LinearCrossEntropyOptions
+    from cggr.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "OUTPUTS_TAIL_BYTES", 0)
+    opts = {"outputs": LinearCrossEntropyOptions(workspace="outputs"),
+            "fused": LinearCrossEntropyOptions(kernel="fused"),
+            "fused-filter": LinearCrossEntropyOptions(kernel="fused", filter_eps=2.0**-12)}[head]
+    used = []
+    real = lce.outputs_backward
+    monkeypatch.setattr(lce, "outputs_backward", lambda *a, **k: used.append(1) or real(*a, **k))
+    model = _model("llama", dtype)
+    common = dict(num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0)
+    ids, labels, mask = _batch()
+    l_f, g_f, m_f = _run(model, CGGRModel(model, fused_head=True, head_options=opts, **common), ids, labels, mask)
+    l_p, g_p, m_p = _run(model, CGGRModel(model, fused_head=False, **common), ids, labels, mask)
+    assert len(used) == (head == "outputs")
+    assert m_f["selected_indices"] == m_p["selected_indices"]
+    assert abs(float(l_f) - float(l_p)) <= tol * abs(float(l_p)) + 1e-6, (float(l_f), float(l_p))
+    flat_f = torch.cat([g.flatten() for g in g_f])
+    flat_p = torch.cat([g.flatten() for g in g_p])
+    assert torch.isfinite(flat_f).all()
+    assert rel_err(flat_f, flat_p) <= tol, rel_err(flat_f, flat_p)
