@@ -244,7 +244,7 @@ def _static(args) -> None:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", args.arch, 32)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # the newest bundled ptxas (Triton >= 3.5 emits PTX that the older sm_90 one rejects)
     ptxas = next((os.path.join(bindir, p) for p in ("ptxas-blackwell", "ptxas")
@@ -268,7 +268,8 @@ def _static(args) -> None:
         if ptxas is not None:
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(ptx)
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+            arch = f"sm_{args.arch}a" if args.arch == 90 else f"sm_{args.arch}"
+            r = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
                                text=True)
             os.unlink(f.name)
             m = re.search(r"Used (\d+) registers", r.stdout + r.stderr)
@@ -279,7 +280,7 @@ def _static(args) -> None:
                 f"{ttgir.count('async_copy_global_to_local'):2d}  tma {n_tma:2d}  regs {regs:>3}  spill {spill:>3} B"
                 f"  smem {k.metadata.shared / 1024:6.1f} KiB")
 
-    print(f"triton {triton.__version__}, sm_90, bf16, H = {h} (EVEN), ratio 1, 'native' accumulation")
+    print(f"triton {triton.__version__}, sm_{args.arch}, bf16, H = {h} (EVEN), ratio 1, 'native' accumulation")
     for part in PARTS:
         for over in CANDIDATES[part][: args.max_configs]:
             c = _config(part, over, torch.bfloat16, h)
@@ -348,6 +349,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--summary", action="store_true", help="print the best-config table of --out/--name and exit")
     ap.add_argument("--static", action="store_true", help="CPU: sm_90 compile report of every candidate")
+    ap.add_argument("--arch", type=int, default=90, help="--static: compute capability to compile for (86: A10 /"
+                    " RTX 30xx, 89: L4 / RTX 40xx; no TMA there: use TMA=False candidates)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script under TRITON_INTERPRET=1: one tiny fp16 case, 1 iteration")
     args = ap.parse_args()

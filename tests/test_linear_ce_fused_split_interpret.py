@@ -180,6 +180,8 @@ def test_tile_heuristic_takes_the_sweep_tiles_only_with_large_shared_memory():
     assert big["DH_LOCK"] == "block" and big["FWD_DH_BLOCK_N"] == 64
     # an fp32 d_weight buffer: 256 x 128 would need 256 KiB of shared memory (sweep_fused_tiles.py --static)
     assert sp.split_config(torch.bfloat16, False, 2048, 227 * 1024, fp32_weight_grad=True)["DW_BLOCK_V"] == 64
+    small = sp.split_config(torch.bfloat16, False, 2048, 99 * 1024)  # consumer GPU: 2 stages (80 KiB, not 120)
+    assert small == {**base, "num_stages": 2, "PROD_STAGES": 2}
     assert sp.split_config(torch.float32, False, 2048, 227 * 1024) == sp.split_config(torch.float32, False, 2048)
 
 

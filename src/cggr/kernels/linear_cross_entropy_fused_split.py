@@ -323,6 +323,10 @@ def _fwd_dh_finalise_kernel(DH, W, T, WROW, PART, STATS, N, D, stride_h, stride_
 
 
 # ---------------------------------------------------------------------------------------------- launcher
+#: Shared memory per block (opt-in) below which the split kernels use 2 pipeline stages (consumer GPUs, ~99 KiB).
+SMALL_SMEM_BYTES = 128 * 1024
+
+
 def split_config(
     dtype: torch.dtype,
     interpret: bool,
@@ -354,6 +358,9 @@ def split_config(
             ``None``: the large-shared-memory tiles are left out.
         fp32_weight_grad: Whether the d_weight kernel adds into an fp32 buffer (its tile stays 256 x 64).
 
+    Below ``SMALL_SMEM_BYTES`` (consumer GPUs: ~99 KiB per block) both kernels use 2 pipeline stages: 3 take 120
+    KiB at sm_86 / sm_89 (``benchmarks/sweep_fused_tiles.py --static --arch 86``; not run on such a GPU here).
+
     Returns:
         Keys: DH_BLOCK_N x DH_BLOCK_V (d_hidden kernel tile), DW_BLOCK_N x DW_BLOCK_V (d_weight kernel tile),
         BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the products), num_warps, num_stages, PROD_STAGES
@@ -373,6 +380,9 @@ def split_config(
                     num_warps=8, num_stages=2, PROD_STAGES=2, TMA=True)
     cfg = dict(DH_BLOCK_N=64, DH_BLOCK_V=256, DW_BLOCK_N=256, DW_BLOCK_V=64, BLOCK_D=64, BLOCK_O=64,
                num_warps=8, num_stages=3, PROD_STAGES=3, TMA=True)
+    if smem_bytes is not None and smem_bytes < SMALL_SMEM_BYTES:
+        # 3 stages take 120 KiB per kernel at sm_86 (static compile, TMA off): over the ~99 KiB of a consumer GPU
+        cfg.update(num_stages=2, PROD_STAGES=2)  # 80 KiB
     if smem_bytes is not None and smem_bytes >= LARGE_SMEM_BYTES:
         # forward_with_hidden_grad keeps its 64-row tile (FWD_DH_BLOCK_N): the sweep did not time it at 128
         cfg.update(DH_BLOCK_N=128, DH_LOCK="block", FWD_DH_BLOCK_N=64)
