@@ -294,6 +294,30 @@ def test_outputs_without_a_schedule_runs_the_fused_kernel(monkeypatch):
             assert rel_err(a, c) <= 1e-5, (ratio, rel_err(a, c))
 
 
+@needs_interp
+def test_outputs_passes_split_match_the_one_call_path():
+    """outputs_forward_stats (own scratch) + outputs_backward == forward_stats(workspace='outputs') bit for bit;
+    a scratch that is too small or of another dtype is refused."""
+    hidden, weight, b, t = lce_inputs((41,), 24, 157, torch.float32, seed=12, bias=True)
+    hid, wt, bb = hidden.detach(), weight.detach(), b.detach()
+    row_w = (t != -100).float() / 7
+    sched = lce.outputs_schedule(41, 24, 157, 4, tail_bytes=0)
+    assert sched is not None and len(sched.chunks) >= 3
+    kw = dict(ignore_index=-100, softcap=None)
+    stats = lce.outputs_forward_stats(hid, wt, bb, t, sched, **kw)
+    grads = lce.outputs_backward(hid, wt, bb, t, stats[0], row_w, sched, need_hidden_grad=True, need_bias_grad=True,
+                                 **kw)
+    ref_stats, ref_grads = lce._forward_grads_in_outputs(hid, wt, bb, t, row_w, sched, need_hidden_grad=True,
+                                                         need_bias_grad=True, **kw)
+    assert torch.equal(stats, ref_stats)
+    for a, c in zip(grads, ref_grads):
+        assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="scratch must hold"):
+        lce.outputs_forward_stats(hid, wt, bb, t, sched, scratch=torch.empty(10), **kw)
+    with pytest.raises(ValueError, match="scratch must hold"):
+        lce.outputs_forward_stats(hid, wt, bb, t, sched, scratch=torch.empty(24 * 157, dtype=torch.float64), **kw)
+
+
 def test_option_validation():
     assert LinearCrossEntropyOptions().workspace == "buffer"
     with pytest.raises(ValueError, match="workspace"):
