@@ -309,8 +309,11 @@ class CGGRModel(Curriculum):
         _check_2d("labels", labels, input_ids.shape, integer=True)  # before any .long(): floats never truncate
         _check_2d("attention_mask", attention_mask, input_ids.shape)
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if isinstance(getattr(head, "weight", None), Tensor):  # named as passed (the loss sees shifted targets)
-            check_target_range(labels, head.weight.shape[0], ignore_index=self.ignore_index, name="labels")
+        head_w = getattr(head, "weight", None)
+        # named as passed (the loss sees shifted targets); skipped where the head's weight is not a plain (V, H)
+        # matrix here (e.g. FSDP's flattened, freed parameters outside forward): the loss still checks
+        if isinstance(head_w, Tensor) and head_w.dim() == 2 and head_w.shape[0] > 0:
+            check_target_range(labels, head_w.shape[0], ignore_index=self.ignore_index, name="labels")
         batch = input_ids.shape[0]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
