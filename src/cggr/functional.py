@@ -370,6 +370,9 @@ class _Plan:
     target_shape: tuple[int, ...]
     grad_enabled: bool = True
     info: LinearCrossEntropyInfo | None = None
+    #: workspace='outputs' (Triton chunked kernel, every valid token kept): its schedule for (N, H, V), a
+    #: cggr.kernels.linear_cross_entropy.OutputsSchedule (None: not that path)
+    outputs_sched: tuple | None = None
 
     def backend(self):
         if self.impl == "triton" and self.options.kernel == "fused":
@@ -453,7 +456,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
         # chunked kernel, workspace='outputs', ratio 1, weight gradient wanted: statistics now, the vocabulary
         # chunks (which need every row's lse first) in the backward, with the upstream gradient already known
-        outputs_sched = _outputs_schedule(plan, hidden, weight) if need[1] else None
+        outputs_sched = plan.outputs_sched if need[1] else None
         # chunked Triton kernel at ratio 1: gradients during the forward (the fused kernel needs the lse first)
         fused = (plan.impl == "triton" and opts.kernel == "chunked" and wants_grad and plan.keeps_all_valid()
                  and outputs_sched is None)
@@ -671,50 +674,27 @@ def linear_cross_entropy(
     vocab, hsize = weight.shape
     check_target_range(targets, vocab, ignore_index=ignore_index)
     chosen = resolve_impl(impl, hidden, op="linear_cross_entropy")
-    if chosen == "triton" and options.kernel == "fused" and options.accumulate == "auto":
-        options = dataclasses.replace(options, accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype))
     plan = _Plan(
         impl=chosen, ratio=float(ratio), scoring=scoring, selection=selection, ignore_index=ignore_index,
         softcap=float(softcap) if softcap is not None else None, reduction=reduction, options=options,
         target_shape=tuple(targets.shape), grad_enabled=torch.is_grad_enabled(),
     )
-    if _outputs_schedule_missing(plan, targets.numel(), hsize, vocab, hidden.element_size()):
-        # workspace='outputs' at ratio 1 with N >> H: too many vocabulary chunks; the fused kernel keeps the
-        # no-workspace promise (the chunked kernel would fall back to its logits buffer)
-        plan.options = dataclasses.replace(
-            options, kernel="fused", workspace="buffer",
-            accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype),
-        )
+    outputs_ws = chosen == "triton" and options.kernel == "chunked" and options.workspace == "outputs"
+    if outputs_ws and plan.keeps_all_valid():
+        from cggr.kernels.linear_cross_entropy import outputs_schedule
+
+        plan.outputs_sched = outputs_schedule(targets.numel(), hsize, vocab, hidden.element_size(),
+                                              workspace_bytes=options.workspace_bytes)
+        if plan.outputs_sched is None:
+            # N >> H: too many vocabulary chunks; the fused kernel keeps the no-workspace promise (the chunked
+            # kernel would fall back to its logits buffer)
+            plan.options = dataclasses.replace(options, kernel="fused", workspace="buffer")
+    opts = plan.options
+    if chosen == "triton" and opts.kernel == "fused" and opts.accumulate == "auto":
+        plan.options = dataclasses.replace(opts, accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype))
     h2 = hidden.reshape(-1, hsize).contiguous()
     loss, info = _run_selective(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
     return (loss, info) if return_info else loss
-
-
-def _outputs_applies(plan: _Plan) -> bool:
-    """``workspace='outputs'`` on the Triton chunked kernel with every valid token kept."""
-    opts = plan.options
-    return (plan.impl == "triton" and opts.kernel == "chunked" and opts.workspace == "outputs"
-            and plan.keeps_all_valid())
-
-
-def _outputs_schedule(plan: _Plan, hidden: Tensor, weight: Tensor):
-    """The ``workspace='outputs'`` schedule of this call (``None`` where it does not apply or has none)."""
-    if not _outputs_applies(plan):
-        return None
-    from cggr.kernels.linear_cross_entropy import outputs_schedule
-
-    return outputs_schedule(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.element_size(),
-                            workspace_bytes=plan.options.workspace_bytes)
-
-
-def _outputs_schedule_missing(plan: _Plan, n: int, hidden_size: int, vocab: int, element_size: int) -> bool:
-    """Whether ``workspace='outputs'`` applies but has no schedule for (N, H, V)
-    (:func:`cggr.kernels.linear_cross_entropy.outputs_schedule`)."""
-    if not _outputs_applies(plan):
-        return False
-    from cggr.kernels.linear_cross_entropy import outputs_schedule
-
-    return outputs_schedule(n, hidden_size, vocab, element_size, workspace_bytes=plan.options.workspace_bytes) is None
 
 
 @torch.compiler.disable
