@@ -29,8 +29,9 @@ from tests._interpret import interpreter_env, is_interpreted, module_hooks
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
     pytest.importorskip("triton")
     from cggr.kernels import linear_cross_entropy_fused as fz
+    from cggr.kernels import linear_cross_entropy_fused_split as sp  # bwd='split' / 'split_fwd' cases
 
-INTERPRETED = is_interpreted(fz._bwd_kernel)
+INTERPRETED = is_interpreted(fz._bwd_kernel, sp._bwd_dh_kernel, sp._fwd_dh_kernel)
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
