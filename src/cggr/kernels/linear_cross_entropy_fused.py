@@ -180,15 +180,21 @@ def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _tile_columns(col0, V, BLOCK_V: tl.constexpr):
+    """Columns of the vocabulary tile starting at ``col0``: int32 index within the tile [BV], int64 column [BV],
+    and the mask of the columns below V."""
+    lcols = tl.arange(0, BLOCK_V)
+    return lcols, col0.to(tl.int64) + lcols, lcols < V - col0
+
+
+@triton.jit
 def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h, stride_w, softcap,
               ref, s, t, a1, a2, zt, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
               TMA_H: tl.constexpr, TMA_W: tl.constexpr):
     """One [BN, BV] logits tile folded into the online row state (ref, s, t, a1, a2, zt)."""
     col0 = vb * BLOCK_V
-    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
-    cols = col0.to(tl.int64) + lcols
-    col_mask = lcols < V - col0
+    lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
     z = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     # columns past V: -inf, zero probability like a -inf logit (a finite stand-in would count as the row maximum
@@ -411,9 +417,7 @@ def _bwd_kernel(
     if tl.max(tl.abs(w_row), axis=0) == 0.0:
         return  # ignored or padding rows only: their gradient is exactly zero
     col0 = pid_v * BLOCK_V
-    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
-    cols = col0.to(tl.int64) + lcols
-    col_mask = lcols < V - col0
+    lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
     zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)

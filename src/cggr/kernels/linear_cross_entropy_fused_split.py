@@ -94,6 +94,7 @@ from cggr.kernels.linear_cross_entropy_fused import (
     _on_input_device,
     _product_add,
     _target_fixup_kernel,
+    _tile_columns,
     _tma_usable,
     gradient_accumulators,
     in_input_dtypes,
@@ -115,9 +116,7 @@ def _grad_tile(H, W, Bias, HD, WD, rows, row_mask, row0, col0, lse, tgt, w_row, 
     and the columns col0 + [0, BV), its target mask, and with FILTER whether its products are needed (gradient
     filter: not every |softmax - onehot| of a weighted row is below eps); without FILTER the third value is an
     unused scalar (the callers branch on FILTER first). ``tgt`` [BN] int64 targets (negative: none)."""
-    lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
-    cols = col0.to(tl.int64) + lcols
-    col_mask = lcols < V - col0
+    lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
     zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
@@ -268,9 +267,7 @@ def _fwd_dh_kernel(
     zt = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     for vb in range(0, tl.cdiv(V, BLOCK_V)):
         col0 = vb * BLOCK_V
-        lcols = tl.arange(0, BLOCK_V)  # int32 column index within the tile
-        cols = col0.to(tl.int64) + lcols
-        col_mask = lcols < V - col0
+        lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
         zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w,
                           softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H,
                           TMA_W)
