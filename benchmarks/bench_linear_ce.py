@@ -296,8 +296,12 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
 
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
         try:
+            # one untimed call first: allocations that live on after the first use (cuBLAS workspaces) belong to
+            # the baseline, not to whichever arm happens to run first
+            step()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             tm = time_fn(step, warmup=args.warmup, iters=args.iters)
         except (torch.OutOfMemoryError, OutOfResources, CompilationError) as e:
             # eager on a smaller GPU; a sweep tile too big; bf16 atomics missing from this Triton
