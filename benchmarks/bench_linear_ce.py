@@ -28,8 +28,8 @@ Arms:
   cce 25% rows     CCE on a fixed 25% of the rows, no scoring (reference only: not a selective loss)
 
     python benchmarks/bench_linear_ce.py [--cases 0,1,2] [--iters 10] [--logit-std 1,4] [--workspace-arms]
-        [--fused-sweep] [--split-sweep] [--atomic] [--only 'cggr fused,cce'] [--exclude '25%'] [--no-breakdown]
-        [--name linear_ce] [--out DIR]
+        [--fused-sweep] [--split-sweep] [--backward-tiles] [--atomic] [--only 'cggr fused,cce'] [--exclude '25%']
+        [--no-breakdown] [--name linear_ce] [--out DIR]
 
 Every case also gets breakdown rows (arm 'part: ...', no autograd): one cuBLAS GEMM hidden @ weight.T into a
 bf16 [N, V] buffer (the time of one GEMM pass), the fused kernel's forward alone (scores) and its ratio-1 backward
@@ -39,7 +39,8 @@ and the chunked kernel's forward alone.
 --fused-sweep also times 'cggr fused r=1.0' and the fused forward / backward parts under other tile
 configurations (SWEEP: overrides of the fused kernel's default_config), for tuning; --split-sweep the split
 backward and 'split_fwd' forward parts under SPLIT_SWEEP (overrides of
-linear_cross_entropy_fused_split.split_config).
+linear_cross_entropy_fused_split.split_config); --backward-tiles the fused arms (exact and filtered) under the
+BACKWARD_TILES backward tiles.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ SPLIT_FWD = LinearCrossEntropyOptions(kernel="fused", bwd="split_fwd")
 # --split-sweep: overrides of the split backward's bf16 default tiles (DH 64 x 256, DW 256 x 64, BLOCK_D=64,
 # BLOCK_O=64, num_warps=8, num_stages=3; DH_SPLITS: vocabulary splits of the d_hidden kernel, default SMs // row
 # blocks, > 1 adds under locks)
+# --backward-tiles: the tiled backward's tile (accumulate 'auto' = 'atomic' on sm_90): 128 x 128, 128 x 256, and
+# 128 x 256 as two 128-column halves (HALVES: one logits GEMM, the filter and the products per half)
+BACKWARD_TILES = [dict(BLOCK_V=128, HALVES=False), dict(BLOCK_V=256, HALVES=False), dict(BLOCK_V=256, HALVES=True)]
 SPLIT_SWEEP = [dict(DH_BLOCK_N=128, DH_BLOCK_V=128, DW_BLOCK_N=128, DW_BLOCK_V=128),
                dict(DH_BLOCK_V=128, DW_BLOCK_N=128), dict(BLOCK_D=32, num_stages=4), dict(BLOCK_O=128),
                dict(DH_SPLITS=2)]
@@ -105,14 +109,21 @@ def _tiles_name(tiles: dict) -> str:
 
 class _Tiles:
     """Context: a kernel module's default tiles (``module.<attr>(dtype, interpret)``) overridden by ``tiles``
-    (the fused kernel's default_config by default: forward and backward of one step)."""
+    (the fused kernel's default_config by default: forward and backward of one step; with ``backward_only`` the
+    forward keeps its default tile, FWD_BLOCK_V pinned)."""
 
-    def __init__(self, tiles: dict, module=fused_kernel, attr: str = "default_config"):
-        self.tiles, self.module, self.attr = tiles, module, attr
+    def __init__(self, tiles: dict, module=fused_kernel, attr: str = "default_config", backward_only: bool = False):
+        self.tiles, self.module, self.attr, self.backward_only = tiles, module, attr, backward_only
 
     def __enter__(self):
         self.orig = orig = getattr(self.module, self.attr)
-        setattr(self.module, self.attr, lambda *a, **k: {**orig(*a, **k), **self.tiles})
+
+        def patched(*a, **k):
+            cfg = orig(*a, **k)
+            pin = {"FWD_BLOCK_V": cfg.get("FWD_BLOCK_V", cfg["BLOCK_V"])} if self.backward_only else {}
+            return {**cfg, **pin, **self.tiles}
+
+        setattr(self.module, self.attr, patched)
 
     def __exit__(self, *exc):
         setattr(self.module, self.attr, self.orig)
@@ -162,6 +173,8 @@ def main() -> None:
     ap.add_argument("--workspace-arms", action="store_true", help="also time cggr with a 64 MiB workspace")
     ap.add_argument("--fused-sweep", action="store_true", help="also time the fused kernel under other tiles")
     ap.add_argument("--split-sweep", action="store_true", help="also time the split backward under other tiles")
+    ap.add_argument("--backward-tiles", action="store_true",
+                    help="also time the fused arms (exact, filter) under the BACKWARD_TILES backward tiles")
     ap.add_argument("--atomic", action="store_true", help="also time the fused kernel with accumulate='atomic'")
     ap.add_argument("--only", default="", help="comma list of substrings: time only arms whose name has one")
     ap.add_argument("--exclude", default="", help="comma list of substrings: skip arms whose name has one")
@@ -260,6 +273,10 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     if args.fused_sweep:
         for tiles in SWEEP:
             arms[f"cggr fused r=1.0 tiles {_tiles_name(tiles)}"] = (arms["cggr fused r=1.0"], tiles)
+    if args.backward_tiles:  # the tiled backward's tile with and without the gradient filter (forward unchanged)
+        for tiles in BACKWARD_TILES:
+            for base in ("cggr fused r=1.0", "cggr fused filter=2^-12 r=1.0"):
+                arms[f"{base} bwd tiles {_tiles_name(tiles)}"] = (arms[base], tiles, True)
     if args.workspace_arms:
         small = LinearCrossEntropyOptions(workspace_bytes=64 * 2**20)
         for r in (1.0, 0.25):
@@ -285,10 +302,10 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     results = {}
     steps_by_name = {}
     for name, fn in arms.items():
-        fn, tiles = fn if isinstance(fn, tuple) else (fn, None)
+        fn, tiles, bwd_only = (*fn, False)[:3] if isinstance(fn, tuple) else (fn, None, False)
 
-        def step(fn=fn, tiles=tiles):
-            with _Tiles(tiles) if tiles is not None else contextlib.nullcontext():
+        def step(fn=fn, tiles=tiles, bwd_only=bwd_only):
+            with _Tiles(tiles, backward_only=bwd_only) if tiles is not None else contextlib.nullcontext():
                 loss = fn(hidden, weight, targets)
                 return torch.autograd.grad(loss, (hidden, weight))
 

@@ -63,7 +63,13 @@ CANDIDATES = {
               # fewer registers (184), so the tile shape is open again; atomics per MAC ~ 1/BLOCK_N + 1/BLOCK_V
               {"_accumulate": "atomic", "BLOCK_V": 256}, {"_accumulate": "atomic", "BLOCK_N": 256},
               {"_accumulate": "atomic", "BLOCK_O": 128, "PROD_STAGES": 2}, {"_accumulate": "atomic", "PROD_STAGES": 4},
-              {"_accumulate": "atomic", "num_stages": 4}, {"_accumulate": "atomic", "num_warps": 4}],
+              {"_accumulate": "atomic", "num_stages": 4}, {"_accumulate": "atomic", "num_warps": 4},
+              # HALVES: the 128 x 256 tile as two 128-column halves (the gradient filter's granularity); '_filter'
+              # (static mode only) compiles the filtered kernel
+              {"_accumulate": "atomic", "BLOCK_V": 256, "HALVES": True},
+              {"_accumulate": "atomic", "BLOCK_V": 256, "HALVES": True, "_filter": True},
+              {"_accumulate": "atomic", "BLOCK_V": 256, "_filter": True},
+              {"_accumulate": "atomic", "_filter": True}],
     # split: 128 x 256 (d_hidden) / 256 x 128 (d_weight) tiles move ~36% fewer bytes per MAC than 64 x 256 /
     # 256 x 64; d_hidden with 128-row blocks has R / 128 programs (64 at R = 8192: DH_SPLITS=1 leaves SMs idle,
     # the default S = SMs // blocks = 2 adds under per-chunk locks, DH_LOCK=block under one per row block)
@@ -88,7 +94,8 @@ def _name(over: dict) -> str:
 
 def _config(part: str, over: dict, dtype: torch.dtype, h: int) -> dict:
     """The kernel's heuristic tiles with ``over`` applied (key ``_accumulate``: the backward's ``accumulate``
-    argument, 'native' by default, kept in the dict for :func:`_run_part`)."""
+    argument, 'native' by default; key ``_filter``: the gradient filter at CCE's bf16 eps 2^-12; both kept in the
+    dict for :func:`_run_part`)."""
     smem = fz.smem_per_block(torch.device("cuda")) if torch.cuda.is_available() else None
     cfg_fn = fz.default_config if part in ("fwd", "tiled") else sp.split_config
     base = cfg_fn(dtype, False, h, smem)
@@ -101,7 +108,7 @@ def _run_part(part: str, cfg: dict, hid, wt, tgt, lse, row_w):
         return fz.forward_stats(hid, wt, None, tgt, ignore_index=-100, softcap=None, config=cfg)[0]
     cfg = dict(cfg)
     kw = dict(ignore_index=-100, softcap=None, need_bias_grad=False, accumulate=cfg.pop("_accumulate", "native"),
-              config=cfg)
+              filter_eps=2.0**-12 if cfg.pop("_filter", False) else None, config=cfg)
     if part == "tiled":
         return fz.backward_selected(hid, wt, None, tgt, lse, row_w, None, need_hidden_grad=True,
                                     need_weight_grad=True, **kw)
@@ -298,16 +305,19 @@ def _static(args) -> None:
                     shape = f"{bn}x{bv}x{bd}"
                 elif part == "tiled":
                     bn, bv, bd, bo = c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_D"], c["BLOCK_O"]
+                    halves = bool(c.get("HALVES", False))
+                    bvw = bv // 2 if halves else bv
                     sig = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
                            "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32",
-                           "HD": desc((bn, bd), tma), "WD": desc((bv, bd), tma), "HOD": desc((bn, bo), tma),
-                           "WOD": desc((bv, bo), tma), "R": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
+                           "HD": desc((bn, bd), tma), "WD": desc((bvw, bd), tma), "HOD": desc((bn, bo), tma),
+                           "WOD": desc((bvw, bo), tma), "R": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
                            "stride_w": "i32", "softcap": "fp32", "filter_eps": "fp32"}
                     k = compile_one(fz._bwd_kernel, sig, dict(
                         HAS_BIAS=False, HAS_SOFTCAP=False, HAS_IDX=False, COMPUTE_DH=True, COMPUTE_DW=True,
-                        COMPUTE_DB=False, DH_ATOMIC=atomic, DW_ATOMIC=atomic, FILTER=False, BLOCK_N=bn, BLOCK_V=bv,
-                        BLOCK_D=bd, BLOCK_O=bo, GROUP_N=c["GROUP_N"], EVEN_D=True, EVEN_O=True,
-                        DOT_PRECISION="tf32", TMA_H=tma, TMA_W=tma, PROD_STAGES=c["PROD_STAGES"]),
+                        COMPUTE_DB=False, DH_ATOMIC=atomic, DW_ATOMIC=atomic, FILTER=bool(c.get("_filter")),
+                        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=c["GROUP_N"], EVEN_D=True,
+                        EVEN_O=True, DOT_PRECISION="tf32", TMA_H=tma, TMA_W=tma, PROD_STAGES=c["PROD_STAGES"],
+                        HALVES=halves),
                         c["num_warps"], c["num_stages"])
                     shape = f"{bn}x{bv}x{bd} o{bo}"
                 else:
@@ -335,7 +345,7 @@ def _static(args) -> None:
                     shape = f"{bn}x{bv}x{bd} o{bo}"
                 print(f"{part:5} {shape:16} {_name(over):44} {facts(k)}", flush=True)
             except (CompilationError, OutOfResources, RuntimeError, ValueError) as e:  # reported, not hidden
-                print(f"{part:5} {'':16} {_name(over):44} not compiled: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{part:5} {'':16} {_name(over):44} not compiled: {type(e).__name__}: {str(e)[:3000]}")
 
 
 def main() -> None:

@@ -161,6 +161,58 @@ def test_wide_backward_tile_matches_naive_fp16():
         assert rel_err(a, c) <= GRAD_TOL[torch.float16], rel_err(a, c)
 
 
+def _backward(h, w, b, t, stats, row_w, idx, cfg, accumulate="atomic", filter_eps=None, softcap=None):
+    return fz.backward_selected(h, w, b, t, stats[0], row_w, idx, ignore_index=-100, softcap=softcap,
+                                need_hidden_grad=True, need_weight_grad=True, need_bias_grad=b is not None,
+                                accumulate=accumulate, filter_eps=filter_eps, config=cfg)
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,h,v,softcap,selected", [(150, 72, 301, None, False), (37, 40, 97, 4.0, True),
+                                                      (1, 24, 50, None, False)])
+def test_halves_tile_matches_naive(dtype, n, h, v, softcap, selected):
+    """HALVES (the tile's logits GEMM and products as two half tiles) at odd N, H, V, with softcap, bias, ignored
+    rows and selected rows (pointer-gathered operands), against the fp64 reference."""
+    hidden, weight, b, t = lce_inputs((n,), h, v, dtype, seed=n + v + 5, bias=True)
+    hd, w, bb = hidden.detach(), weight.detach(), b.detach()
+    mask = t != -100
+    idx = None
+    if selected:  # every other valid row, padded with a zero-weight row
+        sel = mask.nonzero().squeeze(1)[::2]
+        mask = torch.zeros_like(mask).index_fill_(0, sel, True)
+        idx = torch.cat([sel, sel.new_zeros(1) + int((~mask).nonzero()[0])])
+    _, ref = lce_naive(hidden, weight, b, t, mask, softcap, "mean")
+    cfg = {**fz.default_config(dtype, True), "HALVES": True}
+    stats, _ = fz.forward_stats(hd, w, bb, t, ignore_index=-100, softcap=softcap, config=cfg)
+    got = _backward(hd, w, bb, t, stats, mask.float() / mask.sum(), idx, cfg, softcap=softcap)
+    for a, c in zip(got, ref):
+        assert rel_err(a, c) <= GRAD_TOL[dtype], rel_err(a, c)
+
+
+@needs_interp
+def test_halves_tile_filters_like_the_half_width_tile():
+    """With the gradient filter a halves tile skips each half on its own: the gradients equal those of the plain
+    tile of half the width with the same eps (fp32: same products, atomic adds in another order)."""
+    hidden, weight, b, t = lce_inputs((40,), 16, 600, torch.float32, seed=13, bias=True, ignore_every=7, scale=20.0)
+    t[::3] = 5  # a peaked softmax and repeated targets: some half tiles are skipped, some kept
+    hd, w, bb = hidden.detach(), weight.detach(), b.detach()
+    base = fz.default_config(torch.float32, True)
+    stats, _ = fz.forward_stats(hd, w, bb, t, ignore_index=-100, softcap=None, config=base)
+    row_w = (t != -100).float()
+    got = {}
+    for eps in (0.03, 1e-30):
+        narrow = _backward(hd, w, bb, t, stats, row_w, None, {**base, "BLOCK_V": 16}, filter_eps=eps)
+        got[eps] = _backward(hd, w, bb, t, stats, row_w, None, {**base, "HALVES": True}, filter_eps=eps)
+        for a, c in zip(got[eps], narrow):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    wide = _backward(hd, w, bb, t, stats, row_w, None, base, filter_eps=0.03)
+    # the whole tile skips less than its halves at this eps, and both skip something
+    assert not torch.equal(wide[1], got[0.03][1]) and not torch.equal(wide[1], got[1e-30][1])
+    with pytest.raises(ValueError, match="HALVES"):
+        _backward(hd.half(), w.half(), None, t, stats, row_w, None, {**base, "HALVES": True}, accumulate="native")
+
+
 @needs_interp
 def test_wide_forward_tile_gives_the_same_scores():
     """The H100/H200 forward tile for H > 1024 (128 x 256) against the default tile, odd N and V."""

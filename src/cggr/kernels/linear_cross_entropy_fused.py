@@ -101,6 +101,43 @@ except ImportError:
 
 # ---------------------------------------------------------------------------------------------- shared tile
 @triton.jit
+def _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA_H: tl.constexpr):
+    """[BN, BD] hidden operand of the GEMM step at depth ``d0``: the TMA block of HD at (row0, d0), or gathered
+    with pointers from ``h_base`` [BN, 1] (the rows' pointers, hoisted out of the loop), masked to zero."""
+    if TMA_H:
+        return HD.load([row0, d0])
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    ptrs = h_base + offs_d[None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _w_step(WD, w_base, col_mask, col0, d0, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA_W: tl.constexpr):
+    """[BD, BV] (transposed) weight operand of the GEMM step at depth ``d0``, as :func:`_h_step` (``w_base``
+    [1, BV] the columns' row pointers)."""
+    if TMA_W:
+        return WD.load([col0, d0]).T
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    ptrs = w_base + offs_d[:, None]
+    if EVEN_D:
+        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
+    return tl.load(ptrs, mask=col_mask[None, :] & (offs_d < D)[:, None], other=0.0)
+
+
+@triton.jit
+def _logits_epilogue(acc, Bias, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Bias and softcap applied to an fp32 logits tile."""
+    if HAS_BIAS:
+        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap_fn(acc, softcap)
+    return acc
+
+
+@triton.jit
 def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -112,36 +149,67 @@ def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0,
     an operand tile is fetched by the tensor-memory accelerator from the descriptor HD ([N, H], block
     [BN, BD]) at row ``row0`` / WD ([V, H], block [BV, BD]) at row ``col0``, out-of-bounds rows and columns
     zero-filled: no per-thread addresses or masks (registers freed for the tile's epilogue). Otherwise the tile
-    is gathered with pointers (``rows`` may be any row indices) hoisted out of the loop, masked to zero.
+    is gathered with pointers (``rows`` may be any row indices), masked to zero.
     """
-    offs_d = tl.arange(0, BLOCK_D)
     h_base = H + rows[:, None] * stride_h  # [BN, 1]
     w_base = W + cols[None, :] * stride_w  # [1, BV]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        if TMA_H:
-            h = HD.load([row0, d0])  # [BN, BD]
-        elif EVEN_D:
-            h = tl.load(h_base + (d0 + offs_d)[None, :], mask=row_mask[:, None], other=0.0)
-        else:
-            h = tl.load(h_base + (d0 + offs_d)[None, :], mask=row_mask[:, None] & ((d0 + offs_d) < D)[None, :],
-                        other=0.0)
-        if TMA_W:
-            w = WD.load([col0, d0]).T  # [BD, BV]
-        elif EVEN_D:
-            w = tl.load(w_base + (d0 + offs_d)[:, None], mask=col_mask[None, :], other=0.0)
-        else:
-            w = tl.load(w_base + (d0 + offs_d)[:, None], mask=col_mask[None, :] & ((d0 + offs_d) < D)[:, None],
-                        other=0.0)
+        h = _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D, EVEN_D, TMA_H)  # [BN, BD]
+        w = _w_step(WD, w_base, col_mask, col0, d0, D, BLOCK_D, EVEN_D, TMA_W)  # [BD, BV]
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
+    return _logits_epilogue(acc, Bias, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def _logits_halves(H, W, Bias, HD, WD, rows, row_mask, row0, cols_a, mask_a, col0, cols_b, mask_b, D, stride_h,
+                   stride_w, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HALF_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr):
+    """The [BN, 2·HV] logits tile of :func:`_logits_tile` as two [BN, HV] halves (columns col0 + [0, HV) and
+    col0 + HV + [0, HV); WD's block is [HV, BD]): each hidden step is loaded once for both halves (the wide
+    tile's operand traffic), and the halves are separate register tensors that the caller can use or skip."""
+    h_base = H + rows[:, None] * stride_h  # [BN, 1]
+    wa_base = W + cols_a[None, :] * stride_w  # [1, HV]
+    wb_base = W + cols_b[None, :] * stride_w
+    acc_a = tl.zeros((BLOCK_N, HALF_V), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N, HALF_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        h = _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D, EVEN_D, TMA_H)  # [BN, BD]
+        w_a = _w_step(WD, wa_base, mask_a, col0, d0, D, BLOCK_D, EVEN_D, TMA_W)  # [BD, HV]
+        w_b = _w_step(WD, wb_base, mask_b, col0 + HALF_V, d0, D, BLOCK_D, EVEN_D, TMA_W)
+        acc_a = tl.dot(h, w_a, acc_a, input_precision=DOT_PRECISION)
+        acc_b = tl.dot(h, w_b, acc_b, input_precision=DOT_PRECISION)
+    return (_logits_epilogue(acc_a, Bias, cols_a, mask_a, softcap, HAS_BIAS, HAS_SOFTCAP),
+            _logits_epilogue(acc_b, Bias, cols_b, mask_b, softcap, HAS_BIAS, HAS_SOFTCAP))
+
+
+@triton.jit
+def _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, BLOCK_V: tl.constexpr):
+    """Unweighted gradient g = softmax - onehot(target) of a [BN, BV] logits tile ``zc`` (columns col0 + lcols,
+    ``lse`` [BN] the rows' log-sum-exp, ``tgt`` [BN] targets, negative: none), zero on masked columns; also the
+    target mask ``is_t`` [BN, BV] and the target's column within the tile ``ltgt`` [BN] int32 (-1: not here)."""
+    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
+    p = tl.where(col_mask[None, :], p, 0.0)
+    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)
+    is_t = lcols[None, :] == ltgt[:, None]
+    return tl.where(is_t, p - 1.0, p), is_t, ltgt
+
+
+@triton.jit
+def _live_max(g, w_row):
+    """max |g| over the rows of nonzero weight: the gradient filter skips the tile when it is below eps."""
+    return tl.max(tl.max(tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _weighted(g, zc, w_row, softcap, HAS_SOFTCAP: tl.constexpr):
+    """g · w_row (· the softcap's derivative 1 - (zc / softcap)²): the gradient w.r.t. the pre-softcap logits."""
+    g = g * w_row[:, None]
     if HAS_SOFTCAP:
-        zc = softcap_fn(acc, softcap)
-    else:
-        zc = acc
-    return zc
+        y = zc / softcap
+        g = g * (1.0 - y * y)
+    return g
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -395,7 +463,7 @@ def _bwd_kernel(
     DH_ATOMIC: tl.constexpr, DW_ATOMIC: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr,
+    TMA_H: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr, HALVES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_nb = tl.cdiv(R, BLOCK_N)
@@ -417,42 +485,190 @@ def _bwd_kernel(
     if tl.max(tl.abs(w_row), axis=0) == 0.0:
         return  # ignored or padding rows only: their gradient is exactly zero
     col0 = pid_v * BLOCK_V
-    lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
-    zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
-                      HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
-    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)  # -1: not in the tile
-    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
-    p = tl.where(col_mask[None, :], p, 0.0)
-    is_t = lcols[None, :] == ltgt[:, None]
-    g = tl.where(is_t, p - 1.0, p)
+    n_oc = tl.cdiv(D, BLOCK_O)
+    if HALVES:
+        _bwd_tile_halves(H, W, Bias, HD, WD, HOD, WOD, DH, DW, DB, CT, rows, offs_r, row_mask, row0, col0, lse, tgt,
+                         w_row, pid_n, pid_v, V, D, stride_h, stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP,
+                         COMPUTE_DH, COMPUTE_DW, COMPUTE_DB, FILTER, BLOCK_N, BLOCK_V // 2, BLOCK_D, BLOCK_O, EVEN_D,
+                         EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
+    else:  # (an early return in a compile-time branch does not stop the code after it from being compiled)
+        lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
+        zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w,
+                          softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H,
+                          TMA_W)
+        g, is_t, ltgt = _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, BLOCK_V)
+        if FILTER:  # noqa: SIM102 - a compile-time branch around a runtime one: Triton's `and` would mix them
+            if _live_max(g, w_row) < filter_eps:
+                return
+        g = _weighted(g, zc, w_row, softcap, HAS_SOFTCAP)
+        _tile_sums(g, is_t, ltgt, cols, col_mask, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
+        gb = g.to(H.dtype.element_ty)
+        if COMPUTE_DH:  # without the target column (its coefficient is in CT)
+            gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
+        # rotated start chunk: the programs that share a lock row (same row block for d_hidden, same vocabulary
+        # block for d_weight) differ in the other tile index and so take different locks first
+        if COMPUTE_DH:
+            _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D,
+                         stride_w, stride_h, w_row, 2 if DH_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False,
+                         TMA_W, PROD_STAGES)
+        if COMPUTE_DW:
+            _product_add(tl.trans(gb), H, HOD, rows, row_mask, row0, DW, cols, col_mask, LOCK_W + pid_v * n_oc,
+                         pid_n, D, stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION,
+                         False, TMA_H, PROD_STAGES)
+
+
+@triton.jit
+def _half_grad(zc, lse, tgt, col0, lcols, col_mask, w_row, softcap, filter_eps, HAS_SOFTCAP: tl.constexpr,
+               FILTER: tl.constexpr, HALF_V: tl.constexpr):
+    """Weighted gradient of one [BN, HV] half tile, its target mask and column, and whether it is kept (with
+    FILTER: not every |softmax - onehot| of a weighted row below eps; without: an unused placeholder)."""
+    g, is_t, ltgt = _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, HALF_V)
     if FILTER:
-        live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
-        if tl.max(tl.max(live, axis=1), axis=0) < filter_eps:
-            return
-    g = g * w_row[:, None]
-    if HAS_SOFTCAP:
-        y = zc / softcap
-        g = g * (1.0 - y * y)
+        keep = _live_max(g, w_row) >= filter_eps
+    else:
+        keep = tl.max(w_row, axis=0) != 0.0  # unused
+    return _weighted(g, zc, w_row, softcap, HAS_SOFTCAP), is_t, ltgt, keep
+
+
+@triton.jit
+def _bwd_tile_halves(H, W, Bias, HD, WD, HOD, WOD, DH, DW, DB, CT, rows, offs_r, row_mask, row0, col0, lse, tgt,
+                     w_row, pid_n, pid_v, V, D, stride_h, stride_w, softcap, filter_eps, HAS_BIAS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, HALF_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
+                     PROD_STAGES: tl.constexpr):
+    """The [BN, 2·HV] tile of :func:`_bwd_kernel` (HALVES; atomic adds only) as two [BN, HV] halves a, b: one
+    logits GEMM for both (:func:`_logits_halves`), then the gradient filter, d_bias, the target coefficients and
+    the products per half, so that a half whose gradient is below eps costs no products (the narrow tile's skip
+    rate at the wide tile's GEMM cost). d_hidden takes both halves' products in one sum per H chunk
+    (:func:`_dh_halves`); d_weight's rows are per half anyway (:func:`_dw_halves`)."""
+    lcols, cols_a, mask_a = _tile_columns(col0, V, HALF_V)
+    _lc, cols_b, mask_b = _tile_columns(col0 + HALF_V, V, HALF_V)
+    za, zb = _logits_halves(H, W, Bias, HD, WD, rows, row_mask, row0, cols_a, mask_a, col0, cols_b, mask_b, D,
+                            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, HALF_V, BLOCK_D, EVEN_D,
+                            DOT_PRECISION, TMA_H, TMA_W)
+    ga, is_ta, ltgt_a, keep_a = _half_grad(za, lse, tgt, col0, lcols, mask_a, w_row, softcap, filter_eps,
+                                           HAS_SOFTCAP, FILTER, HALF_V)
+    gb, is_tb, ltgt_b, keep_b = _half_grad(zb, lse, tgt, col0 + HALF_V, lcols, mask_b, w_row, softcap, filter_eps,
+                                           HAS_SOFTCAP, FILTER, HALF_V)
+    if FILTER:
+        if keep_a:
+            _tile_sums(ga, is_ta, ltgt_a, cols_a, mask_a, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
+        if keep_b:
+            _tile_sums(gb, is_tb, ltgt_b, cols_b, mask_b, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
+    else:
+        _tile_sums(ga, is_ta, ltgt_a, cols_a, mask_a, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
+        _tile_sums(gb, is_tb, ltgt_b, cols_b, mask_b, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
+    dt = H.dtype.element_ty
+    if FILTER:
+        if keep_a & keep_b:
+            _products_halves(ga, gb, is_ta, is_tb, True, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
+                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
+                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
+        elif keep_a:
+            _products_halves(ga, gb, is_ta, is_tb, True, False, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
+                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
+                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
+        elif keep_b:
+            _products_halves(ga, gb, is_ta, is_tb, False, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
+                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
+                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
+    else:
+        _products_halves(ga, gb, is_ta, is_tb, True, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
+                         mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
+                         COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
+
+
+@triton.jit
+def _tile_sums(g, is_t, ltgt, cols, col_mask, DB, CT, offs_r, row_mask, COMPUTE_DB: tl.constexpr,
+               COMPUTE_DH: tl.constexpr):
+    """d_bias[cols] += Σ_rows g (fp32 atomics), and CT[rows] = the target column's g for the rows whose target is
+    in this tile (or half tile: a row's target is in one at most), added to d_hidden by _target_fixup_kernel."""
     if COMPUTE_DB:
         tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-    gb = g.to(H.dtype.element_ty)
     if COMPUTE_DH:
-        # target column: its coefficient is saved and added by _target_fixup_kernel after the accumulation
-        has_t = row_mask & (ltgt >= 0)
-        tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=has_t)
-        gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
-    n_oc = tl.cdiv(D, BLOCK_O)
-    # rotated start chunk: the programs that share a lock row (same row block for d_hidden, same vocabulary
-    # block for d_weight) differ in the other tile index and so take different locks first
-    if COMPUTE_DH:
-        _product_add(gh, W, WOD, cols, col_mask, col0, DH, rows, row_mask, LOCK_H + pid_n * n_oc, pid_v, D, stride_w,
-                     stride_h, w_row, 2 if DH_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_W, PROD_STAGES)
+        tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=row_mask & (ltgt >= 0))
+
+
+@triton.jit
+def _products_halves(ga, gb, is_ta, is_tb, USE_A: tl.constexpr, USE_B: tl.constexpr, H, W, HOD, WOD, DH, DW, rows,
+                     row_mask, row0, cols_a, mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w,
+                     dt: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, HALF_V: tl.constexpr,
+                     BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr,
+                     TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr):
+    """d_hidden and d_weight products of the kept halves (USE_A / USE_B) of a halves tile, atomic adds."""
+    if COMPUTE_DH:  # the target column is added by _target_fixup_kernel
+        _dh_halves(tl.where(is_ta, 0.0, ga).to(dt), tl.where(is_tb, 0.0, gb).to(dt), USE_A, USE_B, W, WOD, cols_a,
+                   mask_a, cols_b, mask_b, col0, DH, rows, row_mask, pid_v, D, stride_w, stride_h, HALF_V, BLOCK_O,
+                   EVEN_O, DOT_PRECISION, TMA_W, PROD_STAGES)
     if COMPUTE_DW:
-        _product_add(tl.trans(gb), H, HOD, rows, row_mask, row0, DW, cols, col_mask, LOCK_W + pid_v * n_oc, pid_n, D,
-                     stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION, False, TMA_H,
-                     PROD_STAGES)
+        _dw_halves(tl.trans(ga.to(dt)), tl.trans(gb.to(dt)), USE_A, USE_B, H, HOD, rows, row_mask, row0, DW, cols_a,
+                   mask_a, cols_b, mask_b, pid_n, D, stride_h, stride_w, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H,
+                   PROD_STAGES)
+
+
+@triton.jit
+def _dh_halves(Ga, Gb, USE_A: tl.constexpr, USE_B: tl.constexpr, W, WOD, cols_a, mask_a, cols_b, mask_b, col0, DH,
+               rows, row_mask, start, D, stride_w, stride_h, HALF_V: tl.constexpr, BLOCK_O: tl.constexpr,
+               EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr):
+    """DH[rows, c] += Ga @ W[cols_a, c] + Gb @ W[cols_b, c] (the used halves) for every BO-wide chunk c of D from
+    chunk ``start`` on (cyclic), one atomic add per chunk; pipelined like :func:`_product_add`'s MODE 2."""
+    n_oc = tl.cdiv(D, BLOCK_O)
+    offs_o = tl.arange(0, BLOCK_O)
+    wa_base = W + cols_a[:, None] * stride_w  # [HV, 1]
+    wb_base = W + cols_b[:, None] * stride_w
+    dst_base = DH + rows[:, None] * stride_h  # [BN, 1]
+    start = start % n_oc
+    for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
+        oc = start + i
+        oc = tl.where(oc >= n_oc, oc - n_oc, oc)
+        od = oc * BLOCK_O + offs_o
+        if EVEN_O:
+            m_out = row_mask[:, None]
+        else:
+            m_out = row_mask[:, None] & (od < D)[None, :]
+        if USE_A:
+            part = tl.dot(Ga, _load_src(WOD, wa_base, mask_a, col0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_W),
+                          input_precision=DOT_PRECISION)  # [BN, BO] fp32
+            if USE_B:
+                part = tl.dot(Gb, _load_src(WOD, wb_base, mask_b, col0 + HALF_V, oc * BLOCK_O, offs_o, D, EVEN_O,
+                                            TMA_W), part, input_precision=DOT_PRECISION)
+        else:
+            part = tl.dot(Gb, _load_src(WOD, wb_base, mask_b, col0 + HALF_V, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_W),
+                          input_precision=DOT_PRECISION)
+        tl.atomic_add(dst_base + od[None, :], part, mask=m_out, sem="relaxed")
+
+
+@triton.jit
+def _dw_halves(GaT, GbT, USE_A: tl.constexpr, USE_B: tl.constexpr, H, HOD, rows, row_mask, row0, DW, cols_a, mask_a,
+               cols_b, mask_b, start, D, stride_h, stride_w, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, PROD_STAGES: tl.constexpr):
+    """DW[cols_a, c] += GaT @ H[rows, c] and DW[cols_b, c] += GbT @ H[rows, c] (the used halves) for every BO-wide
+    chunk c of D from chunk ``start`` on (cyclic); the hidden chunk is loaded once for both halves."""
+    n_oc = tl.cdiv(D, BLOCK_O)
+    offs_o = tl.arange(0, BLOCK_O)
+    src_base = H + rows[:, None] * stride_h  # [BN, 1]
+    da_base = DW + cols_a[:, None] * stride_w  # [HV, 1]
+    db_base = DW + cols_b[:, None] * stride_w
+    start = start % n_oc
+    for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
+        oc = start + i
+        oc = tl.where(oc >= n_oc, oc - n_oc, oc)
+        od = oc * BLOCK_O + offs_o
+        src = _load_src(HOD, src_base, row_mask, row0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_H)  # [BN, BO]
+        if EVEN_O:
+            col_ok = True
+        else:
+            col_ok = (od < D)[None, :]
+        if USE_A:
+            tl.atomic_add(da_base + od[None, :], tl.dot(GaT, src, input_precision=DOT_PRECISION),
+                          mask=mask_a[:, None] & col_ok, sem="relaxed")
+        if USE_B:
+            tl.atomic_add(db_base + od[None, :], tl.dot(GbT, src, input_precision=DOT_PRECISION),
+                          mask=mask_b[:, None] & col_ok, sem="relaxed")
 
 
 @triton.jit
@@ -777,14 +993,19 @@ def backward_selected(
         bd = cfg["BLOCK_D"]
         tma_w = _tma_usable(cfg, hidden, weight)
         tma_h = tma_w and idx is None  # selected rows are gathered with pointers
+        halves = bool(cfg.get("HALVES", False))
+        if halves and not ((d_h is None or dh_fp32 or atomic) and (d_w is None or dw_fp32 or atomic)):
+            raise ValueError(f"config HALVES=True adds with atomics only; accumulate={accumulate!r} with "
+                             f"{hidden.dtype} inputs takes locks: use accumulate='atomic' or HALVES=False")
+        bvw = bv // 2 if halves else bv  # the weight blocks of a halves tile are half tiles
         LAST_LAUNCHED["bwd_tiled"] = _bwd_kernel[(n_nb * n_vb,)](
             hidden, weight, bias if bias is not None else hidden, targets, lse, row_weights,
             idx if idx is not None else targets,
             d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
             c_t,
             lock_h if lock_h is not None else targets, lock_w if lock_w is not None else targets,
-            _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
-            _descriptor(hidden, (bn, bo), tma_h), _descriptor(weight, (bv, bo), tma_w),
+            _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bvw, bd), tma_w),
+            _descriptor(hidden, (bn, bo), tma_h), _descriptor(weight, (bvw, bo), tma_w),
             r, vocab, d, hidden.stride(0), weight.stride(0),
             float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
@@ -792,7 +1013,7 @@ def backward_selected(
             DH_ATOMIC=dh_fp32 or atomic, DW_ATOMIC=dw_fp32 or atomic, FILTER=filter_eps is not None,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
             EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
-            TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
+            TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]), HALVES=halves,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if d_h is not None:
