@@ -65,27 +65,34 @@ SCRIPT = textwrap.dedent(
                 FLATTEN=flat, TMA_H=tma, TMA_W=tma), cfg["num_warps"], cfg["num_stages"])
             count += 1
         modes = ("fp32",) if dtype == torch.float32 else ("native", "atomic", "fp32_hidden", "fp32")
-        for mode in modes:
-            for bias, cap, idx, filt, even in ((False, False, False, False, True), (True, True, True, True, False)):
-                tma_w, tma_h = even, even and not idx  # as the launcher: selected rows are gathered with pointers
-                sig = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
-                       "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32",
-                       "HD": desc(p, tma_h and (bn, bd)), "WD": desc(p, tma_w and (bv, bd)),
-                       "HOD": desc(p, tma_h and (bn, bo)), "WOD": desc(p, tma_w and (bv, bo)), "R": "i32",
-                       "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
-                       "filter_eps": "fp32"}
-                dh32 = mode in ("fp32_hidden", "fp32")
-                if dh32:
-                    sig["DH"] = "*fp32"
-                if mode == "fp32":
-                    sig["DW"] = "*fp32"
-                compile_one(fz._bwd_kernel, sig, dict(
-                    HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, COMPUTE_DH=True, COMPUTE_DW=True,
-                    COMPUTE_DB=bias, DH_ATOMIC=dh32 or mode == "atomic", DW_ATOMIC=mode in ("fp32", "atomic"),
-                    FILTER=filt, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"], EVEN_D=even,
-                    EVEN_O=even, DOT_PRECISION=prec, TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg["PROD_STAGES"]),
-                    cfg["num_warps"], cfg["num_stages"])
-                count += 1
+        # + the H100/H200 halves tile (128 x 256 as two halves: hardware atomics, every row, TMA)
+        wide = fz.default_config(dtype, False, 2048, 227 * 1024, wide_backward=True)
+        halves_runs = [] if dtype == torch.float32 else [("atomic", wide, (False, False, False, False, True)),
+                                                          ("atomic", wide, (True, True, False, True, True))]
+        variants = ((False, False, False, False, True), (True, True, True, True, False))
+        runs = [(m, cfg, v) for m in modes for v in variants]
+        for mode, c, (bias, cap, idx, filt, even) in runs + halves_runs:
+            bn, bv, bd, bo = c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_D"], c["BLOCK_O"]
+            bvw = bv // 2 if c["HALVES"] else bv
+            tma_w, tma_h = even, even and not idx  # as the launcher: selected rows are gathered with pointers
+            sig = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64",
+                   "DH": p, "DW": p, "DB": "*fp32", "CT": "*fp32", "LOCK_H": "*i32", "LOCK_W": "*i32",
+                   "HD": desc(p, tma_h and (bn, bd)), "WD": desc(p, tma_w and (bvw, bd)),
+                   "HOD": desc(p, tma_h and (bn, bo)), "WOD": desc(p, tma_w and (bvw, bo)), "R": "i32",
+                   "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "softcap": "fp32",
+                   "filter_eps": "fp32"}
+            dh32 = mode in ("fp32_hidden", "fp32")
+            if dh32:
+                sig["DH"] = "*fp32"
+            if mode == "fp32":
+                sig["DW"] = "*fp32"
+            compile_one(fz._bwd_kernel, sig, dict(
+                HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_IDX=idx, COMPUTE_DH=True, COMPUTE_DW=True,
+                COMPUTE_DB=bias, DH_ATOMIC=dh32 or mode == "atomic", DW_ATOMIC=mode in ("fp32", "atomic"),
+                FILTER=filt, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=c["GROUP_N"], EVEN_D=even,
+                EVEN_O=even, DOT_PRECISION=prec, TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=c["PROD_STAGES"],
+                HALVES=c["HALVES"]), c["num_warps"], c["num_stages"])
+            count += 1
         fix = {"DH": p, "W": p, "T": "*i64", "IDX": "*i64", "CT": "*fp32", "D": "i32", "stride_h": "i32",
                "stride_w": "i32"}
         compile_one(fz._target_fixup_kernel, fix, dict(HAS_IDX=True, BLOCK=1024), 4, 1)

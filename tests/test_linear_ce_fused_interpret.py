@@ -140,14 +140,14 @@ def test_tile_heuristic_takes_the_sweep_tiles_only_with_large_shared_memory():
     assert fz.default_config(torch.float16, False, 576, 227 * 1024) == {**base, "FWD_num_warps": 4}
     assert fz.default_config(torch.float32, False, 2048, 227 * 1024) == fz.default_config(torch.float32, False)
     wide = fz.default_config(torch.bfloat16, False, 576, 227 * 1024, wide_backward=True)
-    assert wide == {**base, "FWD_num_warps": 4, "BLOCK_V": 256, "FWD_BLOCK_V": 128}
+    assert wide == {**base, "FWD_num_warps": 4, "BLOCK_V": 256, "HALVES": True, "FWD_BLOCK_V": 128}
     assert fz.default_config(torch.bfloat16, False, 2048, 227 * 1024, wide_backward=True)["FWD_BLOCK_V"] == 256
     assert fz.default_config(torch.bfloat16, False, 2048, 163 * 1024, wide_backward=True) == base
 
 
 @needs_interp
 def test_wide_backward_tile_matches_naive_fp16():
-    """The H100/H200 tiled-backward tile with atomics (128 x 256, every row) at odd N, H, V."""
+    """The H100/H200 tiled-backward tile with atomics (128 x 256 as two halves, every row) at odd N, H, V."""
     hidden, weight, b, t = lce_inputs((150,), 72, 301, torch.float16, seed=37, bias=True)
     h, w, bb = hidden.detach(), weight.detach(), b.detach()
     mask = t != -100

@@ -711,8 +711,12 @@ def default_config(
     (``FWD_num_warps=4``: 1.39 passes at (16384, 576, 49152) instead of 1.75; the wide tile gave 1.56 there).
     The 128 x 256 tile spills through pointer loads (400 bytes), so it is taken only with TMA operands
     (H % 8 == 0). The tiled backward takes 128 x 256 tiles there when ``wide_backward`` (hardware atomics, every
-    row, TMA rows: 5.4 / 5.6 / 4.7 cuBLAS passes instead of 6.5 / 6.4 / 5.7 at the three benchmark shapes, 10
-    spilled bytes; atomics per MAC ~ 1 / BLOCK_N + 1 / BLOCK_V; benchmarks/results/h200/linear_ce_tiles_s5_case*.md).
+    row, TMA rows: 5.4 / 5.6 / 4.7 cuBLAS passes instead of 6.5 / 6.4 / 5.7 at the three benchmark shapes;
+    atomics per MAC ~ 1 / BLOCK_N + 1 / BLOCK_V; benchmarks/results/h200/linear_ce_tiles_s5_case*.md), computed
+    as two 128-column halves (``HALVES``): as fast exact (9.77 / 38.6 / 87.5 ms fwd+bwd vs 10.1 / 38.4 / 88.0),
+    and the gradient filter skips per half, i.e. as often as with 128-wide tiles (filter_eps=2^-12: 10.2 / 30.2 /
+    39.8 ms vs 9.99 / 35.0 / 44.2 whole, 11.6 / 33.0 / 44.3 at 128 x 128;
+    benchmarks/results/h200/linear_ce_halves.md).
     fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the
     correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests
     exercise several blocks per axis.
@@ -723,32 +727,32 @@ def default_config(
         hidden_size: H; ``None``: the H-dependent forward overrides are left out.
         smem_bytes: Shared memory a block may opt in to on the target GPU (:func:`smem_per_block`); ``None``:
             the large-shared-memory overrides are left out.
-        wide_backward: Whether the tiled backward adds with hardware atomics over every row with TMA operands
-            and no gradient filter (the case the 128 x 256 backward tile was timed in; a filter skips whole
-            tiles, and a smaller tile is skipped more often).
+        wide_backward: Whether the tiled backward adds with hardware atomics over every row (the case the
+            128 x 256 halves tile was timed in; it needs atomics, and selected rows are gathered with pointers).
 
     Returns:
         Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
-        num_warps, num_stages, PROD_STAGES (pipeline depth of the backward's product loops where they are
-        pipelined: 'atomic' / fp32 accumulation), TMA; optional forward-only overrides FWD_BLOCK_N, FWD_BLOCK_V,
+        HALVES (the backward's tile as two halves of BLOCK_V / 2 columns; atomic adds only), num_warps,
+        num_stages, PROD_STAGES (pipeline depth of the backward's product loops where they are pipelined:
+        'atomic' / fp32 accumulation), TMA; optional forward-only overrides FWD_BLOCK_N, FWD_BLOCK_V,
         FWD_BLOCK_D, FWD_num_warps, FWD_num_stages, and FLATTEN (flattened tile loop in the forward, off by
         default). A ``config`` argument of the launchers replaces this dict.
     """
     if interpret:
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BLOCK_O=16, GROUP_N=2, num_warps=1, num_stages=1,
-                    PROD_STAGES=1, TMA=True)
+                    PROD_STAGES=1, TMA=True, HALVES=False)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, BLOCK_O=32, GROUP_N=8, num_warps=8, num_stages=2,
-                    PROD_STAGES=2, TMA=True)
+                    PROD_STAGES=2, TMA=True, HALVES=False)
     cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, BLOCK_O=64, GROUP_N=8, num_warps=8, num_stages=3,
-               PROD_STAGES=3, TMA=True)
+               PROD_STAGES=3, TMA=True, HALVES=False)
     if hidden_size is not None and smem_bytes is not None and smem_bytes >= LARGE_SMEM_BYTES:
         if hidden_size <= 1024:
             cfg["FWD_num_warps"] = 4
         elif hidden_size % 8 == 0:
             cfg["FWD_BLOCK_V"] = 256
         if wide_backward and hidden_size % 8 == 0:
-            cfg.update(BLOCK_V=256, FWD_BLOCK_V=cfg.get("FWD_BLOCK_V", 128))  # the forward keeps its own tile
+            cfg.update(BLOCK_V=256, HALVES=True, FWD_BLOCK_V=cfg.get("FWD_BLOCK_V", 128))  # the forward: its own
     return cfg
 
 
@@ -983,7 +987,7 @@ def backward_selected(
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
         cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(dev),
-                                            wide_backward=atomic and idx is None and filter_eps is None))
+                                            wide_backward=atomic and idx is None))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
