@@ -336,7 +336,9 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
         rows.append({"logit_std": std, "N": n, "H": h, "V": v, "arm": name, "ms": ms})
         print(f"std={std} ({n},{h},{v}) {name}: {ms:.2f} ms", flush=True)
     # accuracy of the ratio-1 arms against the chunked kernel (fp32-accumulated gradients), same inputs
-    steps = {name: steps_by_name[name] for name in steps_by_name if "r=1.0" in name and name in results}
+    full = ("liger", "cce", "cce exact (filter_eps=None)")
+    steps = {name: steps_by_name[name] for name in steps_by_name if ("r=1.0" in name or name in full)
+             and name in results}
     if "cggr r=1.0" in steps:
         ref = steps["cggr r=1.0"]()
         for r in rows:
@@ -359,7 +361,7 @@ def _finish(rows: list[dict], args) -> None:
         "Inputs: hidden ~ N(0,1), weight ~ N(0, logit_std²/H) (logits ~ N(0, logit_std²)), targets uniform; "
         "CCE's gradient filter skips blocks whose softmax is below bf16 precision, so its time depends on the data. "
         "grad_rel_err_vs_chunked: max over (d hidden, d weight) of ||g - g_chunked|| / ||g_chunked|| against the "
-        "chunked kernel at ratio 1 (fp32-accumulated), same inputs; ratio-1 arms only."
+        "chunked kernel at ratio 1 (fp32-accumulated), same inputs; ratio-1 arms only (cggr, Liger, CCE)."
     )
     paths = write_results(args.name, rows, title="Fused linear cross-entropy: fwd+bwd time and memory",
                           notes=notes, columns=cols, out_dir=args.out)
