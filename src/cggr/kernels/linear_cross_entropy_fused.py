@@ -520,11 +520,12 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _half_grad(zc, lse, tgt, col0, lcols, col_mask, w_row, softcap, filter_eps, HAS_SOFTCAP: tl.constexpr,
-               FILTER: tl.constexpr, HALF_V: tl.constexpr):
-    """Weighted gradient of one [BN, HV] half tile, its target mask and column, and whether it is kept (with
-    FILTER: not every |softmax - onehot| of a weighted row below eps; without: an unused placeholder)."""
-    g, is_t, ltgt = _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, HALF_V)
+def _tile_grad(zc, lse, tgt, col0, lcols, col_mask, w_row, softcap, filter_eps, HAS_SOFTCAP: tl.constexpr,
+               FILTER: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Weighted gradient of a [BN, BV] logits tile (or half tile), its target mask and column, and whether it is
+    kept (with FILTER: not every |softmax - onehot| of a weighted row below eps; without: an unused placeholder,
+    the callers branch on FILTER first)."""
+    g, is_t, ltgt = _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, BLOCK_V)
     if FILTER:
         keep = _live_max(g, w_row) >= filter_eps
     else:
@@ -550,9 +551,9 @@ def _bwd_tile_halves(H, W, Bias, HD, WD, HOD, WOD, DH, DW, DB, CT, rows, offs_r,
     za, zb = _logits_halves(H, W, Bias, HD, WD, rows, row_mask, row0, cols_a, mask_a, col0, cols_b, mask_b, D,
                             stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, HALF_V, BLOCK_D, EVEN_D,
                             DOT_PRECISION, TMA_H, TMA_W)
-    ga, is_ta, ltgt_a, keep_a = _half_grad(za, lse, tgt, col0, lcols, mask_a, w_row, softcap, filter_eps,
+    ga, is_ta, ltgt_a, keep_a = _tile_grad(za, lse, tgt, col0, lcols, mask_a, w_row, softcap, filter_eps,
                                            HAS_SOFTCAP, FILTER, HALF_V)
-    gb, is_tb, ltgt_b, keep_b = _half_grad(zb, lse, tgt, col0 + HALF_V, lcols, mask_b, w_row, softcap, filter_eps,
+    gb, is_tb, ltgt_b, keep_b = _tile_grad(zb, lse, tgt, col0 + HALF_V, lcols, mask_b, w_row, softcap, filter_eps,
                                            HAS_SOFTCAP, FILTER, HALF_V)
     if FILTER:
         if keep_a:

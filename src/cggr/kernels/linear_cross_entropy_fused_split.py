@@ -95,6 +95,7 @@ from cggr.kernels.linear_cross_entropy_fused import (
     _product_add,
     _target_fixup_kernel,
     _tile_columns,
+    _tile_grad,
     _tma_usable,
     gradient_accumulators,
     in_input_dtypes,
@@ -119,20 +120,8 @@ def _grad_tile(H, W, Bias, HD, WD, rows, row_mask, row0, col0, lse, tgt, w_row, 
     lcols, cols, col_mask = _tile_columns(col0, V, BLOCK_V)
     zc = _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, DOT_PRECISION, TMA_H, TMA_W)
-    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
-    p = tl.where(col_mask[None, :], p, 0.0)
-    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)  # -1: not in the tile
-    is_t = lcols[None, :] == ltgt[:, None]
-    g = tl.where(is_t, p - 1.0, p)
-    if FILTER:
-        live = tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0)
-        keep = tl.max(tl.max(live, axis=1), axis=0) >= filter_eps
-    else:
-        keep = tl.max(w_row, axis=0)  # unused
-    g = g * w_row[:, None]
-    if HAS_SOFTCAP:
-        y = zc / softcap
-        g = g * (1.0 - y * y)
+    g, is_t, _ltgt, keep = _tile_grad(zc, lse, tgt, col0, lcols, col_mask, w_row, softcap, filter_eps, HAS_SOFTCAP,
+                                      FILTER, BLOCK_V)
     return g, is_t, keep
 
 
