@@ -39,7 +39,7 @@ and the chunked kernel's forward alone.
 --fused-sweep also times 'cggr fused r=1.0' and the fused forward / backward parts under other tile
 configurations (SWEEP: overrides of the fused kernel's default_config), for tuning; --split-sweep the split
 backward and 'split_fwd' forward parts under SPLIT_SWEEP (overrides of
-linear_cross_entropy_fused_split.split_config); --backward-tiles the fused arms (exact and filtered) under the
+linear_cross_entropy_fused_split.split_config); --backward-tiles the fused arms (exact, filtered, ratio 0.25) under the
 BACKWARD_TILES backward tiles.
 """
 
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--fused-sweep", action="store_true", help="also time the fused kernel under other tiles")
     ap.add_argument("--split-sweep", action="store_true", help="also time the split backward under other tiles")
     ap.add_argument("--backward-tiles", action="store_true",
-                    help="also time the fused arms (exact, filter) under the BACKWARD_TILES backward tiles")
+                    help="also time the fused arms (exact, filter, ratio 0.25) under the BACKWARD_TILES tiles")
     ap.add_argument("--atomic", action="store_true", help="also time the fused kernel with accumulate='atomic'")
     ap.add_argument("--only", default="", help="comma list of substrings: time only arms whose name has one")
     ap.add_argument("--exclude", default="", help="comma list of substrings: skip arms whose name has one")
@@ -273,9 +273,9 @@ def _bench_case(ci: int, extra: dict, args, std: float) -> list[dict]:
     if args.fused_sweep:
         for tiles in SWEEP:
             arms[f"cggr fused r=1.0 tiles {_tiles_name(tiles)}"] = (arms["cggr fused r=1.0"], tiles)
-    if args.backward_tiles:  # the tiled backward's tile with and without the gradient filter (forward unchanged)
+    if args.backward_tiles:  # the tiled backward's tile: exact, filtered, selected rows (forward unchanged)
         for tiles in BACKWARD_TILES:
-            for base in ("cggr fused r=1.0", "cggr fused filter=2^-12 r=1.0"):
+            for base in ("cggr fused r=1.0", "cggr fused filter=2^-12 r=1.0", "cggr fused r=0.25"):
                 arms[f"{base} bwd tiles {_tiles_name(tiles)}"] = (arms[base], tiles, True)
     if args.workspace_arms:
         small = LinearCrossEntropyOptions(workspace_bytes=64 * 2**20)

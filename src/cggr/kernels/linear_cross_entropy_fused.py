@@ -711,13 +711,14 @@ def default_config(
     (8192, 2048, 128256) / (8192, 2304, 256000) instead of 1.64 / 1.55), for H <= 1024 four warps
     (``FWD_num_warps=4``: 1.39 passes at (16384, 576, 49152) instead of 1.75; the wide tile gave 1.56 there).
     The 128 x 256 tile spills through pointer loads (400 bytes), so it is taken only with TMA operands
-    (H % 8 == 0). The tiled backward takes 128 x 256 tiles there when ``wide_backward`` (hardware atomics, every
+    (H % 8 == 0). The tiled backward takes 128 x 256 tiles there when ``wide_backward`` (hardware atomics; every
     row, TMA rows: 5.4 / 5.6 / 4.7 cuBLAS passes instead of 6.5 / 6.4 / 5.7 at the three benchmark shapes;
     atomics per MAC ~ 1 / BLOCK_N + 1 / BLOCK_V; benchmarks/results/h200/linear_ce_tiles_s5_case*.md), computed
     as two 128-column halves (``HALVES``): as fast exact (9.77 / 38.6 / 87.5 ms fwd+bwd vs 10.1 / 38.4 / 88.0),
     and the gradient filter skips per half, i.e. as often as with 128-wide tiles (filter_eps=2^-12: 10.2 / 30.2 /
     39.8 ms vs 9.99 / 35.0 / 44.2 whole, 11.6 / 33.0 / 44.3 at 128 x 128;
-    benchmarks/results/h200/linear_ce_halves.md).
+    benchmarks/results/h200/linear_ce_halves.md); over selected rows (ratio 0.25, hidden rows gathered with
+    pointers) 4.42 / 16.4 / 36.5 ms instead of 5.07 / 17.3 / 40.0 at 128 x 128 (linear_ce_halves_r025.md).
     fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the
     correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests
     exercise several blocks per axis.
@@ -728,8 +729,7 @@ def default_config(
         hidden_size: H; ``None``: the H-dependent forward overrides are left out.
         smem_bytes: Shared memory a block may opt in to on the target GPU (:func:`smem_per_block`); ``None``:
             the large-shared-memory overrides are left out.
-        wide_backward: Whether the tiled backward adds with hardware atomics over every row (the case the
-            128 x 256 halves tile was timed in; it needs atomics, and selected rows are gathered with pointers).
+        wide_backward: Whether the tiled backward adds with hardware atomics (the halves tile needs them).
 
     Returns:
         Keys: BLOCK_N, BLOCK_V, BLOCK_D (GEMM depth step), BLOCK_O (H chunk of the backward products), GROUP_N,
@@ -988,7 +988,7 @@ def backward_selected(
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
         cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(dev),
-                                            wide_backward=atomic and idx is None))
+                                            wide_backward=atomic))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
         lock_h = None if d_h is None or dh_fp32 or atomic else torch.zeros(n_nb * n_oc, dtype=torch.int32, device=dev)
