@@ -37,6 +37,11 @@ Backward (gradients of Σ_n w_n · nll_n over R rows: all N at ratio 1, or the K
         fp32 buffer cast at the end ('fp32_hidden': d_hidden only, 'fp32': both)
     _target_fixup_kernel grid (R): d_hidden[row] += c_t[row] · weight[target[row]]   (fp32, one rounding)
 
+With ``HALVES`` (the H100/H200 default where the adds are atomic: a 128 x 256 tile) every tile of _bwd_kernel is
+computed as two 128-column halves with the filter, sums and products per half
+(:mod:`cggr.kernels.linear_cross_entropy_fused_halves`). The tile-level helpers (logits tile, gradient epilogue,
+products) shared with the split backward are in :mod:`cggr.kernels._linear_ce_tiles`.
+
 Error model of the 'native' accumulation (bf16/fp16 outputs). Every tile partial is an fp32 sum (the tile
 GEMM of g rounded once to the input dtype, as in the chunked path); the partials of one output element are added
 in the output dtype, one rounding per add: d_hidden[n, :] receives ceil(V / BV) partials, d_weight[v, :]
@@ -91,125 +96,22 @@ import triton.language as tl
 from torch import Tensor
 
 from cggr.functional import ACCUMULATE_MODES
-from cggr.kernels._utils import LN2, LOG2E, NEG_BIG, softcap_fn
+from cggr.kernels._linear_ce_tiles import (
+    _live_max,
+    _logits_tile,
+    _product_add,
+    _softmax_grad,
+    _tile_columns,
+    _tile_sums,
+    _weighted,
+)
+from cggr.kernels._utils import LN2, LOG2E, NEG_BIG
+from cggr.kernels.linear_cross_entropy_fused_halves import _bwd_tile_halves
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them every tile is loaded through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:
     _TensorDescriptor = None
-
-
-# ---------------------------------------------------------------------------------------------- shared tile
-@triton.jit
-def _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA_H: tl.constexpr):
-    """[BN, BD] hidden operand of the GEMM step at depth ``d0``: the TMA block of HD at (row0, d0), or gathered
-    with pointers from ``h_base`` [BN, 1] (the rows' pointers, hoisted out of the loop), masked to zero."""
-    if TMA_H:
-        return HD.load([row0, d0])
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    ptrs = h_base + offs_d[None, :]
-    if EVEN_D:
-        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-    return tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _w_step(WD, w_base, col_mask, col0, d0, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TMA_W: tl.constexpr):
-    """[BD, BV] (transposed) weight operand of the GEMM step at depth ``d0``, as :func:`_h_step` (``w_base``
-    [1, BV] the columns' row pointers)."""
-    if TMA_W:
-        return WD.load([col0, d0]).T
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    ptrs = w_base + offs_d[:, None]
-    if EVEN_D:
-        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
-    return tl.load(ptrs, mask=col_mask[None, :] & (offs_d < D)[:, None], other=0.0)
-
-
-@triton.jit
-def _logits_epilogue(acc, Bias, cols, col_mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Bias and softcap applied to an fp32 logits tile."""
-    if HAS_BIAS:
-        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap_fn(acc, softcap)
-    return acc
-
-
-@triton.jit
-def _logits_tile(H, W, Bias, HD, WD, rows, row_mask, row0, cols, col_mask, col0, D, stride_h, stride_w, softcap,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr):
-    """[BN, BV] fp32 logits of the rows ``rows`` and vocabulary columns ``cols``, bias and softcap applied.
-
-    The GEMM loop runs over H in BD steps (the innermost loop: Triton's pipeliner stages both operands through
-    shared memory, ``num_stages`` deep, and the product lowers to warp-group MMA on sm_90). With TMA_H / TMA_W
-    an operand tile is fetched by the tensor-memory accelerator from the descriptor HD ([N, H], block
-    [BN, BD]) at row ``row0`` / WD ([V, H], block [BV, BD]) at row ``col0``, out-of-bounds rows and columns
-    zero-filled: no per-thread addresses or masks (registers freed for the tile's epilogue). Otherwise the tile
-    is gathered with pointers (``rows`` may be any row indices), masked to zero.
-    """
-    h_base = H + rows[:, None] * stride_h  # [BN, 1]
-    w_base = W + cols[None, :] * stride_w  # [1, BV]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        h = _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D, EVEN_D, TMA_H)  # [BN, BD]
-        w = _w_step(WD, w_base, col_mask, col0, d0, D, BLOCK_D, EVEN_D, TMA_W)  # [BD, BV]
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    return _logits_epilogue(acc, Bias, cols, col_mask, softcap, HAS_BIAS, HAS_SOFTCAP)
-
-
-@triton.jit
-def _logits_halves(H, W, Bias, HD, WD, rows, row_mask, row0, cols_a, mask_a, col0, cols_b, mask_b, D, stride_h,
-                   stride_w, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HALF_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr):
-    """The [BN, 2·HV] logits tile of :func:`_logits_tile` as two [BN, HV] halves (columns col0 + [0, HV) and
-    col0 + HV + [0, HV); WD's block is [HV, BD]): each hidden step is loaded once for both halves (the wide
-    tile's operand traffic), and the halves are separate register tensors that the caller can use or skip."""
-    h_base = H + rows[:, None] * stride_h  # [BN, 1]
-    wa_base = W + cols_a[None, :] * stride_w  # [1, HV]
-    wb_base = W + cols_b[None, :] * stride_w
-    acc_a = tl.zeros((BLOCK_N, HALF_V), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N, HALF_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        h = _h_step(HD, h_base, row_mask, row0, d0, D, BLOCK_D, EVEN_D, TMA_H)  # [BN, BD]
-        w_a = _w_step(WD, wa_base, mask_a, col0, d0, D, BLOCK_D, EVEN_D, TMA_W)  # [BD, HV]
-        w_b = _w_step(WD, wb_base, mask_b, col0 + HALF_V, d0, D, BLOCK_D, EVEN_D, TMA_W)
-        acc_a = tl.dot(h, w_a, acc_a, input_precision=DOT_PRECISION)
-        acc_b = tl.dot(h, w_b, acc_b, input_precision=DOT_PRECISION)
-    return (_logits_epilogue(acc_a, Bias, cols_a, mask_a, softcap, HAS_BIAS, HAS_SOFTCAP),
-            _logits_epilogue(acc_b, Bias, cols_b, mask_b, softcap, HAS_BIAS, HAS_SOFTCAP))
-
-
-@triton.jit
-def _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, BLOCK_V: tl.constexpr):
-    """Unweighted gradient g = softmax - onehot(target) of a [BN, BV] logits tile ``zc`` (columns col0 + lcols,
-    ``lse`` [BN] the rows' log-sum-exp, ``tgt`` [BN] targets, negative: none), zero on masked columns; also the
-    target mask ``is_t`` [BN, BV] and the target's column within the tile ``ltgt`` [BN] int32 (-1: not here)."""
-    p = tl.exp2(zc * LOG2E - (lse * LOG2E)[:, None])
-    p = tl.where(col_mask[None, :], p, 0.0)
-    ltgt = tl.where((tgt >= col0) & (tgt < col0 + BLOCK_V), tgt - col0, -1).to(tl.int32)
-    is_t = lcols[None, :] == ltgt[:, None]
-    return tl.where(is_t, p - 1.0, p), is_t, ltgt
-
-
-@triton.jit
-def _live_max(g, w_row):
-    """max |g| over the rows of nonzero weight: the gradient filter skips the tile when it is below eps."""
-    return tl.max(tl.max(tl.where((w_row != 0.0)[:, None], tl.abs(g), 0.0), axis=1), axis=0)
-
-
-@triton.jit
-def _weighted(g, zc, w_row, softcap, HAS_SOFTCAP: tl.constexpr):
-    """g · w_row (· the softcap's derivative 1 - (zc / softcap)²): the gradient w.r.t. the pre-softcap logits."""
-    g = g * w_row[:, None]
-    if HAS_SOFTCAP:
-        y = zc / softcap
-        g = g * (1.0 - y * y)
-    return g
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -245,14 +147,6 @@ def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
     if tl.max(((tgt >= 0) & (tgt < BLOCK_V)).to(tl.int32), axis=0) > 0:
         zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
     return new_ref, s, t, a1, a2, zt, e
-
-
-@triton.jit
-def _tile_columns(col0, V, BLOCK_V: tl.constexpr):
-    """Columns of the vocabulary tile starting at ``col0``: int32 index within the tile [BV], int64 column [BV],
-    and the mask of the columns below V."""
-    lcols = tl.arange(0, BLOCK_V)
-    return lcols, col0.to(tl.int64) + lcols, lcols < V - col0
 
 
 @triton.jit
@@ -358,103 +252,6 @@ def _merge_kernel(PART, STATS, T, N, S, ignore_index, BLOCK: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _accumulate(ptrs, val, mask, lock, USE_ATOMIC: tl.constexpr):
-    """``*ptrs += val`` for a tile: fp32 atomics, or a locked read-add-write in the buffer's dtype."""
-    if USE_ATOMIC:
-        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
-    else:
-        while tl.atomic_cas(lock, 0, 1) == 1:
-            pass
-        cur = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(ptrs, (cur.to(tl.float32) + val).to(ptrs.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # every thread's store is issued before the lock is released
-        tl.atomic_xchg(lock, 0)
-
-
-@triton.jit
-def _product_add(A, SRC, SD, src_rows, src_mask, src0, DST, dst_rows, dst_mask, LOCKS, start, D, stride_src,
-                 stride_dst, row_scale, MODE: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, TMA_SRC: tl.constexpr,
-                 PROD_STAGES: tl.constexpr):
-    """DST[dst_rows, c] += A @ SRC[src_rows, c] for every BO-wide chunk c of D, from chunk ``start`` on (cyclic).
-
-    MODE 0 (exclusive): plain load-add-store (with HAS_SCALE: DST = DST · row_scale[:, None] + A @ SRC);
-    1: under the chunk's lock ``LOCKS + c``; 2: atomic adds. With TMA_SRC the SRC chunk is the block at row
-    ``src0`` of the descriptor SD (block [len(src_rows), BO], out-of-bounds zero-filled), else gathered with
-    pointers (``src_rows`` any row indices).
-
-    MODE 0 / 2: the SRC chunk goes straight into the product from an address computed from the loop index only,
-    so that Triton's software pipeliner stages it through shared memory (PROD_STAGES deep) and the product
-    is an asynchronous warp-group MMA (sm_90) overlapped with the next chunks' loads; the DST chunk is loaded
-    before the product so that its latency overlaps it. MODE 1: the lock's spin loop inside the chunk loop
-    keeps the pipeliner out, so the next SRC chunk is prefetched by hand (into registers, through pointers)
-    before the lock is taken, and the product is issued before the lock (see the select below): the lock is held
-    for the read-add-write only.
-    """
-    n_oc = tl.cdiv(D, BLOCK_O)
-    offs_o = tl.arange(0, BLOCK_O)
-    src_base = SRC + src_rows[:, None] * stride_src  # [BK, 1]
-    dst_base = DST + dst_rows[:, None] * stride_dst  # [BM, 1]
-    start = start % n_oc
-    if MODE == 1:
-        # pointer loads: a TMA load outside the pipeliner would be waited for at once, a register load only at
-        # its first use (the next iteration)
-        oc = start
-        src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, False)
-        for _i in range(0, n_oc):
-            part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [BM, BO] fp32
-            nxt = oc + 1
-            nxt = tl.where(nxt >= n_oc, nxt - n_oc, nxt)
-            src = _load_src(SD, src_base, src_mask, src0, nxt * BLOCK_O, offs_o, D, EVEN_O, False)  # prefetch
-            od = oc * BLOCK_O + offs_o
-            if EVEN_O:
-                m_out = dst_mask[:, None]
-            else:
-                m_out = dst_mask[:, None] & (od < D)[None, :]
-            # the select keeps Triton from folding the add of the read-back into the product (dot(A, src, acc=cur)),
-            # which would move the MMA after the load, i.e. into the critical section (masked elements are not stored)
-            part = tl.where(m_out, part, 0.0)
-            _accumulate(dst_base + od[None, :], part, m_out, LOCKS + oc, False)
-            oc = nxt
-    else:
-        for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
-            oc = start + i
-            oc = tl.where(oc >= n_oc, oc - n_oc, oc)  # start < n_oc: one wrap at most
-            od = oc * BLOCK_O + offs_o
-            if EVEN_O:
-                m_out = dst_mask[:, None]
-            else:
-                m_out = dst_mask[:, None] & (od < D)[None, :]
-            ptrs = dst_base + od[None, :]
-            if MODE == 0:
-                cur = tl.load(ptrs, mask=m_out, other=0.0)
-            src = _load_src(SD, src_base, src_mask, src0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_SRC)  # [BK, BO]
-            part = tl.dot(A, src, input_precision=DOT_PRECISION)  # [BM, BO] fp32
-            if MODE == 0:
-                if HAS_SCALE:
-                    part = cur.to(tl.float32) * row_scale[:, None] + part
-                else:
-                    part = cur.to(tl.float32) + part
-                tl.store(ptrs, part.to(DST.dtype.element_ty), mask=m_out)
-            else:
-                _accumulate(ptrs, part, m_out, LOCKS + oc, True)
-        if MODE == 0:
-            # the caller's next tile re-reads these chunks, maybe from other threads of the CTA: order the stores
-            tl.debug_barrier()
-
-
-@triton.jit
-def _load_src(SD, src_base, src_mask, src0, o0, offs_o, D, EVEN_O: tl.constexpr, TMA_SRC: tl.constexpr):
-    """The [BK, BO] SRC chunk of columns o0 + offs_o: the TMA block of SD at (src0, o0), or through pointers."""
-    if TMA_SRC:
-        return SD.load([src0, o0])
-    od = o0 + offs_o
-    if EVEN_O:
-        return tl.load(src_base + od[None, :], mask=src_mask[:, None], other=0.0)
-    return tl.load(src_base + od[None, :], mask=src_mask[:, None] & (od < D)[None, :], other=0.0)
-
-
-@triton.jit
 def _bwd_kernel(
     H, W, Bias, T, LSE, WROW, IDX, DH, DW, DB, CT, LOCK_H, LOCK_W, HD, WD, HOD, WOD,
     R, V, D, stride_h, stride_w, softcap, filter_eps,
@@ -517,159 +314,6 @@ def _bwd_kernel(
             _product_add(tl.trans(gb), H, HOD, rows, row_mask, row0, DW, cols, col_mask, LOCK_W + pid_v * n_oc,
                          pid_n, D, stride_h, stride_w, w_row, 2 if DW_ATOMIC else 1, BLOCK_O, EVEN_O, DOT_PRECISION,
                          False, TMA_H, PROD_STAGES)
-
-
-@triton.jit
-def _tile_grad(zc, lse, tgt, col0, lcols, col_mask, w_row, softcap, filter_eps, HAS_SOFTCAP: tl.constexpr,
-               FILTER: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Weighted gradient of a [BN, BV] logits tile (or half tile), its target mask and column, and whether it is
-    kept (with FILTER: not every |softmax - onehot| of a weighted row below eps; without: an unused placeholder,
-    the callers branch on FILTER first)."""
-    g, is_t, ltgt = _softmax_grad(zc, lse, tgt, col0, lcols, col_mask, BLOCK_V)
-    if FILTER:
-        keep = _live_max(g, w_row) >= filter_eps
-    else:
-        keep = tl.max(w_row, axis=0) != 0.0  # unused
-    return _weighted(g, zc, w_row, softcap, HAS_SOFTCAP), is_t, ltgt, keep
-
-
-@triton.jit
-def _bwd_tile_halves(H, W, Bias, HD, WD, HOD, WOD, DH, DW, DB, CT, rows, offs_r, row_mask, row0, col0, lse, tgt,
-                     w_row, pid_n, pid_v, V, D, stride_h, stride_w, softcap, filter_eps, HAS_BIAS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr, HALF_V: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, EVEN_D: tl.constexpr, EVEN_O: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, TMA_W: tl.constexpr,
-                     PROD_STAGES: tl.constexpr):
-    """The [BN, 2·HV] tile of :func:`_bwd_kernel` (HALVES; atomic adds only) as two [BN, HV] halves a, b: one
-    logits GEMM for both (:func:`_logits_halves`), then the gradient filter, d_bias, the target coefficients and
-    the products per half, so that a half whose gradient is below eps costs no products (the narrow tile's skip
-    rate at the wide tile's GEMM cost). d_hidden takes both halves' products in one sum per H chunk
-    (:func:`_dh_halves`); d_weight's rows are per half anyway (:func:`_dw_halves`)."""
-    lcols, cols_a, mask_a = _tile_columns(col0, V, HALF_V)
-    _lc, cols_b, mask_b = _tile_columns(col0 + HALF_V, V, HALF_V)
-    za, zb = _logits_halves(H, W, Bias, HD, WD, rows, row_mask, row0, cols_a, mask_a, col0, cols_b, mask_b, D,
-                            stride_h, stride_w, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, HALF_V, BLOCK_D, EVEN_D,
-                            DOT_PRECISION, TMA_H, TMA_W)
-    ga, is_ta, ltgt_a, keep_a = _tile_grad(za, lse, tgt, col0, lcols, mask_a, w_row, softcap, filter_eps,
-                                           HAS_SOFTCAP, FILTER, HALF_V)
-    gb, is_tb, ltgt_b, keep_b = _tile_grad(zb, lse, tgt, col0 + HALF_V, lcols, mask_b, w_row, softcap, filter_eps,
-                                           HAS_SOFTCAP, FILTER, HALF_V)
-    if FILTER:
-        if keep_a:
-            _tile_sums(ga, is_ta, ltgt_a, cols_a, mask_a, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
-        if keep_b:
-            _tile_sums(gb, is_tb, ltgt_b, cols_b, mask_b, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
-    else:
-        _tile_sums(ga, is_ta, ltgt_a, cols_a, mask_a, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
-        _tile_sums(gb, is_tb, ltgt_b, cols_b, mask_b, DB, CT, offs_r, row_mask, COMPUTE_DB, COMPUTE_DH)
-    dt = H.dtype.element_ty
-    if FILTER:
-        if keep_a & keep_b:
-            _products_halves(ga, gb, is_ta, is_tb, True, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
-                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
-                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
-        elif keep_a:
-            _products_halves(ga, gb, is_ta, is_tb, True, False, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
-                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
-                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
-        elif keep_b:
-            _products_halves(ga, gb, is_ta, is_tb, False, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
-                             mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
-                             COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
-    else:
-        _products_halves(ga, gb, is_ta, is_tb, True, True, H, W, HOD, WOD, DH, DW, rows, row_mask, row0, cols_a,
-                         mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w, dt, COMPUTE_DH,
-                         COMPUTE_DW, HALF_V, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H, TMA_W, PROD_STAGES)
-
-
-@triton.jit
-def _tile_sums(g, is_t, ltgt, cols, col_mask, DB, CT, offs_r, row_mask, COMPUTE_DB: tl.constexpr,
-               COMPUTE_DH: tl.constexpr):
-    """d_bias[cols] += Σ_rows g (fp32 atomics), and CT[rows] = the target column's g for the rows whose target is
-    in this tile (or half tile: a row's target is in one at most), added to d_hidden by _target_fixup_kernel."""
-    if COMPUTE_DB:
-        tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
-    if COMPUTE_DH:
-        tl.store(CT + offs_r, tl.sum(tl.where(is_t, g, 0.0), axis=1), mask=row_mask & (ltgt >= 0))
-
-
-@triton.jit
-def _products_halves(ga, gb, is_ta, is_tb, USE_A: tl.constexpr, USE_B: tl.constexpr, H, W, HOD, WOD, DH, DW, rows,
-                     row_mask, row0, cols_a, mask_a, cols_b, mask_b, col0, pid_n, pid_v, D, stride_h, stride_w,
-                     dt: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, HALF_V: tl.constexpr,
-                     BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr,
-                     TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr):
-    """d_hidden and d_weight products of the kept halves (USE_A / USE_B) of a halves tile, atomic adds."""
-    if COMPUTE_DH:  # the target column is added by _target_fixup_kernel
-        _dh_halves(tl.where(is_ta, 0.0, ga).to(dt), tl.where(is_tb, 0.0, gb).to(dt), USE_A, USE_B, W, WOD, cols_a,
-                   mask_a, cols_b, mask_b, col0, DH, rows, row_mask, pid_v, D, stride_w, stride_h, HALF_V, BLOCK_O,
-                   EVEN_O, DOT_PRECISION, TMA_W, PROD_STAGES)
-    if COMPUTE_DW:
-        _dw_halves(tl.trans(ga.to(dt)), tl.trans(gb.to(dt)), USE_A, USE_B, H, HOD, rows, row_mask, row0, DW, cols_a,
-                   mask_a, cols_b, mask_b, pid_n, D, stride_h, stride_w, BLOCK_O, EVEN_O, DOT_PRECISION, TMA_H,
-                   PROD_STAGES)
-
-
-@triton.jit
-def _dh_halves(Ga, Gb, USE_A: tl.constexpr, USE_B: tl.constexpr, W, WOD, cols_a, mask_a, cols_b, mask_b, col0, DH,
-               rows, row_mask, start, D, stride_w, stride_h, HALF_V: tl.constexpr, BLOCK_O: tl.constexpr,
-               EVEN_O: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_W: tl.constexpr, PROD_STAGES: tl.constexpr):
-    """DH[rows, c] += Ga @ W[cols_a, c] + Gb @ W[cols_b, c] (the used halves) for every BO-wide chunk c of D from
-    chunk ``start`` on (cyclic), one atomic add per chunk; pipelined like :func:`_product_add`'s MODE 2."""
-    n_oc = tl.cdiv(D, BLOCK_O)
-    offs_o = tl.arange(0, BLOCK_O)
-    wa_base = W + cols_a[:, None] * stride_w  # [HV, 1]
-    wb_base = W + cols_b[:, None] * stride_w
-    dst_base = DH + rows[:, None] * stride_h  # [BN, 1]
-    start = start % n_oc
-    for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
-        oc = start + i
-        oc = tl.where(oc >= n_oc, oc - n_oc, oc)
-        od = oc * BLOCK_O + offs_o
-        if EVEN_O:
-            m_out = row_mask[:, None]
-        else:
-            m_out = row_mask[:, None] & (od < D)[None, :]
-        if USE_A:
-            part = tl.dot(Ga, _load_src(WOD, wa_base, mask_a, col0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_W),
-                          input_precision=DOT_PRECISION)  # [BN, BO] fp32
-            if USE_B:
-                part = tl.dot(Gb, _load_src(WOD, wb_base, mask_b, col0 + HALF_V, oc * BLOCK_O, offs_o, D, EVEN_O,
-                                            TMA_W), part, input_precision=DOT_PRECISION)
-        else:
-            part = tl.dot(Gb, _load_src(WOD, wb_base, mask_b, col0 + HALF_V, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_W),
-                          input_precision=DOT_PRECISION)
-        tl.atomic_add(dst_base + od[None, :], part, mask=m_out, sem="relaxed")
-
-
-@triton.jit
-def _dw_halves(GaT, GbT, USE_A: tl.constexpr, USE_B: tl.constexpr, H, HOD, rows, row_mask, row0, DW, cols_a, mask_a,
-               cols_b, mask_b, start, D, stride_h, stride_w, BLOCK_O: tl.constexpr, EVEN_O: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, TMA_H: tl.constexpr, PROD_STAGES: tl.constexpr):
-    """DW[cols_a, c] += GaT @ H[rows, c] and DW[cols_b, c] += GbT @ H[rows, c] (the used halves) for every BO-wide
-    chunk c of D from chunk ``start`` on (cyclic); the hidden chunk is loaded once for both halves."""
-    n_oc = tl.cdiv(D, BLOCK_O)
-    offs_o = tl.arange(0, BLOCK_O)
-    src_base = H + rows[:, None] * stride_h  # [BN, 1]
-    da_base = DW + cols_a[:, None] * stride_w  # [HV, 1]
-    db_base = DW + cols_b[:, None] * stride_w
-    start = start % n_oc
-    for i in tl.range(0, n_oc, num_stages=PROD_STAGES):
-        oc = start + i
-        oc = tl.where(oc >= n_oc, oc - n_oc, oc)
-        od = oc * BLOCK_O + offs_o
-        src = _load_src(HOD, src_base, row_mask, row0, oc * BLOCK_O, offs_o, D, EVEN_O, TMA_H)  # [BN, BO]
-        if EVEN_O:
-            col_ok = True
-        else:
-            col_ok = (od < D)[None, :]
-        if USE_A:
-            tl.atomic_add(da_base + od[None, :], tl.dot(GaT, src, input_precision=DOT_PRECISION),
-                          mask=mask_a[:, None] & col_ok, sem="relaxed")
-        if USE_B:
-            tl.atomic_add(db_base + od[None, :], tl.dot(GbT, src, input_precision=DOT_PRECISION),
-                          mask=mask_b[:, None] & col_ok, sem="relaxed")
 
 
 @triton.jit

@@ -80,6 +80,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cggr.functional import ACCUMULATE_MODES
+from cggr.kernels._linear_ce_tiles import _logits_tile, _product_add, _tile_columns, _tile_grad
 from cggr.kernels._utils import LOG2E, NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused import (
     LARGE_SMEM_BYTES,
@@ -88,14 +89,10 @@ from cggr.kernels.linear_cross_entropy_fused import (
     _dot_precision,
     _fwd_fold,
     _interpreting,
-    _logits_tile,
     _merge_kernel,
     _num_sms,
     _on_input_device,
-    _product_add,
     _target_fixup_kernel,
-    _tile_columns,
-    _tile_grad,
     _tma_usable,
     gradient_accumulators,
     in_input_dtypes,
