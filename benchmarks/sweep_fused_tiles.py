@@ -345,7 +345,7 @@ def _static(args) -> None:
                     shape = f"{bn}x{bv}x{bd} o{bo}"
                 print(f"{part:5} {shape:16} {_name(over):44} {facts(k)}", flush=True)
             except (CompilationError, OutOfResources, RuntimeError, ValueError) as e:  # reported, not hidden
-                print(f"{part:5} {'':16} {_name(over):44} not compiled: {type(e).__name__}: {str(e)[:3000]}")
+                print(f"{part:5} {'':16} {_name(over):44} not compiled: {type(e).__name__}: {str(e)[:200]}")
 
 
 def main() -> None:

@@ -145,6 +145,12 @@ def test_tile_heuristic_takes_the_sweep_tiles_only_with_large_shared_memory():
     assert fz.default_config(torch.bfloat16, False, 2048, 163 * 1024, wide_backward=True) == base
 
 
+def _backward(h, w, b, t, stats, row_w, idx, cfg, accumulate="atomic", filter_eps=None, softcap=None):
+    return fz.backward_selected(h, w, b, t, stats[0], row_w, idx, ignore_index=-100, softcap=softcap,
+                                need_hidden_grad=True, need_weight_grad=True, need_bias_grad=b is not None,
+                                accumulate=accumulate, filter_eps=filter_eps, config=cfg)
+
+
 @needs_interp
 def test_wide_backward_tile_matches_naive_fp16():
     """The H100/H200 tiled-backward tile with atomics (128 x 256 as two halves, every row) at odd N, H, V."""
@@ -154,17 +160,9 @@ def test_wide_backward_tile_matches_naive_fp16():
     _, ref = lce_naive(hidden, weight, b, t, mask, None, "mean")
     cfg = fz.default_config(torch.float16, False, 72, 227 * 1024, wide_backward=True)
     stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=None, config=cfg)
-    got = fz.backward_selected(h, w, bb, t, stats[0], mask.float() / mask.sum(), None, ignore_index=-100,
-                               softcap=None, need_hidden_grad=True, need_weight_grad=True, need_bias_grad=True,
-                               accumulate="atomic", config=cfg)
+    got = _backward(h, w, bb, t, stats, mask.float() / mask.sum(), None, cfg)
     for a, c in zip(got, ref):
         assert rel_err(a, c) <= GRAD_TOL[torch.float16], rel_err(a, c)
-
-
-def _backward(h, w, b, t, stats, row_w, idx, cfg, accumulate="atomic", filter_eps=None, softcap=None):
-    return fz.backward_selected(h, w, b, t, stats[0], row_w, idx, ignore_index=-100, softcap=softcap,
-                                need_hidden_grad=True, need_weight_grad=True, need_bias_grad=b is not None,
-                                accumulate=accumulate, filter_eps=filter_eps, config=cfg)
 
 
 @needs_interp

@@ -68,6 +68,18 @@ def _materialised(hidden, weight, b, t, mask, softcap, reduction="mean"):
     return loss.detach(), [h.grad, w.grad] + ([bb.grad] if bb is not None else []), z.detach()
 
 
+def _half_selection(valid, seed):
+    """A random half of the rows, restricted to ``valid``: its mask (N,) and 800 compact row indices for a
+    selected-rows backward (the selected rows first, ascending, then unselected rows as zero-weight padding)."""
+    n = valid.shape[0]
+    perm = torch.randperm(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+    half = torch.zeros(n, dtype=torch.bool, device="cuda")
+    half[perm[: n // 2]] = True
+    half &= valid
+    order = torch.argsort((~half).to(torch.int8), stable=True)
+    return half, order[:800]
+
+
 CASES = [
     # n, h, v, ratio, softcap, bias, workspace bytes (small: several chunks)
     (1, 64, 1000, 1.0, None, False, 1 << 20),
@@ -337,12 +349,8 @@ def test_split_backward_tiles_and_splits_against_materialised(config, dtype):
     h, w, bb = hidden.detach(), weight.detach(), b.detach()
     stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=25.0)
     valid = t != -100
-    perm = torch.randperm(1500, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-    half = torch.zeros(1500, dtype=torch.bool, device="cuda")
-    half[perm[:750]] = True
-    half &= valid
-    order = torch.argsort((~half).to(torch.int8), stable=True)
-    for mask, idx in ((valid, None), (half, order[:800])):
+    half, idx_half = _half_selection(valid, seed=3)
+    for mask, idx in ((valid, None), (half, idx_half)):
         row_w = mask.float() / mask.sum()
         _, g_ref, _ = _materialised(hidden, weight, b, t, mask, 25.0)
         modes = ("native", "atomic") if config.get("DH_SPLITS", 1) > 1 else ("native",)
@@ -376,22 +384,18 @@ def test_tiled_backward_tiles_against_materialised(config, dtype):
     cfg = {**fz.default_config(dtype, False), **config}
     stats, _ = fz.forward_stats(h, w, bb, t, ignore_index=-100, softcap=25.0)
     valid = t != -100
-    perm = torch.randperm(1500, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
-    half = torch.zeros(1500, dtype=torch.bool, device="cuda")
-    half[perm[:750]] = True
-    half &= valid
-    order = torch.argsort((~half).to(torch.int8), stable=True)
+    half, idx_half = _half_selection(valid, seed=5)
 
-    def run(row_w, idx, filter_eps=None, tiles=cfg):
+    def run(weight_, lse, row_w, idx, softcap, filter_eps=None, tiles=cfg):
         _poison()
-        return fz.backward_selected(h, w, bb, t, stats[0], row_w, idx, ignore_index=-100, softcap=25.0,
+        return fz.backward_selected(h, weight_, bb, t, lse, row_w, idx, ignore_index=-100, softcap=softcap,
                                     need_hidden_grad=True, need_weight_grad=True, need_bias_grad=True,
                                     accumulate="atomic", filter_eps=filter_eps, config=tiles)
 
-    for mask, idx in ((valid, None), (half, order[:800])):
+    for mask, idx in ((valid, None), (half, idx_half)):
         row_w = mask.float() / mask.sum()
         _, g_ref, _ = _materialised(hidden, weight, b, t, mask, 25.0)
-        got = run(row_w, idx)
+        got = run(w, stats[0], row_w, idx, 25.0)
         for a, c in zip(got, g_ref):
             assert a.dtype == dtype and torch.isfinite(a).all()
             assert rel_err(a, c) <= 1e-2, (config, idx is not None, rel_err(a, c))
@@ -405,11 +409,7 @@ def test_tiled_backward_tiles_against_materialised(config, dtype):
     out = {}
     for name, tiles in (("cfg", cfg), ("narrow", {**cfg, "BLOCK_V": 128, "HALVES": False})):
         for fe in (None, eps):
-            _poison()
-            out[name, fe] = fz.backward_selected(h, w3, bb, t, stats3[0], row_w, None, ignore_index=-100,
-                                                 softcap=None, need_hidden_grad=True, need_weight_grad=True,
-                                                 need_bias_grad=True, accumulate="atomic", filter_eps=fe,
-                                                 config=tiles)
+            out[name, fe] = run(w3, stats3[0], row_w, None, None, filter_eps=fe, tiles=tiles)
     assert not torch.equal(out["cfg", eps][1], out["cfg", None][1])  # the filter skipped something
     bound = eps * w3.float().abs().sum(0)  # (H,)
     diff = (out["cfg", eps][0].float() - out["cfg", None][0].float()).abs()

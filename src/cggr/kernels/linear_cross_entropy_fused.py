@@ -284,7 +284,6 @@ def _bwd_kernel(
     col0 = pid_v * BLOCK_V
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     tgt = tl.load(T + rows, mask=row_mask, other=-1)
-    n_oc = tl.cdiv(D, BLOCK_O)
     if HALVES:
         _bwd_tile_halves(H, W, Bias, HD, WD, HOD, WOD, DH, DW, DB, CT, rows, offs_r, row_mask, row0, col0, lse, tgt,
                          w_row, pid_n, pid_v, V, D, stride_h, stride_w, softcap, filter_eps, HAS_BIAS, HAS_SOFTCAP,
@@ -304,6 +303,7 @@ def _bwd_kernel(
         gb = g.to(H.dtype.element_ty)
         if COMPUTE_DH:  # without the target column (its coefficient is in CT)
             gh = tl.where(is_t, 0.0, g).to(H.dtype.element_ty)
+        n_oc = tl.cdiv(D, BLOCK_O)
         # rotated start chunk: the programs that share a lock row (same row block for d_hidden, same vocabulary
         # block for d_weight) differ in the other tile index and so take different locks first
         if COMPUTE_DH:
