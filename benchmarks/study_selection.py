@@ -40,7 +40,16 @@ import torch.nn.functional as F
 
 from cggr.cli.data import BatchStream, RaceData
 from cggr.cli.presets import build_model
-from cggr.cli.race import RaceConfig, _Arm, _autocast, _command_line, _prepare, heldout_loss, lr_at, weights_digest
+from cggr.cli.race import (
+    Arm,
+    RaceConfig,
+    autocast_context,
+    command_line,
+    heldout_loss,
+    lr_at,
+    prepare,
+    weights_digest,
+)
 from cggr.cli.timing import environment
 
 STRATEGIES = ("random", "hardest-router", "hardest-loss", "band-loss", "middle-loss", "easiest-loss")
@@ -60,7 +69,7 @@ def per_sequence_loss(model, ids: torch.Tensor, mask: torch.Tensor, dtype: str) 
 
     ``ids``/``mask``: (S, T); the target of position t is the token at t + 1, padding (mask False) ignored.
     """
-    with _autocast(ids.device, dtype):
+    with autocast_context(ids.device, dtype):
         logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (S, T-1)
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (S, T-1)
@@ -94,7 +103,7 @@ def run_strategy(strategy: str, base, data: RaceData, cfg: RaceConfig, *, steps:
     model = copy.deepcopy(base).to(device)
     model.train()
     digest = weights_digest(model)
-    runner = _Arm(WRAPPED.get(strategy, "standard"), model, cfg, router_layers, lr, device, fused_head=False)
+    runner = Arm(WRAPPED.get(strategy, "standard"), model, cfg, router_layers, lr, device, fused_head=False)
     stream = BatchStream(data.train_ids.shape[0], cfg.seed)
     eval_bs = 16
     curve, chosen_loss, pool_loss, chosen_rank, train_loss = [], [], [], [], []
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device("cpu")
     cfg0 = RaceConfig(model=args.model, data=args.data, ratio=args.kept / args.scan, device="cpu")
-    spec, data = _prepare(cfg0)
+    spec, data = prepare(cfg0)
     router_layers, lr = spec.preset.router_layers, spec.preset.lr
     docs = block_documents(data)
     eval_steps = sorted({round(i * args.steps / args.evals) for i in range(args.evals + 1)})
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "router_scoring": cfg0.scoring, "eval_steps": eval_steps,
                      "eval_sequences": int(data.eval_ids.shape[0]), "strategies": args.strategies,
                      "data_info": {k: v for k, v in data.info.items() if k != "cache"}},
-        "environment": environment(device, command=_command_line()),
+        "environment": environment(device, command=command_line()),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "summary": summarise(runs, tuple(args.strategies)),
         "reading": reading,

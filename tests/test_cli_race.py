@@ -185,7 +185,7 @@ def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
     import torch
 
     from cggr import CGGRLoss
-    from cggr.cli.race import _Arm
+    from cggr.cli.race import Arm
 
     torch.manual_seed(0)
     if softcap is None:
@@ -208,7 +208,7 @@ def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
     labels = ids.masked_fill(~mask, -100)
     race_cfg = RaceConfig(ratio=0.4, device="cpu", dtype="float32")
 
-    arm = _Arm("cggr-loss", model, race_cfg, 1, 0.0, torch.device("cpu"), fused_head=True)
+    arm = Arm("cggr-loss", model, race_cfg, 1, 0.0, torch.device("cpu"), fused_head=True)
     assert arm.head is not None
     loss = arm.loss(ids, mask, labels)
     loss.backward()
@@ -236,7 +236,7 @@ def test_a_step_crossing_several_evaluation_points_records_each_of_them(small_co
 
     from cggr.cli import race
 
-    real_step = race._Arm.step
+    real_step = race.Arm.step
     calls = []
 
     def slow_step(self, *args, **kwargs):
@@ -246,7 +246,7 @@ def test_a_step_crossing_several_evaluation_points_records_each_of_them(small_co
             time.sleep(0.5)
         return out
 
-    monkeypatch.setattr(race._Arm, "step", slow_step)
+    monkeypatch.setattr(race.Arm, "step", slow_step)
     cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
                      evals=4, eval_sequences=4, out=str(tmp_path), progress=False, arms=("standard",))
     payload = run_race(cfg, log=lambda *_: None)
@@ -323,12 +323,12 @@ def test_standard_arm_fused_head_equals_the_hf_loss_and_gradients(kind, tie):
 
     import torch
 
-    from cggr.cli.race import _Arm
+    from cggr.cli.race import Arm
 
     model = _tiny_causal_lm(kind, tie)  # fp32
     ref_model = copy.deepcopy(model)
     ids, mask, labels = _padded_batch()
-    arm = _Arm("standard", model, RaceConfig(device="cpu", dtype="float32"), 1, 0.0, torch.device("cpu"),
+    arm = Arm("standard", model, RaceConfig(device="cpu", dtype="float32"), 1, 0.0, torch.device("cpu"),
                fused_head=True)
     assert arm.head is not None and arm.wrapper is None and arm.criterion is None
     head_calls = []
@@ -355,7 +355,7 @@ def test_standard_arm_fused_head_equals_the_hf_loss_and_gradients(kind, tie):
 
 
 def _recording_arms(monkeypatch):
-    """Replace race._Arm with a subclass that keeps its instances and counts the LM head module's calls with grad.
+    """Replace race.Arm with a subclass that keeps its instances and counts the LM head module's calls with grad.
 
     Calls without grad (the cggr arm's router, the held-out evaluation) are not the training loss's: not counted.
     """
@@ -365,7 +365,7 @@ def _recording_arms(monkeypatch):
 
     made = []
 
-    class Recording(race._Arm):
+    class Recording(race.Arm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.head_calls = []
@@ -377,7 +377,7 @@ def _recording_arms(monkeypatch):
             self.model.get_output_embeddings().register_forward_hook(hook)
             made.append(self)
 
-    monkeypatch.setattr(race, "_Arm", Recording)
+    monkeypatch.setattr(race, "Arm", Recording)
     return made
 
 
@@ -473,7 +473,7 @@ def test_token_bookkeeping_is_off_the_clock(small_config, tmp_path, monkeypatch)
 
     from cggr.cli import race
 
-    real_counts = race._Arm.counts
+    real_counts = race.Arm.counts
     calls = []
 
     def slow_counts(self, mask):
@@ -481,7 +481,7 @@ def test_token_bookkeeping_is_off_the_clock(small_config, tmp_path, monkeypatch)
         time.sleep(0.3)
         return real_counts(self, mask)
 
-    monkeypatch.setattr(race._Arm, "counts", slow_counts)
+    monkeypatch.setattr(race.Arm, "counts", slow_counts)
     cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
                      evals=1, eval_sequences=4, out=str(tmp_path), progress=False, arms=("standard", "cggr"))
     payload = run_race(cfg, log=lambda *_: None)

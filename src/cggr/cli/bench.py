@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cggr.cli.presets import CLIError, build_model, resolve_model
-from cggr.cli.race import ARMS, RaceConfig, _Arm, check_arms, resolve_device
+from cggr.cli.race import ARMS, Arm, RaceConfig, check_arms, resolve_device
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -84,7 +84,7 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
         for arm in cfg.arms:
             model = copy.deepcopy(base).to(device)
             model.train()
-            runner = _Arm(arm, model, race_cfg, router_layers, 1e-5, device)
+            runner = Arm(arm, model, race_cfg, router_layers, 1e-5, device)
             row: dict[str, Any] = {"B": batch, "T": seq_len, "arm": arm}
             try:
                 timing = time_fn(lambda r=runner, x=ids, m=mask: r.step(x, m, 1e-5, count=False), warmup=cfg.warmup,
@@ -128,9 +128,9 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
 
 
 def _command() -> str:
-    from cggr.cli.race import _command_line
+    from cggr.cli.race import command_line
 
-    return _command_line()
+    return command_line()
 
 
 __all__ = ["BenchConfig", "parse_shapes", "run_bench"]

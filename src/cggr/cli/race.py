@@ -215,7 +215,9 @@ class ArmResult:
         }
 
 
-def _autocast(device: torch.device, dtype: str):
+def autocast_context(device: torch.device, dtype: str):
+    """The race's precision context: bf16 autocast for ``dtype`` ``'bfloat16'`` (or ``'auto'`` on CUDA), else
+    autocast disabled (fp32)."""
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -231,7 +233,7 @@ def heldout_loss(model, data: RaceData, device: torch.device, dtype: str, batch_
     for start in range(0, data.eval_ids.shape[0], batch_size):
         ids = data.eval_ids[start : start + batch_size].to(device)  # (b, T)
         mask = data.eval_mask[start : start + batch_size].to(device)  # (b, T)
-        with _autocast(device, dtype):
+        with autocast_context(device, dtype):
             logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (b, T-1, V)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (b, T-1)
         nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
@@ -260,7 +262,7 @@ def arithmetic_accuracy(model, data: RaceData, device: torch.device, dtype: str,
         for i, row in enumerate(rows):  # left padding, so every prompt ends at the last column
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = 1
-        with _autocast(device, dtype):
+        with autocast_context(device, dtype):
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new, do_sample=False,
                 eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
@@ -270,7 +272,7 @@ def arithmetic_accuracy(model, data: RaceData, device: torch.device, dtype: str,
     return exact_match_accuracy(completions, [p.answer for p in data.problems])
 
 
-class _Arm:
+class Arm:
     """One arm's model, optimizer and step function.
 
     ``fused_head``: the race's head (:func:`resolve_head`; ``None`` resolves ``cfg.head`` for this model).
@@ -311,7 +313,7 @@ class _Arm:
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad."""
-        with _autocast(self.device, self.cfg.dtype):
+        with autocast_context(self.device, self.cfg.dtype):
             if self.wrapper is not None:
                 loss = self.wrapper(ids, labels=labels, attention_mask=mask.long())
             elif self.head is not None:  # the fused head: logits never stored, fp32 logit math
@@ -369,7 +371,8 @@ class _Arm:
         return valid, valid
 
 
-def _prepare(cfg: RaceConfig) -> tuple[ModelSpec, RaceData]:
+def prepare(cfg: RaceConfig) -> tuple[ModelSpec, RaceData]:
+    """Resolve ``cfg.model`` and load ``cfg.data`` (tokenised, split, cached): what every arm of a race shares."""
     spec = resolve_model(cfg.model)
     tokenizer = pretrained_tokenizer(spec.path) if spec.kind == "pretrained" else None
     vocab = spec.preset.vocab_size
@@ -391,7 +394,7 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
     validate_config(cfg)
     device = resolve_device(cfg.device)
     t_setup = time.perf_counter()
-    spec, data = _prepare(cfg)
+    spec, data = prepare(cfg)
     preset = spec.preset
     minutes = cfg.minutes if cfg.minutes is not None else preset.minutes
     batch = cfg.batch_size or preset.batch_size
@@ -420,11 +423,11 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         result = ArmResult(arm=arm, init_digest=weights_digest(model))
         per_step = batch if arm == "standard" else scan
         # untimed warm-up step on a scratch copy (allocator, kernels, lazy init), so no arm pays it on the clock
-        scratch = _Arm(arm, copy.deepcopy(model), cfg, router_layers, 0.0, device, fused_head=fused)
+        scratch = Arm(arm, copy.deepcopy(model), cfg, router_layers, 0.0, device, fused_head=fused)
         scratch.step(data.train_ids[:per_step].to(device), data.train_mask[:per_step].to(device), 0.0,
                      count=False)
         del scratch
-        runner = _Arm(arm, model, cfg, router_layers, lr, device, fused_head=fused)
+        runner = Arm(arm, model, cfg, router_layers, lr, device, fused_head=fused)
         stream = BatchStream(data.train_ids.shape[0], cfg.seed)
         bar = _progress(arm, budget, cfg.progress)
         next_eval = 0
@@ -495,13 +498,14 @@ def run_race(cfg: RaceConfig, *, log=print) -> dict[str, Any]:
         "device": str(device), "dtype": cfg.dtype, "evals": cfg.evals, "setup_seconds": round(setup_seconds, 1),
         "data_info": data.info,
     }
-    env = environment(device, command=_command_line())
+    env = environment(device, command=command_line())
     payload = {"settings": settings, "environment": env, "arms": [r.row() for r in results]}
     payload["paths"] = write_race_outputs(payload, Path(cfg.out), cfg.name, plot=cfg.plot)
     return payload
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    """This process's command line, shell-quoted, with the program shown as ``cggr`` (recorded in the results)."""
     import shlex
     import sys
 
@@ -522,5 +526,5 @@ def _progress(arm: str, budget: float, enabled: bool):
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
 
 
-__all__ = ["ARMS", "HEADS", "ArmResult", "RaceConfig", "arithmetic_accuracy", "heldout_loss", "lr_at", "resolve_head",
-           "run_race", "validate_config", "weights_digest"]
+__all__ = ["ARMS", "HEADS", "Arm", "ArmResult", "RaceConfig", "arithmetic_accuracy", "autocast_context", "command_line",
+           "heldout_loss", "lr_at", "prepare", "resolve_head", "run_race", "validate_config", "weights_digest"]
