@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "PersistentTRMLP": "cggr.moe",
     "create_persistent_tr_mlp": "cggr.moe",
     "linear_cross_entropy": "cggr.functional",
+    "ReferenceLosses": "cggr.reference",
+    "compute_reference_losses": "cggr.reference",
     "enable_flash_attention": "cggr.flash",
     "load_model_with_flash_attention": "cggr.flash",
     "get_flash_attention_info": "cggr.flash",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from cggr.loss import CGGRLoss
     from cggr.model import CGGRModel, CGGRScorer
     from cggr.moe import PersistentTRMLP, create_persistent_tr_mlp
+    from cggr.reference import ReferenceLosses, compute_reference_losses
     from cggr.router import TruncatedRouter, create_truncated_router
     from cggr.scoring import TokenScores, difficulty, token_scores
     from cggr.selection import RatioSchedule, select_sequences, select_tokens

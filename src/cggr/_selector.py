@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from cggr._rng import CounterRNG
 from cggr._validation import (
     SCORING_MODES,
-    SELECTION_STRATEGIES,
     check_bool,
     check_choice,
     check_finite_float,
@@ -25,8 +24,16 @@ from cggr._validation import (
     check_int,
     check_seed,
 )
+from cggr.reference import REFERENCE_NORMS
+from cggr.sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_UNIFORM_MIX,
+    check_temperature,
+    check_uniform_mix,
+    importance_select,
+)
 from cggr.scoring import TokenScores, difficulty
-from cggr.selection import RatioSchedule, dynamic_ratio, select_tokens
+from cggr.selection import TOKEN_STRATEGIES, RatioSchedule, dynamic_ratio, num_selected, select_tokens
 
 
 class Curriculum(nn.Module):
@@ -112,10 +119,17 @@ class TokenSelector(Curriculum):
         warmup_steps: int,
         ignore_index: int,
         seed: int | None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        uniform_mix: float = DEFAULT_UNIFORM_MIX,
+        reference_norm: str = "none",
+        scoring_modes: tuple[str, ...] = SCORING_MODES,
     ) -> None:
         super().__init__(min_tokens_ratio, warmup_steps, seed)
-        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
-        self.selection = check_choice("selection", selection, SELECTION_STRATEGIES)
+        self.scoring = check_choice("scoring", scoring, scoring_modes)
+        self.selection = check_choice("selection", selection, TOKEN_STRATEGIES)
+        self.temperature = check_temperature(temperature)
+        self.uniform_mix = check_uniform_mix(uniform_mix)
+        self.reference_norm = check_choice("reference_norm", reference_norm, REFERENCE_NORMS)
         self.num_strata = check_int("num_strata", num_strata, minimum=1)
         self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
         self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
@@ -127,8 +141,9 @@ class TokenSelector(Curriculum):
         return self.dynamic_threshold and self.selection != "fixed_quota"
 
     def selection_generator(self) -> CounterRNG | None:
-        """The generator ``stratified`` and ``random`` draw from; ``None`` for the deterministic strategies."""
-        return self.random_generator() if self.selection in ("stratified", "random") else None
+        """The generator the randomised strategies draw from; ``None`` for the deterministic ones."""
+        randomised = ("stratified", "random", "sampled", "importance")
+        return self.random_generator() if self.selection in randomised else None
 
     def select_scored(self, scores: TokenScores, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Difficulty, selection mask and device-side statistics of scored tokens.
@@ -141,22 +156,40 @@ class TokenSelector(Curriculum):
             ``(difficulty fp32, mask bool, info)``; info holds 0-d tensors ``current_ratio`` (after the dynamic
             threshold), ``tokens_selected``, ``tokens_total``, ``confidence`` and ``entropy`` (means over valid).
         """
-        diff = difficulty(scores, self.scoring)
+        diff, mask, info, _ = self.select_scored_weighted(scores, valid)
+        return diff, mask, info
+
+    def select_scored_weighted(
+        self, scores: TokenScores, valid: Tensor, diff: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor | None]:
+        """As :meth:`select_scored`, with an optional precomputed difficulty (e.g. excess loss) and, for
+        ``selection='importance'``, the inclusion probabilities π shaped like ``valid`` (else ``None``); info
+        then also holds ``importance_variance_ratio`` (see :mod:`cggr.sampling`)."""
+        if diff is None:
+            diff = difficulty(scores, self.scoring)
         n_valid = valid.sum()
         denom = n_valid.clamp(min=1)
         mean_conf = (scores.confidence * valid).sum() / denom
         ratio: float | Tensor = self._ratio
         if self.uses_dynamic_threshold:
             ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
-        mask = select_tokens(
-            diff,
-            valid,
-            ratio,
-            strategy=self.selection,
-            num_strata=self.num_strata,
-            min_tokens_per_sequence=self.min_tokens_per_sequence,
-            generator=self.selection_generator(),
-        )
+        pi = None
+        rho = None
+        if self.selection == "importance":
+            k = num_selected(ratio, n_valid)
+            mask, pi, rho = importance_select(diff, valid, k, uniform_mix=self.uniform_mix,
+                                              generator=self.selection_generator())
+        else:
+            mask = select_tokens(
+                diff,
+                valid,
+                ratio,
+                strategy=self.selection,
+                num_strata=self.num_strata,
+                min_tokens_per_sequence=self.min_tokens_per_sequence,
+                generator=self.selection_generator(),
+                temperature=self.temperature,
+            )
         info = {
             # a fixed ratio stays a CPU scalar: building a device tensor from it would be a blocking copy
             "current_ratio": ratio.float() if isinstance(ratio, Tensor) else torch.tensor(ratio, dtype=torch.float32),
@@ -165,7 +198,9 @@ class TokenSelector(Curriculum):
             "confidence": mean_conf,
             "entropy": (scores.entropy * valid).sum() / denom,
         }
-        return diff, mask, info
+        if rho is not None:
+            info["importance_variance_ratio"] = rho
+        return diff, mask, info, pi
 
     def extra_repr(self) -> str:
         return (

@@ -449,8 +449,9 @@ def check_head_options(value: object, owner: str) -> LinearCrossEntropyOptions |
 
 class _SelectiveLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, plan: _Plan):
-        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) long
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, plan: _Plan,
+                row_weights: Tensor | None = None):
+        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) long, row_weights (N,) fp32 | None
         forward_stats, _ = plan.backend()
         opts = plan.options
         n = hidden.shape[0]
@@ -479,6 +480,8 @@ class _SelectiveLinearCE(torch.autograd.Function):
                                           ignore_index=plan.ignore_index, softcap=plan.softcap)
         elif fused:  # every valid token is kept: gradients in the same pass
             w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
+            if row_weights is not None:
+                w = w * row_weights
             stats, grads = forward_stats(
                 hidden, weight, bias, targets, row_weights=w, need_hidden_grad=need[0],
                 need_weight_grad=need[1], need_bias_grad=bias is not None and need[2], workspace=opts.workspace,
@@ -488,6 +491,8 @@ class _SelectiveLinearCE(torch.autograd.Function):
             from cggr.kernels.linear_cross_entropy_fused_split import forward_with_hidden_grad
 
             w = valid.float() / (n_valid.clamp(min=1) if plan.reduction == "mean" else 1) * scale
+            if row_weights is not None:
+                w = w * row_weights
             stats, d_h_fwd = forward_with_hidden_grad(
                 hidden, weight, bias, targets, w, ignore_index=plan.ignore_index, softcap=plan.softcap,
                 accumulate=opts.accumulate,
@@ -518,6 +523,8 @@ class _SelectiveLinearCE(torch.autograd.Function):
         w = mask.float()
         if plan.reduction == "mean":
             w = w / k.clamp(min=1)
+        if row_weights is not None:
+            w = w * row_weights
         loss = (w * stats[4]).sum()
         plan.info = LinearCrossEntropyInfo(mask=mask.view(shape), scores=scores, num_selected=k, ratio=ratio)
         ctx.plan = plan
@@ -552,7 +559,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
                     t.mul_(g.to(t.dtype))
                     if ctx.scale != 1.0:
                         t.mul_(1.0 / ctx.scale)  # a power of two: exact
-            return d_h, d_w, d_b, None, None
+            return d_h, d_w, d_b, None, None, None
         hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
         d_h_fwd, ctx.d_h_fwd = ctx.d_h_fwd, None  # bwd='split_fwd' at ratio 1: d_hidden from the forward
         if ctx.outputs_sched is not None:
@@ -577,7 +584,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
             for t in (d_h, d_w, d_b):
                 if t is not None:
                     t.mul_(1.0 / ctx.scale)
-        return d_h, d_w, d_b, None, None
+        return d_h, d_w, d_b, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -635,6 +642,7 @@ def linear_cross_entropy(
     impl: Impl = "auto",
     return_info: bool = False,
     options: LinearCrossEntropyOptions | None = None,
+    row_weights: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, LinearCrossEntropyInfo]:
     """Selective cross-entropy of an LM head, straight from hidden states: the [N, V] logits never exist.
 
@@ -661,6 +669,11 @@ def linear_cross_entropy(
         return_info: Also return a :class:`LinearCrossEntropyInfo` (mask, scores, K, ratio).
         options: :class:`LinearCrossEntropyOptions` (strata, sequence floor, dynamic threshold, generator,
             workspace size, Triton kernel ``'chunked'`` / ``'fused'`` and its accumulation).
+        row_weights: Optional per-token weights shaped like ``targets`` (floating, same device; not
+            differentiated): every kept token's term is multiplied by its weight, in the loss and in all three
+            gradients (``'mean'``: Σ_kept w_n · nll_n / K, ``'sum'``: Σ_kept w_n · nll_n). Selection ignores them.
+            E.g. importance weights 1 / π (:mod:`cggr.sampling`). Weights scale the fp16 gradient pre-scale's
+            headroom: keep them O(1) with ``'mean'`` in fp16.
 
     Returns:
         0-d fp32 loss (0.0, still differentiable, when every target is ignored), and the info if asked.
@@ -676,6 +689,16 @@ def linear_cross_entropy(
     if not isinstance(options, LinearCrossEntropyOptions):
         raise TypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")
     vocab, hsize = weight.shape
+    if row_weights is not None:
+        if not isinstance(row_weights, Tensor) or not row_weights.is_floating_point():
+            got = row_weights.dtype if isinstance(row_weights, Tensor) else type(row_weights).__name__
+            raise TypeError(f"row_weights must be a floating-point tensor shaped like targets, got {got}")
+        if tuple(row_weights.shape) != tuple(targets.shape):
+            raise ValueError(f"row_weights shape {tuple(row_weights.shape)} does not match targets shape "
+                             f"{tuple(targets.shape)}")
+        if row_weights.device != hidden.device:
+            raise ValueError(f"row_weights are on {row_weights.device} but hidden is on {hidden.device}")
+        row_weights = row_weights.detach().reshape(-1).float()
     check_target_range(targets, vocab, ignore_index=ignore_index)
     chosen = resolve_impl(impl, hidden, op="linear_cross_entropy")
     plan = _Plan(
@@ -697,18 +720,18 @@ def linear_cross_entropy(
     if chosen == "triton" and opts.kernel == "fused" and opts.accumulate == "auto":
         plan.options = dataclasses.replace(opts, accumulate=resolve_accumulate("auto", hidden.device, hidden.dtype))
     h2 = hidden.reshape(-1, hsize).contiguous()
-    loss, info = _run_selective(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan)
+    loss, info = _run_selective(h2, weight.contiguous(), bias, targets.reshape(-1).long(), plan, row_weights)
     return (loss, info) if return_info else loss
 
 
 @torch.compiler.disable
-def _run_selective(hidden, weight, bias, targets, plan: _Plan):
+def _run_selective(hidden, weight, bias, targets, plan: _Plan, row_weights: Tensor | None = None):
     """The autograd Function, run eagerly under ``torch.compile`` (a graph break here).
 
     Its forward hands the selection back through ``plan.info`` and its context keeps tensors as attributes,
     which dynamo cannot trace (it raised an internal error); eager, it costs a handful of launches.
     """
-    loss = _SelectiveLinearCE.apply(hidden, weight, bias, targets, plan)
+    loss = _SelectiveLinearCE.apply(hidden, weight, bias, targets, plan, row_weights)
     return loss, plan.info
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cggr._selector import TokenSelector
-from cggr._validation import REDUCTIONS, check_choice, check_int
+from cggr._validation import REDUCTIONS, SCORING_MODES, check_choice, check_int
 from cggr.functional import (
     IMPLS,
     LinearCrossEntropyOptions,
@@ -32,7 +32,12 @@ from cggr.functional import (
     linear_cross_entropy,
     token_scores,
 )
+from cggr.reference import excess_scores
+from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX
 from cggr.scoring import DEFAULT_CHUNK_ELEMENTS
+
+#: Scoring modes of CGGRLoss: the shared ones plus ``'excess'`` (Rho-1: token loss − reference token loss).
+LOSS_SCORING_MODES = (*SCORING_MODES, "excess")
 
 
 class _SelectedCrossEntropy(torch.autograd.Function):
@@ -64,8 +69,15 @@ class CGGRLoss(TokenSelector):
     """Selective cross-entropy: only the hardest tokens contribute to the loss and its gradient.
 
     Args:
-        scoring: Difficulty signal: ``'entropy'``, ``'margin'``, ``'loss'`` or ``'combined'``.
-        selection: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` or ``'random'``.
+        scoring: Difficulty signal: ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'`` or ``'excess'``
+            (Rho-1's selective language modelling: the token's loss minus a reference model's loss on the same
+            token, passed as ``forward(..., reference_loss=)``; see :func:`cggr.reference.excess_scores` and
+            :func:`cggr.reference.compute_reference_losses`; Rho-1 keeps ~60-70% of the tokens).
+        selection: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'``, ``'random'``,
+            ``'sampled'`` (Gumbel-top-k over difficulty / ``temperature``: τ → 0 is ``topk``, τ → ∞ is
+            ``random``) or ``'importance'`` (unbiased: tokens drawn with inclusion probability π ∝ difficulty
+            mixed with ``uniform_mix`` of uniform, each kept token weighted 1 / π, so the expected loss and
+            gradient equal those of every valid token; negative difficulty counts as 0). See :mod:`cggr.sampling`.
         num_strata: Buckets for ``stratified``.
         min_tokens_per_sequence: Per-sequence floor for ``sequence_aware`` (3-D inputs: per row of B).
         dynamic_threshold: Scale the ratio by the batch's mean confidence (ignored by ``fixed_quota``).
@@ -80,6 +92,11 @@ class CGGRLoss(TokenSelector):
         chunk_size: Rows of logits processed at once in scoring and backward (default: ~16 Mi elements).
         impl: Scoring implementation: ``'auto'`` (the one-pass Triton kernel on CUDA, else PyTorch),
             ``'torch'`` or ``'triton'`` (raises where it cannot run). ``CGGR_IMPL=torch`` forces PyTorch.
+        temperature: τ > 0 of ``selection='sampled'``, in difficulty units.
+        uniform_mix: λ in (0, 1] of ``selection='importance'`` (every weight is at most N_valid / (K · λ)).
+        reference_norm: How ``'excess'`` combines the losses (:func:`cggr.reference.excess_scores`): ``'none'``
+            (the raw difference, Rho-1), ``'zscore'`` (both standardised over the batch's valid tokens first) or
+            ``'rank'`` (percentile ranks).
         head_options: Kernel settings of :meth:`forward_hidden` (a :class:`cggr.functional.
             LinearCrossEntropyOptions` setting only ``kernel``, ``workspace``, ``workspace_bytes``,
             ``accumulate``, ``filter_eps``, ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')`` for
@@ -106,12 +123,16 @@ class CGGRLoss(TokenSelector):
         chunk_size: int | None = None,
         impl: str = "auto",
         head_options: LinearCrossEntropyOptions | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        uniform_mix: float = DEFAULT_UNIFORM_MIX,
+        reference_norm: str = "none",
     ) -> None:
         super().__init__(
             scoring=scoring, selection=selection, num_strata=num_strata,
             min_tokens_per_sequence=min_tokens_per_sequence, dynamic_threshold=dynamic_threshold,
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-            warmup_steps=warmup_steps, ignore_index=ignore_index, seed=seed,
+            warmup_steps=warmup_steps, ignore_index=ignore_index, seed=seed, temperature=temperature,
+            uniform_mix=uniform_mix, reference_norm=reference_norm, scoring_modes=LOSS_SCORING_MODES,
         )
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
@@ -119,29 +140,56 @@ class CGGRLoss(TokenSelector):
         self.head_options = check_head_options(head_options, "CGGRLoss")
         self._last: dict[str, Tensor] = {}
 
-    def select(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Any]:
+    def select(self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None = None) -> tuple[Tensor, Any]:
         """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
-        scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-                              impl=self.impl)  # checks logits and targets
-        _, mask, info = self.select_scored(scores, scores.valid)
-        self._last = {k: v.detach() for k, v in info.items()}
+        mask, scores, _ = self._select(logits, targets, reference_loss)
         return mask, scores
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def _select(self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None):
+        scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+                              impl=self.impl)  # checks logits and targets
+        diff = None
+        if self.scoring == "excess":
+            if reference_loss is None:
+                raise ValueError("reference_loss is required with scoring='excess': the reference model's per-token "
+                                 f"losses shaped like targets {tuple(targets.shape)} (cggr.reference)")
+            if not isinstance(reference_loss, Tensor) or not reference_loss.is_floating_point():
+                got = reference_loss.dtype if isinstance(reference_loss, Tensor) else type(reference_loss).__name__
+                raise TypeError(f"reference_loss must be a floating-point tensor shaped like targets, got {got}")
+            if reference_loss.shape != targets.shape:
+                raise ValueError(f"reference_loss shape {tuple(reference_loss.shape)} does not match targets shape "
+                                 f"{tuple(targets.shape)} (per-token reference losses, aligned like targets)")
+            ref = reference_loss.to(device=scores.nll.device, dtype=torch.float32)
+            diff = excess_scores(scores.nll, ref, scores.valid, normalize=self.reference_norm)
+        elif reference_loss is not None:
+            raise ValueError(f"reference_loss is only used with scoring='excess', got scoring={self.scoring!r}")
+        _, mask, info, pi = self.select_scored_weighted(scores, scores.valid, diff)
+        self._last = {k: v.detach() for k, v in info.items()}
+        return mask, scores, pi
+
+    def forward(self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None = None) -> Tensor:
         """Cross-entropy over the selected tokens.
 
         Args:
             logits: (B, T, V) or (N, V).
             targets: (B, T) or (N,) aligned with ``logits``; ``ignore_index`` entries are skipped.
+            reference_loss: Per-token reference losses shaped like ``targets`` (``scoring='excess'`` only, where
+                it is required; e.g. ``ReferenceLosses.tokens(idx)[:, :-1]`` for targets ``labels[:, 1:]``).
 
         Returns:
-            0-d fp32 loss. 0.0 (still differentiable) when every target is ignored.
+            0-d fp32 loss. 0.0 (still differentiable) when every target is ignored. With
+            ``selection='importance'``: Σ_kept nll / (π · N_valid) (``'sum'``: Σ_kept nll / π), an unbiased
+            estimate of the mean (sum) over every valid token.
         """
-        mask, scores = self.select(logits, targets)
+        mask, scores, pi = self._select(logits, targets, reference_loss)
         vocab = logits.shape[-1]
         flat_mask = mask.reshape(-1)
         weights = flat_mask.float()
-        if self.reduction == "mean":
+        if pi is not None:  # Horvitz-Thompson: 1 / π per kept token, normalised by every valid token
+            weights = torch.where(flat_mask, 1.0 / pi.reshape(-1).clamp(min=1e-30), 0.0).float()
+            if self.reduction == "mean":
+                weights = weights / scores.valid.sum().clamp(min=1)
+        elif self.reduction == "mean":
             weights = weights / flat_mask.sum().clamp(min=1)
         safe_targets = torch.where(scores.valid, targets, 0).reshape(-1).long()  # (N,) gather/scatter index
         rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
@@ -168,6 +216,11 @@ class CGGRLoss(TokenSelector):
         Returns:
             0-d fp32 loss.
         """
+        if self.scoring == "excess" or self.selection in ("sampled", "importance"):
+            raise ValueError(
+                f"forward_hidden does not support scoring={self.scoring!r} with selection={self.selection!r} "
+                "(scoring='excess', selection='sampled' and 'importance' run in forward(logits, targets))"
+            )
         options = dataclasses.replace(
             self.head_options or LinearCrossEntropyOptions(),
             num_strata=self.num_strata,
@@ -207,4 +260,6 @@ class CGGRLoss(TokenSelector):
                 avg_confidence=vals["confidence"],
                 avg_entropy=vals["entropy"],
             )
+            if "importance_variance_ratio" in vals:
+                out["importance_variance_ratio"] = vals["importance_variance_ratio"]
         return out

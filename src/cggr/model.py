@@ -43,9 +43,14 @@ from cggr._validation import (
 )
 from cggr.functional import IMPLS, LinearCrossEntropyOptions, check_head_options, linear_cross_entropy, token_scores
 from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands
+from cggr.reference import REFERENCE_NORMS, check_reference_loss, excess_scores
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
+from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX, check_temperature, check_uniform_mix
 from cggr.scoring import difficulty
-from cggr.selection import select_sequences, select_tokens
+from cggr.selection import SEQUENCE_STRATEGIES, importance_sequences, select_sequences, select_tokens
+
+#: Scoring modes of CGGRModel: the shared ones plus ``'reducible'`` (RHO-LOSS: learner loss − reference loss).
+MODEL_SCORING_MODES = (*SCORING_MODES, "reducible")
 
 # Model types trained with unshifted (masked-LM) labels when no ``causal`` flag is given.
 _MASKED_LM_TYPES = frozenset(
@@ -195,8 +200,19 @@ class CGGRModel(Curriculum):
         num_router_layers: Layers of the default router.
         min_tokens_ratio: Share of the batch's sequences trained on once warm-up is over, in (0, 1].
         warmup_steps: Steps over which the share falls linearly from 1 to ``min_tokens_ratio``.
-        scoring: Token difficulty: ``'entropy'``, ``'margin'``, ``'loss'`` or ``'combined'``.
-        selection: ``'topk'`` (hardest sequences) or ``'random'`` (the control; the router is not run).
+        scoring: Token difficulty: ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'`` or ``'reducible'``
+            (RHO-LOSS, Mindermann et al. 2022: a sequence's score is the learner's loss minus a reference
+            model's loss on it, passed as ``forward(..., reference_loss=)``, per sequence (B,) or per token (B, T);
+            see :mod:`cggr.reference`). The learner's loss is the ROUTER's mean next-token loss over the
+            sequence's valid targets (the router is the learner's first layers: cheap, but only a proxy); for
+            the learner's own loss, as in RHO-LOSS, pass ``router=model`` (a no-grad forward of the whole model
+            over the batch). How the two are combined: ``reference_norm``.
+        selection: ``'topk'`` (hardest sequences), ``'random'`` (the control; the router is not run),
+            ``'sampled'`` (k drawn without replacement by Gumbel-top-k over score / ``temperature``: τ → 0 is
+            ``topk``, τ → ∞ is ``random``) or ``'importance'`` (unbiased importance sampling: sequence i kept
+            with probability π_i ∝ its score mixed with ``uniform_mix`` of uniform, negative scores counting as
+            0; its loss weighted by 1 / π_i so that the expected loss and gradient equal the whole batch's mean
+            over valid tokens). See :mod:`cggr.sampling`.
         token_ratio: If set, inside the selected sequences only the hardest ``token_ratio`` share of valid
             tokens (by router difficulty) contributes to the loss.
         ignore_index: Label value to ignore.
@@ -211,14 +227,24 @@ class CGGRModel(Curriculum):
             or ``torch.compile``: the base model is called directly; compile the ``CGGRModel`` instead);
             ``True``: always (``ValueError`` if impossible); ``False``: never. The loss and gradients equal
             the unfused path's (same selection, same mean over kept tokens) up to floating-point rounding.
+        temperature: τ > 0 of ``selection='sampled'``, in score units.
+        uniform_mix: λ in (0, 1] of ``selection='importance'`` (every weight is at most B / (k · λ)).
+        reference_norm: How ``'reducible'`` combines the learner's and the reference's per-sequence losses
+            (:func:`cggr.reference.excess_scores`): ``'none'`` (the raw difference, RHO-LOSS), ``'zscore'``
+            (both standardised over the batch's sequences first: the raw difference ranks mostly by LOW reference
+            loss when the reference's losses spread more than the learner's, i.e. it picks easy sequences) or
+            ``'rank'`` (percentile ranks).
         head_options: Kernel settings of the fused head (a :class:`cggr.functional.LinearCrossEntropyOptions`
             setting only ``kernel``, ``workspace``, ``workspace_bytes``, ``accumulate``, ``filter_eps``,
             ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')``: no 256 MiB logits workspace, the
             chunks live in the head weight's gradient). ``None``: the defaults.
 
-    ``forward(input_ids, labels=None, attention_mask=None, **kwargs)`` returns the plain model output when
-    ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of the selected
-    sequences (0.0 with grad when there are none). Positions with ``attention_mask == 0`` are neither
+    ``forward(input_ids, labels=None, attention_mask=None, reference_loss=None, **kwargs)`` returns the plain
+    model output when ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of
+    the selected sequences (0.0 with grad when there are none); with ``selection='importance'``
+    Σ_selected Σ_t nll / (π_i · N_valid) with N_valid the valid targets of the whole batch (an unbiased
+    estimate of the whole batch's mean; ``token_ratio`` is refused with it, as it would bias the estimate).
+    Positions with ``attention_mask == 0`` are neither
     predicted nor predict anything: with left padding the last pad does not predict the first real token (HF's
     own loss counts that term), so the loss equals that of the unpadded sequences. Call ``step()`` after each
     optimizer step; ``step_count`` is a buffer, so ``state_dict()`` carries the curriculum. ``parameters()`` are
@@ -245,6 +271,9 @@ class CGGRModel(Curriculum):
         impl: str = "auto",
         fused_head: bool | None = None,
         head_options: LinearCrossEntropyOptions | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        uniform_mix: float = DEFAULT_UNIFORM_MIX,
+        reference_norm: str = "none",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -254,9 +283,15 @@ class CGGRModel(Curriculum):
         check_int("num_router_layers", num_router_layers, minimum=1)
         self.model = model
         _set_router(self, _resolve_router(model, router, num_router_layers))
-        self.scoring = check_choice("scoring", scoring, SCORING_MODES)
-        self.selection = check_choice("selection", selection, ("topk", "random"))
+        self.scoring = check_choice("scoring", scoring, MODEL_SCORING_MODES)
+        self.selection = check_choice("selection", selection, SEQUENCE_STRATEGIES)
         self.token_ratio = None if token_ratio is None else check_ratio("token_ratio", token_ratio)
+        if self.selection == "importance" and self.token_ratio is not None:
+            raise ValueError(f"token_ratio={token_ratio!r} cannot be combined with selection='importance' (keeping "
+                             "the hardest tokens would bias the importance-weighted estimate); use token_ratio=None")
+        self.temperature = check_temperature(temperature)
+        self.uniform_mix = check_uniform_mix(uniform_mix)
+        self.reference_norm = check_choice("reference_norm", reference_norm, REFERENCE_NORMS)
         self.ignore_index = check_ignore_index(ignore_index)
         if causal is not None and not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool or None, got {causal!r}")
@@ -287,6 +322,7 @@ class CGGRModel(Curriculum):
         input_ids: Tensor | None = None,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        reference_loss: Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Train step loss over the hardest sequences, or the plain model output when ``labels`` is None.
@@ -298,9 +334,16 @@ class CGGRModel(Curriculum):
             input_ids: (B, T) token ids.
             labels: (B, T) HF-style labels (shifted inside for causal LMs), ``ignore_index`` ignored.
             attention_mask: (B, T) 1 = token, 0 = padding.
+            reference_loss: ``scoring='reducible'`` only (required there in training mode, ignored in eval mode):
+                the reference model's loss per sequence (B,) or per token (B, T), aligned with the shifted
+                targets as :class:`cggr.reference.ReferenceLosses` stores them (``.sequence(idx)`` /
+                ``.tokens(idx)``). Per token, a sequence's reference loss is its mean over the valid targets,
+                and ``token_ratio`` keeps the tokens of largest excess loss.
             **kwargs: Extra model inputs; tensors with leading dim B (e.g. ``token_type_ids``,
                 ``position_ids``) are sliced to the selected sequences.
         """
+        if reference_loss is not None and self.scoring != "reducible":
+            raise ValueError(f"reference_loss is only used with scoring='reducible', got scoring={self.scoring!r}")
         if labels is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
@@ -330,26 +373,44 @@ class CGGRModel(Curriculum):
         token_ratio = self.token_ratio if routing else None
         k = self.num_selected_sequences(batch) if routing else batch
 
-        need_scores = (self.selection == "topk" and k < batch) or token_ratio is not None
+        need_scores = (self.selection != "random" and k < batch) or token_ratio is not None
+        if reference_loss is not None:
+            reference_loss = check_reference_loss(reference_loss, batch, input_ids.shape[1], input_ids.device)
+        elif need_scores and self.scoring == "reducible":
+            raise ValueError("reference_loss is required with scoring='reducible' in training mode: the reference "
+                             f"model's losses per sequence ({batch},) or per token {tuple(input_ids.shape)} "
+                             "(cggr.reference.ReferenceLosses)")
         tok_diff: Tensor | None = None
         last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
             r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
             scores = token_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
             del r_logits
-            tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
             n_tok = valid.sum(-1)  # (B,)
-            seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
+            if self.scoring == "reducible":
+                tok_diff, seq_score = self._reducible(scores.nll, reference_loss, valid, n_tok)
+            else:
+                tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
+                seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
             seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
             n_all = n_tok.sum().clamp(min=1)
             last["router_confidence"] = (scores.confidence * valid).sum() / n_all
             last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+        seq_weight: Tensor | None = None  # importance: 1 / π of the selected sequences (k,)
         if self.selection == "random" and routing:
             idx = self.random_generator().permutation(batch, input_ids.device)[:k]  # (k,)
         elif k == batch:
             idx = torch.arange(batch, device=input_ids.device)
+        elif self.selection == "importance":
+            idx, pi, rho = importance_sequences(seq_score, k, uniform_mix=self.uniform_mix,
+                                                generator=self.random_generator())  # (k,), (k,)
+            seq_weight = torch.where(pi > 0, 1.0 / pi.clamp(min=1e-30), 0.0).float()
+            last["importance_variance_ratio"] = rho
+            last["importance_max_weight"] = seq_weight.max()
         else:
-            idx = select_sequences(seq_score, k)  # (k,)
+            gen = self.random_generator() if self.selection == "sampled" else None
+            idx = select_sequences(seq_score, k, strategy=self.selection, generator=gen,
+                                   temperature=self.temperature)  # (k,)
 
         sub_ids = input_ids.index_select(0, idx)  # (k, T)
         sub_targets = targets.index_select(0, idx)  # (k, T)
@@ -363,20 +424,28 @@ class CGGRModel(Curriculum):
             keep = sub_targets != self.ignore_index
             kept_targets = sub_targets
         n_keep = keep.sum()
+        # importance: token weights n_keep / (π_i · N_valid) under the mean over kept tokens, so the loss is
+        # Σ nll / (π_i · N_valid) (Horvitz-Thompson over the whole batch's valid targets)
+        tok_weight = None
+        if seq_weight is not None:
+            tok_weight = (seq_weight * (n_keep / valid.sum().clamp(min=1))).unsqueeze(1).expand(k, sub_ids.shape[1])
         fused = self._fused_for(input_ids.device)
         if fused is not None:
             base, spec = fused
             out = base(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (k, T, H)
-            loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio)
+            loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio, tok_weight)
         else:
             out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
             vocab = logits.shape[-1]
             flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
-            ce = F.cross_entropy(
-                flat_logits, kept_targets.reshape(-1).long(), ignore_index=self.ignore_index, reduction="sum"
-            )
+            flat_targets = kept_targets.reshape(-1).long()
+            if tok_weight is None:
+                ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=self.ignore_index, reduction="sum")
+            else:  # 0 at ignored targets
+                ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=self.ignore_index, reduction="none")
+                ce = (ce * tok_weight.reshape(-1)).sum()
             loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
 
         if not routing:  # the training metrics of the last train step stay readable after an evaluation
@@ -407,8 +476,27 @@ class CGGRModel(Curriculum):
             raise ValueError(f"fused_head=True is no longer possible for {type(self.model).__name__}: {reason}")
         return parts
 
+    def _reducible(self, nll: Tensor, reference_loss: Tensor, valid: Tensor, n_tok: Tensor) -> tuple[Tensor, Tensor]:
+        """Token difficulty (B, T) and sequence score (B,) of ``scoring='reducible'``.
+
+        The sequence score is ``excess_scores(learner's mean nll, reference's mean loss)`` over the sequences with
+        valid targets, normalised per ``reference_norm``; the token difficulty (for ``token_ratio``) is the
+        per-token excess with a (B, T) reference, else the router's nll.
+        """
+        seq_valid = n_tok > 0
+        seq_nll = torch.where(valid, nll, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
+        if reference_loss.dim() == 2:
+            seq_ref = torch.where(valid, reference_loss, 0.0).sum(-1) / n_tok.clamp(min=1)
+            tok_diff = excess_scores(nll, reference_loss, valid, normalize=self.reference_norm)
+        else:
+            seq_ref = reference_loss
+            tok_diff = nll
+        seq_ref = torch.where(seq_valid, seq_ref, 0.0)  # a sequence without targets may carry a NaN reference
+        return tok_diff, excess_scores(seq_nll, seq_ref, seq_valid, normalize=self.reference_norm)
+
     def _fused_loss(
-        self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor, token_ratio: float | None
+        self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor, token_ratio: float | None,
+        tok_weight: Tensor | None = None,
     ) -> Tensor:
         """Mean cross-entropy over the kept targets, straight from the final hidden states.
 
@@ -418,6 +506,7 @@ class CGGRModel(Curriculum):
             kept_targets: (k, T) shifted targets, ``ignore_index`` where not kept.
             keep: (k, T) bool, ``kept_targets != ignore_index``.
             token_ratio: The token share of this call (``None``: every valid token).
+            tok_weight: Optional (k, T) per-token weights (importance sampling; ``token_ratio`` is then None).
 
         Returns:
             0-d fp32 loss (0.0 with grad when nothing is kept), equal to the unfused path's.
@@ -435,10 +524,11 @@ class CGGRModel(Curriculum):
         else:  # HF shift: position t predicts label t + 1 (the padded last column is all ignore_index)
             h2 = hidden[:, :-1].reshape(-1, hsize)  # (k·(T-1), H)
             t2 = kept_targets[:, :-1].reshape(-1)  # (k·(T-1),)
+        w2 = tok_weight[:, :-1].reshape(-1) if tok_weight is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_cross_entropy(
                 h2, weight, t2, bias=bias, ratio=1.0, ignore_index=self.ignore_index, softcap=spec.softcap,
-                reduction="mean", impl=self.impl, options=self.head_options,
+                reduction="mean", impl=self.impl, options=self.head_options, row_weights=w2,
             )
 
     # ------------------------------------------------------------------ metrics

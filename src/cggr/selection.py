@@ -18,6 +18,10 @@ Rules (DESIGN §4):
   overflow handed to the hardest buckets that still have room; within a bucket the tokens are drawn at random.
 * ``sequence_aware``: ``topk``, then each sequence gets its hardest unselected valid tokens until it holds
   min(min_tokens_per_sequence, its valid tokens) selected ones (so more than K may be kept).
+* ``sampled``: K drawn without replacement with Gumbel-top-k over difficulty / ``temperature`` (Plackett-Luce;
+  τ → 0 is ``topk``, τ → ∞ is ``random``). ``importance``: K drawn by unbiased importance sampling with
+  inclusion probabilities π ∝ difficulty mixed with uniform (``uniform_mix``); the 1 / π weights that make the
+  kept tokens' loss unbiased come from :func:`cggr.sampling.importance_select`. Both: :mod:`cggr.sampling`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ from cggr._validation import (
     check_int,
     check_ratio,
 )
+from cggr.sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_UNIFORM_MIX,
+    check_temperature,
+    check_uniform_mix,
+    gumbel_keys,
+    importance_select,
+)
+
+#: Token strategies of :func:`select_tokens` (and of ``CGGRLoss``/``CGGRScorer``): the shared ones plus the
+#: randomised rules of :mod:`cggr.sampling`.
+TOKEN_STRATEGIES = (*SELECTION_STRATEGIES, "sampled", "importance")
+#: Sequence strategies of :func:`select_sequences` (and of ``CGGRModel``).
+SEQUENCE_STRATEGIES = ("topk", "random", "sampled", "importance")
 
 
 class RatioSchedule:
@@ -147,6 +165,8 @@ def select_tokens(
     num_strata: int = 4,
     min_tokens_per_sequence: int = 1,
     generator: torch.Generator | CounterRNG | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform_mix: float = DEFAULT_UNIFORM_MIX,
 ) -> Tensor:
     """Boolean mask of the tokens to keep.
 
@@ -154,18 +174,23 @@ def select_tokens(
         difficulty: (N,) or (B, T) difficulty, higher = harder.
         valid: Bool mask of the same shape (False = ignored target), or ``None`` for all valid.
         ratio: Share of the valid tokens to keep, a float in (0, 1] or a 0-d tensor (dynamic threshold).
-        strategy: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` or ``'random'``.
+        strategy: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'``, ``'random'``,
+            ``'sampled'`` or ``'importance'`` (mask only; the weights: :func:`cggr.sampling.importance_select`).
         num_strata: Buckets for ``stratified``.
         min_tokens_per_sequence: Per-sequence floor for ``sequence_aware`` (rows of a 2-D input).
-        generator: Random source for ``stratified`` and ``random``: a ``torch.Generator`` on
-            ``difficulty.device``, a :class:`cggr._rng.CounterRNG` (what the modules use: traceable by
-            ``torch.compile``), or ``None`` (torch's global generator).
+        generator: Random source for ``stratified``, ``random``, ``sampled`` and ``importance``: a
+            ``torch.Generator`` on ``difficulty.device``, a :class:`cggr._rng.CounterRNG` (what the modules use:
+            traceable by ``torch.compile``), or ``None`` (torch's global generator).
+        temperature: τ > 0 of ``sampled`` (in difficulty units).
+        uniform_mix: λ in (0, 1] of ``importance``.
 
     Returns:
         Bool tensor shaped like ``difficulty``; exactly K = max(1, round(ratio · n_valid)) True entries,
         all valid (``sequence_aware`` may add more).
     """
-    check_choice("strategy", strategy, SELECTION_STRATEGIES)
+    check_choice("strategy", strategy, TOKEN_STRATEGIES)
+    temperature = check_temperature(temperature)
+    uniform_mix = check_uniform_mix(uniform_mix)
     num_strata = check_int("num_strata", num_strata, minimum=1)
     min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
     if not isinstance(difficulty, Tensor) or difficulty.dim() not in (1, 2):
@@ -193,6 +218,11 @@ def select_tokens(
         mask = _descending_rank(rand_keys) < k
     elif strategy == "stratified":
         mask = _stratified(keys, flat_valid, k, num_strata, generator)
+    elif strategy == "sampled":
+        mask = _descending_rank(gumbel_keys(keys, flat_valid, temperature, generator)) < k
+    elif strategy == "importance":
+        mask = importance_select(difficulty.reshape(-1), flat_valid, k, uniform_mix=uniform_mix,
+                                 generator=generator)[0]
     else:  # topk, fixed_quota, sequence_aware
         mask = _descending_rank(keys) < k
     mask = mask.view(shape)
@@ -209,19 +239,28 @@ def select_sequences(
     *,
     strategy: str = "topk",
     generator: torch.Generator | CounterRNG | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    uniform_mix: float = DEFAULT_UNIFORM_MIX,
 ) -> Tensor:
-    """Indices of the k sequences to train on: the hardest (``topk``) or k at random (``random``).
+    """Indices of the k sequences to train on: the hardest (``topk``), k at random (``random``), k drawn by
+    Gumbel-top-k over difficulty / τ (``sampled``) or by unbiased importance sampling (``importance``; the
+    1 / π weights: :func:`importance_sequences`).
 
     Args:
-        seq_difficulty: (B,) one score per sequence; NaN counts as the hardest.
+        seq_difficulty: (B,) one score per sequence; NaN counts as the hardest (``importance``: as the largest
+            finite score; -inf marks a sequence that must not be kept, e.g. one without valid targets).
         k: How many to keep, 1 <= k <= B (a Python int, so the output shape is static).
-        strategy: ``'topk'`` or ``'random'``.
-        generator: Random source for ``random`` (as in :func:`select_tokens`).
+        strategy: ``'topk'``, ``'random'``, ``'sampled'`` or ``'importance'``.
+        generator: Random source for ``random``, ``sampled`` and ``importance`` (as in :func:`select_tokens`).
+        temperature: τ > 0 of ``sampled``.
+        uniform_mix: λ in (0, 1] of ``importance``.
 
     Returns:
         (k,) long tensor of batch indices.
     """
-    check_choice("strategy", strategy, ("topk", "random"))
+    check_choice("strategy", strategy, SEQUENCE_STRATEGIES)
+    temperature = check_temperature(temperature)
+    uniform_mix = check_uniform_mix(uniform_mix)
     if not isinstance(seq_difficulty, Tensor) or seq_difficulty.dim() != 1:
         raise ValueError(
             "seq_difficulty must be a 1-D (B,) tensor, got "
@@ -232,14 +271,53 @@ def select_sequences(
         raise ValueError(f"k must be an int in [1, {batch}] (the batch size), got {k!r}")
     if strategy == "random":
         return permutation(batch, seq_difficulty.device, generator)[:k]
+    if strategy == "importance":
+        return importance_sequences(seq_difficulty, k, uniform_mix=uniform_mix, generator=generator)[0]
     d = seq_difficulty.float()
     d = torch.where(torch.isnan(d), torch.inf, d)
+    if strategy == "sampled":
+        d = gumbel_keys(d, d > -torch.inf, temperature, generator)
     return torch.topk(d, k, sorted=False).indices
 
 
+def importance_sequences(
+    seq_score: Tensor,
+    k: int,
+    *,
+    uniform_mix: float = DEFAULT_UNIFORM_MIX,
+    generator: torch.Generator | CounterRNG | None = None,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """k distinct sequences by unbiased importance sampling, with their inclusion probabilities.
+
+    Args:
+        seq_score: (B,) importance scores (negative ones count as 0, NaN as the largest; see
+            :mod:`cggr.sampling`); -inf (or ``valid`` False) marks a sequence that is never kept.
+        k: How many to keep, 1 <= k <= B (a Python int). Fewer keepable sequences than k: the rest of the k
+            indices are unkeepable ones with π = 0 (give them weight 0).
+        uniform_mix: λ in (0, 1].
+        generator: Random source.
+        valid: Optional (B,) bool mask of keepable sequences (default: ``seq_score > -inf``).
+
+    Returns:
+        ``(idx (k,) long, pi (k,) inclusion probabilities of those indices (fp64; fp32 on MPS), ρ)``: weighting
+        sequence ``idx[j]``'s loss by ``1 / pi[j]`` makes the sum an unbiased estimate of the batch's sum.
+    """
+    if valid is None:
+        valid = seq_score > -torch.inf
+    n_valid = valid.sum()
+    k_eff = torch.minimum(torch.as_tensor(k, device=seq_score.device), n_valid)
+    mask, pi, rho = importance_select(seq_score, valid, k_eff, uniform_mix=uniform_mix, generator=generator)
+    idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k]  # the kept ones first
+    return idx, pi.index_select(0, idx), rho
+
+
 __all__ = [
+    "SEQUENCE_STRATEGIES",
+    "TOKEN_STRATEGIES",
     "RatioSchedule",
     "dynamic_ratio",
+    "importance_sequences",
     "num_selected",
     "select_sequences",
     "select_tokens",
