@@ -61,6 +61,14 @@ def check_uniform_mix(value: object) -> float:
     return value
 
 
+def device_count(k: Tensor | int, device: torch.device) -> Tensor:
+    """K as a 0-d long tensor on ``device``: a fill kernel for an int (``torch.tensor(k, device=...)`` would be a
+    host-to-device copy, which a CUDA graph cannot capture)."""
+    if isinstance(k, Tensor):
+        return k.to(device=device, dtype=torch.long)
+    return torch.full((), int(k), dtype=torch.long, device=device)
+
+
 def _prob_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -116,7 +124,7 @@ def inclusion_probabilities(p: Tensor, k: Tensor | int) -> Tensor:
         (K - m) · p_i / Σ_{j > m} p_(j) for the rest.
     """
     n = p.shape[0]
-    k_t = torch.as_tensor(k, device=p.device).to(p.dtype)
+    k_t = device_count(k, p.device).to(p.dtype)
     if n == 0:
         return p.clone()
     ps, order = torch.sort(p, descending=True, stable=True)  # (N,)
@@ -139,7 +147,7 @@ def systematic_sample(pi: Tensor, k: Tensor | int, generator: torch.Generator | 
     """
     n = pi.shape[0]
     dt = pi.dtype
-    k_t = torch.as_tensor(k, device=pi.device)
+    k_t = device_count(k, pi.device)
     r = uniform((n + 1,), pi.device, generator)  # n order keys, then the start u
     order = torch.argsort(r[:n], stable=True)  # a uniformly random order
     u = r[n].to(dt)
@@ -212,6 +220,7 @@ __all__ = [
     "DEFAULT_UNIFORM_MIX",
     "check_temperature",
     "check_uniform_mix",
+    "device_count",
     "gumbel_keys",
     "importance_select",
     "inclusion_probabilities",

@@ -41,6 +41,7 @@ from cggr.sampling import (
     DEFAULT_UNIFORM_MIX,
     check_temperature,
     check_uniform_mix,
+    device_count,
     gumbel_keys,
     importance_select,
 )
@@ -306,7 +307,7 @@ def importance_sequences(
     if valid is None:
         valid = seq_score > -torch.inf
     n_valid = valid.sum()
-    k_eff = torch.minimum(torch.as_tensor(k, device=seq_score.device), n_valid)
+    k_eff = torch.minimum(device_count(k, seq_score.device), n_valid)
     mask, pi, rho = importance_select(seq_score, valid, k_eff, uniform_mix=uniform_mix, generator=generator)
     idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k]  # the kept ones first
     return idx, pi.index_select(0, idx), rho
