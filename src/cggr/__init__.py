@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "create_persistent_tr_mlp": "cggr.moe",
     "linear_cross_entropy": "cggr.functional",
     "ReferenceLosses": "cggr.reference",
+    "AsyncCGGRScorer": "cggr.async_scoring",
+    "SequenceScoreCache": "cggr.async_scoring",
     "compute_reference_losses": "cggr.reference",
     "enable_flash_attention": "cggr.flash",
     "load_model_with_flash_attention": "cggr.flash",
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from cggr.async_scoring import AsyncCGGRScorer, SequenceScoreCache
     from cggr.flash import enable_flash_attention, get_flash_attention_info, load_model_with_flash_attention
     from cggr.functional import linear_cross_entropy
     from cggr.loss import CGGRLoss

@@ -323,6 +323,7 @@ class CGGRModel(Curriculum):
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         reference_loss: Tensor | None = None,
+        sequence_scores: Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Train step loss over the hardest sequences, or the plain model output when ``labels`` is None.
@@ -339,6 +340,13 @@ class CGGRModel(Curriculum):
                 targets as :class:`cggr.reference.ReferenceLosses` stores them (``.sequence(idx)`` /
                 ``.tokens(idx)``). Per token, a sequence's reference loss is its mean over the valid targets,
                 and ``token_ratio`` keeps the tokens of largest excess loss.
+            sequence_scores: Optional precomputed (B,) per-sequence scores to select by instead of running the
+                router (training mode; ignored in eval mode): stale scores of the same examples from an earlier
+                step (:class:`cggr.async_scoring.SequenceScoreCache`), or the next batch's scores computed on a
+                side CUDA stream while this step trained (:class:`cggr.async_scoring.AsyncCGGRScorer`), e.g. from
+                :meth:`score_sequences`. Sequences without valid targets are never selected whatever their score.
+                Not with ``token_ratio`` (which needs the router's token scores), ``reference_loss`` (it belongs
+                in the scores' computation) or ``selection='random'``.
             **kwargs: Extra model inputs; tensors with leading dim B (e.g. ``token_type_ids``,
                 ``position_ids``) are sliced to the selected sequences.
         """
@@ -374,6 +382,10 @@ class CGGRModel(Curriculum):
         k = self.num_selected_sequences(batch) if routing else batch
 
         need_scores = (self.selection != "random" and k < batch) or token_ratio is not None
+        given_scores: Tensor | None = None
+        if sequence_scores is not None and routing:
+            given_scores = self._check_sequence_scores(sequence_scores, batch, input_ids.device, reference_loss)
+            need_scores = False
         if reference_loss is not None:
             reference_loss = check_reference_loss(reference_loss, batch, input_ids.shape[1], input_ids.device)
         elif need_scores and self.scoring == "reducible":
@@ -383,19 +395,11 @@ class CGGRModel(Curriculum):
         tok_diff: Tensor | None = None
         last: dict[str, Tensor | int] = {}  # a fresh dict per call (never read here: no compile guards on it)
         if need_scores:
-            r_logits = _router_logits(self.router, input_ids, attention_mask, **_batch_kwargs(kwargs, batch))
-            scores = token_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
-            del r_logits
-            n_tok = valid.sum(-1)  # (B,)
-            if self.scoring == "reducible":
-                tok_diff, seq_score = self._reducible(scores.nll, reference_loss, valid, n_tok)
-            else:
-                tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
-                seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
-            seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
-            n_all = n_tok.sum().clamp(min=1)
-            last["router_confidence"] = (scores.confidence * valid).sum() / n_all
-            last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+            tok_diff, seq_score = self._score(input_ids, targets, valid, attention_mask, reference_loss,
+                                              _batch_kwargs(kwargs, batch), last)
+            last["sequence_scores"] = seq_score.detach()
+        elif given_scores is not None:
+            seq_score = torch.where(valid.any(-1), given_scores, -torch.inf)  # (B,)
         seq_weight: Tensor | None = None  # importance: 1 / π of the selected sequences (k,)
         if self.selection == "random" and routing:
             idx = self.random_generator().permutation(batch, input_ids.device)[:k]  # (k,)
@@ -476,6 +480,77 @@ class CGGRModel(Curriculum):
             raise ValueError(f"fused_head=True is no longer possible for {type(self.model).__name__}: {reason}")
         return parts
 
+    def _score(self, input_ids: Tensor, targets: Tensor, valid: Tensor, attention_mask: Tensor | None,
+               reference_loss: Tensor | None, router_kwargs: dict[str, Any], last: dict[str, Any]
+               ) -> tuple[Tensor, Tensor]:
+        """Router token difficulty (B, T) and sequence scores (B,; -inf without valid targets); router statistics
+        into ``last``."""
+        r_logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)
+        scores = token_scores(r_logits, targets, ignore_index=self.ignore_index, impl=self.impl)
+        del r_logits
+        n_tok = valid.sum(-1)  # (B,)
+        if self.scoring == "reducible":
+            tok_diff, seq_score = self._reducible(scores.nll, reference_loss, valid, n_tok)
+        else:
+            tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
+            seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
+        seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
+        n_all = n_tok.sum().clamp(min=1)
+        last["router_confidence"] = (scores.confidence * valid).sum() / n_all
+        last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+        return tok_diff, seq_score
+
+    def _check_sequence_scores(self, sequence_scores: object, batch: int, device: torch.device,
+                               reference_loss: Tensor | None) -> Tensor:
+        if self.token_ratio is not None:
+            raise ValueError(f"sequence_scores cannot be used with token_ratio={self.token_ratio!r}: the token "
+                             "selection needs the router's token scores of this batch")
+        if self.selection == "random":
+            raise ValueError("sequence_scores is not used by selection='random' (it draws without scores)")
+        if reference_loss is not None:
+            raise ValueError("pass reference_loss to the computation of sequence_scores (e.g. score_sequences), "
+                             "not together with them")
+        if not isinstance(sequence_scores, Tensor) or not sequence_scores.is_floating_point():
+            got = sequence_scores.dtype if isinstance(sequence_scores, Tensor) else type(sequence_scores).__name__
+            raise TypeError(f"sequence_scores must be a floating-point (B,) tensor, got {got}")
+        if tuple(sequence_scores.shape) != (batch,):
+            raise ValueError(f"sequence_scores must have shape ({batch},) (one score per sequence), got "
+                             f"{tuple(sequence_scores.shape)}")
+        return sequence_scores.detach().to(device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def score_sequences(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+                        reference_loss: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """(B,) fp32 per-sequence scores exactly as a training call computes them (router, ``scoring``,
+        ``reference_norm``; -inf for a sequence without valid targets), without training: for
+        ``forward(..., sequence_scores=)`` on a later step (stale scores) or on a side stream
+        (:class:`cggr.async_scoring.AsyncCGGRScorer`). Arguments as in :meth:`forward`."""
+        _check_2d("input_ids", input_ids, integer=True)
+        _check_2d("labels", labels, input_ids.shape, integer=True)
+        _check_2d("attention_mask", attention_mask, input_ids.shape)
+        batch = input_ids.shape[0]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
+        if self.causal:  # as in forward: position t predicts label t+1, padding predicts nothing
+            targets = F.pad(labels[:, 1:], (0, 1), value=self.ignore_index)
+            if attention_mask is not None:
+                targets = targets.masked_fill(attention_mask == 0, self.ignore_index)
+        else:
+            targets = labels
+        if self.scoring == "reducible":
+            if reference_loss is None:
+                raise ValueError("reference_loss is required with scoring='reducible'")
+            reference_loss = check_reference_loss(reference_loss, batch, input_ids.shape[1], input_ids.device)
+        elif reference_loss is not None:
+            raise ValueError(f"reference_loss is only used with scoring='reducible', got scoring={self.scoring!r}")
+        return self._score(input_ids, targets, targets != self.ignore_index, attention_mask, reference_loss,
+                           _batch_kwargs(kwargs, batch), {})[1]
+
+    def last_sequence_scores(self) -> Tensor | None:
+        """(B,) scores the last training call computed with its router (None if it ran none), on the device:
+        e.g. for :meth:`cggr.async_scoring.SequenceScoreCache.update`."""
+        return self._last.get("sequence_scores")
+
     def _reducible(self, nll: Tensor, reference_loss: Tensor, valid: Tensor, n_tok: Tensor) -> tuple[Tensor, Tensor]:
         """Token difficulty (B, T) and sequence score (B,) of ``scoring='reducible'``.
 
@@ -537,6 +612,8 @@ class CGGRModel(Curriculum):
         out: dict[str, Any] = {"step": self._step, "scheduled_ratio": self._ratio}
         if self._last:
             for key, val in self._last.items():
+                if key == "sequence_scores":  # a (B,) tensor: last_sequence_scores()
+                    continue
                 if key == "indices":
                     out["selected_indices"] = [int(i) for i in val.cpu()]
                 elif isinstance(val, Tensor):

@@ -168,3 +168,32 @@ def test_importance_selection_captures_in_a_cuda_graph():
     replay_rng = CounterRNG(7, torch.tensor(2))  # draws 0 (warm-up) and 1 (capture) came before the replays
     want = [sorted(importance_sequences(scores.cpu(), 8, generator=replay_rng)[0].tolist()) for _ in range(3)]
     assert seen == want
+
+
+def test_async_scorer_on_a_side_stream_equals_inline_scoring():
+    """A training loop whose next batch is scored on a side stream during the backward selects exactly what the
+    same loop scoring the next batch inline (at the same point: before the optimizer step) selects."""
+    from cggr import AsyncCGGRScorer
+
+    batches = [_batch(12, 37 + i) for i in range(4)]
+    runs = {}
+    for mode in ("async", "inline"):
+        model = _llama(torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0, seed=1)
+        scorer = AsyncCGGRScorer(cm, enabled=mode == "async")
+        ids, labels, mask = batches[0]
+        scores = scorer.score(ids, labels, mask)
+        picked = []
+        for step in range(3):
+            loss = cm(ids, labels=labels, attention_mask=mask, sequence_scores=scores)
+            picked.append(cm.get_metrics()["selected_indices"])
+            ids, labels, mask = batches[step + 1]
+            scorer.prefetch(ids, labels, mask)
+            loss.backward()
+            scores = scorer.wait()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[mode] = (picked, scores.cpu())
+    assert runs["async"][0] == runs["inline"][0]
+    assert torch.allclose(runs["async"][1], runs["inline"][1], rtol=1e-5, atol=1e-6)
