@@ -267,3 +267,39 @@ def test_selection_compiles_to_one_graph(strategy):
         want = select_sequences(scores, 5, strategy=strategy, generator=eager_rng, temperature=0.5)
         assert set(got.tolist()) == set(want.tolist())
     assert counter.frame_count == 1, counter.frame_count
+
+
+@pytest.mark.parametrize("selection", ["sampled", "importance"])
+def test_compiled_cggr_loss_has_one_graph_and_equals_eager(selection):
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from cggr import CGGRLoss
+
+    torch._dynamo.reset()
+    crit = CGGRLoss(selection=selection, scoring="loss", min_tokens_ratio=0.3, warmup_steps=0,
+                    dynamic_threshold=False, seed=2)
+    counter = CompileCounter()
+    compiled = torch.compile(crit, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(2, 16, 40, generator=g, requires_grad=True)
+        targets = torch.randint(0, 40, (2, 16), generator=g)
+        targets[0, :5] = -100
+        draw = crit.rng_counter.clone()
+        loss = compiled(logits, targets)
+        crit.rng_counter.copy_(draw)  # the eager call from the same random draw
+        want = crit(logits, targets)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, counter.frame_count
+
+
+def test_scorer_refuses_importance():
+    from cggr import CGGRScorer
+
+    with pytest.raises(ValueError, match="selection='importance' needs its 1 / pi weights"):
+        CGGRScorer(lambda ids, **kw: torch.zeros(*ids.shape, 5), selection="importance")
+    scorer = CGGRScorer(lambda ids, **kw: torch.randn(*ids.shape, 5, generator=torch.Generator().manual_seed(0)),
+                        selection="sampled", warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5, seed=0)
+    _, mask, _ = scorer(torch.zeros(2, 6, dtype=torch.long))
+    assert int(mask.sum()) == 6

@@ -149,6 +149,9 @@ class CGGRScorer(TokenSelector):
         )
         if not callable(router):
             raise TypeError(f"router must be a TruncatedRouter or a callable returning logits, got {type(router)}")
+        if selection == "importance":
+            raise ValueError("selection='importance' needs its 1 / pi weights applied to a loss; CGGRScorer's mask "
+                             "has none (use CGGRLoss or CGGRModel for importance sampling, or 'sampled' here)")
         _set_router(self, router)
         self.impl = check_choice("impl", impl, IMPLS)
 
