@@ -74,8 +74,8 @@ def excess_scores(learner_loss: Tensor, reference_loss: Tensor, valid: Tensor | 
         valid: Bool mask of the same shape (entries that count; others get score 0), or ``None`` for all.
         normalize: ``'none'``: the raw difference (RHO-LOSS, Rho-1). ``'zscore'``: each loss standardised over
             the valid entries of this call before subtracting, (l − mean l)/sd l − (r − mean r)/sd r. When the two
-            losses are strongly correlated and the reference spreads more (as in this project's pilot: r = 0.88,
-            sd 0.79 vs 0.52), the raw difference mostly ranks by LOW reference loss, i.e. picks easy sequences;
+            losses are strongly correlated and the reference's spread is larger (as the pilot of issue 15 found),
+            the raw difference mostly ranks by LOW reference loss, i.e. picks easy sequences;
             standardising removes that scale effect, so the score ranks sequences that the learner finds harder
             than their reference difficulty predicts. ``'rank'``: the same with percentile ranks in [0, 1]
             instead of z-scores (robust to outliers such as noise documents with huge losses).
