@@ -1,34 +1,52 @@
-"""Per-step selection study: which S-of-k sequences should a batch split train on?
+"""Equal-steps selection study: which k of S scanned sequences should a batch split train on, and when does it pay?
 
-Shape legend: S sequences scanned per step, k sequences trained on per step, T tokens per sequence, V vocabulary.
+Shape legend: S sequences scanned per step, k sequences trained on per step, T tokens per sequence, V vocabulary,
+P blocks in the training pool.
 
-Every strategy starts from the same initial model (per seed), reads the same seeded sequence stream (the race's
-:class:`cggr.cli.data.BatchStream`) and takes the same FIXED number of optimizer steps (AdamW as ``cggr race``,
-lr by step: linear warm-up over 5%, cosine to 0). Each step scans S sequences and trains on k of them:
+Every rule takes the same FIXED number of optimizer steps from the same initial weights (per seed) and reads the
+same seeded stream of S sequences per step (the race's :class:`cggr.cli.data.BatchStream` over the pool); only
+the choice of k of the S differs. So the study measures which sequences are worth a step, without the scan's
+cost (a race measures that). Paired seeds: seed s fixes the initial weights (from scratch) and the stream order
+for every rule; deltas to ``random`` are taken within a seed and summarised with a 95% interval over seeds.
 
-* ``random``: ``CGGRModel(selection='random')`` (the race's control: k of a random permutation).
-* ``hardest-router``: ``CGGRModel(selection='topk')`` with the race's truncated router and scoring (what ``cggr``
-  does: router = first layers + head, sequence score = mean token difficulty, top k).
-* ``hardest-loss``: the full model's own per-sequence loss (no-grad forward over the S), top k: an oracle of
-  difficulty. ``band-loss``: ranks S/4+1 .. S/4+k (skip the hardest 25%). ``middle-loss``: the k around the
-  median. ``easiest-loss``: bottom k. These train on the chosen rows with the model's plain HF loss.
+Data (the race's corpus, tokenizer and held-out split): the training blocks are split BY DOCUMENT into two
+halves. The rules train on a fixed pool of P blocks drawn from half A; the reference model trains on half B
+(never on held-out data, never on a block the rules train on). The held-out loss is measured on held-out
+documents only (the race's split).
 
-Every step also records the full model's per-sequence loss over all S (before the update), so each strategy's
-chosen sequences can be placed in the pool: their mean loss and mean rank (1 = hardest). Held-out loss: the
-race's :func:`cggr.cli.race.heldout_loss` on the race's held-out blocks.
+Regimes (``--regime``; each a hypothesis about where selection can pay, see docs/selection_study.md):
 
-Run (about 15 minutes on 2 CPU cores)::
+* ``clean``: from scratch, each pool block seen once per run (P = steps x S).
+* ``noise``: as ``clean`` with 25% of the pool's and of half B's blocks replaced by noise (half uniform random
+  tokens, half the block's own tokens shuffled); held-out data stays clean.
+* ``repeat``: from scratch, a pool of steps x S / 4 blocks read for 4 epochs.
+* ``finetune``: continue from a model pre-trained inside the study on another corpus (installed packages'
+  ``.py`` files, tokenised with the same tokenizer), train on the standard library.
+* ``late``: continue from a model pre-trained on other half-A blocks of the same corpus (the later phase of a
+  longer run: a new warm-up + cosine over the study's steps).
 
-    PYTHONPATH=src python benchmarks/study_selection.py            # tiny preset, code corpus, 150 steps, 3 seeds
+Rules (``--rules``): ``random`` (k uniformly), ``all`` (train on all S: the 4x-compute ceiling), ``hardest`` (top k
+by the learner's loss), ``reducible`` (top k by learner loss - reference loss: RHO-LOSS), ``reducible-norm`` (top
+k by z(learner) - z(reference), each standardised over the S), ``sampled-t<τ>`` (Gumbel-top-k over the
+standardised reducible score / τ: τ -> 0 is ``reducible-norm``, τ -> inf is ``random``), ``ref-filter`` (drop the
+S/8 highest reference losses, then k uniformly: no scan at train time), ``ref-low`` (the k lowest reference
+losses), ``importance`` (k draws with replacement, p = ½ ‖softmax − onehot‖-bound share + ½ uniform, each kept
+sequence weighted by 1/(S·p) so the expected gradient is the S-mean's). The learner's losses come from a no-grad
+forward over the S before the step (an oracle scan: the batch split's router would be cheaper and worse).
+
+Run one regime (about 10-15 minutes on 2 shared CPU cores)::
+
+    PYTHONPATH=src python benchmarks/study_selection.py --regime clean --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import hashlib
 import json
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -38,295 +56,626 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cggr.cli.data import BatchStream, RaceData
+from cggr.cli.data import BatchStream, RaceData, package_dirs
 from cggr.cli.presets import build_model
-from cggr.cli.race import (
-    Arm,
-    RaceConfig,
-    autocast_context,
-    command_line,
-    heldout_loss,
-    lr_at,
-    prepare,
-    weights_digest,
-)
+from cggr.cli.race import RaceConfig, command_line, lr_at, prepare, weights_digest
+from cggr.cli.stats import paired_interval
 from cggr.cli.timing import environment
 
-STRATEGIES = ("random", "hardest-router", "hardest-loss", "band-loss", "middle-loss", "easiest-loss")
-WRAPPED = {"random": "random", "hardest-router": "cggr"}  # strategy -> race arm (CGGRModel does the selection)
+REGIMES = ("clean", "noise", "repeat", "finetune", "late")
+BASE_RULES = ("random", "all", "hardest", "reducible", "reducible-norm", "ref-filter", "ref-low", "importance")
+DEFAULT_RULES = ("random", "hardest", "reducible", "reducible-norm", "sampled-t1", "ref-filter", "importance")
+CATEGORIES = ("code", "prose", "noise")
+CACHE = Path("/tmp/cggr-study-cache")
 
 
-def rank_window(strategy: str, scan: int, kept: int) -> tuple[int, int]:
-    """[start, stop) of the ranks (0 = highest loss) a loss-ranked strategy trains on."""
-    start = {"hardest-loss": 0, "band-loss": scan // 4, "middle-loss": (scan - kept) // 2,
-             "easiest-loss": scan - kept}[strategy]
-    return start, start + kept
+# ------------------------------------------------------------------------------------------------ data
+def block_documents(flat_ids: np.ndarray, eos_id: int, seq_len: int) -> np.ndarray:
+    """(N,) index of the document each block of ``flat_ids`` (documents joined by EOS, cut every T) starts in."""
+    eos_before = np.concatenate([[0], np.cumsum(flat_ids == eos_id)[:-1]])
+    return eos_before[::seq_len][: len(flat_ids) // seq_len]
 
 
+_PROSE_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def is_prose(text: str) -> bool:
+    """Natural-language text (docstrings, comments, licences) rather than code: most non-space characters are
+    letters inside words and at most one in 25 is a code symbol."""
+    chars = [c for c in text if not c.isspace()]
+    if not chars:
+        return False
+    letters = sum(len(w) for w in _PROSE_WORD.findall(text))
+    symbols = sum(c in "()[]{}=_<>+*/%@|&^~\\;" for c in chars)
+    return letters / len(chars) > 0.8 and symbols / len(chars) < 0.04
+
+
+def noise_blocks(blocks: torch.Tensor, share: float, vocab: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Replace ``share`` of the rows of (n, T) ``blocks``: half of them by uniform random tokens, half by a
+    permutation of their own tokens. Returns (new blocks, (n,) bool mask of the replaced rows)."""
+    g = torch.Generator().manual_seed(seed)
+    n, t = blocks.shape
+    rows = torch.randperm(n, generator=g)[: round(share * n)]
+    out = blocks.clone()
+    half = len(rows) // 2
+    out[rows[:half]] = torch.randint(0, vocab, (half, t), generator=g)
+    for r in rows[half:].tolist():
+        out[r] = blocks[r][torch.randperm(t, generator=g)]
+    mask = np.zeros(n, dtype=bool)
+    mask[rows.numpy()] = True
+    return out, mask
+
+
+def package_blocks(data: RaceData, *, max_chars: int, seq_len: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Installed packages' ``.py`` files (every n-th file so that ~``max_chars`` characters are read), tokenised
+    with the race corpus's tokenizer and cut into (n, T) blocks: the other corpus of the ``finetune`` regime."""
+    files = []
+    for root in package_dirs():
+        files += [p for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]
+    sizes = [p.stat().st_size for p in files]
+    stride = max(1, round(sum(sizes) / max_chars))
+    texts = []
+    for p in files[::stride]:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    flat = []
+    for ids in data.tokenizer.encode(texts):
+        flat += [*ids, data.tokenizer.eos_id]
+    n = len(flat) // seq_len
+    blocks = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return blocks, {"files": len(texts), "of_files": len(files), "characters": sum(map(len, texts)),
+                    "blocks": n, "folders": [str(r) for r in package_dirs()]}
+
+
+# ------------------------------------------------------------------------------------------------ model
 @torch.no_grad()
-def per_sequence_loss(model, ids: torch.Tensor, mask: torch.Tensor, dtype: str) -> torch.Tensor:
-    """(S,) mean next-token cross-entropy over each sequence's valid targets (NaN for a sequence without any).
+def scan(model, ids: torch.Tensor, *, bound: bool = False, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sequence mean next-token loss of (n, T) ``ids`` (every token valid), and optionally the mean over
+    tokens of ‖softmax(z) − onehot(y)‖₂ (the per-token bound on the last layer's gradient norm): (n,), (n,)."""
+    losses, bounds = [], []
+    for chunk in ids.split(batch):
+        logits = model(input_ids=chunk).logits[:, :-1].float()  # (b, T-1, V)
+        targets = chunk[:, 1:]  # (b, T-1)
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(-1, targets[..., None])[..., 0]  # (b, T-1)
+        losses.append(nll.mean(-1))
+        if bound:
+            p = logp.exp()
+            sq = (p * p).sum(-1) - 2 * p.gather(-1, targets[..., None])[..., 0] + 1  # (b, T-1)
+            bounds.append(sq.clamp(min=0).sqrt().mean(-1))
+    return torch.cat(losses), (torch.cat(bounds) if bound else None)
 
-    ``ids``/``mask``: (S, T); the target of position t is the token at t + 1, padding (mask False) ignored.
-    """
-    with autocast_context(ids.device, dtype):
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (S, T-1)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (S, T-1)
-    valid = mask[:, 1:].sum(-1)  # (S,)
-    return (nll.sum(-1) / valid.clamp(min=1)).masked_fill(valid == 0, torch.nan)
+
+def seq_losses(model, ids: torch.Tensor) -> torch.Tensor:
+    """(n,) per-sequence mean next-token loss of (n, T) ``ids``, with grad."""
+    logits = model(input_ids=ids).logits[:, :-1]  # (n, T-1, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (n, T-1)
+    return nll.mean(-1)
 
 
-def block_documents(data: RaceData) -> np.ndarray:
-    """(N_train,) index into ``data.train_keys`` of the document each training block starts in.
+def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
+    """The race's optimizer: AdamW, betas (0.9, 0.95), weight decay 0.1."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    The training blocks cut the concatenation ``doc_0, EOS, doc_1, EOS, ...``, so the document of a token is the
-    number of EOS ids before it (an EOS literal inside a file would shift this by one; none in the stdlib).
-    """
+
+def train_step(model, opt, ids: torch.Tensor, lr: float, weights: torch.Tensor | None = None) -> float:
+    """One AdamW step on the (weighted) mean of the per-sequence losses of (n, T) ``ids``; clip at 1 (the race's)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    per_seq = seq_losses(model, ids)  # (n,)
+    loss = per_seq.mean() if weights is None else (per_seq * weights).sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int) -> float:
+    """``steps`` steps of plain training on ``batch`` blocks per step (seeded order); returns the seconds."""
+    t0 = time.perf_counter()
+    opt = make_optimizer(model, lr)
+    stream = BatchStream(blocks.shape[0], seed)
+    model.train()
+    for step in range(steps):
+        train_step(model, opt, blocks[stream.take(batch)], lr_at(step / steps, lr))
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp(min=1e-6)
+
+
+def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> torch.Tensor:
+    """k indices without replacement with Plackett-Luce probabilities ∝ exp(score / τ) (Gumbel-top-k)."""
+    u = torch.rand(score.shape, generator=g).clamp(1e-12, 1 - 1e-12)
+    return torch.topk(score / tau - torch.log(-torch.log(u)), k).indices
+
+
+def needs_scan(rule: str) -> bool:
+    return rule not in ("random", "all", "ref-filter", "ref-low")
+
+
+def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | None, ref: torch.Tensor,
+           g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(chosen rows of the S, per-row loss weights or None for the plain mean) of one rule on one step."""
+    s = ref.shape[0]
+    if rule == "random":
+        return torch.randperm(s, generator=g)[:k], None
+    if rule == "all":
+        return torch.arange(s), None
+    if rule == "hardest":
+        return torch.topk(loss, k).indices, None
+    if rule == "reducible":
+        return torch.topk(loss - ref, k).indices, None
+    if rule == "reducible-norm":
+        return torch.topk(zscore(loss) - zscore(ref), k).indices, None
+    if rule.startswith("sampled-t"):
+        return gumbel_topk(zscore(loss) - zscore(ref), k, float(rule[len("sampled-t"):]), g), None
+    if rule == "ref-filter":
+        keep = torch.topk(ref, s - max(1, s // 8), largest=False).indices
+        return keep[torch.randperm(len(keep), generator=g)[:k]], None
+    if rule == "ref-low":
+        return torch.topk(ref, k, largest=False).indices, None
+    if rule == "importance":
+        p = 0.5 * bound / bound.sum() + 0.5 / s  # (S,)
+        draws = torch.multinomial(p, k, replacement=True, generator=g)  # (k,)
+        rows, counts = torch.unique(draws, return_counts=True)
+        return rows, counts.double() / (k * s * p[rows].double())  # sum_j w(i_j) L(i_j) / k, w = 1 / (S p)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+@dataclasses.dataclass
+class Setup:
+    data: RaceData
+    spec: Any
+    pool: torch.Tensor  # (P, T) the blocks the rules train on
+    pool_category: np.ndarray  # (P,) index into CATEGORIES
+    ref_loss: torch.Tensor  # (P,) cached reference loss per pool block
+    ref_decile: np.ndarray  # (P,) 0..9 decile of the reference loss over the pool
+    eval_ids: torch.Tensor
+    eval_category: np.ndarray
+    init_state: dict | None  # pre-trained weights (finetune / late) or None (from scratch, per seed)
+    info: dict[str, Any]
+
+
+def model_spec(args, vocab: int):
+    spec, _ = _prepare_cached(args)
+    cfg = spec.config.__class__.from_dict(spec.config.to_dict())
+    cfg.hidden_size, cfg.intermediate_size = args.hidden, args.intermediate
+    cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads = args.layers, args.heads, args.kv_heads
+    return dataclasses.replace(spec, config=cfg)
+
+
+_PREPARED: dict[tuple, Any] = {}
+
+
+def _prepare_cached(args):
+    key = (args.data, args.seq_len, args.eval_sequences)
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare(RaceConfig(model="tiny", data=args.data, seq_len=args.seq_len,
+                                             eval_sequences=args.eval_sequences, device="cpu"))
+    return _PREPARED[key]
+
+
+def categorise(data: RaceData, blocks: torch.Tensor) -> np.ndarray:
+    return np.array([CATEGORIES.index("prose" if is_prose(data.tokenizer.decode(b.tolist())) else "code")
+                     for b in blocks])
+
+
+def cached(name: str, key: dict[str, Any], build):
+    """``build()``'s result, cached under CACHE by a hash of ``key`` (so that regimes share their one-off work)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"{name}-{digest}.pt"
+    if path.is_file():
+        out = torch.load(path, weights_only=False)
+        out["info"]["cache_hit"] = True
+        return out
+    out = build()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    out["info"]["cache_hit"] = False
+    return out
+
+
+def build_setup(args, log) -> Setup:
+    _, data = _prepare_cached(args)
+    spec = model_spec(args, data.tokenizer.vocab_size)
+    vocab = data.tokenizer.vocab_size
     flat = data.train_ids.reshape(-1).numpy()
-    eos_before = np.concatenate([[0], np.cumsum(flat == data.tokenizer.eos_id)[:-1]])
-    return eos_before[:: data.seq_len]
+    docs = block_documents(flat, data.tokenizer.eos_id, data.seq_len)  # (N_train,)
+    half_b = np.array([int(hashlib.sha256(data.train_keys[d].encode()).hexdigest(), 16) % 2 == 1 for d in docs])
+    a_rows, b_rows = np.flatnonzero(~half_b), np.flatnonzero(half_b)
+    g = np.random.default_rng(1234)
+    a_perm = g.permutation(a_rows)
+    pool_size = args.pool or args.steps * args.scan // args.epochs
+    pool_rows, rest_rows = a_perm[:pool_size], a_perm[pool_size:]
+    pool = data.train_ids[torch.from_numpy(pool_rows)]
+    ref_blocks = data.train_ids[torch.from_numpy(b_rows)]
+    pool_category = categorise(data, pool)
+    if args.noise > 0:
+        pool, pool_noise = noise_blocks(pool, args.noise, vocab, seed=11)
+        ref_blocks, _ = noise_blocks(ref_blocks, args.noise, vocab, seed=12)
+        pool_category[pool_noise] = CATEGORIES.index("noise")
+    eval_ids = data.eval_ids
+    eval_category = categorise(data, eval_ids)
+    info: dict[str, Any] = {"half_a_blocks": len(a_rows), "half_b_blocks": len(b_rows), "pool_blocks": pool_size,
+                            "pool_category_share": {c: float((pool_category == i).mean())
+                                                    for i, c in enumerate(CATEGORIES)},
+                            "eval_blocks": int(eval_ids.shape[0]),
+                            "eval_category_share": {c: float((eval_category == i).mean())
+                                                    for i, c in enumerate(CATEGORIES)}}
+    base_key = {"data": data.info["cache"], "seq_len": data.seq_len, "model": spec.config.to_dict(), "v": 1}
+
+    init_state = None
+    if args.init != "scratch":
+        corpus, steps = args.init.split(":")
+
+        def pretrain():
+            if corpus == "packages":
+                blocks, corpus_info = package_blocks(data, max_chars=args.package_chars, seq_len=data.seq_len)
+            elif corpus == "stdlib":
+                blocks, corpus_info = data.train_ids[torch.from_numpy(rest_rows)], {"blocks": len(rest_rows)}
+            else:
+                raise SystemExit(f"--init: unknown corpus {corpus!r} (packages or stdlib)")
+            model = build_model(spec, vocab, seed=999)
+            seconds = train_plain(model, blocks, steps=int(steps), batch=args.init_batch, lr=args.init_lr, seed=999)
+            model.eval()
+            held = float(scan(model, eval_ids)[0].mean())
+            return {"state": model.state_dict(),
+                    "info": {"corpus": corpus, "steps": int(steps), "batch": args.init_batch, "lr": args.init_lr,
+                             "train_seconds": round(seconds, 1), "heldout_loss": held, **corpus_info}}
+
+        pre = cached("init", {**base_key, "init": args.init, "batch": args.init_batch, "lr": args.init_lr,
+                              "chars": args.package_chars, "pool": pool_size}, pretrain)
+        init_state = pre["state"]
+        info["init"] = pre["info"]
+        log(f"init: pre-trained on {corpus} for {steps} steps: held-out {pre['info']['heldout_loss']:.3f} "
+            f"({pre['info']['train_seconds']:.0f} s{', cached' if pre['info']['cache_hit'] else ''})")
+
+    def reference():
+        model = build_model(spec, vocab, seed=1000)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        seconds = train_plain(model, ref_blocks, steps=args.ref_steps, batch=args.ref_batch, lr=args.ref_lr, seed=1000)
+        model.eval()
+        t0 = time.perf_counter()
+        ref_loss = scan(model, pool)[0]
+        score_seconds = time.perf_counter() - t0
+        held = float(scan(model, eval_ids)[0].mean())
+        return {"ref_loss": ref_loss,
+                "info": {"steps": args.ref_steps, "batch": args.ref_batch, "lr": args.ref_lr,
+                         "trained_on": "half B of the training documents" + (" with noise" if args.noise else ""),
+                         "train_seconds": round(seconds, 1), "score_seconds": round(score_seconds, 1),
+                         "scored_blocks": pool_size, "heldout_loss": held}}
+
+    ref = cached("reference", {**base_key, "init": args.init, "noise": args.noise, "steps": args.ref_steps,
+                               "batch": args.ref_batch, "lr": args.ref_lr, "pool": pool_size,
+                               "init_batch": args.init_batch, "init_lr": args.init_lr}, reference)
+    info["reference"] = ref["info"]
+    log(f"reference: {args.ref_steps} steps x {args.ref_batch} on half B: held-out {ref['info']['heldout_loss']:.3f}, "
+        f"train {ref['info']['train_seconds']:.0f} s + scoring {pool_size} blocks {ref['info']['score_seconds']:.0f} s"
+        + (" (cached)" if ref["info"]["cache_hit"] else ""))
+    ref_loss = ref["ref_loss"]
+    edges = np.quantile(ref_loss.numpy(), np.linspace(0, 1, 11)[1:-1])
+    ref_decile = np.searchsorted(edges, ref_loss.numpy(), side="right")
+    return Setup(data, spec, pool, pool_category, ref_loss, ref_decile, eval_ids, eval_category, init_state, info)
 
 
-def describe(data: RaceData, docs: np.ndarray, seq: int, loss: float) -> dict[str, Any]:
-    """File and first characters of training block ``seq``."""
-    text = data.tokenizer.decode(data.train_ids[seq].tolist())
-    return {"sequence": int(seq), "loss": round(loss, 3), "file": data.train_keys[int(docs[seq])],
-            "start": text[:80].replace("\n", "\\n")}
+# ------------------------------------------------------------------------------------------------ one run
+def heldout(model, setup: Setup) -> dict[str, float]:
+    """Held-out loss (mean over the held-out blocks, all full: = token-weighted) and per category."""
+    was = model.training
+    model.eval()
+    losses = scan(model, setup.eval_ids)[0].numpy()
+    model.train(was)
+    out = {"all": float(losses.mean())}
+    for i, c in enumerate(CATEGORIES):
+        if (setup.eval_category == i).any():
+            out[c] = float(losses[setup.eval_category == i].mean())
+    return out
 
 
-def run_strategy(strategy: str, base, data: RaceData, cfg: RaceConfig, *, steps: int, scan: int, kept: int,
-                 router_layers: int, lr: float, eval_steps: list[int], device: torch.device,
-                 docs: np.ndarray, snapshot_step: int | None) -> dict[str, Any]:
-    """Train a copy of ``base`` for ``steps`` steps with one strategy; returns its curve and selection stats."""
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(base).to(device)
+def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], initial: dict) -> dict[str, Any]:
+    model = build_model(setup.spec, setup.data.tokenizer.vocab_size, seed=seed)
+    if setup.init_state is not None:
+        model.load_state_dict(setup.init_state)
     model.train()
     digest = weights_digest(model)
-    runner = Arm(WRAPPED.get(strategy, "standard"), model, cfg, router_layers, lr, device, fused_head=False)
-    stream = BatchStream(data.train_ids.shape[0], cfg.seed)
-    eval_bs = 16
-    curve, chosen_loss, pool_loss, chosen_rank, train_loss = [], [], [], [], []
-    snapshot: dict[str, Any] | None = None
-    t0 = time.perf_counter()
-    for step in range(steps + 1):
-        if step in eval_steps:
-            curve.append({"step": step, "heldout_loss": heldout_loss(model, data, device, cfg.dtype, eval_bs)})
-        if step == steps:
-            break
-        idx = stream.take(scan)  # (S,)
-        ids, mask = data.train_ids[idx].to(device), data.train_mask[idx].to(device)  # (S, T)
-        pool = per_sequence_loss(model, ids, mask, cfg.dtype)  # (S,) before this step's update
-        order = torch.argsort(pool, descending=True)  # rank 0 = hardest
-        ranks = torch.empty_like(order)
-        ranks[order] = torch.arange(scan, device=order.device)
-        step_lr = lr_at(step / steps, lr)
-        if strategy in WRAPPED:
-            loss, _, _ = runner.step(ids, mask, step_lr, count=False)
-            chosen = torch.tensor(runner.wrapper.get_metrics()["selected_indices"], device=device)  # (k,)
-        else:
-            lo, hi = rank_window(strategy, scan, kept)
-            chosen = order[lo:hi]  # (k,)
-            loss, _, _ = runner.step(ids[chosen], mask[chosen], step_lr, count=False)
-        chosen_loss.append(float(pool[chosen].mean()))
-        pool_loss.append(float(pool.mean()))
-        chosen_rank.append(float(ranks[chosen].float().mean()) + 1.0)
-        train_loss.append(float(loss.detach()))
-        if step == snapshot_step:
-            snapshot = {
-                "step": step,
-                "chosen": [describe(data, docs, int(idx[i]), float(pool[i])) for i in chosen.tolist()],
-                "pool_hardest": [describe(data, docs, int(idx[i]), float(pool[i])) for i in order[:4].tolist()],
-                "pool_easiest": [describe(data, docs, int(idx[i]), float(pool[i])) for i in order[-4:].tolist()],
-            }
-        if not math.isfinite(train_loss[-1]):
-            raise RuntimeError(f"{strategy} seed {cfg.seed}: training loss {train_loss[-1]} at step {step}")
+    opt = make_optimizer(model, args.lr)
+    stream = BatchStream(setup.pool.shape[0], seed)
+    g = torch.Generator().manual_seed(seed * 1000 + 7)
+    curve = [{"step": 0, **initial}]
+    picks_decile = np.zeros(10)
+    picks_category = np.zeros(len(CATEGORIES))
+    pool_category = np.zeros(len(CATEGORIES))
+    rank_sum, rank_n, picked_loss, pool_loss = 0.0, 0, [], []
+    unique_weight, t0 = [], time.perf_counter()
+    for step in range(args.steps):
+        idx = stream.take(args.scan)  # (S,) pool positions
+        ids = setup.pool[idx]  # (S, T)
+        ref = setup.ref_loss[idx]  # (S,)
+        loss = bound = None
+        if needs_scan(rule):
+            loss, bound = scan(model, ids, bound=rule == "importance")
+        rows, weights = choose(rule, args.kept, loss, bound, ref, g)
+        train_loss = train_step(model, opt, ids[rows], lr_at(step / args.steps, args.lr),
+                                None if weights is None else weights.float())
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"{rule} seed {seed}: training loss {train_loss} at step {step}")
+        chosen = idx[rows].numpy()
+        picks_decile += np.bincount(setup.ref_decile[chosen], minlength=10)
+        picks_category += np.bincount(setup.pool_category[chosen], minlength=len(CATEGORIES))
+        pool_category += np.bincount(setup.pool_category[idx.numpy()], minlength=len(CATEGORIES))
+        if loss is not None:
+            order = torch.argsort(loss, descending=True)
+            ranks = torch.empty_like(order)
+            ranks[order] = torch.arange(len(order))
+            rank_sum += float(ranks[rows].float().sum()) + len(rows)
+            rank_n += len(rows)
+            picked_loss.append(float(loss[rows].mean()))
+            pool_loss.append(float(loss.mean()))
+        unique_weight.append(len(rows))
+        if step + 1 in eval_steps:
+            curve.append({"step": step + 1, **heldout(model, setup)})
     return {
-        "strategy": strategy, "seed": cfg.seed, "init_digest": digest, "seconds": round(time.perf_counter() - t0, 1),
-        "final_heldout_loss": curve[-1]["heldout_loss"], "curve": curve,
-        "chosen_loss": chosen_loss, "pool_loss": pool_loss, "chosen_rank": chosen_rank, "train_loss": train_loss,
-        "snapshot": snapshot, "model": model,
+        "rule": rule, "seed": seed, "init_digest": digest, "seconds": round(time.perf_counter() - t0, 1),
+        "final": curve[-1]["all"], "final_by_category": {c: curve[-1][c] for c in CATEGORIES if c in curve[-1]},
+        "curve": curve,
+        "picks_decile_share": (picks_decile / picks_decile.sum()).round(4).tolist(),
+        "picks_category_share": dict(zip(CATEGORIES, (picks_category / picks_category.sum()).round(4).tolist())),
+        "scanned_category_share": dict(zip(CATEGORIES, (pool_category / pool_category.sum()).round(4).tolist())),
+        "picks_mean_rank": rank_sum / rank_n if rank_n else None,
+        "picks_learner_loss": statistics.fmean(picked_loss) if picked_loss else None,
+        "scanned_learner_loss": statistics.fmean(pool_loss) if pool_loss else None,
+        "distinct_rows_per_step": statistics.fmean(unique_weight),
     }
 
 
-@torch.no_grad()
-def characterise(model, data: RaceData, docs: np.ndarray, cfg: RaceConfig, device: torch.device, *,
-                 count: int, show: int = 8) -> dict[str, Any]:
-    """Score ``count`` evenly spaced training blocks with ``model``; the hardest and easiest, and test-file shares."""
-    seqs = torch.linspace(0, data.train_ids.shape[0] - 1, count).round().long()  # (count,)
-    losses = torch.cat([
-        per_sequence_loss(model, data.train_ids[s].to(device), data.train_mask[s].to(device), cfg.dtype).cpu()
-        for s in seqs.split(64)
-    ])  # (count,)
-    order = torch.argsort(losses, descending=True)
-    files = [data.train_keys[int(docs[s])] for s in seqs.tolist()]
-    is_test = np.array(["test" in f.split("/")[0] or "/test" in f for f in files])
-    quarter = max(1, count // 4)
-
-    def share(rows: torch.Tensor) -> float:
-        return round(float(is_test[rows.numpy()].mean()), 3)
-
-    return {
-        "blocks": count, "mean_loss": round(float(losses.mean()), 3),
-        "test_file_share": {"all": share(order), "hardest_quarter": share(order[:quarter]),
-                            "easiest_quarter": share(order[-quarter:])},
-        "hardest": [describe(data, docs, int(seqs[i]), float(losses[i])) for i in order[:show].tolist()],
-        "easiest": [describe(data, docs, int(seqs[i]), float(losses[i])) for i in order[-show:].tolist()],
-    }
-
-
-def summarise(runs: list[dict[str, Any]], strategies: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per strategy: final held-out loss over seeds, its paired difference to ``random`` (same seed), the curve
-    and the selection statistics."""
-    reference = {r["seed"]: r["final_heldout_loss"] for r in runs if r["strategy"] == "random"}
+# ------------------------------------------------------------------------------------------------ summary
+def summarise(runs: list[dict[str, Any]], rules: list[str]) -> list[dict[str, Any]]:
+    by = {(r["rule"], r["seed"]): r for r in runs}
     rows = []
-    for strategy in strategies:
-        mine = [r for r in runs if r["strategy"] == strategy]
-        finals = [r["final_heldout_loss"] for r in mine]
-        deltas = [r["final_heldout_loss"] - reference[r["seed"]] for r in mine if r["seed"] in reference]
-        curve = [{"step": p["step"], "heldout_loss": statistics.fmean(r["curve"][i]["heldout_loss"] for r in mine)}
-                 for i, p in enumerate(mine[0]["curve"])]
-        rows.append({
-            "strategy": strategy, "seeds": [r["seed"] for r in mine], "final_mean": statistics.fmean(finals),
-            "final_min": min(finals), "final_max": max(finals), "finals": finals,
-            "delta_vs_random": deltas, "delta_mean": statistics.fmean(deltas) if deltas else None,
-            "chosen_loss": statistics.fmean(x for r in mine for x in r["chosen_loss"]),
-            "pool_loss": statistics.fmean(x for r in mine for x in r["pool_loss"]),
-            "chosen_rank": statistics.fmean(x for r in mine for x in r["chosen_rank"]),
-            "train_loss_last10": statistics.fmean(x for r in mine for x in r["train_loss"][-10:]),
-            "curve_mean": curve,
-        })
+    for rule in rules:
+        mine = [r for r in runs if r["rule"] == rule]
+        if not mine:
+            continue
+        seeds = [r["seed"] for r in mine]
+        row: dict[str, Any] = {"rule": rule, "seeds": seeds, "finals": [r["final"] for r in mine],
+                               "final_mean": statistics.fmean(r["final"] for r in mine)}
+        for base in ("random", "all"):
+            paired = [r for r in mine if (base, r["seed"]) in by]
+            if paired and rule != base:
+                base_finals = [by[(base, r["seed"])]["final"] for r in paired]
+                ci = paired_interval([r["final"] for r in paired], base_finals)  # Student-t, 95%
+                pairs = [r["final"] - b for r, b in zip(paired, base_finals)]
+                row[f"vs_{base}"] = {"n": ci.n, "mean": ci.mean, "low": ci.low, "high": ci.high, "sd": ci.sd,
+                                     "deltas": pairs, "won": sum(d < 0 for d in pairs)}
+        for c in CATEGORIES:
+            vals = [r["final_by_category"][c] for r in mine if c in r["final_by_category"]]
+            if vals:
+                row[f"final_{c}"] = statistics.fmean(vals)
+        row["picks_decile_share"] = np.mean([r["picks_decile_share"] for r in mine], axis=0).round(3).tolist()
+        row["picks_category_share"] = {c: round(statistics.fmean(r["picks_category_share"][c] for r in mine), 3)
+                                       for c in CATEGORIES}
+        for key in ("picks_mean_rank", "picks_learner_loss", "scanned_learner_loss"):
+            vals = [r[key] for r in mine if r[key] is not None]
+            row[key] = statistics.fmean(vals) if vals else None
+        steps = [p["step"] for p in mine[0]["curve"]]
+        row["curve_mean"] = [{"step": s, "heldout": statistics.fmean(r["curve"][i]["all"] for r in mine)}
+                             for i, s in enumerate(steps)]
+        row["seconds_mean"] = statistics.fmean(r["seconds"] for r in mine)
+        rows.append(row)
     return rows
 
 
+def _ci(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    if d["low"] is None:
+        return f"{d['mean']:+.3f}"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
 def markdown(payload: dict[str, Any]) -> str:
-    s, env, rows = payload["settings"], payload["environment"], payload["summary"]
-    lines = [
-        "# Selection study: which sequences should a batch split train on?", "",
-        f"`{s['model']}` preset ({s['parameters'] / 1e6:.1f}M parameters), `{s['data']}` corpus, {s['steps']} "
-        f"optimizer steps per run, each scanning S={s['scan']} sequences of T={s['seq_len']} and training on "
-        f"k={s['kept']}; AdamW peak lr {s['lr']}, linear warm-up 5% then cosine to 0 by step; seeds {s['seeds']} "
-        "(same seed = same initial weights and same sequence stream for every strategy). Held-out loss: "
-        f"`cggr.cli.race.heldout_loss` on {s['eval_sequences']} held-out blocks.", "",
-        "| strategy | final held-out loss (mean) | min .. max over seeds | Δ vs random, same seed: mean (per seed) "
-        "| loss of the chosen "
-        "sequences | pool mean loss | mean rank of chosen (1 = hardest of S) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    s, env, info = payload["settings"], payload["environment"], payload["setup"]
+    rows = payload["summary"]
+    ref = info["reference"]
+    lines = [f"# Selection study, regime `{s['regime']}`", "", payload.get("hypothesis", ""), "",
+             f"Model: Llama {s['layers']} x {s['hidden']} (intermediate {s['intermediate']}, "
+             f"{s['parameters'] / 1e6:.2f}M parameters), `{s['data']}` corpus, T={s['seq_len']}, vocabulary "
+             f"{s['vocab']}. {s['steps']} optimizer steps per run, each scanning S={s['scan']} sequences of the "
+             f"pool and training on k={s['kept']}; "
+             f"AdamW peak lr {s['lr']}, warm-up 5% then cosine to 0. Pool: {info['pool_blocks']} blocks of half A "
+             f"({s['epochs']} epoch(s) per run); seeds {s['seeds']} (same seed = same initial weights and stream for "
+             f"every rule). Held-out: {info['eval_blocks']} blocks of held-out documents.", ""]
+    if "init" in info:
+        i = info["init"]
+        lines += [f"Initial model: pre-trained on `{i['corpus']}` for {i['steps']} steps x {i['batch']} (lr "
+                  f"{i['lr']}), held-out {i['heldout_loss']:.3f}, {i['train_seconds']:.0f} s one-off.", ""]
+    if s["noise"]:
+        lines += [f"Noise: {s['noise']:.0%} of the pool's and of half B's blocks replaced (half uniform random tokens, "
+                  "half the block's own tokens shuffled); held-out data clean.", ""]
+    lines += [f"Reference model: the same model trained {ref['steps']} steps x {ref['batch']} (lr {ref['lr']}) on "
+              f"{ref['trained_on']} (never on the pool, never on held-out data), from the same kind of initial "
+              f"model as the rules; held-out {ref['heldout_loss']:.3f}. One-off cost: {ref['train_seconds']:.0f} s "
+              f"training + {ref['score_seconds']:.0f} s scoring the {ref['scored_blocks']} pool blocks once "
+              f"(cached per block).", "",
+              "Pool composition: " + ", ".join(f"{c} {v:.0%}" for c, v in info["pool_category_share"].items()) +
+              "; held-out: " + ", ".join(f"{c} {v:.0%}" for c, v in info["eval_category_share"].items() if v) + ".",
+              "", "## Final held-out loss and paired differences", "",
+              "Δ: rule − `random` (or − `all`) in the same seed, mean and 95% Student-t interval over the seeds; "
+              "won = seeds where the rule's loss is lower. Negative is better.", "",
+              "| rule | held-out (mean) | Δ vs random [95% CI] | won | Δ vs all [95% CI] | code | prose |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        delta = "" if r["delta_mean"] is None else (
-            f"{r['delta_mean']:+.3f} (" + ", ".join(f"{d:+.3f}" for d in r["delta_vs_random"]) + ")")
-        lines.append(f"| {r['strategy']} | {r['final_mean']:.3f} | {r['final_min']:.3f} .. {r['final_max']:.3f} | "
-                     f"{delta} | {r['chosen_loss']:.3f} | {r['pool_loss']:.3f} | {r['chosen_rank']:.1f} |")
-    lines += ["", "Loss of the chosen sequences / pool mean: the full model's per-sequence loss just before the "
-              "step, averaged over steps and seeds (rank by the same loss).", "", "## Held-out loss curve (mean over "
-              "seeds)", ""]
+        vr, va = r.get("vs_random"), r.get("vs_all")
+        won = f"{vr['won']}/{vr['n']}" if vr else "–"
+        lines.append(f"| {r['rule']} | {r['final_mean']:.4f} | {_ci(vr)} | {won} | {_ci(va)} | "
+                     f"{r.get('final_code', float('nan')):.3f} | {r.get('final_prose', float('nan')):.3f} |")
+    lines += ["", "## Where the picks fall", "",
+              "Share of the picks in each decile of the reference loss over the pool (d1 = lowest reference loss; a "
+              "uniform pick puts 10% in each), by category, and the picks' mean rank among the S by the learner's "
+              "own loss (1 = hardest; uniform: (S+1)/2) where the rule scans.", "",
+              "| rule | " + " | ".join(f"d{i + 1}" for i in range(10)) + " | code | prose | noise | rank | "
+              "learner loss picked / scanned |", "|---|" + "---:|" * 15]
+    for r in rows:
+        d = " | ".join(f"{x:.0%}" for x in r["picks_decile_share"])
+        c = r["picks_category_share"]
+        rank = f"{r['picks_mean_rank']:.1f}" if r["picks_mean_rank"] is not None else "–"
+        ll = (f"{r['picks_learner_loss']:.3f} / {r['scanned_learner_loss']:.3f}"
+              if r["picks_learner_loss"] is not None else "–")
+        lines.append(f"| {r['rule']} | {d} | {c['code']:.0%} | {c['prose']:.0%} | {c['noise']:.0%} | {rank} | {ll} |")
     steps = [p["step"] for p in rows[0]["curve_mean"]]
-    lines += ["| strategy | " + " | ".join(f"step {t}" for t in steps) + " |", "|---|" + "---:|" * len(steps)]
+    lines += ["", "## Held-out loss over the steps (mean over seeds)", "",
+              "| rule | " + " | ".join(f"step {t}" for t in steps) + " |", "|---|" + "---:|" * len(steps)]
     for r in rows:
-        lines.append(f"| {r['strategy']} | " + " | ".join(f"{p['heldout_loss']:.3f}" for p in r["curve_mean"]) + " |")
-    if payload.get("reading"):
-        lines += ["", "## Reading", "", payload["reading"]]
-    char = payload.get("characterisation")
-    if char:
-        t = char["test_file_share"]
-        lines += ["", f"## What the hardest sequences are ({char['model']})", "",
-                  f"{char['blocks']} evenly spaced training blocks scored; share of blocks starting in a test file: "
-                  f"all {t['all']:.0%}, hardest quarter {t['hardest_quarter']:.0%}, easiest quarter "
-                  f"{t['easiest_quarter']:.0%}.", "", "| | loss | file | first characters |", "|---|---:|---|---|"]
-        for side in ("hardest", "easiest"):
-            for d in char[side]:
-                start = d["start"].replace("|", "\\|").replace("`", "'")
-                lines.append(f"| {side} | {d['loss']:.2f} | `{d['file']}` | `{start[:60]}` |")
+        lines.append(f"| {r['rule']} | " + " | ".join(f"{p['heldout']:.3f}" for p in r["curve_mean"]) + " |")
+    lines += ["", "## Per seed", "", "| rule | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
+              "|---|" + "---:|" * len(s["seeds"])]
+    for r in rows:
+        lines.append(f"| {r['rule']} | " + " | ".join(f"{x:.4f}" for x in r["finals"]) + " |")
     lines += ["", "## Environment", "", f"- command: `{env['command']}`",
               f"- device: {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
-              f"python {env['python']}, {env['utc']}", f"- wall time: {payload['wall_seconds'] / 60:.1f} min", ""]
+              f"python {env['python']}, {env['utc']}",
+              f"- wall time: {payload['wall_seconds'] / 60:.1f} min (one-off reference / pre-training included "
+              "unless cached); mean seconds per run: "
+              + ", ".join(f"{r['rule']} {r['seconds_mean']:.0f}" for r in rows), ""]
     return "\n".join(lines)
+
+
+HYPOTHESES = {
+    "clean": "Hypothesis: on a clean corpus seen once, early in training, no rule beats `random` (the pilot): "
+             "nearly every block is learnable and diversity wins. Refuted if a rule's 95% interval vs random "
+             "is entirely below 0.",
+    "noise": "Hypothesis: with 25% noise blocks in the stream, rules that use the reference loss (reducible, "
+             "ref-filter) beat `random` because they stop spending steps on unlearnable blocks, while `hardest` "
+             "loses because it picks them. Refuted if reducible's interval vs random includes 0.",
+    "repeat": "Hypothesis: when the pool is read for 4 epochs, reducible loss skips blocks the learner has already "
+              "memorised (learner loss below the reference's), so reducible beats `random`. Refuted if its "
+              "interval vs random includes 0 or lies above it.",
+    "finetune": "Hypothesis: continuing from a model pre-trained on another corpus (installed packages' code), "
+                "the learner already knows what the corpora share; reducible loss points at what is specific to "
+                "the target and learnable, so it beats `random`. Refuted if its interval vs random includes 0.",
+    "late": "Hypothesis: later in training (continuing from a model already trained on the same corpus) the easy "
+            "blocks are learnt and the loss differences between blocks are more about learnability, so "
+            "reducible / hardest-type rules beat `random`. Refuted if their intervals vs random include 0.",
+}
+
+REGIME_DEFAULTS = {
+    "clean": {},
+    "noise": {"noise": 0.25},
+    "repeat": {"epochs": 4},
+    "finetune": {"init": "packages:300"},
+    "late": {"init": "stdlib:300"},
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--regime", choices=REGIMES, default="clean")
     p.add_argument("--data", default="code")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scan", type=int, default=32, help="S: sequences scanned per step")
     p.add_argument("--kept", type=int, default=8, help="k: sequences trained on per step")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    p.add_argument("--evals", type=int, default=8)
-    p.add_argument("--characterise", type=int, default=1024, help="training blocks scored at the end (0: none)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=96)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default 2e-3 from scratch, 1e-3 when continuing)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the pool per run (pool = steps*S/epochs)")
+    p.add_argument("--pool", type=int, default=0, help="pool size (0: steps * S / epochs)")
+    p.add_argument("--noise", type=float, default=None, help="share of noise blocks in the pool and half B")
+    p.add_argument("--init", default=None, help="scratch, packages:STEPS or stdlib:STEPS")
+    p.add_argument("--init-batch", type=int, default=16)
+    p.add_argument("--init-lr", type=float, default=2e-3)
+    p.add_argument("--package-chars", type=int, default=6_000_000)
+    p.add_argument("--ref-steps", type=int, default=300)
+    p.add_argument("--ref-batch", type=int, default=16)
+    p.add_argument("--ref-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--eval-sequences", type=int, default=256)
+    p.add_argument("--evals", type=int, default=2, help="held-out evaluations after step 0")
     p.add_argument("--out", default="benchmarks/results/cpu")
-    p.add_argument("--name", default="selection_study")
-    p.add_argument("--reading", default="", help="a paragraph (or @file) reading the results, put in the outputs")
-    p.add_argument("--rerender", default="", help="rewrite the outputs of this JSON (summary, --reading) and exit")
+    p.add_argument("--name", default=None, help="output name (default selection_<regime>)")
+    p.add_argument("--rerender", default="", help="rewrite the Markdown (and summary) of this JSON and exit")
     args = p.parse_args(argv)
     if args.rerender:
         payload = json.loads(Path(args.rerender).read_text(encoding="utf-8"))
-        payload["summary"] = summarise(payload["runs"], tuple(payload["settings"]["strategies"]))
-        if args.reading:
-            payload["reading"] = _read_text(args.reading)
+        payload["summary"] = summarise(payload["runs"], payload["settings"]["rules"])
         write_outputs(payload, Path(args.rerender).parent, Path(args.rerender).stem)
         return payload
+    for key, value in REGIME_DEFAULTS[args.regime].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.epochs = args.epochs or 1
+    args.noise = args.noise or 0.0
+    args.init = args.init or "scratch"
+    args.lr = args.lr or (2e-3 if args.init == "scratch" else 1e-3)
+    args.ref_lr = args.ref_lr or args.lr
+    for rule in args.rules:
+        if rule not in BASE_RULES and not (rule.startswith("sampled-t") and _is_float(rule[len("sampled-t"):])):
+            raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)} or sampled-t<τ>")
     if not (1 <= args.kept <= args.scan) or args.steps < 1:
         raise SystemExit(f"need 1 <= --kept <= --scan and --steps >= 1, got {args.kept}, {args.scan}, {args.steps}")
+    torch.set_num_threads(1)
     t_start = time.perf_counter()
-    device = torch.device("cpu")
-    cfg0 = RaceConfig(model=args.model, data=args.data, ratio=args.kept / args.scan, device="cpu")
-    spec, data = prepare(cfg0)
-    router_layers, lr = spec.preset.router_layers, spec.preset.lr
-    docs = block_documents(data)
-    eval_steps = sorted({round(i * args.steps / args.evals) for i in range(args.evals + 1)})
-    runs: list[dict[str, Any]] = []
-    char = None
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
+
+    setup = build_setup(args, log)
+    eval_steps = sorted({round(i * args.steps / args.evals) for i in range(1, args.evals + 1)})
+    runs = []
     for seed in args.seeds:
-        cfg = dataclasses.replace(cfg0, seed=seed)
-        base = build_model(spec, data.tokenizer.vocab_size, seed=seed)
-        for strategy in args.strategies:
-            run = run_strategy(strategy, base, data, cfg, steps=args.steps, scan=args.scan, kept=args.kept,
-                               router_layers=router_layers, lr=lr, eval_steps=eval_steps, device=device, docs=docs,
-                               snapshot_step=args.steps // 2 if seed == args.seeds[0] else None)
-            model = run.pop("model")
-            if seed == args.seeds[0] and strategy == "random" and args.characterise:
-                char = {"model": f"the random strategy's final model, seed {seed}",
-                        **characterise(model, data, docs, cfg, device, count=args.characterise)}
+        model0 = build_model(setup.spec, setup.data.tokenizer.vocab_size, seed=seed)
+        if setup.init_state is not None:
+            model0.load_state_dict(setup.init_state)
+        initial = heldout(model0, setup)
+        for rule in args.rules:
+            run = run_rule(rule, setup, args, seed, eval_steps, initial)
             runs.append(run)
-            print(f"seed {seed} {strategy:>15}: held-out {run['final_heldout_loss']:.4f}, chosen loss "
-                  f"{statistics.fmean(run['chosen_loss']):.3f} (pool {statistics.fmean(run['pool_loss']):.3f}), "
-                  f"rank {statistics.fmean(run['chosen_rank']):.1f}, {run['seconds']:.0f} s", flush=True)
-    reading = _read_text(args.reading)
-    payload = {
-        "settings": {"model": spec.name, "parameters": sum(p.numel() for p in base.parameters()), "data": args.data,
-                     "steps": args.steps, "scan": args.scan, "kept": args.kept, "seeds": args.seeds,
-                     "seq_len": data.seq_len, "lr": lr, "warmup_fraction": 0.05, "router_layers": router_layers,
-                     "router_scoring": cfg0.scoring, "eval_steps": eval_steps,
-                     "eval_sequences": int(data.eval_ids.shape[0]), "strategies": args.strategies,
-                     "data_info": {k: v for k, v in data.info.items() if k != "cache"}},
-        "environment": environment(device, command=command_line()),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "summary": summarise(runs, tuple(args.strategies)),
-        "reading": reading,
-        "characterisation": char,
-        "runs": runs,
-    }
-    write_outputs(payload, Path(args.out), args.name)
+            ref = next((r["final"] for r in runs if r["seed"] == seed and r["rule"] == "random"), None)
+            log(f"seed {seed} {rule:>15}: held-out {run['final']:.4f}"
+                + (f" (vs random {run['final'] - ref:+.4f})" if ref is not None and rule != "random" else "")
+                + f", picks prose {run['picks_category_share']['prose']:.0%} noise "
+                f"{run['picks_category_share']['noise']:.0%}, {run['seconds']:.0f} s")
+    parameters = sum(x.numel() for x in model0.parameters())
+    settings = {k: v for k, v in vars(args).items() if k not in ("rerender",)}
+    settings.update({"parameters": parameters, "vocab": setup.data.tokenizer.vocab_size, "eval_steps": eval_steps,
+                     "data_info": {k: v for k, v in setup.data.info.items() if k != "cache"}})
+    payload = {"settings": settings, "hypothesis": HYPOTHESES[args.regime],
+               "environment": environment("cpu", command=command_line()),
+               "wall_seconds": round(time.perf_counter() - t_start, 1), "setup": setup.info,
+               "summary": summarise(runs, args.rules), "runs": runs}
+    write_outputs(payload, Path(args.out), args.name or f"selection_{args.regime}")
     return payload
 
 
-def _read_text(value: str) -> str:
-    """``value``, or the contents of the file ``value[1:]`` when it starts with ``@``."""
-    return Path(value[1:]).read_text(encoding="utf-8").strip() if value.startswith("@") else value
+def _is_float(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def write_outputs(payload: dict[str, Any], out: Path, name: str) -> None:
-    """``<out>/<name>.json`` and ``.md``, and the summary table on stdout."""
+    """``<out>/<name>.json`` and ``.md``, and the summary on stdout."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     (out / f"{name}.md").write_text(markdown(payload), encoding="utf-8")
     print()
     for r in payload["summary"]:
-        delta = "" if r["delta_mean"] is None else f", vs random {r['delta_mean']:+.4f}"
-        print(f"{r['strategy']:>15}: final held-out {r['final_mean']:.4f} ({r['final_min']:.4f} .. "
-              f"{r['final_max']:.4f}){delta}, chosen loss {r['chosen_loss']:.3f}, rank {r['chosen_rank']:.1f}")
+        vr = r.get("vs_random")
+        print(f"{r['rule']:>15}: held-out {r['final_mean']:.4f}" + (f", vs random {_ci(vr)} won {vr['won']}/{vr['n']}"
+                                                                     if vr else ""))
 
 
 if __name__ == "__main__":
