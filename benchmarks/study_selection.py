@@ -173,20 +173,22 @@ def train_step(model, opt, ids: torch.Tensor, lr: float, weights: torch.Tensor |
     return float(loss.detach())
 
 
-def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int) -> float:
-    """``steps`` steps of plain training on ``batch`` blocks per step (seeded order); returns the seconds."""
-    t0 = time.perf_counter()
+def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int) -> tuple[float, float]:
+    """``steps`` steps of plain training on ``batch`` blocks per step (seeded order); returns (wall, CPU) seconds
+    (the CPU time is the cost on a shared machine; the wall time includes waiting for other processes)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     opt = make_optimizer(model, lr)
     stream = BatchStream(blocks.shape[0], seed)
     model.train()
     for step in range(steps):
         train_step(model, opt, blocks[stream.take(batch)], lr_at(step / steps, lr))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 # ------------------------------------------------------------------------------------------------ rules
 def zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / x.std().clamp(min=1e-6)
+    """Standardised over the S (population sd, as ``cggr.reference.excess_scores(normalize='zscore')``)."""
+    return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-6)
 
 
 def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> torch.Tensor:
@@ -323,12 +325,14 @@ def build_setup(args, log) -> Setup:
             else:
                 raise SystemExit(f"--init: unknown corpus {corpus!r} (packages or stdlib)")
             model = build_model(spec, vocab, seed=999)
-            seconds = train_plain(model, blocks, steps=int(steps), batch=args.init_batch, lr=args.init_lr, seed=999)
+            seconds, cpu = train_plain(model, blocks, steps=int(steps), batch=args.init_batch, lr=args.init_lr,
+                                       seed=999)
             model.eval()
             held = float(scan(model, eval_ids)[0].mean())
             return {"state": model.state_dict(),
                     "info": {"corpus": corpus, "steps": int(steps), "batch": args.init_batch, "lr": args.init_lr,
-                             "train_seconds": round(seconds, 1), "heldout_loss": held, **corpus_info}}
+                             "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+                             "heldout_loss": held, **corpus_info}}
 
         pre = cached("init", {**base_key, "init": args.init, "batch": args.init_batch, "lr": args.init_lr,
                               "chars": args.package_chars, "pool": pool_size}, pretrain)
@@ -337,25 +341,38 @@ def build_setup(args, log) -> Setup:
         log(f"init: pre-trained on {corpus} for {steps} steps: held-out {pre['info']['heldout_loss']:.3f} "
             f"({pre['info']['train_seconds']:.0f} s{', cached' if pre['info']['cache_hit'] else ''})")
 
-    def reference():
+    def reference_model():
         model = build_model(spec, vocab, seed=1000)
         if init_state is not None:
             model.load_state_dict(init_state)
-        seconds = train_plain(model, ref_blocks, steps=args.ref_steps, batch=args.ref_batch, lr=args.ref_lr, seed=1000)
+        seconds, cpu = train_plain(model, ref_blocks, steps=args.ref_steps, batch=args.ref_batch, lr=args.ref_lr,
+                                   seed=1000)
         model.eval()
-        t0 = time.perf_counter()
-        ref_loss = scan(model, pool)[0]
-        score_seconds = time.perf_counter() - t0
         held = float(scan(model, eval_ids)[0].mean())
-        return {"ref_loss": ref_loss,
+        return {"state": model.state_dict(),
                 "info": {"steps": args.ref_steps, "batch": args.ref_batch, "lr": args.ref_lr,
                          "trained_on": "half B of the training documents" + (" with noise" if args.noise else ""),
-                         "train_seconds": round(seconds, 1), "score_seconds": round(score_seconds, 1),
-                         "scored_blocks": pool_size, "heldout_loss": held}}
+                         "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+                         "heldout_loss": held}}
 
-    ref = cached("reference", {**base_key, "init": args.init, "noise": args.noise, "steps": args.ref_steps,
-                               "batch": args.ref_batch, "lr": args.ref_lr, "pool": pool_size,
-                               "init_batch": args.init_batch, "init_lr": args.init_lr}, reference)
+    ref_key = {**base_key, "init": args.init, "noise": args.noise, "steps": args.ref_steps, "batch": args.ref_batch,
+               "lr": args.ref_lr, "init_batch": args.init_batch, "init_lr": args.init_lr}
+    ref_model = cached("refmodel", ref_key, reference_model)
+
+    def reference_scores():
+        model = build_model(spec, vocab, seed=1000)
+        model.load_state_dict(ref_model["state"])
+        model.eval()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ref_loss = scan(model, pool)[0]
+        return {"ref_loss": ref_loss, "info": {"score_seconds": round(time.perf_counter() - t0, 1),
+                                               "score_cpu_seconds": round(time.process_time() - c0, 1),
+                                               "scored_blocks": pool_size}}
+
+    scores = cached("refscores", {**ref_key, "pool": pool_size}, reference_scores)
+    ref = {"ref_loss": scores["ref_loss"],
+           "info": {**ref_model["info"], **scores["info"],
+                    "cache_hit": ref_model["info"]["cache_hit"] and scores["info"]["cache_hit"]}}
     info["reference"] = ref["info"]
     log(f"reference: {args.ref_steps} steps x {args.ref_batch} on half B: held-out {ref['info']['heldout_loss']:.3f}, "
         f"train {ref['info']['train_seconds']:.0f} s + scoring {pool_size} blocks {ref['info']['score_seconds']:.0f} s"
@@ -394,7 +411,7 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
     picks_category = np.zeros(len(CATEGORIES))
     pool_category = np.zeros(len(CATEGORIES))
     rank_sum, rank_n, picked_loss, pool_loss = 0.0, 0, [], []
-    unique_weight, t0 = [], time.perf_counter()
+    unique_weight, t0, c0 = [], time.perf_counter(), time.process_time()
     for step in range(args.steps):
         idx = stream.take(args.scan)  # (S,) pool positions
         ids = setup.pool[idx]  # (S, T)
@@ -424,7 +441,8 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
             curve.append({"step": step + 1, **heldout(model, setup)})
     return {
         "rule": rule, "seed": seed, "init_digest": digest, "seconds": round(time.perf_counter() - t0, 1),
-        "final": curve[-1]["all"], "final_by_category": {c: curve[-1][c] for c in CATEGORIES if c in curve[-1]},
+        "cpu_seconds": round(time.process_time() - c0, 1), "final": curve[-1]["all"],
+        "final_by_category": {c: curve[-1][c] for c in CATEGORIES if c in curve[-1]},
         "curve": curve,
         "picks_decile_share": (picks_decile / picks_decile.sum()).round(4).tolist(),
         "picks_category_share": dict(zip(CATEGORIES, (picks_category / picks_category.sum()).round(4).tolist())),
