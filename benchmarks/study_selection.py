@@ -63,7 +63,8 @@ from cggr.cli.stats import paired_interval
 from cggr.cli.timing import environment
 
 REGIMES = ("clean", "noise", "repeat", "finetune", "late")
-BASE_RULES = ("random", "all", "hardest", "reducible", "reducible-norm", "ref-filter", "ref-low", "importance")
+BASE_RULES = ("random", "all", "hardest", "reducible", "reducible-norm", "reducible-rank", "ref-filter", "ref-low",
+              "importance", "importance-bound")
 DEFAULT_RULES = ("random", "hardest", "reducible", "reducible-norm", "sampled-t1", "ref-filter", "importance")
 CATEGORIES = ("code", "prose", "noise")
 CACHE = Path("/tmp/cggr-study-cache")
@@ -191,6 +192,13 @@ def zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-6)
 
 
+def percentile(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry over the S scaled to [0, 1] (0 = lowest; ties by position), as the library's 'rank'."""
+    rank = torch.empty_like(x, dtype=torch.long)
+    rank[torch.argsort(x, stable=True)] = torch.arange(len(x))
+    return rank.float() / max(len(x) - 1, 1)
+
+
 def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> torch.Tensor:
     """k indices without replacement with Plackett-Luce probabilities ∝ exp(score / τ) (Gumbel-top-k)."""
     u = torch.rand(score.shape, generator=g).clamp(1e-12, 1 - 1e-12)
@@ -198,6 +206,7 @@ def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> 
 
 
 def needs_scan(rule: str) -> bool:
+    """Whether the rule reads the learner's losses (a no-grad forward over the S) before choosing."""
     return rule not in ("random", "all", "ref-filter", "ref-low")
 
 
@@ -215,6 +224,8 @@ def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | N
         return torch.topk(loss - ref, k).indices, None
     if rule == "reducible-norm":
         return torch.topk(zscore(loss) - zscore(ref), k).indices, None
+    if rule == "reducible-rank":
+        return torch.topk(percentile(loss) - percentile(ref), k).indices, None
     if rule.startswith("sampled-t"):
         return gumbel_topk(zscore(loss) - zscore(ref), k, float(rule[len("sampled-t"):]), g), None
     if rule == "ref-filter":
@@ -222,12 +233,53 @@ def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | N
         return keep[torch.randperm(len(keep), generator=g)[:k]], None
     if rule == "ref-low":
         return torch.topk(ref, k, largest=False).indices, None
-    if rule == "importance":
-        p = 0.5 * bound / bound.sum() + 0.5 / s  # (S,)
+    if rule in ("importance", "importance-bound"):  # with replacement; size: the loss, or the gradient bound
+        size = loss if rule == "importance" else bound
+        p = 0.5 * size / size.sum() + 0.5 / s  # (S,)
         draws = torch.multinomial(p, k, replacement=True, generator=g)  # (k,)
         rows, counts = torch.unique(draws, return_counts=True)
         return rows, counts.double() / (k * s * p[rows].double())  # sum_j w(i_j) L(i_j) / k, w = 1 / (S p)
     raise ValueError(f"unknown rule {rule!r}")
+
+
+#: Rules the library offers, as ``CGGRModel`` settings (``--impl library`` routes them through it).
+def library_settings(rule: str) -> dict[str, Any] | None:
+    """``CGGRModel`` keyword arguments of ``rule``, or ``None`` when the library has no such rule."""
+    if rule == "random":
+        return {"selection": "random"}
+    if rule == "hardest":
+        return {"scoring": "loss", "selection": "topk"}
+    if rule == "reducible":
+        return {"scoring": "reducible", "selection": "topk", "reference_norm": "none"}
+    if rule == "reducible-norm":
+        return {"scoring": "reducible", "selection": "topk", "reference_norm": "zscore"}
+    if rule == "reducible-rank":
+        return {"scoring": "reducible", "selection": "topk", "reference_norm": "rank"}
+    if rule.startswith("sampled-t"):
+        return {"scoring": "reducible", "selection": "sampled", "reference_norm": "zscore",
+                "temperature": float(rule[len("sampled-t"):])}
+    if rule == "importance":
+        return {"scoring": "loss", "selection": "importance", "uniform_mix": 0.5}
+    return None
+
+
+class CapturingRouter:
+    """The learner itself as ``CGGRModel``'s router (an oracle scan: full model, no grad inside CGGRModel); keeps
+    the last logits so the study can place the picks among the S without a second forward."""
+
+    def __init__(self, model) -> None:
+        self.model, self.logits = model, None
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        self.logits = out.logits  # (S, T, V), computed under CGGRModel's no_grad
+        return out
+
+
+def logits_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(S,) per-sequence mean next-token loss from (S, T, V) logits of (S, T) ids."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return -logp.gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -406,6 +458,16 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
     opt = make_optimizer(model, args.lr)
     stream = BatchStream(setup.pool.shape[0], seed)
     g = torch.Generator().manual_seed(seed * 1000 + 7)
+    settings = library_settings(rule) if args.impl == "library" else None
+    wrapper = router = None
+    if settings is not None:
+        from cggr import CGGRModel
+
+        router = CapturingRouter(model)
+        wrapper = CGGRModel(model, router=router, min_tokens_ratio=args.kept / args.scan, warmup_steps=0,
+                            seed=seed * 1000 + 7, fused_head=False, **settings)
+        wrapper.train()
+    agree, compared = 0, 0
     curve = [{"step": 0, **initial}]
     picks_decile = np.zeros(10)
     picks_category = np.zeros(len(CATEGORIES))
@@ -417,11 +479,30 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         ids = setup.pool[idx]  # (S, T)
         ref = setup.ref_loss[idx]  # (S,)
         loss = bound = None
-        if needs_scan(rule):
-            loss, bound = scan(model, ids, bound=rule == "importance")
-        rows, weights = choose(rule, args.kept, loss, bound, ref, g)
-        train_loss = train_step(model, opt, ids[rows], lr_at(step / args.steps, args.lr),
-                                None if weights is None else weights.float())
+        if wrapper is not None:  # the library: CGGRModel scans (router = the learner), selects, weights
+            router.logits = None
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step / args.steps, args.lr)
+            out = wrapper(ids, labels=ids, reference_loss=ref if settings.get("scoring") == "reducible" else None)
+            out.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            wrapper.step()
+            train_loss = float(out.detach())
+            rows = torch.tensor(wrapper.get_metrics()["selected_indices"])
+            if router.logits is not None:
+                loss = logits_losses(router.logits, ids)
+                if settings["selection"] == "topk":  # the study's prototype must pick the same set
+                    mine, _ = choose(rule, args.kept, loss, None, ref, g)
+                    agree += set(mine.tolist()) == set(rows.tolist())
+                    compared += 1
+        else:
+            if needs_scan(rule):
+                loss, bound = scan(model, ids, bound=rule == "importance-bound")
+            rows, weights = choose(rule, args.kept, loss, bound, ref, g)
+            train_loss = train_step(model, opt, ids[rows], lr_at(step / args.steps, args.lr),
+                                    None if weights is None else weights.float())
         if not math.isfinite(train_loss):
             raise RuntimeError(f"{rule} seed {seed}: training loss {train_loss} at step {step}")
         chosen = idx[rows].numpy()
@@ -451,6 +532,8 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         "picks_learner_loss": statistics.fmean(picked_loss) if picked_loss else None,
         "scanned_learner_loss": statistics.fmean(pool_loss) if pool_loss else None,
         "distinct_rows_per_step": statistics.fmean(unique_weight),
+        "impl": "library (CGGRModel)" if wrapper is not None else "study prototype",
+        "library_settings": settings, "prototype_agreement": (agree / compared) if compared else None,
     }
 
 
@@ -621,6 +704,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ref-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--eval-sequences", type=int, default=256)
     p.add_argument("--evals", type=int, default=2, help="held-out evaluations after step 0")
+    p.add_argument("--impl", choices=("library", "study"), default="library",
+                   help="library: the rules cggr offers run through CGGRModel (router = the learner itself); "
+                        "study: every rule from the study's own plain-torch prototype")
     p.add_argument("--out", default="benchmarks/results/cpu")
     p.add_argument("--name", default=None, help="output name (default selection_<regime>)")
     p.add_argument("--rerender", default="", help="rewrite the Markdown (and summary) of this JSON and exit")
