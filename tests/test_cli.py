@@ -122,16 +122,54 @@ def test_budget_aware_lr_schedule():
 
 
 def test_summary_rows_differences_to_standard():
-    arms = [
-        {"arm": "standard", "steps": 10, "sequences_scanned": 80, "tokens_scanned": 800, "tokens_backpropagated": 800,
-         "tokens_in_loss": 800, "train_seconds": 1.0, "heldout_loss": 4.0, "accuracy": 0.10},
-        {"arm": "cggr", "steps": 8, "sequences_scanned": 256, "tokens_scanned": 2560, "tokens_backpropagated": 640,
-         "tokens_in_loss": 640, "train_seconds": 1.0, "heldout_loss": 3.8, "accuracy": 0.125},
-    ]
-    rows = summary_rows(arms)
-    assert rows[0]["Δ loss"] == "–" and rows[1]["Δ loss"] == "-0.2000 (-5.0%)"
-    assert rows[1]["Δ acc"] == "+2.5 pt" and rows[1]["accuracy"] == "12.5%"
-    assert math.isclose(rows[1]["held-out loss"], 3.8)
+    def row(arm, seed, loss, acc=None):
+        return {"arm": arm, "seed": seed, "steps": 10, "sequences_scanned": 80, "tokens_scanned": 800,
+                "tokens_backpropagated": 800, "tokens_in_loss": 800, "train_seconds": 1.0, "heldout_loss": loss,
+                "heldout_se": 0.01, "accuracy": acc}
+
+    one = summary_rows([row("standard", 0, 4.0, 0.10), row("cggr", 0, 3.8, 0.125)])
+    assert one[0]["Δ vs standard"] == "–" and one[1]["Δ vs standard"] == "-0.2000"  # one seed: no interval
+    assert one[1]["accuracy"] == "12.5%" and one[1]["held-out loss"] == "3.8000 ± 0.0100 SE"
+    # three seeds: paired differences -0.2, -0.15, -0.25 -> mean -0.2, sd 0.05, t(0.975, 2) = 4.3027
+    std = [4.0, 4.2, 3.9]
+    rows = summary_rows([row("standard", s, x) for s, x in enumerate(std)]
+                        + [row("cggr", s, x + d) for s, (x, d) in enumerate(zip(std, (-0.2, -0.15, -0.25)))])
+    half = 4.302653 * 0.05 / math.sqrt(3)
+    assert rows[1]["Δ vs standard"] == f"{-0.2:+.4f} [{-0.2 - half:+.4f}, {-0.2 + half:+.4f}]"
+    rows = summary_rows([row("standard", s, x) for s, x in enumerate(std)]
+                        + [row("random", s, x + d) for s, (x, d) in enumerate(zip(std, (-0.2, 0.1, 0.05)))])
+    assert rows[1]["Δ vs standard"].endswith(" tie")  # the interval contains 0
+
+
+def test_time_to_target_reads_the_ladder():
+    from cggr.cli.report import time_to_target
+
+    row = {"curve": [{"heldout_loss": 8.0}, {"heldout_loss": 6.5}], "train_seconds": 40.0, "probe_loss": 5.0,
+           "ladder": [{"budget_s": 10.0, "heldout_loss": 6.0}, {"budget_s": 20.0, "heldout_loss": 5.4},
+                      {"budget_s": 30.0, "heldout_loss": 5.1}]}
+    assert time_to_target(row, 5.7) == pytest.approx(15.0)  # halfway between the 10 s and 20 s rungs
+    assert time_to_target(row, 5.05) == pytest.approx(35.0)
+    assert time_to_target(row, 5.0) == pytest.approx(40.0)
+    assert time_to_target(row, 4.9) is None  # not reached within the budget
+    assert time_to_target(row, 9.0) == 0.0
+
+
+def test_header_names_the_precision_the_race_ran_in():
+    from cggr.cli.report import head_line
+
+    assert "fp32" in head_line({"head": "logits", "device": "cpu", "dtype": "auto"})
+    assert "bf16" not in head_line({"head": "logits", "device": "cpu", "dtype": "auto"})
+    assert "bf16 under autocast" in head_line({"head": "logits", "device": "cuda:0", "dtype": "auto"})
+    assert "bf16" in head_line({"head": "fused", "precision": "bf16 autocast"})
+    assert head_line({"head": "logits", "precision": "fp32"}).endswith("(fp32, loss in fp32)")
+
+
+def test_demo_note():
+    from cggr.cli.race import demo_note
+
+    assert "demo-sized race" in demo_note("tiny", 1) and "--seeds 3" in demo_note("tiny", 1)
+    assert "demo-sized" in demo_note("tiny", 3) and "seed" not in demo_note("tiny", 3).split(":", 1)[1][-40:]
+    assert demo_note("smollm-135m", 3) == ""
 
 
 def test_contention_warnings():

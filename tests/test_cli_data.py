@@ -6,6 +6,7 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +150,83 @@ def test_tokenizer_sample_is_spread_and_bounded():
     assert picked[0] == 0 and picked[-1] > 900  # spread over the whole list, in order
     assert picked == sorted(picked)
     assert _tokenizer_sample(docs[:3], budget=10**9) == [d.text for d in docs[:3]]
+
+
+# ----------------------------------------------------------------------------------- the held-out set
+def test_select_heldout_blocks_caps_per_file_and_spreads_breadth_first():
+    from cggr.cli.data import select_heldout_blocks
+
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 40, size=60)  # blocks per file; file 7 is huge (a documentation string file)
+    sizes[7] = 500
+    files = np.repeat(np.arange(60), sizes)  # (N,) file of each block, in file order
+    for count, cap in ((1024, 16), (100, 16), (45, 3), (7, 4)):
+        idx = select_heldout_blocks(files, count, cap)
+        picked = files[idx]
+        per_file = np.bincount(picked, minlength=60)
+        assert len(idx) == min(count, int(np.minimum(sizes, cap).sum()))
+        assert len(set(idx.tolist())) == len(idx) and np.all(np.diff(idx) > 0)
+        assert per_file.max() <= cap
+        # breadth first: no file has two blocks while another file with blocks left has none... more precisely,
+        # per-file counts differ by at most one among files that were not exhausted
+        open_files = per_file[np.minimum(sizes, cap) > per_file]
+        if len(open_files):
+            assert per_file.max() - open_files.min() <= 1
+    with pytest.raises(ValueError, match="non-decreasing"):
+        select_heldout_blocks(np.array([1, 0]), 2, 2)
+
+
+def test_heldout_set_never_overlaps_training_files_and_caps_blocks_per_file(tmp_path, monkeypatch):
+    """A folder corpus whose every file carries its own marker word: each held-out block's markers belong to
+    held-out files only, at most ``max_blocks_per_file`` blocks start in any one file, and the groups are right."""
+    pytest.importorskip("tokenizers")
+    from collections import Counter
+
+    from cggr.cli.data import load_text_data
+
+    monkeypatch.setenv("CGGR_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    (corpus / "tests").mkdir(parents=True)
+    rng = random.Random(3)
+    for i in range(240):
+        lines = rng.randint(2, 60)
+        body = "".join(f"def marker{i}_{j}(x):\n    return x * {j} + marker{i}\n" for j in range(lines))
+        folder = corpus / "tests" if i % 5 == 0 else corpus
+        name = f"test_m{i}.py" if i % 5 == 0 else f"m{i}.py"
+        if i % 7 == 0:  # prose files
+            body = "".join(f"marker{i} This paragraph explains how the module works, in plain words.\n"
+                           for _ in range(lines))
+        (folder / name).write_text(body)
+    data = load_text_data(str(corpus), seq_len=32, vocab_size=400, eval_sequences=300, max_blocks_per_file=3)
+    train, held = set(data.train_keys), set(data.heldout_keys)
+    assert train.isdisjoint(held) and held
+    counts = Counter(data.eval_files)
+    assert max(counts.values()) <= 3
+    assert data.eval_ids.shape[0] == len(data.eval_files) == len(data.eval_groups) <= 300
+    number = {k: int(re.search(r"m(\d+)\.py$", k).group(1)) for k in train | held}
+    held_numbers = {number[k] for k in held}
+    train_numbers = {number[k] for k in train}
+    for row, f, group in zip(data.eval_ids.tolist(), data.eval_files, data.eval_groups):
+        text = data.tokenizer.decode(row)
+        found = {int(m) for m in re.findall(r"marker(\d+)(?=[_\s])", text)}  # whole markers only
+        assert found <= held_numbers and not found & train_numbers, (found, text)
+        key = data.heldout_keys[f]
+        # the block starts inside its file (or at the file's end-of-text boundary)
+        if group == "tests":
+            assert key.startswith("tests/")
+        if group == "prose":
+            assert number[key] % 7 == 0 or "This paragraph" in text
+    assert data.info["heldout_groups"] == {g: data.eval_groups.count(g) for g in ("code", "tests", "prose")}
+    assert data.info["heldout_files_used"] == len(counts)
+
+
+def test_batch_stream_clone_continues_identically_and_independently():
+    stream = BatchStream(37, seed=4)
+    stream.take(30)
+    twin = stream.clone()
+    a = torch.cat([stream.take(11) for _ in range(9)])  # crosses several epochs
+    b = torch.cat([twin.take(11) for _ in range(9)])
+    assert torch.equal(a, b) and twin.epoch == stream.epoch and twin.consumed == stream.consumed
+    fresh = BatchStream(37, seed=4)
+    fresh.take(30 + 99)
+    assert torch.equal(fresh.take(8), twin.take(8))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cggr.cli.presets import CLIError, build_model, resolve_model
-from cggr.cli.race import ARMS, Arm, RaceConfig, check_arms, resolve_device
+from cggr.cli.race import ARM_SPECS, Arm, RaceConfig, check_arms, resolve_device
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -41,7 +41,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 class BenchConfig:
     model: str = "tiny"
     shapes: str = "8x128"
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = tuple(n for n, a in ARM_SPECS.items() if not a.data_seed_offset)  # no A/A arm
     ratio: float = 0.25
     router_layers: int | None = None
     device: str = "auto"

@@ -26,8 +26,12 @@ ever trained on. Tokenizer: byte-level BPE (digits split individually) trained o
 every document (key, length, content hash). A pretrained ``--model`` folder brings its own tokenizer instead.
 
 Code and text documents are joined with an end-of-text token and cut into blocks of T tokens (every token is a
-target). The training order is a seeded permutation of the blocks, reshuffled every epoch
-(:class:`BatchStream`); every arm of a race draws from an identical stream.
+target). Held-out set (:func:`select_heldout_blocks`): the held-out documents' blocks, each attributed to the
+document it starts in, at most ``max_blocks_per_file`` per document, picked breadth first (one block of every
+document before a second of any) so that no single file dominates; each block is labelled ``code``, ``tests``
+or ``prose`` (:func:`block_group`) so that the race can report the three separately. The training order is a
+seeded permutation of the blocks, reshuffled every epoch (:class:`BatchStream`); every arm of a race draws from an
+identical stream.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -345,6 +350,9 @@ class RaceData:
     Attributes:
         train_ids: (N_train, T) long. train_mask: (N_train, T) bool, False at padding.
         eval_ids / eval_mask: (N_eval, T) held-out sequences for the held-out loss.
+        eval_groups: (N_eval,) group of each held-out block: ``code``, ``tests`` or ``prose`` (text corpora), or
+            ``problems`` (arithmetic).
+        eval_files: (N_eval,) held-out document each block starts in (index into ``heldout_keys``).
         problems: Held-out arithmetic problems for accuracy (empty for text corpora).
         tokenizer: For decoding (arithmetic accuracy).
         info: Description recorded in the results (source, documents, tokens, cache key).
@@ -359,6 +367,8 @@ class RaceData:
     info: dict[str, Any] = field(default_factory=dict)
     train_keys: list[str] = field(default_factory=list)
     heldout_keys: list[str] = field(default_factory=list)
+    eval_groups: list[str] = field(default_factory=list)
+    eval_files: list[int] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -420,8 +430,96 @@ def _spread(blocks: torch.Tensor, count: int) -> torch.Tensor:
     return blocks[idx]
 
 
+GROUPS = ("code", "tests", "prose")
+MAX_BLOCKS_PER_FILE = 16
+_WORD = re.compile(r"\(?[A-Za-z][a-z]*[,.;:!?)]?")
+_CODE_SYMBOLS = frozenset("()[]{}=_;<>+*/%&|^~@")
+
+
+def is_test_path(key: str) -> bool:
+    """Whether a document key is a test file: a ``test``/``tests`` folder or a ``test_*`` / ``*_test`` file."""
+    parts = key.replace("\\", "/").split("/")
+    name = parts[-1].rsplit(".", 1)[0]
+    folders = {p.lower() for p in parts[:-1]}
+    return bool(folders & {"test", "tests", "testing"}) or name.startswith("test_") or name.endswith("_test")
+
+
+def prose_share(text: str) -> float:
+    """How much ``text`` reads as English rather than code, a heuristic in [-4, 1]: the share of its
+    whitespace-separated words that look like English words (letters, lower case after the first, at most one
+    trailing punctuation mark) minus 4 × the share of its non-space characters that are code symbols
+    (``()[]{}=_;<>+*/%&|^~@``). On ~500-character pieces of the standard library: docstrings and documentation
+    strings (``pydoc_data/topics.py``) mostly 0.5-0.8, code and tests mostly below 0.5 (down to -0.3)."""
+    words = text.split()
+    chars = [c for c in text if not c.isspace()]
+    if not words:
+        return 0.0
+    english = sum(1 for w in words if _WORD.fullmatch(w)) / len(words)
+    return english - 4.0 * sum(c in _CODE_SYMBOLS for c in chars) / len(chars)
+
+
+def block_group(key: str, text: str, *, prose_threshold: float = 0.5) -> str:
+    """``prose`` when the block reads as English (:func:`prose_share` >= ``prose_threshold``: docstrings,
+    documentation strings), else ``tests`` for a test file (:func:`is_test_path`), else ``code``."""
+    if prose_share(text) >= prose_threshold:
+        return "prose"
+    return "tests" if is_test_path(key) else "code"
+
+
+def select_heldout_blocks(block_files: np.ndarray, count: int, max_blocks_per_file: int) -> np.ndarray:
+    """Indices of at most ``count`` held-out blocks, at most ``max_blocks_per_file`` per file, breadth first.
+
+    Args:
+        block_files: (N,) file (document) index of each candidate block, non-decreasing (blocks in file order).
+        count: Blocks wanted.
+        max_blocks_per_file: Cap per file.
+
+    Round r (r = 0, 1, ...) offers the r-th pick of every file that still has one (a file's picks are its blocks
+    evenly spaced, at most the cap); when a round offers more than are still needed, an evenly spaced subset of the
+    round (in file order) is taken, so the set spreads over the files rather than the first ones alphabetically.
+    Returns sorted indices.
+    """
+    if count < 1 or max_blocks_per_file < 1:
+        raise ValueError(f"count and max_blocks_per_file must be >= 1, got {count} and {max_blocks_per_file}")
+    block_files = np.asarray(block_files)
+    if block_files.size and np.any(np.diff(block_files) < 0):
+        raise ValueError("block_files must be non-decreasing (blocks in file order)")
+    _, starts, sizes = np.unique(block_files, return_index=True, return_counts=True)
+    picks = []  # per file: its evenly spaced candidate blocks
+    for start, size in zip(starts.tolist(), sizes.tolist()):
+        k = min(size, max_blocks_per_file)
+        picks.append(start + np.unique(np.linspace(0, size - 1, k).round().astype(np.int64)))
+    chosen: list[int] = []
+    for r in range(max_blocks_per_file):
+        offer = [int(p[r]) for p in picks if len(p) > r]
+        need = count - len(chosen)
+        if not offer or need <= 0:
+            break
+        if len(offer) > need:
+            offer = [offer[i] for i in np.linspace(0, len(offer) - 1, need).round().astype(np.int64)]
+        chosen += offer
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def _heldout_blocks(eval_flat: np.ndarray, seq_len: int, eos_id: int, count: int, cap: int, keys: Sequence[str],
+                    tokenizer: TextTokenizer) -> tuple[torch.Tensor, list[int], list[str]]:
+    """(blocks (n, T), file of each block, group of each block) of the held-out token stream ``eval_flat``
+    (documents joined by EOS, in ``keys`` order)."""
+    n = len(eval_flat) // seq_len
+    blocks = eval_flat[: n * seq_len].reshape(n, seq_len)
+    eos_before = np.concatenate([[0], np.cumsum(eval_flat == eos_id)[:-1]])
+    files = np.minimum(eos_before[: n * seq_len : seq_len], len(keys) - 1)  # the document each block starts in
+    idx = select_heldout_blocks(files, count, cap)
+    chosen = torch.from_numpy(blocks[idx].copy())  # (n_eval, T)
+    texts = [tokenizer.decode(row) for row in chosen.tolist()]
+    block_files = files[idx].tolist()
+    groups = [block_group(keys[f], t) for f, t in zip(block_files, texts)]
+    return chosen, block_files, groups
+
+
 def load_text_data(
-    source: str, *, seq_len: int, vocab_size: int, eval_sequences: int, tokenizer: TextTokenizer | None = None
+    source: str, *, seq_len: int, vocab_size: int, eval_sequences: int, tokenizer: TextTokenizer | None = None,
+    max_blocks_per_file: int = MAX_BLOCKS_PER_FILE,
 ) -> RaceData:
     """The code corpus (``source='code'`` or ``'code+packages'``) or a path, tokenised and cut into (·, T) blocks.
 
@@ -429,8 +527,10 @@ def load_text_data(
         source: ``'code'``, ``'code+packages'``, a path (file, folder, JSONL) or a glob pattern of files.
         seq_len: T.
         vocab_size: BPE vocabulary to train (ignored when ``tokenizer`` is given).
-        eval_sequences: Held-out blocks to evaluate on (spread over the held-out documents).
+        eval_sequences: Held-out blocks to evaluate on (:func:`select_heldout_blocks`: spread over the held-out
+            documents, fewer when the held-out documents have fewer blocks under the cap).
         tokenizer: A pretrained model's tokenizer; ``None`` trains (or loads the cached) BPE.
+        max_blocks_per_file: At most this many held-out blocks start in any one held-out document.
     """
     corpus: dict[str, Any] = {}
     if source == "code":
@@ -474,24 +574,30 @@ def load_text_data(
     train = _blocks(train_flat, seq_len)
     if train.shape[0] < 1:
         raise CLIError(f"--data: the training split has {len(train_flat)} tokens, fewer than one sequence of {seq_len}")
-    held = _blocks(eval_flat, seq_len)
-    if held.shape[0] < 1:  # short held-out text: one padded sequence
+    if len(eval_flat) < seq_len:  # short held-out text: one padded sequence
         held = torch.full((1, seq_len), tokenizer.eos_id, dtype=torch.long)
         held[0, : len(eval_flat)] = torch.from_numpy(eval_flat[:seq_len])
         held_mask = torch.zeros(1, seq_len, dtype=torch.bool)
         held_mask[0, : len(eval_flat)] = True
+        held_files = [0]
+        held_groups = [block_group(heldout_docs[0].key, tokenizer.decode(eval_flat[:seq_len].tolist()))]
     else:
-        held = _spread(held, eval_sequences)
+        held, held_files, held_groups = _heldout_blocks(
+            eval_flat, seq_len, tokenizer.eos_id, eval_sequences, max_blocks_per_file,
+            [d.key for d in heldout_docs], tokenizer)
         held_mask = torch.ones_like(held, dtype=torch.bool)
     info = {
         "source": source, "origin": origin, "documents": len(docs), "train_documents": len(train_docs),
         "heldout_documents": len(heldout_docs), "train_tokens": len(train_flat), "heldout_tokens": len(eval_flat),
         "train_sequences": int(train.shape[0]), "eval_sequences": int(held.shape[0]), "seq_len": seq_len,
+        "heldout_files_used": len(set(held_files)), "max_blocks_per_file": max_blocks_per_file,
+        "heldout_groups": {g: held_groups.count(g) for g in GROUPS},
         "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "cache": str(folder), "cache_hit": cached,
         **corpus,
     }
     return RaceData(train, torch.ones_like(train, dtype=torch.bool), held, held_mask, tokenizer, info=info,
-                    train_keys=[d.key for d in train_docs], heldout_keys=[d.key for d in heldout_docs])
+                    train_keys=[d.key for d in train_docs], heldout_keys=[d.key for d in heldout_docs],
+                    eval_groups=held_groups, eval_files=held_files)
 
 
 def _pad(rows: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,7 +659,8 @@ def load_arithmetic_data(
         "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, "cache": str(folder), "cache_hit": cached,
     }
     return RaceData(train_ids, train_mask, eval_ids, eval_mask, tokenizer, problems=heldout, info=info,
-                    train_keys=train_keys, heldout_keys=[p.question for p in heldout])
+                    train_keys=train_keys, heldout_keys=[p.question for p in heldout],
+                    eval_groups=["problems"] * len(heldout), eval_files=list(range(len(heldout))))
 
 
 class BatchStream:
@@ -573,6 +680,16 @@ class BatchStream:
         self.epoch = 0
         self.consumed = 0
 
+    def clone(self) -> BatchStream:
+        """An independent copy at the same position (its generator state copied): both yield the same indices."""
+        other = BatchStream.__new__(BatchStream)
+        other.num_sequences, other._pos, other.epoch, other.consumed = (
+            self.num_sequences, self._pos, self.epoch, self.consumed)
+        other.generator = torch.Generator().manual_seed(0)
+        other.generator.set_state(self.generator.get_state())
+        other._order = self._order.clone()
+        return other
+
     def take(self, count: int) -> torch.Tensor:
         """The next ``count`` sequence indices, (count,) long."""
         parts, need = [], count
@@ -588,6 +705,7 @@ class BatchStream:
         return torch.cat(parts)
 
 
-__all__ = ["CODE_PACKAGES", "MAX_FILE_BYTES", "BatchStream", "Document", "RaceData", "TextTokenizer", "cache_dir",
-           "code_package_documents", "glob_documents", "load_arithmetic_data", "load_text_data", "package_dirs",
-           "path_documents", "split_documents", "stdlib_documents", "stdlib_root", "train_bpe"]
+__all__ = ["CODE_PACKAGES", "GROUPS", "MAX_BLOCKS_PER_FILE", "MAX_FILE_BYTES", "BatchStream", "Document", "RaceData",
+           "TextTokenizer", "block_group", "cache_dir", "code_package_documents", "glob_documents", "is_test_path",
+           "load_arithmetic_data", "load_text_data", "package_dirs", "path_documents", "prose_share",
+           "select_heldout_blocks", "split_documents", "stdlib_documents", "stdlib_root", "train_bpe"]

@@ -64,15 +64,27 @@ def _positive_int(name: str):
 
 
 def _arms(text: str) -> tuple[str, ...]:
-    from cggr.cli.race import ARMS
+    from cggr.cli.race import ARM_SPECS
 
     arms = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in ARM_SPECS]
     if bad or not arms:
-        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ARMS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown arm(s) {', '.join(bad) or '(none)'}; choose from {', '.join(ARM_SPECS)}")
     if len(set(arms)) != len(arms):
         raise argparse.ArgumentTypeError(f"each arm at most once, got {text}")
     return arms
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.25,0.5,0.75, got {text!r}") \
+            from None
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -84,11 +96,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-layers", type=_positive_int("--router-layers"), default=None,
                    help="layers of the truncated router (default: preset's; tiny 2, smollm 4)")
     p.add_argument("--arms", type=_arms, default=None,
-                   help="comma-separated arms among standard,cggr,cggr-loss,random (default: all four)")
+                   help="comma-separated arms among standard, cggr, cggr-loss, random, standard-aa (the A/A arm: "
+                        "standard on another data order) and any registered arm (race default: "
+                        "standard,cggr,random,standard-aa; bench default: every arm but the A/A one)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="init seed (initial weights) of the first replicate; race: replicate i uses seed + i")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,10 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "(text file, folder of text files, JSONL with a 'text' field) or a quoted glob "
                            "('src/**/*.py')")
     race.add_argument("--minutes", type=_positive_float("--minutes"), default=None,
-                      help="wall-clock training budget per arm (default: preset's; tiny 0.6)")
+                      help="wall-clock training budget per arm (default: preset's; tiny 0.45)")
+    race.add_argument("--protocol", choices=("free-lunch", "equal-scan"), default="free-lunch",
+                      help="free-lunch (default): standard trains on B sequences per step, the selecting arms scan "
+                           "B/ratio and train on B; equal-scan: every arm reads the same B sequences per step, the "
+                           "selecting arms train on ratio x B of them")
     race.add_argument("--scan-multiplier", type=float, default=None,
                       help="sequences the selecting arms scan per step, as a multiple of the standard batch "
-                           "(default 1/ratio: every arm trains on the same number per step; 1 = equal scan)")
+                           "(overrides --protocol: 1/ratio is free-lunch, 1 equal-scan)")
+    race.add_argument("--seeds", type=_positive_int("--seeds"), default=1,
+                      help="paired replicates (default 1): replicate i uses init seed --seed + i and data seed "
+                           "--data-seed + i for every arm; the report gives 95%% intervals over them (paired "
+                           "Student-t) and calls a gap whose interval contains 0 a tie. To split a race across "
+                           "calls, run e.g. --seed 0 --seeds 1 and --seed 1 --seeds 1 (and/or different --arms) and "
+                           "combine the race.json files with --merge")
+    race.add_argument("--data-seed", type=int, default=None,
+                      help="data seed (sequence order, random picks) of the first replicate (default: --seed)")
+    race.add_argument("--ladder", type=_fractions, default=None,
+                      help="budget-ladder rungs for time-to-target, as comma-separated fractions of the budget "
+                           "(default 0.25,0.5,0.75; 'none' for no ladder): at 80%% of each rung budget a copy of "
+                           "the arm decays its learning rate to 0 over 20%% of it, off the clock, and is evaluated")
     race.add_argument("--ratio-warmup-steps", type=int, default=0,
                       help="CGGR curriculum: optimizer steps over which the kept share falls linearly from 1 to "
                            "--ratio (default 0: the ratio from the first step, so every step trains on the same "
@@ -153,15 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     race.add_argument("--evals", type=_positive_int("--evals"), default=8,
                       help="held-out evaluations per arm, at equal fractions of the budget (default 8)")
     race.add_argument("--eval-sequences", type=_positive_int("--eval-sequences"), default=64,
-                      help="held-out sequences (or problems) evaluated (default 64)")
+                      help="probe blocks (or problems) of the held-out set evaluated at the --evals points and at "
+                           "the ladder rungs (default 64)")
+    race.add_argument("--heldout-blocks", type=_positive_int("--heldout-blocks"), default=1024,
+                      help="held-out blocks (or arithmetic problems) evaluated at the end of each arm (default 1024)")
+    race.add_argument("--heldout-cap", type=_positive_int("--heldout-cap"), default=16,
+                      help="at most this many held-out blocks from any one held-out file (default 16)")
     race.add_argument("--out", default="cggr-race", help="output folder (default ./cggr-race)")
     race.add_argument("--name", default="race", help="file stem of the outputs (default race)")
     race.add_argument("--no-progress", action="store_true", help="no progress bars")
     race.add_argument("--merge", nargs="+", metavar="JSON", default=None,
-                      help="instead of racing, combine the arms of race.json files of the same race (same "
-                           "settings and seed, e.g. arms run in separate sessions) into <out>/<name>.json|md|png; "
-                           "each file may bring its own standard arm, and every other arm is compared with the "
-                           "standard of its own file")
+                      help="instead of racing, combine race.json files of the same race run in separate calls (by "
+                           "seed and/or by arm; same settings) into <out>/<name>.json|md|png, arms paired by seed, "
+                           "with the intervals; each (arm, seed) may appear once")
     return parser
 
 
@@ -233,14 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_info(info())
         elif args.command == "bench":
             from cggr.cli.bench import BenchConfig, run_bench
-            from cggr.cli.race import ARMS
+            from cggr.cli.race import ARM_SPECS
 
             shapes = args.shapes or "8x128"
             if args.shapes is None and args.model in PRESETS:
                 preset = PRESETS[args.model]
                 shapes = f"{preset.batch_size}x{preset.seq_len},{preset.batch_size * 4}x{preset.seq_len}"
             run_bench(BenchConfig(
-                model=args.model, shapes=shapes, arms=args.arms or ARMS, ratio=args.ratio,
+                model=args.model, shapes=shapes,
+                arms=args.arms or tuple(n for n, a in ARM_SPECS.items() if not a.data_seed_offset), ratio=args.ratio,
                 router_layers=args.router_layers, device=args.device, dtype=args.dtype, warmup=args.warmup,
                 iters=args.iters, seed=args.seed, out=args.out, name=args.name,
             ))
@@ -251,15 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             write_race_outputs(merge_race_files([Path(p) for p in args.merge]), Path(args.out), args.name)
         else:
-            from cggr.cli.race import ARMS, RaceConfig, run_race
+            from cggr.cli.race import DEFAULT_ARMS, DEFAULT_LADDER, RaceConfig, run_race
 
             run_race(RaceConfig(
                 model=args.model, data=args.data, minutes=args.minutes, ratio=args.ratio,
-                router_layers=args.router_layers, arms=args.arms or ARMS, device=args.device, seed=args.seed,
+                router_layers=args.router_layers, arms=args.arms or DEFAULT_ARMS, device=args.device, seed=args.seed,
                 out=args.out, scan_multiplier=args.scan_multiplier, batch_size=args.batch_size, seq_len=args.seq_len,
                 lr=args.lr, evals=args.evals, eval_sequences=args.eval_sequences, dtype=args.dtype,
                 progress=not args.no_progress, name=args.name, ratio_warmup_steps=args.ratio_warmup_steps,
-                scoring=args.scoring, head=args.head,
+                scoring=args.scoring, head=args.head, seeds=args.seeds, data_seed=args.data_seed,
+                protocol=args.protocol, heldout_blocks=args.heldout_blocks, heldout_cap=args.heldout_cap,
+                ladder=DEFAULT_LADDER if args.ladder is None else args.ladder,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)

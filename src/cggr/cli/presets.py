@@ -50,23 +50,26 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Sized so `cggr race` (4 arms) takes ~3 minutes on 2 CPU cores, tokenizer and evaluations included.
+    # Sized so `cggr race` (4 arms, budget ladder, 1024 held-out blocks) takes ~3 minutes on 2 CPU cores,
+    # tokenizer and evaluations included.
     "tiny": Preset(
         config=dict(
             hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
         ),
-        vocab_size=4096, seq_len=128, batch_size=8, minutes=0.6, router_layers=2, lr=2e-3,
+        vocab_size=4096, seq_len=128, batch_size=8, minutes=0.45, router_layers=2, lr=2e-3,
         description="6 x 192 Llama, 4k BPE vocab (~3.3M parameters): CPU-sized",
     ),
     # The shape of HuggingFaceTB/SmolLM-135M (random init, our own tokenizer with the same vocabulary size).
+    # Batch 32 x 1024 (32k tokens per standard step): a step bound by compute on an H100/H200-class GPU rather than
+    # by kernel launches (at 8 x 512 every arm's step cost about the same whatever its work; docs/race.md).
     "smollm-135m": Preset(
         config=dict(
             hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
             num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0,
             rms_norm_eps=1e-5,
         ),
-        vocab_size=49152, seq_len=512, batch_size=8, minutes=10.0, router_layers=4, lr=1e-3,
+        vocab_size=49152, seq_len=1024, batch_size=32, minutes=10.0, router_layers=4, lr=1e-3,
         description="SmolLM-135M shape: 30 x 576 Llama, 49k vocab (~135M parameters)",
     ),
     # The shape of HuggingFaceTB/SmolLM-360M.

@@ -1,61 +1,233 @@
-"""Outputs of ``cggr race``: the summary table (stdout and Markdown), the JSON record and the PNG plot."""
+"""Outputs of ``cggr race``: the summary (intervals over paired seeds, time-to-target, per-group losses), the
+tables (stdout and Markdown), the JSON record and the PNG plot; and ``--merge`` of races run in separate calls.
+
+Statistics (:mod:`cggr.cli.stats`): each arm's final held-out loss over seeds with a Student-t 95% interval, and
+its paired difference to ``standard`` and to ``random`` (same seed = same initial weights and data order) with a
+paired Student-t 95% interval; a difference whose interval contains 0 is reported as a **tie**. With one seed
+there is no interval; the held-out loss then carries its bootstrap standard error over held-out blocks (the
+uncertainty of the held-out sample only, not of the training run).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
+from cggr.cli.stats import mean_interval, paired_summary
 from cggr.cli.timing import markdown_table
 
 HOW_TO_READ = """\
-How to read it: every arm trained the same initial model on the same sequence order for the same wall-clock
-budget (evaluation excluded). *held-out loss* is the next-token cross-entropy (nats) on files never trained on;
-lower is better, and *Δ loss* is the difference to `standard` (negative = better than plain training).
-*sequences* counts sequences read (the selecting arms scan more per step than they train on), *backprop tok* the
-tokens that went through the full model's forward and backward, *loss tok* the tokens whose loss was trained on,
-*epochs* the passes over the training sequences that an arm read (scanned), *train loss* its last training
-batch's loss. `random` keeps the same share of sequences as `cggr` but picks them at random without running the
-router: if `cggr` does not beat `random`, the difficulty ranking did not help. `cggr-loss` back-propagates
-through every scanned token (masking the loss does not shrink the backward through the transformer body)."""
+How to read it: in each seed every arm trained the same initial model on the same sequence order (the A/A arm
+`standard-aa` on another order) for the same wall-clock budget (evaluation excluded). *held-out loss* is the
+next-token cross-entropy (nats) on files never trained on, lower is better: the mean over seeds ± the half-width
+of its 95% Student-t interval (one seed: ± its bootstrap standard error over held-out blocks). *Δ vs standard* and
+*Δ vs random* are paired differences (arm minus baseline, same seed) with their 95% interval; **tie** means the
+interval contains 0: the race cannot tell the two apart. The A/A row (`standard-aa` − `standard`) is the race's
+noise floor: two identical trainings that differ only in data order. *time to target* is the training time an
+arm needs to reach `standard`'s final loss (same seed, probe blocks), read off the budget ladder (runs that
+decay their learning rate at 25/50/75% of the budget) and interpolated linearly; *speed-up* = standard's time /
+the arm's. *sequences* counts sequences read (the selecting arms scan more per step than they train on),
+*backprop tok* the tokens through the full model's forward and backward, *epochs* the passes over the training
+sequences an arm read. `random` keeps the same share of sequences as `cggr` but picks them at random without
+running the router: if `cggr` does not beat `random`, the difficulty ranking did not help. `cggr-loss`
+back-propagates through every scanned token (masking the loss does not shrink the backward through the
+transformer body)."""
 
 
-def _anchor(arms: list[dict[str, Any]], arm: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``standard`` arm that ``arm`` is compared with: the one of the same run (machine), else the first."""
-    standards = [a for a in arms if a["arm"] == "standard"]
-    same = [a for a in standards if a.get("run") == arm.get("run")]
-    return (same or standards or [None])[0]
+def _row_seed(row: dict[str, Any], settings: dict[str, Any] | None = None) -> int:
+    seed = row.get("seed")
+    return int(seed if seed is not None else (settings or {}).get("seed", 0))
 
 
-def summary_rows(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One display row per arm, with differences to ``standard`` (of the same run, in merged races)."""
+def arm_names(arms: list[dict[str, Any]]) -> list[str]:
+    """The arms in order of first appearance."""
+    return list(dict.fromkeys(a["arm"] for a in arms))
+
+
+def time_to_target(row: dict[str, Any], target: float) -> float | None:
+    """Seconds of training ``row``'s arm needs to reach held-out (probe) loss ``target``, or ``None``.
+
+    Points valid at their own budget: the start (0 s, the initial loss), each ladder rung (its budget, the loss
+    after its decay) and the end (the main run's time and final probe loss); the first crossing below ``target``
+    is interpolated linearly between the two points around it.
+    """
+    pts: list[tuple[float, float]] = []
+    curve = row.get("curve") or []
+    if curve:
+        pts.append((0.0, curve[0]["heldout_loss"]))
+    pts += [(r["budget_s"], r["heldout_loss"]) for r in row.get("ladder") or [] if r.get("finite", True)]
+    final = row.get("probe_loss", curve[-1]["heldout_loss"] if curve else None)
+    if final is not None:
+        pts.append((row["train_seconds"], final))
+    pts.sort()
+    for i, (t, loss) in enumerate(pts):
+        if math.isfinite(loss) and loss <= target:
+            if i == 0:
+                return t
+            t0, l0 = pts[i - 1]
+            return t0 + (l0 - target) / (l0 - loss) * (t - t0) if l0 > loss else t
+    return None
+
+
+def _fmt_interval(iv, digits: int = 4) -> str:
+    if iv is None:
+        return "–"
+    if iv.low is None:
+        return f"{iv.mean:+.{digits}f} (1 seed)"
+    tie = " tie" if iv.contains_zero else ""
+    return f"{iv.mean:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]{tie}"
+
+
+def race_summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Per arm, over the seeds of ``payload['arms']`` (one row per arm and seed): the final held-out loss with its
+    interval, paired differences to ``standard`` and ``random``, time to ``standard``'s loss, per-group losses;
+    and the A/A noise floor. Intervals as :func:`cggr.cli.stats.paired_summary` (Student-t, 95%)."""
+    settings = payload.get("settings", {})
+    rows = payload["arms"]
+    names = arm_names(rows)
+    by_arm: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
+    for r in rows:
+        by_arm[r["arm"]][_row_seed(r, settings)] = r
+    finals = {n: {s: r["heldout_loss"] for s, r in rs.items() if r.get("heldout_loss") is not None}
+              for n, rs in by_arm.items()}
+    finals = {n: v for n, v in finals.items() if v}
+    vs = {b: paired_summary(finals, b) for b in ("standard", "random") if b in finals}
+    standard = by_arm.get("standard", {})
+    out_arms = []
+    for n in names:
+        rs = by_arm[n]
+        seeds = sorted(rs)
+        entry: dict[str, Any] = {"arm": n, "seeds": seeds}
+        if n in finals:
+            entry["heldout"] = mean_interval(list(finals[n].values())).as_dict()
+            if len(seeds) == 1:
+                entry["heldout"]["bootstrap_se"] = rs[seeds[0]].get("heldout_se")
+        for b, summ in vs.items():
+            diff = summ.get(n, {}).get("diff")
+            entry[f"vs_{b}"] = None if diff is None else {**diff.as_dict(), "tie": diff.contains_zero}
+        ttt = {}
+        for s in seeds:
+            base = standard.get(s)
+            target = None if base is None else base.get("probe_loss", (base.get("curve") or [{}])[-1].get(
+                "heldout_loss"))
+            if target is not None:
+                ttt[s] = time_to_target(rs[s], target)
+        entry["time_to_target"] = ttt
+        reached = [t for t in ttt.values() if t is not None]
+        entry["time_to_target_mean"] = statistics.fmean(reached) if reached and len(reached) == len(ttt) else None
+        speed = [standard[s]["train_seconds"] / t for s, t in ttt.items() if t]
+        entry["speedup_mean"] = statistics.fmean(speed) if speed and len(speed) == len(ttt) else None
+        groups: dict[str, dict[str, float]] = {}
+        for s in seeds:
+            for g, v in (rs[s].get("heldout_by_group") or {}).items():
+                groups.setdefault(g, {})[s] = v["loss"]
+        entry["groups"] = {g: {"mean": statistics.fmean(v.values()), "by_seed": v} for g, v in groups.items()}
+        for key in ("steps", "epochs", "sequences_scanned", "tokens_scanned", "tokens_backpropagated",
+                    "tokens_in_loss", "train_seconds", "last_train_loss", "accuracy"):
+            vals = [rs[s][key] for s in seeds if rs[s].get(key) is not None]
+            entry[key] = statistics.fmean(vals) if vals else None
+        meds = [rs[s]["median_step_seconds"] for s in seeds if rs[s].get("median_step_seconds")]
+        entry["median_step_seconds"] = statistics.median(meds) if meds else None
+        out_arms.append(entry)
+    summary: dict[str, Any] = {"arms": out_arms, "seeds": sorted({s for rs in by_arm.values() for s in rs}),
+                               "method": "paired Student-t 95% intervals over seeds (cggr.cli.stats)"}
+    aa = next((e for e in out_arms if e["arm"] == "standard-aa"), None)
+    if aa is not None and aa.get("vs_standard"):
+        summary["noise_floor"] = aa["vs_standard"]
+    return summary
+
+
+def summary_rows(arms: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One display row per arm (means over seeds; the intervals of :func:`race_summary`)."""
+    summ = race_summary({"settings": settings or {}, "arms": arms})
+    one_seed = len(summ["seeds"]) == 1
     rows = []
-    for a in arms:
-        base = _anchor(arms, a)
-        loss, acc = a.get("heldout_loss"), a.get("accuracy")
-        row = {
-            "arm": a.get("label", a["arm"]),
-            "steps": a["steps"],
-            "sequences": a["sequences_scanned"],
-            "tokens": a["tokens_scanned"],
-            "backprop tok": a["tokens_backpropagated"],
-            "loss tok": a["tokens_in_loss"],
-            "train s": a["train_seconds"],
-            "step s (median)": a.get("median_step_seconds"),
-            "epochs": a.get("epochs"),
-            "train loss": a.get("last_train_loss"),
-            "held-out loss": loss,
+    for e in summ["arms"]:
+        h = e.get("heldout")
+        if h is None:
+            loss = None
+        elif h.get("half_width") is not None:
+            loss = f"{h['mean']:.4f} ± {h['half_width']:.4f}"
+        elif h.get("bootstrap_se") is not None:
+            loss = f"{h['mean']:.4f} ± {h['bootstrap_se']:.4f} SE"
+        else:
+            loss = f"{h['mean']:.4f}"
+        row: dict[str, Any] = {
+            "arm": e["arm"], "seeds": len(e["seeds"]), "steps": _num(e["steps"]),
+            "sequences": _num(e["sequences_scanned"]),
+            "backprop tok": _num(e["tokens_backpropagated"]), "step s (median)": e["median_step_seconds"],
+            "epochs": e["epochs"], "train loss": e["last_train_loss"], "held-out loss": loss,
         }
-        if base is not None and loss is not None and base.get("heldout_loss") is not None:
-            diff = loss - base["heldout_loss"]
-            row["Δ loss"] = f"{diff:+.4f} ({diff / base['heldout_loss']:+.1%})" if a is not base else "–"
-        if acc is not None:
-            row["accuracy"] = f"{acc:.1%}"
-            if base is not None and base.get("accuracy") is not None:
-                row["Δ acc"] = f"{100 * (acc - base['accuracy']):+.1f} pt" if a is not base else "–"
+        for b in ("standard", "random"):
+            key = f"vs_{b}"
+            if key in e:
+                d = e[key]
+                if e["arm"] == b:
+                    row[f"Δ vs {b}"] = "–"
+                elif d is None:
+                    row[f"Δ vs {b}"] = None
+                else:
+                    row[f"Δ vs {b}"] = _fmt_delta(d, one_seed)
+        if e["time_to_target"]:
+            t = e["time_to_target_mean"]
+            missing = sum(v is None for v in e["time_to_target"].values())
+            row["time to target"] = (
+                f"{t:.1f} s" + (f" ({e['speedup_mean']:.2f}×)" if e["speedup_mean"] else "") if t is not None
+                else f"not reached in {missing} of {len(e['time_to_target'])} seed(s)")
+        if e.get("accuracy") is not None:
+            row["accuracy"] = f"{e['accuracy']:.1%}"
         rows.append(row)
     return rows
+
+
+def _num(v: float | None) -> int | float | None:
+    if v is None:
+        return None
+    return round(v) if abs(v - round(v)) < 1e-9 or abs(v) >= 100 else round(v, 1)
+
+
+def _fmt_delta(d: dict[str, Any], one_seed: bool, *, tie: bool = True) -> str:
+    if d.get("low") is None:
+        return f"{d['mean']:+.4f}" + ("" if one_seed else " (1 seed)")
+    tie = " tie" if d["tie"] and tie else ""
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{tie}"
+
+
+def group_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Held-out loss per group (code / tests / prose) and arm, mean over seeds, with the paired Δ to standard."""
+    std = next((e for e in summary["arms"] if e["arm"] == "standard"), None)
+    rows = []
+    for e in summary["arms"]:
+        row: dict[str, Any] = {"arm": e["arm"]}
+        for g, v in e["groups"].items():
+            cell = f"{v['mean']:.4f}"
+            if std is not None and e is not std and g in std["groups"]:
+                diffs = [x - std["groups"][g]["by_seed"][s] for s, x in v["by_seed"].items()
+                         if s in std["groups"][g]["by_seed"]]
+                if diffs:
+                    iv = mean_interval(diffs)
+                    cell += f" ({_fmt_interval(iv)})" if iv.low is not None else f" ({iv.mean:+.4f})"
+            row[g] = cell
+        rows.append(row)
+    return rows
+
+
+def seed_rows(arms: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per arm and seed: the raw numbers behind the intervals."""
+    out = []
+    for a in sorted(arms, key=lambda r: (_row_seed(r, settings), arm_names(arms).index(r["arm"]))):
+        se = a.get("heldout_se")
+        out.append({"seed": _row_seed(a, settings), "arm": a["arm"], "order": a.get("order"), "steps": a["steps"],
+                    "train s": a["train_seconds"], "held-out loss": a.get("heldout_loss"),
+                    "bootstrap SE": se, "probe loss": a.get("probe_loss")})
+    return out
+
+
+def _label(a: dict[str, Any]) -> str:
+    return a["arm"] if a.get("seed") is None else f"{a['arm']} (seed {a['seed']})"
 
 
 def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str = "cpu") -> list[str]:
@@ -68,10 +240,10 @@ def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str 
     for a in arms:
         util = a.get("cpu_utilisation")
         if device == "cpu" and util is not None and util < 0.6:
-            out.append(f"{a['arm']}: the process got {util:.0%} of its threads' CPU time during its steps")
+            out.append(f"{_label(a)}: the process got {util:.0%} of its threads' CPU time during its steps")
         med, worst = a.get("median_step_seconds"), a.get("max_step_seconds")
         if med and worst and worst > factor * med and worst - med > 0.5:
-            out.append(f"{a['arm']}: slowest step {worst:.2f} s vs median {med:.3f} s")
+            out.append(f"{_label(a)}: slowest step {worst:.2f} s vs median {med:.3f} s")
     return out
 
 
@@ -89,7 +261,7 @@ def repeat_warnings(arms: list[dict[str, Any]], data: str | None = None) -> list
             rise = ""
             if best is not None and a.get("heldout_loss") is not None and a["heldout_loss"] > best + 1e-3:
                 rise = f", held-out loss rose from its best {best:.3f} to {a['heldout_loss']:.3f}"
-            out.append(f"{a['arm']} read the training data {epochs:.1f} times{rise}")
+            out.append(f"{_label(a)} read the training data {epochs:.1f} times{rise}")
     if out and data == "code":
         out.append("a larger corpus (e.g. --data code+packages) repeats less")
     return out
@@ -123,7 +295,8 @@ def text_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
-    """Held-out loss (and accuracy, when measured) against training wall-clock time, one line per arm."""
+    """Held-out (probe) loss against training wall-clock time, one line per arm (mean over seeds), the budget
+    ladder's rungs as hollow markers; accuracy beside it when measured."""
     try:
         import matplotlib
 
@@ -131,28 +304,47 @@ def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from cggr.cli.race import ARM_SPECS
+
     arms = payload["arms"]
     has_acc = any("accuracy" in p for a in arms for p in a["curve"])
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 8, 5), squeeze=False)
-    styles = {"standard": ("black", "o"), "cggr": ("tab:red", "s"), "cggr-loss": ("tab:blue", "^"),
-              "random": ("tab:gray", "x")}
-    for a in arms:
-        color, marker = styles.get(a["arm"], (None, "."))
-        label, style = a.get("label", a["arm"]), "--" if a.get("run", 1) > 1 else "-"
-        t = [p["time_s"] for p in a["curve"]]
-        axes[0][0].plot(t, [p["heldout_loss"] for p in a["curve"]], label=f"{label} ({a['steps']} steps)",
-                        color=color, marker=marker, linestyle=style, linewidth=1.8, markersize=5)
+    losses = []
+    for name in arm_names(arms):
+        rows = [a for a in arms if a["arm"] == name]
+        spec = ARM_SPECS.get(name)
+        color, marker = (spec.color, spec.marker) if spec is not None else (None, ".")
+        n = min(len(a["curve"]) for a in rows)
+        t = [statistics.fmean(a["curve"][i]["time_s"] for a in rows) for i in range(n)]
+        y = [statistics.fmean(a["curve"][i]["heldout_loss"] for a in rows) for i in range(n)]
+        losses += y[1:]
+        steps = statistics.fmean(a["steps"] for a in rows)
+        label = f"{name} ({steps:.0f} steps" + (f", mean of {len(rows)} seeds)" if len(rows) > 1 else ")")
+        axes[0][0].plot(t, y, label=label, color=color, marker=marker, linewidth=1.8, markersize=5)
+        rungs = sorted({r["rung"] for a in rows for r in a.get("ladder") or []})
+        pts = []
+        for rung in rungs:
+            got = [r for a in rows for r in a.get("ladder") or [] if r["rung"] == rung]
+            if len(got) == len(rows):
+                pts.append((statistics.fmean(r["budget_s"] for r in got),
+                            statistics.fmean(r["heldout_loss"] for r in got)))
+        if pts:
+            pts.append((t[-1], y[-1]))
+            axes[0][0].plot(*zip(*pts), color=color, marker=marker, linestyle=":", markerfacecolor="none",
+                            markersize=9, linewidth=1.0)
+            losses += [p[1] for p in pts]
         if has_acc:
-            pts = [(p["time_s"], 100 * p["accuracy"]) for p in a["curve"] if "accuracy" in p]
-            axes[0][1].plot(*zip(*pts), label=label, color=color, marker=marker, linestyle=style, linewidth=1.8,
-                            markersize=5)
-    s = payload["settings"]
-    losses = [p["heldout_loss"] for a in arms for p in a["curve"][1:] if math.isfinite(p["heldout_loss"])]
+            acc = [(a["curve"][i]["time_s"], 100 * a["curve"][i]["accuracy"]) for a in rows[:1] for i in range(n)
+                   if "accuracy" in a["curve"][i]]
+            if acc:
+                axes[0][1].plot(*zip(*acc), label=name, color=color, marker=marker, linewidth=1.8, markersize=5)
+    losses = [x for x in losses if math.isfinite(x)]
     if losses:  # zoom past the initial loss (it is identical for every arm and dwarfs the differences)
         lo, hi = min(losses), max(losses)
         axes[0][0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
     axes[0][0].set_xlabel("training wall-clock time per arm (s; evaluation excluded)")
-    axes[0][0].set_ylabel("held-out loss (nats/token, lower is better)")
+    axes[0][0].set_ylabel("held-out loss on the probe blocks (nats/token)")
+    axes[0][0].set_title("lines: the run (WSD schedule); hollow markers: budget ladder (decayed runs)", fontsize=9)
     axes[0][0].grid(alpha=0.3)
     axes[0][0].legend()
     if has_acc:
@@ -160,10 +352,10 @@ def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
         axes[0][1].set_ylabel("held-out exact-match accuracy (%)")
         axes[0][1].grid(alpha=0.3)
         axes[0][1].legend()
-    env = payload["environment"]
+    s, env = payload["settings"], payload["environment"]
     fig.suptitle(
         f"cggr race: {s['model']} on {s['data']} · {s['minutes_per_arm']:g} min per arm · ratio {s['ratio']} · "
-        f"scan ×{s['scan_multiplier']:.3g} · {env['device']}",
+        f"scan ×{s['scan_multiplier']:.3g} · {len(race_summary(payload)['seeds'])} seed(s) · {env['device']}",
         fontsize=11,
     )
     fig.tight_layout()
@@ -172,48 +364,76 @@ def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-HEAD_TEXT = {
-    "fused": "LM head of every arm's training loss: fused (linear cross-entropy on the final hidden states, "
-             "fp32 logit math)",
-    "logits": "LM head of every arm's training loss: the model's logits (bf16 under autocast, loss in fp32)",
-}
-
-
 def head_line(settings: dict[str, Any]) -> str:
-    """The header's sentence on the LM head the arms trained with (``settings['head']``, see ``--head``)."""
+    """The header's sentence on the LM head the arms trained with (``settings['head']``, see ``--head``) and the
+    precision it ran in (``settings['precision']``; races recorded before it: bf16 on CUDA, fp32 elsewhere)."""
     head = settings.get("head", _SETTING_DEFAULTS["head"])
-    return HEAD_TEXT.get(head, f"LM head: {head}")
+    precision = settings.get("precision")
+    if precision is None:
+        device = str(settings.get("device", ""))
+        bf16 = settings.get("dtype") == "bfloat16" or (settings.get("dtype", "auto") == "auto"
+                                                       and device.startswith("cuda"))
+        precision = "bf16 autocast" if bf16 else "fp32"
+    if head == "fused":
+        return ("LM head of every arm's training loss: fused (linear cross-entropy on the final hidden states, "
+                f"fp32 logit math); {precision}")
+    if head == "logits":
+        where = "bf16 under autocast" if precision.startswith("bf16") else "fp32"
+        return f"LM head of every arm's training loss: the model's logits ({where}, loss in fp32)"
+    return f"LM head: {head}; {precision}"
 
 
 def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plot: bool = True) -> dict[str, str]:
-    """Write ``<out>/<name>.json``, ``.md`` and ``.png``; print the table; return the paths written."""
+    """Write ``<out>/<name>.json``, ``.md`` and ``.png``; print the tables; return the paths written."""
+    from cggr.cli.race import demo_note
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(payload["arms"])
-    payload["summary"] = rows
+    s, env = payload["settings"], payload["environment"]
+    summary = race_summary(payload)
+    rows = summary_rows(payload["arms"], s)
+    payload["summary"] = summary
+    payload["summary_rows"] = rows
     paths = {"json": str(out_dir / f"{name}.json"), "md": str(out_dir / f"{name}.md")}
     if plot and plot_curves(payload, out_dir / f"{name}.png") is not None:
         paths["png"] = str(out_dir / f"{name}.png")
-    s, env = payload["settings"], payload["environment"]
+    seeds = summary["seeds"]
+    info = s.get("data_info", {})
     md = [
         f"# cggr race: {s['model']} on {s['data']}", "",
         f"`{env['command']}`", "",
         f"{env['device']} · torch {env['torch']} · transformers {env['transformers']} · cggr {env['cggr']} · "
         f"{env['utc']}", "",
         f"{s['parameters'] / 1e6:.1f}M parameters, {s['num_layers']} layers; {s['minutes_per_arm']:g} min per arm; "
-        f"ratio {s['ratio']}; standard batch {s['batch_size']} sequences of {s['data_info']['seq_len']} tokens; "
-        f"selecting arms scan {s['scanned_per_step']} per step; router {s['router_layers']} layers; "
-        f"peak lr {s['lr']}, {s['schedule']}; {head_line(s)}.", "",
-        markdown_table(rows, _columns(rows)), "",
+        f"{len(seeds)} seed(s) {seeds} (paired: same initial weights and data order per seed); protocol "
+        f"{s.get('protocol', 'free-lunch')}: ratio {s['ratio']}, standard batch {s['batch_size']} sequences of "
+        f"{info.get('seq_len')} tokens, selecting arms scan {s['scanned_per_step']} per step and train on "
+        f"{s.get('trained_per_step')}; router {s['router_layers']} layers; peak lr {s['lr']}, {s['schedule']}; "
+        f"{head_line(s)}. Held-out: {s.get('heldout_blocks', info.get('eval_sequences'))} blocks from "
+        f"{info.get('heldout_files_used', '?')} held-out files (at most {s.get('heldout_cap', '?')} per file; "
+        f"{_groups_text(info.get('heldout_groups'))}); curve and ladder on {s.get('probe_blocks', '?')} probe "
+        "blocks.", "",
     ]
+    demo = demo_note(s["model"], len(seeds))
+    if demo:
+        md += [f"*{demo[0].upper()}{demo[1:]}*", ""]
+    md += [markdown_table(rows, _columns(rows)), ""]
+    md += _verdict_lines(summary)
+    groups = group_rows(summary)
+    if any(len(r) > 1 for r in groups):
+        md += ["Held-out loss by kind of block (mean over seeds; Δ vs standard, paired, 95% interval):", "",
+               markdown_table(groups, _columns(groups)), ""]
+    if len(seeds) > 1 or len(payload["arms"]) > 1:
+        per_seed = seed_rows(payload["arms"], s)
+        md += ["Per seed (order: position in that seed's running order):", "",
+               markdown_table(per_seed, _columns(per_seed)), ""]
     if payload.get("merged_from"):
         runs = [f"run {i}: `{Path(p).name}`" for i, p in enumerate(payload["merged_from"], start=1)]
-        md += ["Merged from separate runs (" + "; ".join(runs) + "). Wall-clock races depend on the machine: "
-               "each arm's Δ is to the `standard` arm of its own run where that run has one.", ""]
-    stalls = stall_warnings(payload["arms"], device=payload["settings"]["device"])
+        md += ["Merged from separate runs (" + "; ".join(runs) + "); arms are paired by seed across runs.", ""]
+    stalls = stall_warnings(payload["arms"], device=s["device"])
     if stalls:
         md += ["**Contention** (other work on the machine slowed these arms' steps, which cost them budget, so the "
                "comparison is noisier than the table suggests): " + "; ".join(stalls) + ".", ""]
-    repeats = repeat_warnings(payload["arms"], payload["settings"].get("data"))
+    repeats = repeat_warnings(payload["arms"], s.get("data"))
     if repeats:
         md += ["**Repeated data**: " + "; ".join(repeats) + ". Past one epoch the held-out loss also measures "
                "memorisation, not only how fast an arm learns (compare *train loss* with *held-out loss*).", ""]
@@ -221,8 +441,13 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         md += [f"![held-out loss against wall-clock time]({name}.png)", ""]
     md += [HOW_TO_READ, ""]
     Path(paths["md"]).write_text("\n".join(md), encoding="utf-8")
-    Path(paths["json"]).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    Path(paths["json"]).write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
     print(text_table(rows))
+    for line in _verdict_lines(summary):
+        if line:
+            print(line.replace("**", ""))
+    if demo:
+        print(demo)
     if repeats:
         print("warning: repeated data: " + "; ".join(repeats))
     for line in stalls:
@@ -231,8 +456,37 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     return paths
 
 
+def _groups_text(groups: dict[str, int] | None) -> str:
+    if not groups:
+        return "no group labels"
+    return ", ".join(f"{n} {g}" for g, n in groups.items())
+
+
+def _verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """One sentence per comparison: the paired difference, its interval, and what it means."""
+    lines = []
+    floor = summary.get("noise_floor")
+    if floor is not None:
+        lines.append(f"**Noise floor** (A/A: `standard-aa` − `standard`, same weights, other data order): "
+                     f"{_fmt_delta(floor, len(summary['seeds']) == 1)}.")
+    for e in summary["arms"]:
+        for b in ("standard", "random"):
+            d = e.get(f"vs_{b}")
+            if d is None or e["arm"] in (b, "standard", "standard-aa"):
+                continue
+            if d.get("low") is None:
+                word = "single seed, no interval"
+            elif d["tie"]:
+                word = "tie (the interval contains 0)"
+            else:
+                word = "better" if d["mean"] < 0 else "worse"
+            lines.append(f"`{e['arm']}` vs `{b}`: {_fmt_delta(d, True, tie=False)} nats → {word}.")
+    return [*lines, ""] if lines else []
+
+
 _SAME_SETTINGS = ("model", "parameters", "data", "minutes_per_arm", "ratio", "scan_multiplier", "batch_size",
-                  "scanned_per_step", "router_layers", "lr", "seed", "ratio_warmup_steps", "scoring", "evals", "head")
+                  "scanned_per_step", "router_layers", "lr", "ratio_warmup_steps", "scoring", "evals", "head",
+                  "schedule", "ladder", "heldout_blocks", "heldout_cap", "probe_blocks", "dtype")
 
 
 # settings added after races were recorded: the value those races implied
@@ -240,19 +494,25 @@ _SETTING_DEFAULTS = {
     "scoring": "combined",
     # before --head: standard on the HF logits, the CGGRModel arms fused on CUDA, cggr-loss fused where possible
     "head": "mixed (before --head: standard on the logits; cggr, random fused on CUDA; cggr-loss fused)",
+    "schedule": "linear warm-up, cosine to 0 over each arm's budget (by elapsed time)",
+    "ladder": [],
+    "heldout_blocks": None,
+    "heldout_cap": None,
+    "probe_blocks": None,
+    "dtype": "auto",
 }
 
 
 def merge_race_files(paths: list[Path]) -> dict[str, Any]:
-    """Combine the arms of several ``race.json`` files of the same race (e.g. arms run in separate sessions).
+    """Combine the rows of several ``race.json`` files of the same race, run in separate calls (by seed and/or by
+    arm), into one payload whose summary pairs the arms by seed.
 
-    Each file is a *run* (numbered from 1 in the order given). Wall-clock races depend on the machine, so a run
-    made on another machine should carry its own ``standard`` arm: ``standard`` may appear in several files (each
-    labelled ``standard (run i)``), and every other arm's Δ is to the ``standard`` of its own run when there is
-    one. Any other arm may appear once.
+    Each (arm, seed) may appear once; every setting but the seeds and arms must agree; the arms of one seed must
+    have started from the same initial weights (``init_digest``). A seed's arms may come from different runs
+    (machines): the report then lists the runs, and the A/A arm's gap to ``standard`` includes that difference.
 
-    Raises :class:`CLIError` naming the setting that differs, the arm that appears twice, or an initial-weights
-    digest that differs (the arms would not have started from the same model).
+    Raises :class:`CLIError` naming the setting that differs, the (arm, seed) that appears twice, or the seed whose
+    initial weights differ.
     """
     from cggr.cli.presets import CLIError
 
@@ -264,6 +524,8 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
             raise CLIError(f"--merge: cannot read {str(path)!r} ({exc})") from exc
     first = payloads[0]
     arms: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], str] = {}
+    digests: dict[int, str] = {}
     for run, (path, payload) in enumerate(zip(paths, payloads), start=1):
         for key in _SAME_SETTINGS:
             mine = payload["settings"].get(key, _SETTING_DEFAULTS.get(key))
@@ -272,21 +534,26 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
                 raise CLIError(f"--merge: {str(path)!r} has {key}={mine!r}, the first file {theirs!r}; "
                                "not the same race")
         for arm in payload["arms"]:
-            if arm["arm"] != "standard" and any(a["arm"] == arm["arm"] for a in arms):
-                raise CLIError(f"--merge: arm {arm['arm']!r} appears in more than one file")
-            if arms and arm["init_digest"] != arms[0]["init_digest"]:
-                raise CLIError(f"--merge: arm {arm['arm']!r} in {str(path)!r} started from different weights")
-            arms.append({**arm, "run": run, "device": payload["environment"].get("device")})
-    standards = sum(a["arm"] == "standard" for a in arms)
-    for a in arms:
-        if a["arm"] == "standard" and standards > 1:
-            a["label"] = f"standard (run {a['run']})"
-    order = {"standard": 0, "cggr": 1, "cggr-loss": 2, "random": 3}
-    arms.sort(key=lambda a: (order.get(a["arm"], 9), a["run"]))
+            seed = _row_seed(arm, payload["settings"])
+            if (arm["arm"], seed) in seen:
+                raise CLIError(f"--merge: arm {arm['arm']!r} of seed {seed} appears in more than one file "
+                               f"({seen[(arm['arm'], seed)]!r} and {str(path)!r})")
+            seen[(arm["arm"], seed)] = str(path)
+            if digests.setdefault(seed, arm["init_digest"]) != arm["init_digest"]:
+                raise CLIError(f"--merge: arm {arm['arm']!r} of seed {seed} in {str(path)!r} started from different "
+                               "weights than the other arms of that seed")
+            arms.append({**arm, "seed": seed, "run": run, "device": payload["environment"].get("device")})
+    from cggr.cli.race import ARM_SPECS
+
+    order = {name: i for i, name in enumerate(ARM_SPECS)}
+    arms.sort(key=lambda a: (a["seed"], order.get(a["arm"], len(order)), a["run"]))
     env = dict(first["environment"])
     env["command"] = " + ".join(p["environment"]["command"] for p in payloads)
-    return {"settings": first["settings"], "environment": env, "arms": arms,
-            "merged_from": [str(p) for p in paths]}
+    settings = dict(first["settings"])
+    settings["seeds"] = sorted({a["seed"] for a in arms})
+    settings["arms"] = list(dict.fromkeys(a["arm"] for a in sorted(arms, key=lambda a: order.get(a["arm"], 99))))
+    return {"settings": settings, "environment": env, "arms": arms, "merged_from": [str(p) for p in paths]}
 
 
-__all__ = ["merge_race_files", "plot_curves", "repeat_warnings", "summary_rows", "text_table", "write_race_outputs"]
+__all__ = ["group_rows", "merge_race_files", "plot_curves", "race_summary", "repeat_warnings", "seed_rows",
+           "summary_rows", "text_table", "time_to_target", "write_race_outputs"]
