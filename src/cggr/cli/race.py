@@ -358,6 +358,7 @@ class ArmResult:
             "arm": self.arm, "seed": self.seed, "data_seed": self.data_seed, "order": self.order,
             "steps": self.steps, "budget_seconds": round(self.budget_seconds, 3),
             "train_seconds": round(self.train_seconds, 3), "eval_seconds": round(self.eval_seconds, 2),
+            "overrun_seconds": round(max(0.0, self.train_seconds - self.budget_seconds), 3),
             "ladder_seconds": round(self.ladder_seconds, 2), "sequences_scanned": self.sequences_scanned,
             "tokens_scanned": self.tokens_scanned, "tokens_backpropagated": self.tokens_backpropagated,
             "tokens_in_loss": self.tokens_in_loss, "router_tokens": self.router_tokens, "epochs": self.epochs,

@@ -234,10 +234,14 @@ def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str 
     """Arms slowed by other work on the machine.
 
     Flags an arm whose slowest step took over ``factor`` × its median, and (CPU runs) an arm whose process got
-    less than 60% of its threads' CPU time while its steps ran (``cpu_utilisation``).
+    less than 60% of its threads' CPU time while its steps ran (``cpu_utilisation``), and an arm whose last step
+    ended past its budget (``overrun_seconds``: the step was slower than the arm's recent steps).
     """
     out = []
     for a in arms:
+        over = a.get("overrun_seconds")
+        if over:
+            out.append(f"{_label(a)}: its last step ended {over:.3f} s past the budget (slower than its recent steps)")
         util = a.get("cpu_utilisation")
         if device == "cpu" and util is not None and util < 0.6:
             out.append(f"{_label(a)}: the process got {util:.0%} of its threads' CPU time during its steps")
