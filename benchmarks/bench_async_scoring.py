@@ -154,7 +154,7 @@ def _step_fn(arm, model, opt, data, wrapper, scan, b):
     ratio = b / scan
     cm = wrapper(ratio, "random" if arm == "random" else "topk")
     if arm in ("random", "cggr", "cggr-scan2"):
-        return lambda: finish(cm((x := batch()), labels=x))
+        return lambda: finish(cm((x := batch()), labels=x).loss)
     if arm == "cggr-stale":
         cache = SequenceScoreCache(len(data) * scan, device=data[0].device)
         for j, x in enumerate(data):  # scored once, up front (an earlier epoch's scores)
@@ -164,7 +164,7 @@ def _step_fn(arm, model, opt, data, wrapper, scan, b):
             j = state["i"] % len(data)
             x = batch()
             idx = torch.arange(j * scan, (j + 1) * scan, device=x.device)
-            finish(cm(x, labels=x, sequence_scores=cache.lookup(idx)))
+            finish(cm(x, labels=x, sequence_scores=cache.lookup(idx)).loss)
 
         return stale
     scorer = AsyncCGGRScorer(cm)
@@ -172,7 +172,7 @@ def _step_fn(arm, model, opt, data, wrapper, scan, b):
 
     def overlapped():
         x = batch()
-        loss = cm(x, labels=x, sequence_scores=pending["scores"])
+        loss = cm(x, labels=x, sequence_scores=pending["scores"]).loss
         nxt = data[state["i"] % len(data)]
         scorer.prefetch(nxt, nxt)
         loss.backward()

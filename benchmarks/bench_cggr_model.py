@@ -142,7 +142,7 @@ def main() -> None:
     def standard_loss(x: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x, labels=x).loss
 
-    forwards = {"standard": standard_loss, **{arm: (lambda x, m=m: m(x, labels=x)) for arm, m in arms.items()}}
+    forwards = {"standard": standard_loss, **{arm: (lambda x, m=m: m(x, labels=x).loss) for arm, m in arms.items()}}
     if args.compile:
         forwards = {arm: torch.compile(fn, mode=args.compile, dynamic=False) for arm, fn in forwards.items()}
 

@@ -53,12 +53,12 @@ def test_precomputed_scores_select_what_the_router_would(selection, scoring):
                          scoring=scoring, seed=3, fused_head=False)
 
     a, b = make(), make()
-    loss_a = a(ids, labels=labels, attention_mask=mask, **kw)
+    loss_a = a(ids, labels=labels, attention_mask=mask, **kw).loss
     scores = b.score_sequences(ids, labels, mask, **kw)
     assert torch.equal(scores, a.last_sequence_scores())
     assert float(scores[3]) == -torch.inf
     calls = router.calls
-    loss_b = b(ids, labels=labels, attention_mask=mask, sequence_scores=scores)
+    loss_b = b(ids, labels=labels, attention_mask=mask, sequence_scores=scores).loss
     assert router.calls == calls  # no router in the step
     assert a.get_metrics()["selected_indices"] == b.get_metrics()["selected_indices"]
     assert torch.allclose(loss_a, loss_b)

@@ -66,7 +66,7 @@ def test_gradients_equal_plain_cross_entropy_on_selected_sequences(name):
         mask = None  # Mamba has no padding mask semantics for training
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0)
     torch.manual_seed(0)
-    loss = cm(ids, labels=labels, attention_mask=mask)
+    loss = cm(ids, labels=labels, attention_mask=mask).loss
     loss.backward()
     got = _grads(model)
     sel = set(cm.get_metrics()["selected_indices"])
@@ -86,7 +86,7 @@ def test_padding_and_ignored_positions_have_no_influence():
     model = build_model("llama").train()
     ids, labels, mask = _batch(12)
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0)
-    loss1 = cm(ids, labels=labels, attention_mask=mask)
+    loss1 = cm(ids, labels=labels, attention_mask=mask).loss
     loss1.backward()
     g1, sel1 = _grads(model), cm.get_metrics()["selected_indices"]
     model.zero_grad(set_to_none=True)
@@ -95,7 +95,7 @@ def test_padding_and_ignored_positions_have_no_influence():
     pad = mask == 0
     ids2 = torch.where(pad, torch.randint(3, V, ids.shape, generator=g), ids)
     labels2 = torch.where(pad, torch.randint(3, V, ids.shape, generator=g), labels)
-    loss2 = cm(ids2, labels=labels2, attention_mask=mask)
+    loss2 = cm(ids2, labels=labels2, attention_mask=mask).loss
     loss2.backward()
     assert cm.get_metrics()["selected_indices"] == sel1
     assert torch.allclose(loss1, loss2, rtol=1e-6, atol=1e-7)
@@ -115,7 +115,7 @@ def test_left_padding_equals_the_unpadded_sequences():
     for row, n_pad in enumerate((0, 3, 5, 9)):
         mask[row, :n_pad] = 0
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=1.0, warmup_steps=0)
-    loss = cm(ids, labels=ids, attention_mask=mask)
+    loss = cm(ids, labels=ids, attention_mask=mask).loss
     nll, count = 0.0, 0
     with torch.no_grad():
         for row in range(4):
@@ -126,7 +126,7 @@ def test_left_padding_equals_the_unpadded_sequences():
     assert cm.get_metrics()["tokens_total"] == count
     assert abs(loss.item() - nll / count) < 1e-5
     scrambled = torch.where(mask == 0, torch.randint(3, V, ids.shape, generator=g), ids)
-    torch.testing.assert_close(cm(scrambled, labels=scrambled, attention_mask=mask), loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cm(scrambled, labels=scrambled, attention_mask=mask).loss, loss, rtol=1e-6, atol=1e-6)
     # the router's sequence scores ignore the padding too: the same sequences are picked whatever it holds
     half = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0)
     half(ids, labels=ids, attention_mask=mask)
@@ -144,7 +144,7 @@ def test_masked_lm_labels_are_not_shifted(name):
     labels[4] = -100  # a sequence with no target at all is never picked over ones that have targets
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0)
     assert not cm.causal
-    loss = cm(ids, labels=labels, attention_mask=mask)
+    loss = cm(ids, labels=labels, attention_mask=mask).loss
     loss.backward()
     got = _grads(model)
     sel = set(cm.get_metrics()["selected_indices"])
@@ -163,7 +163,7 @@ def test_token_ratio_keeps_only_hardest_tokens_of_selected_sequences():
     model = build_model("qwen2").eval()
     ids, labels, mask = _batch(14)
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=0.5, warmup_steps=0, token_ratio=0.3)
-    loss = cm(ids, labels=labels, attention_mask=mask)
+    loss = cm(ids, labels=labels, attention_mask=mask).loss
     idx = cm._last["indices"]
     router = create_truncated_router(model, K_ROUTER)
     ml = labels.masked_fill(mask == 0, -100)
@@ -185,25 +185,21 @@ def test_int32_labels_equal_int64_labels(ratio):
     model = build_model("llama").eval()
     ids, labels, mask = _batch(19)
     cm = CGGRModel(model, num_router_layers=K_ROUTER, min_tokens_ratio=ratio, warmup_steps=0)
-    want = cm(ids, labels=labels, attention_mask=mask)
-    got = cm(ids, labels=labels.int(), attention_mask=mask)
+    want = cm(ids, labels=labels, attention_mask=mask).loss
+    got = cm(ids, labels=labels.int(), attention_mask=mask).loss
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_hf_trainer_divides_the_loss_by_gradient_accumulation_steps():
-    """transformers' Trainer (5.x, Trainer.__init__ / training_step) treats a model whose forward takes **kwargs as
-    one that normalises its loss by ``num_items_in_batch`` and then skips the division by the gradient
-    accumulation steps, unless the model says ``accepts_loss_kwargs = False``. CGGRModel returns a per-call mean:
-    under that rule every accumulated gradient would be G times too large, silently."""
+def test_hf_trainer_reads_num_items_in_batch_from_the_forward():
+    """transformers' Trainer (5.x, Trainer.__init__ / training_step) passes ``num_items_in_batch`` to a model that
+    says ``accepts_loss_kwargs = True`` and then does not divide its loss by the accumulation steps; CGGRModel's
+    forward takes it and normalises by it (the accumulation equivalence itself: tests/test_integrations_hf.py)."""
     import inspect
 
     cm = CGGRModel(build_model("llama"), num_router_layers=K_ROUTER)
-    if hasattr(cm, "accepts_loss_kwargs"):  # the Trainer's rule, verbatim
-        accepts = cm.accepts_loss_kwargs
-    else:
-        params = inspect.signature(cm.forward).parameters.values()
-        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
-    assert accepts is False
+    assert cm.accepts_loss_kwargs is True
+    assert "num_items_in_batch" in inspect.signature(cm.forward).parameters
+    assert cm.loss_type == "ForCausalLM"  # the Trainer counts labels[:, 1:] for such a model
 
 
 def test_labels_none_returns_plain_output_and_random_control():
@@ -231,11 +227,11 @@ def test_eval_mode_loss_covers_every_sequence_and_token(selection, token_ratio):
         model, num_router_layers=K_ROUTER, min_tokens_ratio=0.25, warmup_steps=0, selection=selection,
         token_ratio=token_ratio, seed=4,
     )
-    train_loss = cm(ids, labels=labels, attention_mask=mask)
+    train_loss = cm(ids, labels=labels, attention_mask=mask).loss
     metrics, counter = cm.get_metrics(), cm.rng_counter.clone()
     cm.eval()
     with torch.no_grad():
-        got = cm(ids, labels=labels, attention_mask=mask)
+        got = cm(ids, labels=labels, attention_mask=mask).loss
         logits = model(input_ids=ids, attention_mask=mask).logits.double()  # (B, T, V), all 8 sequences
     # fp64 reference: mean next-token CE over every valid (unpadded, not ignored) position of the batch
     targets = labels.masked_fill(mask == 0, -100)[:, 1:]
@@ -290,7 +286,7 @@ def test_compiled_training_step_does_not_recompile(selection):
     frames = []
     for i in range(4):
         ids, labels, _ = _batch(100 + i)
-        loss = compiled(ids, labels=labels)
+        loss = compiled(ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

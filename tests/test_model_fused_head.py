@@ -49,7 +49,7 @@ def _batch(seed: int, b: int = 5, t: int = 11):
 
 def _loss_and_grads(model, wrapper, ids, labels, mask):
     model.zero_grad(set_to_none=True)
-    loss = wrapper(ids, labels=labels, attention_mask=mask)
+    loss = wrapper(ids, labels=labels, attention_mask=mask).loss
     loss.backward()
     grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     return loss.detach(), grads, wrapper.get_metrics()
@@ -118,15 +118,15 @@ def test_fused_nothing_valid_and_single_position():
     model = build_model("gpt2").double()
     fused = CGGRModel(model, num_router_layers=2, min_tokens_ratio=1.0, fused_head=True, impl="torch")
     ids = torch.randint(3, V, (3, 6))
-    loss = fused(ids, labels=torch.full_like(ids, -100))
+    loss = fused(ids, labels=torch.full_like(ids, -100)).loss
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     for t in (1, 2):  # T = 1: nothing to predict
         ids = torch.randint(3, V, (2, t))
         plain = CGGRModel(model, num_router_layers=2, min_tokens_ratio=1.0, fused_head=False, impl="torch")
-        torch.testing.assert_close(fused(ids, labels=ids), plain(ids, labels=ids), rtol=TOL64, atol=TOL64)
+        torch.testing.assert_close(fused(ids, labels=ids).loss, plain(ids, labels=ids).loss, rtol=TOL64, atol=TOL64)
     tr = CGGRModel(model, num_router_layers=2, min_tokens_ratio=1.0, token_ratio=0.5, fused_head=True, impl="torch")
-    assert tr(ids[:, :1], labels=ids[:, :1]).item() == 0.0
+    assert tr(ids[:, :1], labels=ids[:, :1]).loss.item() == 0.0
 
 
 def test_fused_head_masked_lm_raises():
@@ -152,7 +152,7 @@ def test_fused_head_auto_is_off_on_cpu(monkeypatch):
     auto = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0)
     assert auto.fused_head is None
     ids, labels, mask = _batch(1)
-    auto(ids, labels=labels, attention_mask=mask).backward()
+    auto(ids, labels=labels, attention_mask=mask).loss.backward()
     assert calls[0] == 0
     assert auto._fused_parts()[0] is not None  # it would run on CUDA
     assert CGGRModel(build_model("bert"), num_router_layers=2)._fused_parts()[0] is None

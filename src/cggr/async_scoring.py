@@ -17,7 +17,7 @@ feeding ``CGGRModel.forward(..., sequence_scores=)`` so that the step itself run
       scorer = AsyncCGGRScorer(cggr_model)
       scores = scorer.score(ids, labels)                     # the first batch, inline
       for step in range(steps):
-          loss = cggr_model(ids, labels=labels, sequence_scores=scores)
+          loss = cggr_model(ids, labels=labels, sequence_scores=scores).loss
           ids, labels = next_batch()
           scorer.prefetch(ids, labels)                       # side stream: overlaps the backward below
           loss.backward()

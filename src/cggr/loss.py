@@ -103,7 +103,10 @@ class CGGRLoss(TokenSelector):
             no logits workspace). ``None``: the defaults.
 
     Call ``step()`` after each optimizer step to advance the curriculum. ``step_count`` is a buffer, so
-    ``state_dict()`` carries the curriculum across a resume. Inputs: logits (B, T, V) or (N, V), targets
+    ``state_dict()`` carries the curriculum across a resume. In eval mode (``criterion.eval()``) or with grad
+    disabled (``torch.no_grad()``, as evaluation loops such as ``Trainer.evaluate`` run) the loss is the true loss
+    over every valid token (no selection, no random draw; the metrics of the last training call are kept), as
+    :class:`cggr.CGGRModel` does in eval mode. Inputs: logits (B, T, V) or (N, V), targets
     (B, T) or (N,) already aligned with the logits (no shift), any float dtype for logits.
     """
 
@@ -167,21 +170,41 @@ class CGGRLoss(TokenSelector):
         self._last = {k: v.detach() for k, v in info.items()}
         return mask, scores, pi
 
-    def forward(self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None = None) -> Tensor:
-        """Cross-entropy over the selected tokens.
+    @property
+    def selecting(self) -> bool:
+        """True when a call selects tokens (training mode with grad enabled); else the full loss is computed."""
+        return self.training and torch.is_grad_enabled()
+
+    def forward(
+        self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        """Cross-entropy over the selected tokens (over every valid token when not :attr:`selecting`).
 
         Args:
             logits: (B, T, V) or (N, V).
             targets: (B, T) or (N,) aligned with ``logits``; ``ignore_index`` entries are skipped.
             reference_loss: Per-token reference losses shaped like ``targets`` (``scoring='excess'`` only, where
                 it is required; e.g. ``ReferenceLosses.tokens(idx)[:, :-1]`` for targets ``labels[:, 1:]``).
+            num_items_in_batch: Valid targets in the whole accumulated batch (transformers' Trainer passes it to
+                a ``compute_loss_func``; see :func:`cggr.integrations.transformers.cggr_loss_func`). Given N, the
+                ``'mean'`` loss becomes ``mean over the selected tokens × n / N`` with n the valid targets of this
+                call, so each micro-batch weighs by its share of the tokens: the accumulated loss and gradient are
+                those of one batch whenever every micro-batch keeps the same share (exactly so with every token
+                kept and when not selecting, where it is HF's ``sum / N``). Not allowed with ``reduction='sum'``.
 
         Returns:
             0-d fp32 loss. 0.0 (still differentiable) when every target is ignored. With
             ``selection='importance'``: Σ_kept nll / (π · N_valid) (``'sum'``: Σ_kept nll / π), an unbiased
             estimate of the mean (sum) over every valid token.
         """
-        mask, scores, pi = self._select(logits, targets, reference_loss)
+        num_items = self._check_num_items(num_items_in_batch)
+        if self.selecting:
+            mask, scores, pi = self._select(logits, targets, reference_loss)
+        else:  # evaluation: every valid token (no reference needed); the last training call's metrics stay
+            scores = token_scores(logits, targets, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+                                  impl=self.impl)
+            mask, pi = scores.valid, None
         vocab = logits.shape[-1]
         flat_mask = mask.reshape(-1)
         weights = flat_mask.float()
@@ -191,15 +214,26 @@ class CGGRLoss(TokenSelector):
                 weights = weights / scores.valid.sum().clamp(min=1)
         elif self.reduction == "mean":
             weights = weights / flat_mask.sum().clamp(min=1)
+        if num_items is not None:  # ('mean' only) this call's share of the accumulated targets, no host sync
+            weights = weights * (scores.valid.sum() / num_items)
         safe_targets = torch.where(scores.valid, targets, 0).reshape(-1).long()  # (N,) gather/scatter index
         rows = self.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
         return _SelectedCrossEntropy.apply(
             logits.reshape(-1, vocab), safe_targets, weights, scores.nll.reshape(-1), rows
         )
 
+    def _check_num_items(self, num_items: Any) -> int | Tensor | None:
+        from cggr.model import _check_num_items
+
+        if num_items is not None and self.reduction != "mean":
+            raise ValueError(
+                f"num_items_in_batch normalises a mean; it is not allowed with reduction={self.reduction!r}"
+            )
+        return _check_num_items(num_items)
+
     def forward_hidden(
         self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
-        softcap: float | None = None,
+        softcap: float | None = None, num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor:
         """The same selective loss straight from hidden states and the LM head: [N, V] logits never exist.
 
@@ -212,10 +246,20 @@ class CGGRLoss(TokenSelector):
             targets: (B, T) or (N,) aligned with ``hidden`` (no shift).
             bias: Optional (V,) head bias.
             softcap: Final-logit soft-capping (Gemma 2/3), or ``None``.
+            num_items_in_batch: As in :meth:`forward`.
 
         Returns:
-            0-d fp32 loss.
+            0-d fp32 loss (over every valid token when not :attr:`selecting`).
         """
+        num_items = self._check_num_items(num_items_in_batch)
+        if not self.selecting:  # evaluation: the full loss, no selection, no draw, no metrics
+            loss, info = linear_cross_entropy(
+                hidden, weight, targets, bias=bias, ratio=1.0, ignore_index=self.ignore_index, softcap=softcap,
+                reduction=self.reduction, impl=self.impl, return_info=True, options=self.head_options,
+            )
+            if num_items is not None:
+                loss = loss * (info.scores.valid.sum() / num_items)
+            return loss
         if self.scoring == "excess" or self.selection in ("sampled", "importance"):
             raise ValueError(
                 f"forward_hidden does not support scoring={self.scoring!r} with selection={self.selection!r} "
@@ -243,6 +287,8 @@ class CGGRLoss(TokenSelector):
             "confidence": ((info.scores.confidence * valid).sum() / denom).detach(),
             "entropy": ((info.scores.entropy * valid).sum() / denom).detach(),
         }
+        if num_items is not None:
+            loss = loss * (n_valid / num_items)
         return loss
 
     # ------------------------------------------------------------------ metrics

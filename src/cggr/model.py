@@ -25,13 +25,16 @@ Metrics that need host values are computed lazily in ``get_metrics()``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, logits_of
 from cggr._selector import Curriculum, TokenSelector
 from cggr._validation import (
     SCORING_MODES,
@@ -76,11 +79,11 @@ def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask
         if attention_mask is not None:
             kw["attention_mask"] = attention_mask
         out = router(input_ids, **kw)
-    logits = out.logits if hasattr(out, "logits") else out
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+    logits = logits_of(out, "router")
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         raise ValueError(
             f"router must return logits of shape (B, T, V) = ({input_ids.shape[0]}, {input_ids.shape[1]}, V), "
-            f"got {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+            f"got {tuple(logits.shape)}"
         )
     return logits
 
@@ -97,9 +100,11 @@ def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None, *, i
         raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
 
 
-def _resolve_router(model: nn.Module, router: Callable[..., Any] | None, num_router_layers: int) -> Any:
+def _resolve_router(
+    model: nn.Module, router: Callable[..., Any] | None, num_router_layers: int, forward_fn: ForwardFn | None
+) -> Any:
     if router is None:
-        return create_truncated_router(model, num_router_layers)
+        return create_truncated_router(model, num_router_layers, forward_fn=forward_fn)
     if not callable(router):
         raise TypeError(f"router must be a TruncatedRouter or a callable returning logits, got {type(router)}")
     return router
@@ -181,6 +186,49 @@ class CGGRScorer(TokenSelector):
 
 
 # ---------------------------------------------------------------------------------------------- model
+@dataclass
+class CGGROutput:
+    """What :class:`CGGRModel` returns when ``labels`` are given: the loss, and the logits it was computed from.
+
+    It reads like a Hugging Face ``ModelOutput``, so ``transformers.Trainer``, Accelerate loops and code written for
+    HF models work unchanged: ``out.loss``, ``out["loss"]``, ``out[0]`` (the first field that is not ``None``),
+    ``out[1:]``, ``out.to_tuple()``, ``loss, logits = out``.
+
+    Attributes:
+        loss: 0-d fp32 loss (see :meth:`CGGRModel.forward`).
+        logits: (k, T, V) logits of the k sequences trained on, in the order of ``get_metrics()["selected_indices"]``
+            (in eval mode: every sequence, (B, T, V)); ``None`` with the fused head, which never materialises them.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return [name for name in ("loss", "logits") if getattr(self, name) is not None]
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def values(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self.keys()]
+
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        return tuple(self.values())
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            if getattr(self, key, None) is None or key not in ("loss", "logits"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
 def is_masked_lm(model: nn.Module) -> bool:
     """True for masked-LM heads (BERT/RoBERTa-style: labels are not shifted)."""
     model = unwrap_model(model)
@@ -198,8 +246,13 @@ class CGGRModel(Curriculum):
     """Batch split: score the batch with a truncated router, train the full model on the hardest sequences.
 
     Args:
-        model: A Hugging Face causal LM or masked LM (anything whose output has ``.logits``).
-        router: Router returning (B, T, V) logits; default ``create_truncated_router(model, num_router_layers)``.
+        model: A Hugging Face causal LM or masked LM, or a plain PyTorch LM: called as
+            ``model(input_ids=..., attention_mask=...)`` when its ``forward`` has an ``input_ids`` parameter, else
+            as ``model(input_ids)`` (``attention_mask`` as a keyword only if ``forward`` takes one); its output is
+            the logits (B, T, V), a tuple starting with them, or an object with ``.logits``.
+        router: Router returning (B, T, V) logits; default ``create_truncated_router(model, num_router_layers,
+            forward_fn=forward_fn)`` (a plain model without a known layer list is its own router: passthrough;
+            give a router built with ``layer_path=`` for a truncated one).
         num_router_layers: Layers of the default router.
         min_tokens_ratio: Share of the batch's sequences trained on once warm-up is over, in (0, 1].
         warmup_steps: Steps over which the share falls linearly from 1 to ``min_tokens_ratio``.
@@ -241,22 +294,26 @@ class CGGRModel(Curriculum):
             setting only ``kernel``, ``workspace``, ``workspace_bytes``, ``accumulate``, ``filter_eps``,
             ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')``: no 256 MiB logits workspace, the
             chunks live in the head weight's gradient). ``None``: the defaults.
+        forward_fn: Adapter for any other call signature or output:
+            ``forward_fn(model, input_ids, attention_mask, **kwargs)`` returning the logits (B, T, V) or an output
+            holding them (a tuple starting with them, or ``.logits``); also used by the default router. The fused
+            head (which calls the base model directly) is off with an adapter.
 
-    ``forward(input_ids, labels=None, attention_mask=None, reference_loss=None, **kwargs)`` returns the plain
-    model output when ``labels`` is ``None``, else the 0-d fp32 loss: mean cross-entropy over the valid targets of
-    the selected sequences (0.0 with grad when there are none); with ``selection='importance'``
-    Σ_selected Σ_t nll / (π_i · N_valid) with N_valid the valid targets of the whole batch (an unbiased
-    estimate of the whole batch's mean; ``token_ratio`` is refused with it, as it would bias the estimate).
-    Positions with ``attention_mask == 0`` are neither
-    predicted nor predict anything: with left padding the last pad does not predict the first real token (HF's
-    own loss counts that term), so the loss equals that of the unpadded sequences. Call ``step()`` after each
-    optimizer step; ``step_count`` is a buffer, so ``state_dict()`` carries the curriculum. ``parameters()`` are
-    the model's, each once.
+    ``forward(input_ids, labels=None, attention_mask=None, reference_loss=None, num_items_in_batch=None,
+    **kwargs)`` returns the plain model output when ``labels`` is ``None``, else a :class:`CGGROutput` whose
+    ``.loss`` is the 0-d fp32 mean cross-entropy over the valid targets of the selected sequences (0.0 with grad
+    when there are none); with ``selection='importance'`` Σ_selected Σ_t nll / (π_i · N_valid) with N_valid the
+    valid targets of the whole batch (an unbiased estimate of the whole batch's mean; ``token_ratio`` is refused
+    with it, as it would bias the estimate); with ``num_items_in_batch``, scaled for gradient accumulation (see
+    :meth:`forward`). Positions with ``attention_mask == 0`` are neither predicted nor predict anything: with left
+    padding the last pad does not predict the first real token (HF's own loss counts that term), so the loss
+    equals that of the unpadded sequences. Call ``step()`` after each optimizer step; ``step_count`` is a buffer,
+    so ``state_dict()`` carries the curriculum. ``parameters()`` are the model's, each once.
     """
 
-    #: For transformers' Trainer: the loss is a per-call mean, not normalised by ``num_items_in_batch``, so the
-    #: Trainer must divide it by the gradient-accumulation steps (with ``**kwargs`` in ``forward`` it would not).
-    accepts_loss_kwargs = False
+    #: For transformers' Trainer: ``forward`` takes ``num_items_in_batch`` and then returns a loss normalised for the
+    #: whole accumulated batch (the Trainer passes it and does not divide by the gradient-accumulation steps).
+    accepts_loss_kwargs = True
 
     def __init__(
         self,
@@ -277,6 +334,7 @@ class CGGRModel(Curriculum):
         temperature: float = DEFAULT_TEMPERATURE,
         uniform_mix: float = DEFAULT_UNIFORM_MIX,
         reference_norm: str = "none",
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -284,8 +342,10 @@ class CGGRModel(Curriculum):
         if fused_head is not None and not isinstance(fused_head, bool):
             raise TypeError(f"fused_head must be a bool or None, got {fused_head!r}")
         check_int("num_router_layers", num_router_layers, minimum=1)
+        self.forward_fn = check_forward_fn(forward_fn)
+        self._call_style = call_style(model)
         self.model = model
-        _set_router(self, _resolve_router(model, router, num_router_layers))
+        _set_router(self, _resolve_router(model, router, num_router_layers, self.forward_fn))
         self.scoring = check_choice("scoring", scoring, MODEL_SCORING_MODES)
         self.selection = check_choice("selection", selection, SEQUENCE_STRATEGIES)
         self.token_ratio = None if token_ratio is None else check_ratio("token_ratio", token_ratio)
@@ -314,6 +374,37 @@ class CGGRModel(Curriculum):
             for name in ("step_count", "rng_counter"):
                 self._buffers[name] = self._buffers[name].to(device)
 
+    # ------------------------------------------------------------------ Hugging Face passthrough
+    @property
+    def loss_type(self) -> str:
+        """``'ForCausalLM'`` or ``'ForMaskedLM'``: tells transformers' Trainer whether labels are shifted, so that
+        its ``num_items_in_batch`` counts ``labels[:, 1:]`` for causal LMs, as this wrapper's loss does."""
+        return "ForCausalLM" if self.causal else "ForMaskedLM"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the wrapped model with its own ``save_pretrained`` (so ``AutoModelForCausalLM.from_pretrained``
+        loads it back as the plain model) plus the curriculum (``cggr_state.pt``: step and random stream).
+
+        Args:
+            save_directory: Directory to write.
+            **kwargs: Passed to the wrapped model's ``save_pretrained`` (e.g. ``safe_serialization``,
+                ``is_main_process``).
+        """
+        from cggr.integrations.transformers import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, model_kwargs: dict[str, Any] | None = None,
+        **cggr_kwargs: Any,
+    ) -> CGGRModel:
+        """``CGGRModel(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), **cggr_kwargs)``, with the
+        curriculum of ``cggr_state.pt`` when the directory has one (see :meth:`save_pretrained`)."""
+        from cggr.integrations.transformers import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, model_kwargs=model_kwargs, **cggr_kwargs)
+
     # ------------------------------------------------------------------ curriculum
     def num_selected_sequences(self, batch_size: int) -> int:
         """k = max(1, round(ratio · B)) (round half up), at most B."""
@@ -327,6 +418,7 @@ class CGGRModel(Curriculum):
         attention_mask: Tensor | None = None,
         reference_loss: Tensor | None = None,
         sequence_scores: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Train step loss over the hardest sequences, or the plain model output when ``labels`` is None.
@@ -350,18 +442,28 @@ class CGGRModel(Curriculum):
                 :meth:`score_sequences`. Sequences without valid targets are never selected whatever their score.
                 Not with ``token_ratio`` (which needs the router's token scores), ``reference_loss`` (it belongs
                 in the scores' computation) or ``selection='random'``.
+            num_items_in_batch: Valid targets in the whole accumulated batch (what transformers' Trainer passes
+                under gradient accumulation; for causal LMs it counts ``labels[:, 1:] != -100``). Given N, the loss
+                is ``mean over the kept tokens × n / N`` with n the valid targets of this call: each micro-batch
+                weighs by its share of the tokens, so the accumulated loss and gradient are those of one batch of
+                all micro-batches whenever every micro-batch keeps the same share (exactly so at ratio 1 and in
+                eval mode, where the loss is HF's ``sum / N``). ``None``: the per-call mean.
             **kwargs: Extra model inputs; tensors with leading dim B (e.g. ``token_type_ids``,
                 ``position_ids``) are sliced to the selected sequences.
+
+        Returns:
+            A :class:`CGGROutput` (``.loss``, ``.logits``) when ``labels`` are given, else the model's own output.
         """
         if reference_loss is not None and self.scoring != "reducible":
             raise ValueError(f"reference_loss is only used with scoring='reducible', got scoring={self.scoring!r}")
         if labels is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return call_model(self.model, self._call_style, input_ids, attention_mask, self.forward_fn, **kwargs)
         if input_ids is None:
             raise ValueError("input_ids is required when labels are given (the router scores token ids)")
         _check_2d("input_ids", input_ids, integer=True)
         _check_2d("labels", labels, input_ids.shape, integer=True)  # before any .long(): floats never truncate
         _check_2d("attention_mask", attention_mask, input_ids.shape)
+        num_items = _check_num_items(num_items_in_batch)
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         head_w = getattr(head, "weight", None)
         # named as passed (the loss sees shifted targets); skipped where the head's weight is not a plain (V, H)
@@ -437,14 +539,21 @@ class CGGRModel(Curriculum):
         if seq_weight is not None:
             tok_weight = (seq_weight * (n_keep / valid.sum().clamp(min=1))).unsqueeze(1).expand(k, sub_ids.shape[1])
         fused = self._fused_for(input_ids.device)
+        logits = None
         if fused is not None:
             base, spec = fused
             out = base(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (k, T, H)
             loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio, tok_weight)
         else:
-            out = self.model(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
-            logits = out.logits if hasattr(out, "logits") else out[0]  # (k, T, V)
+            out = call_model(self.model, self._call_style, sub_ids, sub_mask, self.forward_fn, **sub_kwargs)
+            logits = logits_of(out, type(self.model).__name__)  # (k, T, V)
+            if logits.dim() != 3 or logits.shape[:2] != sub_ids.shape:
+                raise ValueError(
+                    f"{type(self.model).__name__} returned logits of shape {tuple(logits.shape)} for input_ids of "
+                    f"shape {tuple(sub_ids.shape)}; expected (k, T, V) = ({sub_ids.shape[0]}, {sub_ids.shape[1]}, "
+                    "V), the logits of every position (pass forward_fn= to adapt the call)"
+                )
             vocab = logits.shape[-1]
             flat_logits = logits.float().view(-1, vocab)  # (k·T, V) fp32, as HF's own loss does
             flat_targets = kept_targets.reshape(-1).long()
@@ -454,9 +563,11 @@ class CGGRModel(Curriculum):
                 ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=self.ignore_index, reduction="none")
                 ce = (ce * tok_weight.reshape(-1)).sum()
             loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
+        if num_items is not None:  # this call's share of the accumulated batch's targets (no host sync)
+            loss = loss * (valid.sum() / num_items)
 
         if not routing:  # the training metrics of the last train step stay readable after an evaluation
-            return loss
+            return CGGROutput(loss=loss, logits=logits)
         last.update(
             indices=idx.detach(),
             tokens_selected=n_keep.detach(),
@@ -465,11 +576,13 @@ class CGGRModel(Curriculum):
             batch_size=batch,
         )
         self._last = last
-        return loss
+        return CGGROutput(loss=loss, logits=logits)
 
     # ------------------------------------------------------------------ fused head
     def _fused_parts(self) -> tuple[tuple[nn.Module, HeadSpec] | None, str]:
         """``((base model, head spec), "")`` when the fused head can run, else ``(None, reason)``."""
+        if self.forward_fn is not None:
+            return None, "forward_fn is given (the fused head would call the base model past it)"
         if not self.causal:
             return None, "the fused head computes next-token (causal) losses; this model is trained as a masked LM"
         return fused_head_parts(self.model)
@@ -637,6 +750,22 @@ class CGGRModel(Curriculum):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _check_num_items(num_items: Any) -> int | Tensor | None:
+    """``num_items_in_batch`` as given, checked without reading a device value (no host sync)."""
+    if num_items is None:
+        return None
+    if isinstance(num_items, Tensor):
+        if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
+            raise ValueError(
+                f"num_items_in_batch must be a positive int or a one-element real tensor, got a tensor of shape "
+                f"{tuple(num_items.shape)} and dtype {num_items.dtype}"
+            )
+        return num_items.reshape(())
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items <= 0:
+        raise ValueError(f"num_items_in_batch must be a positive int or a one-element tensor, got {num_items!r}")
+    return num_items
+
+
 def _batch_kwargs(kwargs: dict[str, Any], batch: int, idx: Tensor | None = None) -> dict[str, Any]:
     out = {}
     for key, val in kwargs.items():
@@ -653,4 +782,4 @@ def _set_router(owner: nn.Module, router: Any) -> None:
         object.__setattr__(owner, "router", router)  # plain reference: no duplicate parameters, no cycles
 
 
-__all__ = ["CGGRModel", "CGGRScorer", "is_masked_lm"]
+__all__ = ["CGGRModel", "CGGROutput", "CGGRScorer", "is_masked_lm"]

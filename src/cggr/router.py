@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, logits_of
 from cggr._validation import check_int
 
 # Attribute paths from a (task-head) model to its layer list, per family.
@@ -111,15 +112,32 @@ class TruncatedRouter(nn.Module):
     ``passthrough``). It shares every parameter with the model and registers none of them.
 
     Args:
-        model: A Hugging Face model (causal LM, masked LM or bare backbone), possibly wrapped in DDP/PEFT.
+        model: A Hugging Face model (causal LM, masked LM or bare backbone), possibly wrapped in DDP/PEFT, or a
+            plain PyTorch model (see ``layer_path`` and ``forward_fn``).
         num_layers: Layers kept, >= 1. ``num_layers >= L`` gives the full model.
+        forward_fn: How to call the (truncated) model, ``forward_fn(model, input_ids, attention_mask, **kwargs)``
+            returning logits or an output holding them (see :mod:`cggr._calling`); ``None``: by its signature
+            (``model(input_ids=..., attention_mask=...)`` for Hugging Face models, ``model(input_ids)`` for a
+            plain ``forward(idx)``).
+        layer_path: Dotted attribute path from ``model`` to its ``nn.ModuleList`` of blocks (e.g. ``'blocks'``,
+            ``'transformer.h'``) for models outside the known families; its ``forward`` must loop over that
+            list. ``None``: the known Hugging Face paths, else passthrough.
     """
 
-    def __init__(self, model: nn.Module, num_layers: int = 4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_layers: int = 4,
+        forward_fn: ForwardFn | None = None,
+        layer_path: str | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.num_layers = check_int("num_layers", num_layers, minimum=1)
+        self.forward_fn = check_forward_fn(forward_fn)
+        self._layer_path = _check_layer_path(unwrap_model(model), layer_path)
+        self._call_style = call_style(model)
         # Plain references (object.__setattr__ bypasses nn.Module registration): no duplicate parameters.
         object.__setattr__(self, "_wrapped", model)
         self._shell: nn.Module | None = None
@@ -140,8 +158,11 @@ class TruncatedRouter(nn.Module):
             objs.append(objs[-1]._modules[name])
         return objs
 
+    def _find_path(self, root: nn.Module) -> tuple[str, ...] | None:
+        return self._layer_path if self._layer_path is not None else find_layer_path(root)
+
     def _cache_key(self, root: nn.Module) -> tuple:
-        path = find_layer_path(root)
+        path = self._find_path(root)
         if path is None:
             return (id(root), None, _attn_impl(root))
         key: list[Any] = [id(root), path, _attn_impl(root), getattr(getattr(root, "config", None), "vocab_size", None)]
@@ -160,7 +181,7 @@ class TruncatedRouter(nn.Module):
         if key == self._key:
             return
         self._key = key
-        self._path = find_layer_path(root)
+        self._path = self._find_path(root)
         if self._path is None:
             if not self.passthrough:
                 warnings.warn(
@@ -228,14 +249,9 @@ class TruncatedRouter(nn.Module):
         # no cache, transformers (5.x) inspects position_ids for packed sequences, a host sync on CUDA that
         # serialises the router with the training step (seen on the H200). The standard training call keeps a
         # cache object and skips that check; the router does exactly what a standard forward does.
-        out = self._shell(input_ids=input_ids, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
-        if not isinstance(logits, Tensor):
-            raise TypeError(
-                f"router model {type(self._shell).__name__} returned {type(out).__name__} without logits; "
-                "use a model with a language-modelling head"
-            )
-        return logits
+        mask = kwargs.pop("attention_mask", None)
+        out = call_model(self._shell, self._call_style, input_ids, mask, self.forward_fn, **kwargs)
+        return logits_of(out, f"router model {type(self._shell).__name__}")
 
     def extra_repr(self) -> str:
         kind = "passthrough" if self.passthrough else f"layers={self.layers_used}, path={'.'.join(self._path)}"
@@ -246,21 +262,46 @@ class TruncatedRouter(nn.Module):
         return self
 
 
-def create_truncated_router(model: nn.Module, num_layers: int = 4) -> TruncatedRouter:
+def _check_layer_path(model: nn.Module, layer_path: str | None) -> tuple[str, ...] | None:
+    if layer_path is None:
+        return None
+    if not isinstance(layer_path, str) or not layer_path:
+        raise TypeError(f"layer_path must be a dotted attribute path such as 'blocks', got {layer_path!r}")
+    path = tuple(layer_path.split("."))
+    obj: Any = model
+    for name in path:
+        obj = obj._modules.get(name) if isinstance(obj, nn.Module) else None
+    if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
+        raise ValueError(
+            f"layer_path={layer_path!r} does not lead from {type(model).__name__} to a non-empty nn.ModuleList "
+            f"(found {type(obj).__name__})"
+        )
+    return path
+
+
+def create_truncated_router(
+    model: nn.Module, num_layers: int = 4, forward_fn: ForwardFn | None = None, layer_path: str | None = None
+) -> TruncatedRouter:
     """Router over the first ``num_layers`` layers of ``model``, sharing all of its weights (nothing copied).
 
     Supported families (exact logits, tested): Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text),
     Phi-3, GPT-2, GPT-J, Falcon (rotary and ALiBi), GPT-NeoX, BERT, RoBERTa, Mamba, Mamba2. Any other model
     whose layer list is not found is used whole (``passthrough``) with a warning naming its class.
 
+    Plain PyTorch models: give ``layer_path`` (the attribute path to their ``nn.ModuleList`` of blocks) for a
+    truncated router, else the model is used whole (passthrough); ``forward_fn`` adapts a call signature that is
+    neither ``forward(input_ids=..., attention_mask=...)`` nor ``forward(idx)``.
+
     Args:
         model: The model to route for (DDP/FSDP/PEFT/compile wrappers are unwrapped).
         num_layers: Layers the router runs, >= 1.
+        forward_fn: ``forward_fn(model, input_ids, attention_mask, **kwargs)`` (see :class:`TruncatedRouter`).
+        layer_path: Dotted path to the block list, e.g. ``'blocks'`` (see :class:`TruncatedRouter`).
 
     Returns:
         A :class:`TruncatedRouter`; ``router(input_ids, attention_mask=...)`` gives (B, T, V) logits.
     """
-    return TruncatedRouter(model, num_layers)
+    return TruncatedRouter(model, num_layers, forward_fn=forward_fn, layer_path=layer_path)
 
 
 __all__ = ["TruncatedRouter", "create_truncated_router", "find_layer_path", "unwrap_model"]

@@ -45,7 +45,7 @@ def _batch(b: int = 6, t: int = 37):
 
 def _run(model, wrapper, ids, labels, mask):
     model.zero_grad(set_to_none=True)
-    loss = wrapper(ids, labels=labels, attention_mask=mask)
+    loss = wrapper(ids, labels=labels, attention_mask=mask).loss
     loss.backward()
     grads = [p.grad.float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
              for p in model.parameters()]  # fmt: skip

@@ -58,7 +58,7 @@ def test_cggr_model_gradients_match_reference_on_cuda():
     mask = torch.ones_like(ids)
     mask[5, 20:] = 0
     cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0)
-    loss = cm(ids, labels=labels, attention_mask=mask)
+    loss = cm(ids, labels=labels, attention_mask=mask).loss
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     idx = cm._last["indices"]
@@ -98,11 +98,11 @@ def test_cggr_model_own_ops_never_sync_the_host():
         cm = CGGRModel(
             model, router=lambda x, **kw: router_logits, min_tokens_ratio=0.25, warmup_steps=0, token_ratio=token_ratio
         )
-        cm(ids, labels=labels, attention_mask=mask).backward()  # warm-up: compile the fused scoring
+        cm(ids, labels=labels, attention_mask=mask).loss.backward()  # warm-up: compile the fused scoring
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            cm(ids, labels=labels, attention_mask=mask).backward()
+            cm(ids, labels=labels, attention_mask=mask).loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -112,7 +112,7 @@ def test_full_hf_cggr_step_sync_count():
     model = _llama(torch.bfloat16).train()
     ids = torch.randint(0, 1001, (8, 64), device="cuda")
     cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0)
-    cm(ids, labels=ids).backward()
+    cm(ids, labels=ids).loss.backward()
     std = model(input_ids=ids, labels=ids).loss
     std.backward()
     torch.cuda.synchronize()
@@ -134,7 +134,7 @@ def test_full_hf_cggr_step_sync_count():
         return None
 
     std_sync = first_sync(lambda: model(input_ids=ids, labels=ids).loss.backward())
-    cggr_sync = first_sync(lambda: cm(ids, labels=ids).backward())
+    cggr_sync = first_sync(lambda: cm(ids, labels=ids).loss.backward())
     print("first host sync: standard", std_sync, "| cggr", cggr_sync)
     assert std_sync is not None or cggr_sync is None, cggr_sync
 

@@ -126,7 +126,7 @@ def _check_graph_matches_eager(
     k = cm.num_selected_sequences(B)
 
     def body(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = cm(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"))
+        loss = cm(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask")).loss
         loss.backward()
         opt.step()
         return loss.detach(), cm._last["indices"]  # the (k,) selection, rewritten by every replay

@@ -499,7 +499,7 @@ class Arm:
         """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad."""
         with autocast_context(self.device, self.cfg.dtype):
             if self.wrapper is not None:
-                loss = self.wrapper(ids, labels=labels, attention_mask=mask.long())
+                loss = self.wrapper(ids, labels=labels, attention_mask=mask.long()).loss
             elif self.head is not None:  # the fused head: logits never stored, fp32 logit math
                 from cggr.functional import linear_cross_entropy
                 from cggr.integrations.hf_quirks import head_operands

@@ -1,0 +1,303 @@
+"""Hugging Face ``transformers.Trainer`` integration: one line to train with CGGR, checkpoints stay plain HF ones.
+
+Shape legend: B batch, T sequence length, V vocabulary.
+
+What ``apply_cggr(trainer, ...)`` does (the one-liner, in the spirit of ``use_liger_kernel=True``)::
+
+    trainer.model            stays the plain PreTrainedModel: save_model / checkpoints / resume / push_to_hub /
+                             AutoModelForCausalLM.from_pretrained work as without cggr
+    trainer.compute_loss     training micro-batches with labels go through a CGGRModel around the model the
+                             Trainer passes (DDP/compile-wrapped or not); evaluation goes to the Trainer's own
+                             loss, so eval_loss is the plain model's
+      or, with loss=CGGRLoss(...):
+    trainer.compute_loss_func = cggr_loss_func(criterion)   (the model's logits, HF shift, num_items_in_batch)
+    trainer callbacks        + CGGRCallback: curriculum step after every optimizer step (not every micro-batch),
+                             its state (step, random stream) saved in each checkpoint as cggr_state.pt and
+                             restored on resume
+
+Gradient accumulation: transformers' Trainer passes ``num_items_in_batch`` (the valid targets of all the
+micro-batches of one optimizer step); both ``CGGRModel`` and ``CGGRLoss`` then return ``mean over the kept tokens ×
+n / N`` (n: this micro-batch's valid targets), which the Trainer does not divide again. Every micro-batch weighs by
+its share of the tokens, so accumulation G gives the loss and gradient of one batch G times larger whenever every
+micro-batch keeps the same share of its tokens (exactly so at ratio 1, e.g. during warm-up, and in evaluation).
+Selection itself is per micro-batch (the Trainer never shows the whole accumulated batch at once).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from cggr._calling import logits_of
+from cggr._selector import Curriculum
+from cggr.loss import CGGRLoss
+from cggr.model import CGGRModel
+
+#: File written next to the model's weights: the curriculum state of each CGGR module (step, random stream).
+CGGR_STATE_NAME = "cggr_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------- curriculum state
+def curriculum_state(module: Curriculum) -> dict[str, Tensor]:
+    """The curriculum's own buffers (``step_count``, ``rng_counter``, ``rng_seed``) on the CPU, nothing else."""
+    return {name: buf.detach().cpu().clone() for name, buf in module.named_buffers(recurse=False)}
+
+
+def load_curriculum_state(module: Curriculum, state: dict[str, Tensor]) -> None:
+    """Restore :func:`curriculum_state` into ``module`` (through ``load_state_dict``, so its hooks run)."""
+    own = curriculum_state(module)
+    if set(state) != set(own):
+        raise ValueError(f"curriculum state has keys {sorted(state)}, expected {sorted(own)}")
+    # strict=False: only these buffers are loaded; the wrapped model's weights are not in the dict on purpose
+    result = module.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected curriculum keys {result.unexpected_keys}")
+
+
+def _set_step(module: Curriculum, step: int) -> None:
+    state = curriculum_state(module)
+    state["step_count"] = torch.tensor(step, dtype=state["step_count"].dtype)
+    load_curriculum_state(module, state)
+
+
+def _step_of(module: Curriculum) -> int:
+    return int(module.step_count)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def save_pretrained(cggr_model: CGGRModel, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """See :meth:`cggr.CGGRModel.save_pretrained`."""
+    from cggr.router import unwrap_model
+
+    inner = unwrap_model(cggr_model.model)
+    if not callable(getattr(inner, "save_pretrained", None)):
+        raise TypeError(
+            f"save_pretrained needs a wrapped model with save_pretrained (a transformers PreTrainedModel), got "
+            f"{type(inner).__name__}; save cggr_model.model.state_dict() and cggr_model's curriculum instead"
+        )
+    inner.save_pretrained(save_directory, **kwargs)
+    if kwargs.get("is_main_process", True):
+        torch.save(curriculum_state(cggr_model), os.path.join(save_directory, CGGR_STATE_NAME))
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    model_class: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **cggr_kwargs: Any,
+) -> CGGRModel:
+    """Load the plain model with ``model_class.from_pretrained`` (default ``AutoModelForCausalLM``) and wrap it in
+    ``CGGRModel(model, **cggr_kwargs)``; a ``cggr_state.pt`` in the directory restores the curriculum."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    model = model_class.from_pretrained(pretrained_model_name_or_path, **(model_kwargs or {}))
+    cggr_model = CGGRModel(model, **cggr_kwargs)
+    path = os.path.join(os.fspath(pretrained_model_name_or_path), CGGR_STATE_NAME)
+    if os.path.isfile(path):
+        load_curriculum_state(cggr_model, torch.load(path, map_location="cpu", weights_only=True))
+    return cggr_model
+
+
+# ---------------------------------------------------------------------------------------------- callback
+class CGGRCallback(TrainerCallback):
+    """Advance CGGR curricula once per optimizer step and carry them through Trainer checkpoints.
+
+    Args:
+        *modules: The :class:`cggr.CGGRModel` / :class:`cggr.CGGRLoss` / :class:`cggr.CGGRScorer` instances to
+            step. None given: every one found in the Trainer's model at ``on_train_begin`` (e.g.
+            ``Trainer(model=CGGRModel(...))``).
+
+    ``on_step_end`` (the Trainer calls it after each optimizer step, not after each accumulated micro-batch) calls
+    ``step()`` on each module. ``on_save`` writes the modules' curriculum state to ``cggr_state.pt`` inside the
+    checkpoint just written (``<output_dir>/checkpoint-<step>``). ``on_train_begin`` of a resumed run
+    (``global_step > 0``) loads it back from ``args.resume_from_checkpoint`` or ``<output_dir>/checkpoint-<step>``;
+    without that file the step is set to ``global_step`` (the schedule is exact; the random stream of
+    ``selection='random'``/``'stratified'`` then continues from where the module is, with a warning).
+    """
+
+    def __init__(self, *modules: Curriculum) -> None:
+        for i, module in enumerate(modules):
+            if not isinstance(module, Curriculum):
+                raise TypeError(
+                    f"CGGRCallback modules[{i}] must be a CGGRModel, CGGRLoss or CGGRScorer, "
+                    f"got {type(module).__name__}"
+                )
+        self.modules: list[Curriculum] = list(modules)
+
+    def _discover(self, model: nn.Module | None) -> None:
+        if self.modules or model is None:
+            return
+        self.modules = [m for m in model.modules() if isinstance(m, Curriculum)]
+        if not self.modules:
+            warnings.warn(
+                f"CGGRCallback: no CGGR module given and none found in {type(model).__name__}; nothing to step",
+                stacklevel=2,
+            )
+
+    def _checkpoint_dirs(self, args: Any, state: Any) -> list[str]:
+        dirs = []
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resume, str | os.PathLike):
+            dirs.append(os.fspath(resume))
+        dirs.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        return dirs
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._discover(model)
+        if state.global_step <= 0 or not self.modules:
+            return
+        for directory in self._checkpoint_dirs(args, state):
+            path = os.path.join(directory, CGGR_STATE_NAME)
+            if os.path.isfile(path):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(saved, dict) and int(saved.get("global_step", -1)) == state.global_step:
+                    modules = saved["modules"]
+                    if len(modules) != len(self.modules):
+                        raise ValueError(
+                            f"{path} holds {len(modules)} CGGR curricula, this CGGRCallback steps {len(self.modules)}"
+                        )
+                    for module, module_state in zip(self.modules, modules, strict=True):
+                        load_curriculum_state(module, module_state)
+                    return
+        for module in self.modules:
+            if _step_of(module) != state.global_step:
+                warnings.warn(
+                    f"CGGRCallback: resumed at step {state.global_step} without {CGGR_STATE_NAME}; "
+                    f"{type(module).__name__}'s curriculum moves from step {_step_of(module)} to {state.global_step} "
+                    "(its random stream is not restored)",
+                    stacklevel=2,
+                )
+                _set_step(module, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for module in self.modules:
+            module.step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.modules or not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(directory):
+            torch.save(
+                {"global_step": state.global_step, "modules": [curriculum_state(m) for m in self.modules]},
+                os.path.join(directory, CGGR_STATE_NAME),
+            )
+
+
+# ---------------------------------------------------------------------------------------------- loss function
+def cggr_loss_func(criterion: CGGRLoss, *, causal: bool = True):
+    """A ``Trainer(compute_loss_func=...)`` that applies ``criterion`` to the model's logits.
+
+    Args:
+        criterion: The :class:`cggr.CGGRLoss` (its ``ignore_index`` must be the labels' padding value, -100 for
+            HF collators; the Trainer gives a ``compute_loss_func`` no attention mask).
+        causal: Shift HF-style (position t predicts label t + 1), as causal-LM models do.
+
+    The returned ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` passes ``num_items_in_batch`` on,
+    so the loss is normalised for the whole accumulated batch (the Trainer does not divide a ``compute_loss_func``'s
+    loss by the accumulation steps), and under ``Trainer.evaluate`` (no grad) ``criterion`` returns the full loss.
+    """
+    if not isinstance(criterion, CGGRLoss):
+        raise TypeError(f"criterion must be a CGGRLoss, got {type(criterion).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+
+    def compute_loss_func(outputs: Any, labels: Tensor | None, num_items_in_batch: int | Tensor | None = None):
+        if labels is None:
+            raise ValueError("cggr_loss_func: the batch has no labels (the Trainer passed labels=None)")
+        logits = logits_of(outputs)  # (B, T, V)
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match labels of shape {tuple(labels.shape)}"
+            )
+        # the shift pads the targets instead of slicing the logits: logits[:, :-1] would be copied by the reshape
+        targets = F.pad(labels[:, 1:], (0, 1), value=criterion.ignore_index) if causal else labels  # (B, T)
+        return criterion(logits, targets, num_items_in_batch=num_items_in_batch)
+
+    return compute_loss_func
+
+
+# ---------------------------------------------------------------------------------------------- one-liner
+def apply_cggr(trainer: Any, *, loss: CGGRLoss | None = None, **cggr_model_kwargs: Any) -> CGGRModel | CGGRLoss:
+    """Train a ``transformers.Trainer``'s model with CGGR; returns the installed :class:`cggr.CGGRModel` (batch
+    split, the default) or ``loss`` (token-level selective loss).
+
+    Args:
+        trainer: A ``transformers.Trainer`` built with the plain model (``Trainer(model=model, ...)``).
+        loss: A :class:`cggr.CGGRLoss`: becomes the Trainer's ``compute_loss_func`` (:func:`cggr_loss_func`).
+        **cggr_model_kwargs: Without ``loss``: arguments of :class:`cggr.CGGRModel` (``min_tokens_ratio``,
+            ``warmup_steps``, ``num_router_layers``, ``selection``, ``token_ratio``, ...).
+
+    Training micro-batches with labels go through the CGGR module, evaluation through the Trainer's own loss
+    (``CGGRModel``) or the full loss (``CGGRLoss`` under no grad), so ``evaluate()`` reports the plain model's
+    loss. A :class:`CGGRCallback` steps the curriculum once per optimizer step and saves it with each checkpoint.
+    The Trainer's model is left as it is: ``save_model()`` writes a checkpoint that
+    ``AutoModelForCausalLM.from_pretrained`` loads.
+    """
+    from transformers import Trainer
+
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
+    if isinstance(trainer.model, Curriculum):
+        raise TypeError(
+            "apply_cggr wraps the Trainer's plain model itself; build the Trainer with the model, not a "
+            f"{type(trainer.model).__name__} (or keep Trainer(model=CGGRModel(...)) and add CGGRCallback())"
+        )
+    if any(isinstance(cb, CGGRCallback) for cb in trainer.callback_handler.callbacks):
+        raise ValueError("apply_cggr was already applied to this Trainer (it has a CGGRCallback)")
+    if loss is not None:
+        if cggr_model_kwargs:
+            raise TypeError(f"apply_cggr(loss=...) takes no CGGRModel arguments, got {sorted(cggr_model_kwargs)}")
+        if trainer.compute_loss_func is not None:
+            raise ValueError("apply_cggr(loss=...): the Trainer already has a compute_loss_func")
+        trainer.compute_loss_func = cggr_loss_func(loss, causal=not _is_masked(trainer.model))
+        trainer.add_callback(CGGRCallback(loss))
+        return loss
+
+    cggr_model = CGGRModel(trainer.model, **cggr_model_kwargs)
+    original = trainer.compute_loss  # bound: a Trainer subclass's own compute_loss stays in charge
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (
+            model.training
+            and inputs.get("labels") is not None
+            and trainer.compute_loss_func is None
+            and trainer.label_smoother is None
+        ):
+            # the model the Trainer passes (DDP/compile-wrapped or not) does the forward, so its hooks run
+            if cggr_model._modules["model"] is not model:
+                cggr_model._modules["model"] = model
+            cggr_model.training = True
+            model = cggr_model  # returns a CGGROutput; the Trainer reads outputs[0] and scales as for any model
+        return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    trainer.compute_loss = compute_loss
+    trainer.add_callback(CGGRCallback(cggr_model))
+    return cggr_model
+
+
+def _is_masked(model: nn.Module) -> bool:
+    from cggr.model import is_masked_lm
+
+    return is_masked_lm(model)
+
+
+__all__ = [
+    "CGGR_STATE_NAME",
+    "CGGRCallback",
+    "apply_cggr",
+    "cggr_loss_func",
+    "curriculum_state",
+    "from_pretrained",
+    "load_curriculum_state",
+    "save_pretrained",
+]
