@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -397,6 +396,10 @@ def test_apply_cggr_arguments_are_checked(tmp_path):
 # ---------------------------------------------------------------------------------------------- packaging
 def test_hf_extra_brings_accelerate():
     """TrainingArguments needs accelerate; ``pip install ".[hf]"`` did not install it."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(re.match(r"accelerate\b", dep) for dep in extras["hf"])
     assert any(re.match(r"transformers\b", dep) for dep in extras["hf"])
