@@ -126,8 +126,8 @@ def test_apply_cggr_after_warmup_trains_on_the_hardest_sequences_and_evaluates_t
     assert cm.get_metrics()["sequences_selected"] == 2 and cm.get_metrics()["batch_size"] == 4
     assert not math.isclose(logs[0][0], plain_runs[1][0][0][0], rel_tol=1e-3)  # a different (selective) loss
     eval_loss = trainer.evaluate()["eval_loss"]
-    plain = Trainer(model=tiny_llama(), args=TrainingArguments(str(tmp_path / "ev"), report_to=[], use_cpu=True,
-                                                               per_device_eval_batch_size=16), eval_dataset=padded_rows())
+    args = TrainingArguments(str(tmp_path / "ev"), report_to=[], use_cpu=True, per_device_eval_batch_size=16)
+    plain = Trainer(model=tiny_llama(), args=args, eval_dataset=padded_rows())
     plain.model.load_state_dict(trainer.model.state_dict())
     assert math.isclose(eval_loss, plain.evaluate()["eval_loss"], rel_tol=1e-6)
 
@@ -197,7 +197,7 @@ def test_num_items_in_batch_is_checked():
         with pytest.raises(ValueError, match="num_items_in_batch"):
             cm(ids, labels=ids, num_items_in_batch=bad)
     crit = CGGRLoss(reduction="sum")
-    with pytest.raises(ValueError, match="num_items_in_batch.*reduction='sum'"):
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*reduction='sum'"):
         crit(torch.randn(4, 7), torch.arange(4), num_items_in_batch=4)
 
 
@@ -318,9 +318,9 @@ def test_apply_cggr_checkpoints_load_as_the_plain_model_and_resume_the_curriculu
     assert int(saved["modules"][0]["rng_counter"]) > 0  # selection='random' drew
 
     model = tiny_llama()
-    args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, learning_rate=0.1, optim="sgd",
-                lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                seed=0, max_grad_norm=1e9)
+    args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, learning_rate=0.1,
+                optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+                disable_tqdm=True, seed=0, max_grad_norm=1e9)
     resumed = Trainer(model=model, args=TrainingArguments(str(tmp_path / "full" / "out2"), **args),
                       train_dataset=padded_rows())
     cm_res = apply(resumed)
@@ -378,7 +378,7 @@ def test_cggr_model_save_pretrained_and_from_pretrained(tmp_path):
 
 def test_apply_cggr_arguments_are_checked(tmp_path):
     args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(TypeError, match="transformers.Trainer"):
+    with pytest.raises(TypeError, match=r"transformers\.Trainer"):
         apply_cggr(object())
     wrapped = Trainer(model=CGGRModel(tiny_llama(), num_router_layers=1), args=args)
     with pytest.raises(TypeError, match="plain model"):

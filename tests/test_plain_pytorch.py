@@ -227,7 +227,7 @@ def test_plain_model_errors_name_the_problem():
     model = TinyGPT()
     ids, labels, _ = _batch(11)
     cm = CGGRModel(model, router=create_truncated_router(model, 1, layer_path="blocks"), warmup_steps=0)
-    with pytest.raises(ValueError, match="attention_mask.*forward_fn"):  # forward(idx) takes no mask: never dropped
+    with pytest.raises(ValueError, match=r"attention_mask.*forward_fn"):  # forward(idx) takes no mask: never dropped
         cm(ids, labels=labels, attention_mask=torch.ones_like(ids))
 
     class LastOnly(TinyGPT):  # nanoGPT without targets: logits of the last position only

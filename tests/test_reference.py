@@ -295,7 +295,7 @@ def test_reducible_selection_equals_brute_force(norm, per_token):
     with pytest.raises(ValueError, match="only used with scoring='reducible'"):
         CGGRModel(model, num_router_layers=1)(ids, labels=labels, reference_loss=ref_arg)
     cm.eval()  # eval: the full loss, no reference needed
-    assert torch.isfinite(cm(ids, labels=labels))
+    assert torch.isfinite(cm(ids, labels=labels).loss)
 
 
 def test_importance_model_loss_is_the_horvitz_thompson_estimate():
@@ -304,7 +304,7 @@ def test_importance_model_loss_is_the_horvitz_thompson_estimate():
     ids, labels, mask = d["input_ids"], d["labels"], d["attention_mask"]
     cm = CGGRModel(model, num_router_layers=1, min_tokens_ratio=0.34, warmup_steps=0, scoring="loss",
                    selection="importance", uniform_mix=0.3, seed=2, fused_head=False)
-    loss = cm(ids, labels=labels, attention_mask=mask)
+    loss = cm(ids, labels=labels, attention_mask=mask).loss
     idx = cm.get_metrics()["selected_indices"]
     assert len(set(idx)) == 3
     seq_nll, _, valid = _router_seq_nll(model, ids, labels, mask, 1)
@@ -372,7 +372,7 @@ def test_compiled_model_step_does_not_recompile(selection):
     compiled = torch.compile(cm, backend=counter)
     d = _data(8, seed=2)
     for _ in range(3):
-        compiled(d["input_ids"], labels=d["labels"]).backward()
+        compiled(d["input_ids"], labels=d["labels"]).loss.backward()
     assert counter.frame_count == 1, counter.frame_count
 
 
