@@ -89,7 +89,7 @@ def test_importance_fused_head_matches_unfused(dtype, tol):
         model.zero_grad(set_to_none=True)
         cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0, selection="importance",
                        scoring="loss", seed=5, fused_head=fused)
-        loss = cm(ids, labels=labels, attention_mask=mask)
+        loss = cm(ids, labels=labels, attention_mask=mask).loss
         loss.backward()
         out[fused] = (loss.detach().float(), [p.grad.float().clone() for p in model.parameters()],
                       cm.get_metrics()["selected_indices"])
@@ -124,11 +124,11 @@ def test_model_step_never_syncs_the_host(selection, scoring):
     cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=0.25, warmup_steps=0, selection=selection,
                    scoring=scoring, seed=0, reference_norm="zscore")
     kw = {"reference_loss": ref} if scoring == "reducible" else {}
-    cm(ids, labels=labels, attention_mask=mask, **kw).backward()  # warm-up (Triton compiles)
+    cm(ids, labels=labels, attention_mask=mask, **kw).loss.backward()  # warm-up (Triton compiles)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        cm(ids, labels=labels, attention_mask=mask, **kw).backward()
+        cm(ids, labels=labels, attention_mask=mask, **kw).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -186,7 +186,7 @@ def test_async_scorer_on_a_side_stream_equals_inline_scoring():
         scores = scorer.score(ids, labels, mask)
         picked = []
         for step in range(3):
-            loss = cm(ids, labels=labels, attention_mask=mask, sequence_scores=scores)
+            loss = cm(ids, labels=labels, attention_mask=mask, sequence_scores=scores).loss
             picked.append(cm.get_metrics()["selected_indices"])
             ids, labels, mask = batches[step + 1]
             scorer.prefetch(ids, labels, mask)
