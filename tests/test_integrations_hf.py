@@ -177,6 +177,34 @@ def test_cggr_model_num_items_in_batch_is_the_token_weighted_selective_mean():
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("token_ratio", [None, 0.5])
+def test_fused_head_num_items_in_batch_equals_the_unfused_path(token_ratio):
+    """The fused head (fused_head=True; on the CPU its PyTorch path) scales by n / N as the unfused path does, and
+    four identical micro-batches equal their concatenation (loss and gradients)."""
+    model = tiny_llama(12)
+    rows = padded_rows(4, t=13, seed=13)  # rows 0 and 3 unpadded: 12 targets each, token_ratio keeps 6 of 12
+    mb = {k: torch.stack([rows[0][k], rows[3][k]]) for k in rows[0]}
+    four = {k: torch.cat([v] * 4) for k, v in mb.items()}
+    n4 = int((four["labels"][:, 1:] != -100).sum())
+
+    def loss_and_grads(fused, batch, calls, num_items):
+        cm = CGGRModel(model, num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=0, fused_head=fused,
+                       token_ratio=token_ratio, impl="torch")
+        model.zero_grad(set_to_none=True)
+        loss = sum(cm(**batch, num_items_in_batch=num_items).loss for _ in range(calls))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    l_fused, g_fused = loss_and_grads(True, mb, 4, n4)
+    l_plain, g_plain = loss_and_grads(False, mb, 4, n4)
+    l_one, g_one = loss_and_grads(True, four, 1, None)
+    torch.testing.assert_close(l_fused, l_plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(l_fused, l_one, rtol=1e-5, atol=1e-7)
+    for a, b, c in zip(g_fused, g_plain, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
+
+
 def test_cggr_output_reads_like_a_model_output():
     loss, logits = torch.tensor(1.5), torch.zeros(2, 3, 4)
     out = CGGROutput(loss=loss, logits=logits)
