@@ -617,3 +617,22 @@ def test_merge_refuses_races_trained_with_different_heads(tmp_path):
         merge_race_files([fused, old])
     assert len(merge_race_files([fused, race_file("d", "cggr", "fused")])["arms"]) == 2
     assert len(merge_race_files([old, race_file("e", "cggr", None)])["arms"]) == 2
+
+
+def test_a_registered_arm_runs_in_the_race(small_config, tmp_path, monkeypatch):
+    """The docs' example: one register_arm call makes a new arm (sampled selection) raceable and reported."""
+    from cggr.cli import race
+
+    monkeypatch.setattr(race, "ARM_SPECS", dict(race.ARM_SPECS))  # registered for this test only
+    race.register_arm(race.ArmSpec("cggr-sampled", kind="model", selection="sampled", router=True, scans=True,
+                                   options=(("temperature", 0.5),), color="tab:purple", marker="v"))
+    payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, [0.05], arms=("standard", "cggr-sampled"),
+                                  minutes=0.01, ladder=())
+    row = payload["arms"][1]
+    assert row["arm"] == "cggr-sampled" and row["steps"] >= 1 and row["router_tokens"] > 0
+    assert row["sequences_scanned"] == row["steps"] * payload["settings"]["scanned_per_step"]
+    assert [e["arm"] for e in payload["summary"]["arms"]] == ["standard", "cggr-sampled"]
+    with pytest.raises(ValueError, match="kind must be one of plain, model, loss"):
+        race.register_arm(race.ArmSpec("x", kind="other"))
+    with pytest.raises(ValueError, match="cannot scan"):
+        race.register_arm(race.ArmSpec("y", kind="plain", scans=True))

@@ -549,15 +549,17 @@ class Arm:
         backprop, in_loss = self.device_counts(mask)
         return int(backprop), int(in_loss)
 
-    def device_counts(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`counts` as 0-d tensors on the mask's device, without a host sync (the race sums them per
-        chunk). Reads the selection's count from the module's last-call record (``get_metrics`` would sync)."""
+    def device_counts(self, mask: torch.Tensor) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """:meth:`counts` without a host sync: 0-d tensors on the mask's device (or Python ints where the
+        selection recorded one), which the race adds up per chunk. Reads the selection's count from the module's
+        last-call record (``get_metrics`` would synchronise)."""
         valid = mask[:, 1:].sum()  # targets of position t are the tokens at t + 1
         module = self.wrapper if self.wrapper is not None else self.criterion
         if module is None:
             return valid, valid
         selected = module._last["tokens_selected"]
-        selected = torch.as_tensor(selected, device=mask.device)
+        if isinstance(selected, torch.Tensor) and selected.device != mask.device:
+            selected = selected.to(mask.device, non_blocking=True)
         return (selected, selected) if self.wrapper is not None else (valid, selected)
 
 
