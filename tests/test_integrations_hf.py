@@ -441,3 +441,39 @@ def test_readme_never_installs_the_unrelated_pypi_package():
             assert not re.fullmatch(r"[\"']?cggr(\[[\w,]+\])?[\"']?", cmd), line
     install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
     assert 'pip install -e ".[hf]"' in install and "pip wheel" in install
+
+
+# ---------------------------------------------------------------------------------------------- Accelerate
+def test_router_under_accelerate_mixed_precision_runs_only_its_layers():
+    """accelerator.prepare(model) with mixed precision (what the Trainer does with bf16=True) patches
+    ``model.forward`` on the instance, bound to the model; the router's shell copied that method and so ran the
+    whole model (all 4 layers) as its "1-layer" router. The shell now binds it to itself, keeping the autocast."""
+    from accelerate import Accelerator
+
+    from cggr import create_truncated_router
+
+    torch.manual_seed(14)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg)
+    before = create_truncated_router(model, 1)  # built before prepare(): must notice the patched forward
+    ids = torch.randint(0, V, (3, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = before(ids).float()  # 1 layer under the autocast Accelerate applies
+    Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    assert "forward" in vars(model)  # Accelerate's instance-level wrapper
+    ran = []
+    hooks = [layer.register_forward_hook(lambda mod, a, o, i=i: ran.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    for router in (before, create_truncated_router(model, 1)):
+        ran.clear()
+        with torch.no_grad():
+            got = router(ids)
+        assert ran == [0]
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0)
+    ran.clear()
+    with torch.no_grad():  # the model itself still runs every layer, with Accelerate's wrapper
+        model(input_ids=ids)
+    assert ran == [0, 1, 2, 3]
+    for h in hooks:
+        h.remove()

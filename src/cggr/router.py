@@ -27,6 +27,7 @@ traces, where dynamo's own guards apply).
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from typing import Any
 
@@ -91,6 +92,12 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     shell._modules = dict(module._modules)
     shell._parameters = dict(module._parameters)
     shell._buffers = dict(module._buffers)
+    # Methods patched onto the instance and bound to it (Accelerate's mixed precision and ``prepare`` wrap
+    # ``model.forward`` this way, and so do Trainer runs with bf16/fp16) would still run the ORIGINAL module, i.e.
+    # every layer: bind them to the shell instead, keeping the wrapper (e.g. its autocast).
+    for name, value in vars(module).items():
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            shell.__dict__[name] = types.MethodType(value.__func__, shell)
     return shell
 
 
@@ -171,6 +178,7 @@ class TruncatedRouter(nn.Module):
             key.append(tuple((n, id(m)) for n, m in obj._modules.items()))
             key.append(tuple((n, id(p)) for n, p in obj._parameters.items()))
             key.append(tuple((n, id(b)) for n, b in obj._buffers.items()))
+            key.append(id(vars(obj).get("forward")))  # a forward patched onto the instance (Accelerate's prepare)
             obj = obj._modules[name]
         key.append(tuple(id(layer) for layer in list(obj)[: self.num_layers]))
         return tuple(key)
