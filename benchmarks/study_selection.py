@@ -483,7 +483,7 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
             router.logits = None
             for group in opt.param_groups:
                 group["lr"] = lr_at(step / args.steps, args.lr)
-            out = wrapper(ids, labels=ids, reference_loss=ref if settings.get("scoring") == "reducible" else None)
+            out = wrapper(ids, labels=ids, reference_loss=ref if settings.get("scoring") == "reducible" else None).loss
             out.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
