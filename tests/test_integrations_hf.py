@@ -460,7 +460,13 @@ def test_router_under_accelerate_mixed_precision_runs_only_its_layers():
     ids = torch.randint(0, V, (3, 9))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = before(ids).float()  # 1 layer under the autocast Accelerate applies
-    Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a singleton: the Trainer tests set fp32 before
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert "forward" in vars(model)  # Accelerate's instance-level wrapper
     ran = []
     hooks = [layer.register_forward_hook(lambda mod, a, o, i=i: ran.append(i))
