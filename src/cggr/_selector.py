@@ -32,7 +32,7 @@ from cggr.sampling import (
     check_uniform_mix,
     importance_select,
 )
-from cggr.scoring import TokenScores, difficulty
+from cggr.scoring import TokenScores, difficulty, masked_mean
 from cggr.selection import TOKEN_STRATEGIES, RatioSchedule, dynamic_ratio, num_selected, select_tokens
 
 
@@ -168,8 +168,7 @@ class TokenSelector(Curriculum):
         if diff is None:
             diff = difficulty(scores, self.scoring)
         n_valid = valid.sum()
-        denom = n_valid.clamp(min=1)
-        mean_conf = (scores.confidence * valid).sum() / denom
+        mean_conf = masked_mean(scores.confidence, valid)  # a select: garbage at invalid positions stays out
         ratio: float | Tensor = self._ratio
         if self.uses_dynamic_threshold:
             ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
@@ -196,7 +195,7 @@ class TokenSelector(Curriculum):
             "tokens_selected": mask.sum(),
             "tokens_total": n_valid,
             "confidence": mean_conf,
-            "entropy": (scores.entropy * valid).sum() / denom,
+            "entropy": masked_mean(scores.entropy, valid),
         }
         if rho is not None:
             info["importance_variance_ratio"] = rho

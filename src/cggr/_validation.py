@@ -34,6 +34,28 @@ def check_ratio(name: str, value: object) -> float:
     return value
 
 
+def check_ratio_tensor(ratio: torch.Tensor, device: torch.device, name: str = "ratio") -> None:
+    """A 0-d floating-point tensor in (0, 1] on ``device`` or the CPU, checked without a host sync.
+
+    Shape, dtype and device are metadata (free). The value: a CPU tensor is read eagerly (reading host memory
+    never waits for a device) and a bad one is a ``ValueError``; a tensor on an accelerator, or any tensor while
+    ``torch.compile`` traces, is checked by a device-side assert (``torch._assert_async``), which raises a
+    ``RuntimeError`` with the same message at the next synchronisation instead of stalling the host now.
+    """
+    if not ratio.is_floating_point():
+        raise TypeError(f"{name} must be a float or a 0-d floating-point tensor, got {ratio.dtype}")
+    if ratio.dim() != 0:
+        raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(ratio.shape)}")
+    if ratio.device != device and ratio.device.type != "cpu":
+        raise ValueError(f"{name} is on {ratio.device} but difficulty is on {device}; move them together")
+    ok = (ratio > 0) & (ratio <= 1)  # NaN fails both
+    if ratio.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(f"{name} must be in (0, 1], got {float(ratio)!r}")
+    else:
+        torch._assert_async(ok, f"{name} must be in (0, 1]")
+
+
 def check_int(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")

@@ -56,7 +56,7 @@ from cggr._validation import (
     check_ratio,
     check_target_range,
 )
-from cggr.scoring import TokenScores, difficulty
+from cggr.scoring import TokenScores, difficulty, masked_mean
 from cggr.scoring import token_scores as _torch_token_scores
 from cggr.selection import dynamic_ratio, select_tokens
 
@@ -447,6 +447,18 @@ def check_head_options(value: object, owner: str) -> LinearCrossEntropyOptions |
     return value
 
 
+def _zero_ignored_rows(hidden: Tensor, valid: Tensor) -> Tensor:
+    """``hidden`` (N, H) with the rows of ignored targets set to 0 (a select: NaN/inf there never propagate).
+
+    An ignored row's gradient weight is 0, but 0 · NaN = NaN: a NaN or inf hidden row at an ignored (padded)
+    position would otherwise turn its logits, and through them every d_weight / d_bias element, into NaN. With
+    zeros there, ignored rows give finite statistics that nothing reads and add exact zeros to every gradient
+    sum, so the loss and gradients are bit-for-bit those of any finite values at those rows. Costs one pass over
+    (N, H) in the forward and one in the backward (the masked copy is not kept between them).
+    """
+    return torch.where(valid.unsqueeze(-1), hidden, 0)
+
+
 class _SelectiveLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, plan: _Plan,
@@ -457,6 +469,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
         n = hidden.shape[0]
         valid = targets != plan.ignore_index  # (N,)
         n_valid = valid.sum()
+        hidden_in, hidden = hidden, _zero_ignored_rows(hidden, valid)  # the kernels see 0 at ignored rows
         need = ctx.needs_input_grad if plan.grad_enabled else (False, False, False)
         wants_grad = need[0] or need[1] or (bias is not None and need[2])
         # chunked kernel, workspace='outputs', ratio 1, weight gradient wanted: statistics now, the vocabulary
@@ -512,7 +525,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
             # a fill kernel, not torch.tensor(): a host-to-device copy cannot be captured in a CUDA graph
             ratio = torch.full((), plan.ratio, dtype=torch.float32, device=hidden.device)
             if opts.threshold_sensitivity is not None and plan.selection != "fixed_quota":
-                mean_conf = (stats[2] * valid).sum() / n_valid.clamp(min=1)
+                mean_conf = masked_mean(stats[2], valid)
                 sel_ratio = ratio = dynamic_ratio(plan.ratio, mean_conf, opts.threshold_sensitivity)
             mask = select_tokens(
                 difficulty(scores, plan.scoring), valid.view(shape), sel_ratio, strategy=plan.selection,
@@ -540,7 +553,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
             if not all_rows:
                 k_max = plan.k_max(n)
                 idx = torch.argsort((~mask).to(torch.int8), stable=True)[:k_max]  # selected rows first
-            ctx.save_for_backward(hidden, weight, bias, targets, stats[0], w, idx)
+            ctx.save_for_backward(hidden_in, weight, bias, targets, stats[0], w, idx)  # no masked copy kept
         return loss
 
     @staticmethod
@@ -561,6 +574,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
                         t.mul_(1.0 / ctx.scale)  # a power of two: exact
             return d_h, d_w, d_b, None, None, None
         hidden, weight, bias, targets, lse, w, idx = ctx.saved_tensors
+        hidden = _zero_ignored_rows(hidden, targets != plan.ignore_index)  # as in the forward
         d_h_fwd, ctx.d_h_fwd = ctx.d_h_fwd, None  # bwd='split_fwd' at ratio 1: d_hidden from the forward
         if ctx.outputs_sched is not None:
             from cggr.kernels.linear_cross_entropy import outputs_backward

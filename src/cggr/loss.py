@@ -34,7 +34,7 @@ from cggr.functional import (
 )
 from cggr.reference import excess_scores
 from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX
-from cggr.scoring import DEFAULT_CHUNK_ELEMENTS
+from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, masked_mean
 
 #: Scoring modes of CGGRLoss: the shared ones plus ``'excess'`` (Rho-1: token loss − reference token loss).
 LOSS_SCORING_MODES = (*SCORING_MODES, "excess")
@@ -57,11 +57,12 @@ class _SelectedCrossEntropy(torch.autograd.Function):
         n, _ = logits.shape
         grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
         coef = (weights * grad_out).unsqueeze(-1)  # (N, 1) fp32
+        kept = weights.unsqueeze(-1) != 0  # (N, 1): ignored and unselected rows get exactly 0, even if NaN/inf
         for start in range(0, n, ctx.rows):
             stop = min(start + ctx.rows, n)
             p = torch.softmax(logits[start:stop].float(), dim=-1)  # (c, V) fp32
             p.scatter_add_(1, targets[start:stop].unsqueeze(-1), torch.full_like(p[:, :1], -1.0))
-            grad[start:stop] = (p * coef[start:stop]).to(grad.dtype)
+            grad[start:stop] = torch.where(kept[start:stop], p * coef[start:stop], 0.0).to(grad.dtype)
         return grad, None, None, None, None
 
 
@@ -279,13 +280,12 @@ class CGGRLoss(TokenSelector):
         )
         valid = info.scores.valid
         n_valid = valid.sum()
-        denom = n_valid.clamp(min=1)
         self._last = {
             "current_ratio": info.ratio.detach(),
             "tokens_selected": info.mask.sum().detach(),
             "tokens_total": n_valid.detach(),
-            "confidence": ((info.scores.confidence * valid).sum() / denom).detach(),
-            "entropy": ((info.scores.entropy * valid).sum() / denom).detach(),
+            "confidence": masked_mean(info.scores.confidence, valid).detach(),
+            "entropy": masked_mean(info.scores.entropy, valid).detach(),
         }
         if num_items is not None:
             loss = loss * (n_valid / num_items)

@@ -49,7 +49,7 @@ from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operand
 from cggr.reference import REFERENCE_NORMS, check_reference_loss, excess_scores
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX, check_temperature, check_uniform_mix
-from cggr.scoring import difficulty
+from cggr.scoring import difficulty, masked_mean
 from cggr.selection import SEQUENCE_STRATEGIES, importance_sequences, select_sequences, select_tokens
 
 #: Scoring modes of CGGRModel: the shared ones plus ``'reducible'`` (RHO-LOSS: learner loss − reference loss).
@@ -611,9 +611,8 @@ class CGGRModel(Curriculum):
             tok_diff = difficulty(scores, self.scoring)  # (B, T) fp32
             seq_score = torch.where(valid, tok_diff, 0.0).sum(-1) / n_tok.clamp(min=1)  # (B,)
         seq_score = torch.where(n_tok > 0, seq_score, -torch.inf)
-        n_all = n_tok.sum().clamp(min=1)
-        last["router_confidence"] = (scores.confidence * valid).sum() / n_all
-        last["router_entropy"] = (scores.entropy * valid).sum() / n_all
+        last["router_confidence"] = masked_mean(scores.confidence, valid)  # padded garbage stays out
+        last["router_entropy"] = masked_mean(scores.entropy, valid)
         return tok_diff, seq_score
 
     def _check_sequence_scores(self, sequence_scores: object, batch: int, device: torch.device,

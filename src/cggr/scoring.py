@@ -122,6 +122,15 @@ def token_scores(
     )
 
 
+def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` over the ``valid`` positions (0 when none is valid), a 0-d tensor without host sync.
+
+    A select, not a multiply: a NaN or inf at an invalid (ignored, padded) position never enters the sum
+    (``NaN · 0`` would be NaN), so garbage there cannot change a statistic that selection depends on.
+    """
+    return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
+
+
 def difficulty(scores: TokenScores, mode: str) -> Tensor:
     """One difficulty value per token, fp32, higher = harder (DESIGN §4).
 

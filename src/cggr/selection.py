@@ -35,6 +35,7 @@ from cggr._validation import (
     check_choice,
     check_int,
     check_ratio,
+    check_ratio_tensor,
 )
 from cggr.sampling import (
     DEFAULT_TEMPERATURE,
@@ -84,10 +85,14 @@ class RatioSchedule:
 def dynamic_ratio(ratio: float, mean_confidence: Tensor, sensitivity: float) -> Tensor:
     """ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1]; a 0-d fp32 tensor.
 
-    Low confidence (the model is still learning) keeps more tokens; high confidence keeps fewer.
+    Low confidence (the model is still learning) keeps more tokens; high confidence keeps fewer. A NaN mean
+    confidence (NaN or inf logits at a valid position: the user's own) gives the scheduled ``ratio`` rather than a
+    NaN ratio that would collapse K to 1; the NaN itself is not hidden: it counts as the hardest token and so
+    reaches the loss. Compute the mean over valid positions only (:func:`cggr.scoring.masked_mean`).
     """
     r = ratio * (1.0 + (1.0 - mean_confidence.float()) * sensitivity)
-    return r.clamp(min=ratio / 2.0, max=1.0)
+    r = r.clamp(min=ratio / 2.0, max=1.0)
+    return torch.where(torch.isnan(r), torch.full_like(r, ratio), r)
 
 
 def num_selected(ratio: float | Tensor, n_valid: Tensor) -> Tensor:
@@ -174,7 +179,11 @@ def select_tokens(
     Args:
         difficulty: (N,) or (B, T) difficulty, higher = harder.
         valid: Bool mask of the same shape (False = ignored target), or ``None`` for all valid.
-        ratio: Share of the valid tokens to keep, a float in (0, 1] or a 0-d tensor (dynamic threshold).
+        ratio: Share of the valid tokens to keep, in (0, 1]: a float, or a 0-d floating-point tensor (the dynamic
+            threshold's, a schedule's) on ``difficulty.device`` or the CPU. A tensor ratio is checked where the
+            check costs no host sync: a CPU tensor eagerly (``ValueError``); a tensor on an accelerator with a
+            device-side assert (``torch._assert_async``: no host sync, it surfaces as a ``RuntimeError`` at the
+            next synchronisation, as the target range check does), also inside ``torch.compile``d code.
         strategy: ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'``, ``'random'``,
             ``'sampled'`` or ``'importance'`` (mask only; the weights: :func:`cggr.sampling.importance_select`).
         num_strata: Buckets for ``stratified``.
@@ -194,19 +203,29 @@ def select_tokens(
     uniform_mix = check_uniform_mix(uniform_mix)
     num_strata = check_int("num_strata", num_strata, minimum=1)
     min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-    if not isinstance(difficulty, Tensor) or difficulty.dim() not in (1, 2):
+    if not isinstance(difficulty, Tensor):
+        raise TypeError(f"difficulty must be a 1-D (N,) or 2-D (B, T) tensor, got {type(difficulty).__name__}")
+    if difficulty.dim() not in (1, 2):
         raise ValueError(
             f"difficulty must be a 1-D (N,) or 2-D (B, T) tensor, got "
             f"{tuple(difficulty.shape) if isinstance(difficulty, Tensor) else type(difficulty).__name__}"
         )
     if valid is None:
         valid = torch.ones_like(difficulty, dtype=torch.bool)
+    elif not isinstance(valid, Tensor):
+        raise TypeError(
+            f"valid must be None or a bool tensor of shape {tuple(difficulty.shape)}, got {type(valid).__name__}"
+        )
     elif valid.shape != difficulty.shape or valid.dtype != torch.bool:
         raise ValueError(
             f"valid must be a bool tensor of shape {tuple(difficulty.shape)}, got {valid.dtype} "
             f"{tuple(valid.shape)}"
         )
-    if not isinstance(ratio, Tensor):
+    if valid.device != difficulty.device:
+        raise ValueError(f"valid is on {valid.device} but difficulty is on {difficulty.device}; move them together")
+    if isinstance(ratio, Tensor):
+        check_ratio_tensor(ratio, difficulty.device)
+    else:
         check_ratio("ratio", ratio)
 
     shape = difficulty.shape
