@@ -9,7 +9,8 @@ their probabilities renormalised to sum 1 (``w``). ``y[t] = Σ_slot w[t, slot] �
 ``expert_e(x) = act(x @ w1[e]) @ w2[e]`` (SwiGLU: ``silu(x @ gate) * (x @ up)``).
 
 Null routing: ``token_mask`` (bool, True = route) sends the other tokens to the sentinel expert E; they get y = 0,
-no gradient through the experts, and take no part in the routing statistics or the auxiliary loss.
+no gradient through the experts, and take no part in the routing statistics or the auxiliary loss: their inputs
+are replaced by 0 (a select) before the router GEMM, so NaN/inf values there change nothing at all.
 
 Dataflow (no host synchronisation on the Triton and ``torch._grouped_mm`` paths): the M (token, slot) pairs are
 sorted by expert id on the device (sentinel pairs sort last); the group offsets (E+1,) stay on the device; gather
@@ -187,7 +188,7 @@ def expert_mlp_torch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: 
     o = o * plan.weights[:, None].to(o.dtype)
     inverse = torch.empty_like(plan.order)
     inverse[plan.order] = torch.arange(plan.order.shape[0], device=x.device)
-    y = o[inverse].view(x.shape[0], top_k, -1).sum(1)  # (N, d): pair order, deterministic sum over slots
+    y = o[inverse].view(x.shape[0], top_k, o.shape[-1]).sum(1)  # (N, d): pair order, deterministic sum over slots
     return torch.where(plan.routed[:, None], y, 0) if masked else y
 
 
@@ -304,7 +305,14 @@ class PersistentTRMLP(nn.Module):
         x2 = x.reshape(-1, self.hidden_dim).to(dtype)  # (N, d)
         w_router, w1, w2 = (w.to(dtype) for w in (self.router.weight, self.expert_w1, self.expert_w2))
         mask = None if token_mask is None else token_mask.reshape(-1)
+        if mask is not None:
+            # null-routed tokens take no part: a select (never a multiply) gives them 0 before the router GEMM, so
+            # a NaN/inf there reaches neither the routing statistics, aux_loss, nor any gradient (0 · NaN = NaN)
+            x2 = torch.where(mask[:, None], x2, 0)
         impl = _resolve_impl(self.impl, x2)
+        empty = x2.shape[0] == 0
+        if empty:  # no token: the torch path's per-expert loop runs empty GEMMs; aux_loss is 0 (with gradient)
+            impl = "torch"
         route_impl = "triton" if impl == "triton" and self.kernel_options.fused_routing else "torch"
         plan = route_tokens(x2, w_router, self.top_k, mask, impl=route_impl)
         if impl == "triton":
@@ -312,7 +320,7 @@ class PersistentTRMLP(nn.Module):
                                    plan.offs, None if plan.all_routed else plan.routed, top_k=self.top_k,
                                    activation=self.activation, options=self.kernel_options)
         else:
-            y = expert_mlp_torch(x2, w1, w2, plan, self.top_k, self.activation)
+            y = expert_mlp_torch(x2, w1, w2, plan, self.top_k, self.activation, use_grouped_mm=False if empty else None)
         if plan.balance is not None:  # fused routing computed both terms
             balance, z = plan.balance, plan.z
         else:

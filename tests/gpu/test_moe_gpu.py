@@ -198,3 +198,40 @@ def test_no_host_sync_in_triton_forward_backward():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("fused_routing", [True, False])
+def test_garbage_in_null_routed_tokens_changes_nothing_triton(fused_routing):
+    """NaN / inf / 1e30 in null-routed tokens (token_mask False): the Triton path's output, aux_loss and gradients
+    equal those with ordinary values there (up to the accumulation order of the atomics), all finite."""
+    g = _gen()
+    n_exp, d, inter = 8, 128, 192
+    m = PersistentTRMLP(d, inter, num_experts=n_exp, top_k=2, z_loss_coef=1e-3, device="cuda", dtype=torch.bfloat16,
+                        impl="triton", kernel_options=GroupedMLPOptions(fused_routing=fused_routing))
+    x = torch.randn(4, 96, d, device="cuda", generator=g).to(torch.bfloat16)
+    mask = torch.rand(4, 96, device="cuda", generator=g) > 0.5
+    dirty = x.clone()
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30], device="cuda", dtype=torch.bfloat16)
+    dirty[~mask] = junk[torch.randint(0, 4, dirty[~mask].shape, device="cuda", generator=g)]
+    gy = torch.randn_like(x)
+    res = []
+    for inp in (x, dirty):
+        m.zero_grad(set_to_none=True)
+        xx = inp.detach().clone().requires_grad_()
+        y, aux = m(xx, token_mask=mask)
+        torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        res.append([y.detach(), aux.detach(), xx.grad, m.router.weight.grad, m.expert_w1.grad, m.expert_w2.grad])
+    for name, a, b in zip(["y", "aux", "dx", "drouter", "dw1", "dw2"], *res):
+        assert torch.isfinite(b).all(), name
+        assert rel_err(a, b) < 1e-2, f"{name}: rel diff {rel_err(a, b):.3g}"
+    assert not res[1][0][~mask].any() and not res[1][2][~mask].any()
+
+
+@pytest.mark.parametrize("shape", [(0, 128), (2, 0, 128)])
+def test_zero_tokens_triton(shape):
+    m = PersistentTRMLP(128, 192, num_experts=4, top_k=2, device="cuda", dtype=torch.bfloat16, impl="triton")
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, aux = m(x, token_mask=torch.ones(shape[:-1], dtype=torch.bool, device="cuda"))
+    assert y.shape == x.shape and float(aux.detach()) == 0.0
+    (y.float().sum() + aux).backward()
+    assert x.grad.shape == x.shape
