@@ -19,9 +19,11 @@ with interpreter_env():  # see tests/_interpret.py
     pytest.importorskip("triton")
     from cggr.kernels import linear_cross_entropy as lce
     from cggr.kernels import linear_cross_entropy_fused as fz
+    from cggr.kernels import linear_cross_entropy_fused_split as sp
     from cggr.kernels import scoring as ks
 
-INTERPRETED = is_interpreted(ks._token_scores_kernel, lce._ce_rows_kernel, fz._fwd_stats_kernel, fz._bwd_kernel)
+INTERPRETED = is_interpreted(ks._token_scores_kernel, lce._ce_rows_kernel, fz._fwd_stats_kernel, fz._bwd_kernel,
+                             sp._bwd_dh_kernel, sp._bwd_dw_kernel, sp._fwd_dh_kernel)
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr import CGGRLoss  # noqa: E402

@@ -19,10 +19,10 @@ from cggr._validation import (
     SCORING_MODES,
     check_bool,
     check_choice,
-    check_finite_float,
     check_ignore_index,
     check_int,
     check_seed,
+    check_sensitivity,
 )
 from cggr.reference import REFERENCE_NORMS
 from cggr.sampling import (
@@ -133,7 +133,7 @@ class TokenSelector(Curriculum):
         self.num_strata = check_int("num_strata", num_strata, minimum=1)
         self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
         self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
-        self.threshold_sensitivity = check_finite_float("threshold_sensitivity", threshold_sensitivity)
+        self.threshold_sensitivity = check_sensitivity(threshold_sensitivity)
         self.ignore_index = check_ignore_index(ignore_index)
 
     @property

@@ -89,10 +89,20 @@ def check_finite_float(name: str, value: object) -> float:
     return float(value)
 
 
+def check_sensitivity(value: object, name: str = "threshold_sensitivity") -> float:
+    """The dynamic threshold's strength: a number in [0, 1], the range the original ``cggr`` accepted."""
+    value = check_finite_float(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
 def check_logits_targets(
     logits: object, targets: object | None, *, ignore_index: int, allowed_ranks: tuple[int, ...] = (2, 3)
 ) -> None:
-    """Validate ``logits`` (..., V) and optional ``targets`` (...) as used by every scoring/loss entry point."""
+    """Validate ``logits`` (..., V), optional ``targets`` (...) and ``ignore_index``, as every scoring/loss entry
+    point uses them."""
+    check_ignore_index(ignore_index)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() not in allowed_ranks:

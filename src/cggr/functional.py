@@ -125,6 +125,8 @@ def token_scores(
     Returns:
         :class:`cggr.scoring.TokenScores`, tensors shaped ``logits.shape[:-1]``. No gradient flows.
     """
+    if not isinstance(logits, Tensor):  # before resolve_impl reads its device
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if resolve_impl(impl, logits, op="token_scores") == "torch":  # it checks its inputs itself
         return _torch_token_scores(logits, targets, ignore_index=ignore_index, chunk_size=chunk_size)
     check_logits_targets(logits, targets, ignore_index=ignore_index)
@@ -155,7 +157,7 @@ class LinearCrossEntropyOptions:
     Attributes:
         num_strata: Buckets for ``selection='stratified'``.
         min_tokens_per_sequence: Per-sequence floor for ``selection='sequence_aware'`` (rows of 3-D inputs).
-        threshold_sensitivity: ``None`` for a fixed ratio; a float turns on the dynamic threshold
+        threshold_sensitivity: ``None`` for a fixed ratio; a float in [0, 1] turns on the dynamic threshold
             ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1] (not for ``fixed_quota``).
         generator: Random source for ``stratified`` and ``random``: a ``torch.Generator`` on the inputs' device
             or a :class:`cggr._rng.CounterRNG` (as in :func:`cggr.selection.select_tokens`).
@@ -236,6 +238,8 @@ class LinearCrossEntropyOptions:
             raise TypeError(f"threshold_sensitivity must be None or a finite float, got {type(ts).__name__} {ts!r}")
         if ts is not None and not math.isfinite(ts):
             raise ValueError(f"threshold_sensitivity must be None or a finite float, got {ts!r}")
+        if ts is not None and not 0 <= ts <= 1:  # the range of CGGRLoss and the original cggr
+            raise ValueError(f"threshold_sensitivity must be None or a float in [0, 1], got {ts!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator | CounterRNG):
             raise TypeError(
                 "generator must be a torch.Generator, a cggr._rng.CounterRNG or None, got "

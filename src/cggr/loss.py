@@ -40,6 +40,15 @@ from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, masked_mean
 LOSS_SCORING_MODES = (*SCORING_MODES, "excess")
 
 
+def _check_targets(targets: object) -> None:
+    """token_scores takes ``targets=None`` (scores without nll); a loss needs them."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            "targets must be a torch.Tensor of class indices (B, T) or (N,) aligned with the logits, got "
+            f"{'None' if targets is None else type(targets).__name__}"
+        )
+
+
 class _SelectedCrossEntropy(torch.autograd.Function):
     """loss = Σ_n w_n · nll_n with nll precomputed in fp32; backward recomputes softmax chunk by chunk."""
 
@@ -82,7 +91,7 @@ class CGGRLoss(TokenSelector):
         num_strata: Buckets for ``stratified``.
         min_tokens_per_sequence: Per-sequence floor for ``sequence_aware`` (3-D inputs: per row of B).
         dynamic_threshold: Scale the ratio by the batch's mean confidence (ignored by ``fixed_quota``).
-        threshold_sensitivity: Strength of the dynamic threshold.
+        threshold_sensitivity: Strength of the dynamic threshold, in [0, 1] (as in the original ``cggr``).
         min_tokens_ratio: Share of valid tokens kept once warm-up is over, in (0, 1].
         warmup_steps: Steps over which the kept share falls linearly from 1 to ``min_tokens_ratio``.
         ignore_index: Target value to ignore.
@@ -146,6 +155,7 @@ class CGGRLoss(TokenSelector):
 
     def select(self, logits: Tensor, targets: Tensor, reference_loss: Tensor | None = None) -> tuple[Tensor, Any]:
         """Scores and selection without the loss: returns (mask like targets, TokenScores)."""
+        _check_targets(targets)
         mask, scores, _ = self._select(logits, targets, reference_loss)
         return mask, scores
 
@@ -199,6 +209,7 @@ class CGGRLoss(TokenSelector):
             ``selection='importance'``: Σ_kept nll / (π · N_valid) (``'sum'``: Σ_kept nll / π), an unbiased
             estimate of the mean (sum) over every valid token.
         """
+        _check_targets(targets)
         num_items = self._check_num_items(num_items_in_batch)
         if self.selecting:
             mask, scores, pi = self._select(logits, targets, reference_loss)

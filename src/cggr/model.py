@@ -88,7 +88,9 @@ def _router_logits(router: Callable[..., Any], input_ids: Tensor, attention_mask
     return logits
 
 
-def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None, *, integer: bool = False) -> None:
+def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None, *, integer: bool = False,
+              device: torch.device | None = None) -> None:
+    """``t`` is None or a (B, T) tensor (of ``shape`` / on ``device``: those of input_ids, when given)."""
     if t is None:
         return
     if not isinstance(t, Tensor) or t.dim() != 2:
@@ -96,6 +98,9 @@ def _check_2d(name: str, t: Tensor | None, shape: torch.Size | None = None, *, i
         raise ValueError(f"{name} must be a (B, T) tensor, got {got}")
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {tuple(shape)}")
+    if device is not None and t.device != device:
+        verb = "are" if name.endswith("s") else "is"
+        raise ValueError(f"{name} {verb} on {t.device} but input_ids are on {device}; move them together")
     if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {t.dtype}")
 
@@ -172,9 +177,9 @@ class CGGRScorer(TokenSelector):
         Returns:
             ``(difficulty (B, T) fp32, mask (B, T) bool, info)``.
         """
-        _check_2d("input_ids", input_ids)
-        _check_2d("targets", targets, input_ids.shape)
-        _check_2d("attention_mask", attention_mask, input_ids.shape)
+        _check_2d("input_ids", input_ids, integer=True)
+        _check_2d("targets", targets, input_ids.shape, device=input_ids.device)
+        _check_2d("attention_mask", attention_mask, input_ids.shape, device=input_ids.device)
         logits = _router_logits(self.router, input_ids, attention_mask, **router_kwargs)  # (B, T, V)
         scores = token_scores(logits, targets, ignore_index=self.ignore_index, impl=self.impl)
         valid = scores.valid if scores.valid is not None else torch.ones(scores.entropy.shape, dtype=torch.bool,
@@ -461,8 +466,9 @@ class CGGRModel(Curriculum):
         if input_ids is None:
             raise ValueError("input_ids is required when labels are given (the router scores token ids)")
         _check_2d("input_ids", input_ids, integer=True)
-        _check_2d("labels", labels, input_ids.shape, integer=True)  # before any .long(): floats never truncate
-        _check_2d("attention_mask", attention_mask, input_ids.shape)
+        _check_2d("labels", labels, input_ids.shape, integer=True,  # before any .long(): floats never truncate
+                  device=input_ids.device)
+        _check_2d("attention_mask", attention_mask, input_ids.shape, device=input_ids.device)
         num_items = _check_num_items(num_items_in_batch)
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         head_w = getattr(head, "weight", None)
@@ -570,6 +576,8 @@ class CGGRModel(Curriculum):
             return CGGROutput(loss=loss, logits=logits)
         last.update(
             indices=idx.detach(),
+            # the original cggr's key: here the valid targets of the sequences the router selected (docs/compat.md)
+            router_tokens_selected=(sub_targets != self.ignore_index).sum().detach(),
             tokens_selected=n_keep.detach(),
             tokens_total=valid.sum().detach(),
             sequences_selected=k,

@@ -222,7 +222,7 @@ class TruncatedRouter(nn.Module):
 
     @property
     def layers_used(self) -> int:
-        """Number of layers the router runs (L for passthrough)."""
+        """Number of layers the router runs; -1 for a passthrough router (the whole model, layers not counted)."""
         if self.passthrough or self._path is None:
             return -1
         return len(self._path_objects(self._shell)[-1])
