@@ -261,7 +261,7 @@ def test_model_ignores_garbage_router_logits_at_padded_positions(token_ratio):
     for lg in (logits, dirty):
         model.zero_grad(set_to_none=True)
         cm = CGGRModel(model, router=_FixedRouter(lg), min_tokens_ratio=0.5, warmup_steps=0, token_ratio=token_ratio)
-        loss = cm(ids, labels=labels, attention_mask=mask)
+        loss = cm(ids, labels=labels, attention_mask=mask).loss
         loss.backward()
         outs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
                      cm.get_metrics()))
