@@ -392,6 +392,9 @@ def test_cggr_model_save_pretrained_and_from_pretrained(tmp_path):
     back = CGGRModel.from_pretrained(str(tmp_path), num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=8,
                                      selection="random", seed=2)
     assert isinstance(back.model, LlamaForCausalLM) and int(back.step_count) == 3
+    explicit = CGGRModel.from_pretrained(str(tmp_path), model_class=LlamaForCausalLM,
+                                         model_kwargs={"dtype": torch.float64}, num_router_layers=1)
+    assert next(explicit.model.parameters()).dtype == torch.float64 and int(explicit.step_count) == 3
     assert back.current_ratio == cm.current_ratio and torch.equal(back.rng_counter, cm.rng_counter)
     cm(ids, labels=ids)
     back(ids, labels=ids)

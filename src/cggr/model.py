@@ -401,14 +401,16 @@ class CGGRModel(Curriculum):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, model_kwargs: dict[str, Any] | None = None,
-        **cggr_kwargs: Any,
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, model_class: Any = None,
+        model_kwargs: dict[str, Any] | None = None, **cggr_kwargs: Any,
     ) -> CGGRModel:
-        """``CGGRModel(AutoModelForCausalLM.from_pretrained(path, **model_kwargs), **cggr_kwargs)``, with the
-        curriculum of ``cggr_state.pt`` when the directory has one (see :meth:`save_pretrained`)."""
+        """``CGGRModel(model_class.from_pretrained(path, **model_kwargs), **cggr_kwargs)`` (``model_class``
+        default ``AutoModelForCausalLM``), with the curriculum of ``cggr_state.pt`` when the directory has one
+        (see :meth:`save_pretrained`)."""
         from cggr.integrations.transformers import from_pretrained
 
-        return from_pretrained(pretrained_model_name_or_path, model_kwargs=model_kwargs, **cggr_kwargs)
+        return from_pretrained(pretrained_model_name_or_path, model_class=model_class, model_kwargs=model_kwargs,
+                               **cggr_kwargs)
 
     # ------------------------------------------------------------------ curriculum
     def num_selected_sequences(self, batch_size: int) -> int:
