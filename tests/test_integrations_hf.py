@@ -420,8 +420,13 @@ def test_apply_cggr_arguments_are_checked(tmp_path):
     with pytest.raises(TypeError, match="CGGRLoss"):
         cggr_loss_func(torch.nn.CrossEntropyLoss())
     apply_cggr(trainer, num_router_layers=1)
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(ValueError, match="already has a CGGRCallback"):
         apply_cggr(trainer, num_router_layers=1)
+    smoothing = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="label smoothing"):  # the Trainer's smoothed loss would bypass CGGR
+        apply_cggr(Trainer(model=tiny_llama(), args=smoothing))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        apply_cggr(Trainer(model=tiny_llama(), args=args, compute_loss_func=lambda *a, **k: 0), num_router_layers=1)
 
 
 # ---------------------------------------------------------------------------------------------- packaging

@@ -242,6 +242,11 @@ def apply_cggr(trainer: Any, *, loss: CGGRLoss | None = None, **cggr_model_kwarg
     loss. A :class:`CGGRCallback` steps the curriculum once per optimizer step and saves it with each checkpoint.
     The Trainer's model is left as it is: ``save_model()`` writes a checkpoint that
     ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Raises:
+        TypeError: ``trainer`` is not a Trainer, or its model is already a CGGR module.
+        ValueError: The Trainer has label smoothing, a ``compute_loss_func`` or a ``CGGRCallback`` already (each
+            would bypass or duplicate the CGGR loss or curriculum).
     """
     from transformers import Trainer
 
@@ -253,12 +258,16 @@ def apply_cggr(trainer: Any, *, loss: CGGRLoss | None = None, **cggr_model_kwarg
             f"{type(trainer.model).__name__} (or keep Trainer(model=CGGRModel(...)) and add CGGRCallback())"
         )
     if any(isinstance(cb, CGGRCallback) for cb in trainer.callback_handler.callbacks):
-        raise ValueError("apply_cggr was already applied to this Trainer (it has a CGGRCallback)")
+        raise ValueError("the Trainer already has a CGGRCallback (apply_cggr applied twice, or one passed in "
+                         "callbacks=): apply_cggr adds its own")
+    if trainer.label_smoother is not None:  # the Trainer would compute its own smoothed loss, bypassing CGGR
+        raise ValueError(f"apply_cggr does not support label smoothing (label_smoothing_factor="
+                         f"{trainer.args.label_smoothing_factor}); set it to 0")
+    if trainer.compute_loss_func is not None:  # it would replace (loss=) or bypass (CGGRModel) the CGGR loss
+        raise ValueError("apply_cggr: the Trainer already has a compute_loss_func")
     if loss is not None:
         if cggr_model_kwargs:
             raise TypeError(f"apply_cggr(loss=...) takes no CGGRModel arguments, got {sorted(cggr_model_kwargs)}")
-        if trainer.compute_loss_func is not None:
-            raise ValueError("apply_cggr(loss=...): the Trainer already has a compute_loss_func")
         trainer.compute_loss_func = cggr_loss_func(loss, causal=not _is_masked(trainer.model))
         trainer.add_callback(CGGRCallback(loss))
         return loss
@@ -267,12 +276,10 @@ def apply_cggr(trainer: Any, *, loss: CGGRLoss | None = None, **cggr_model_kwarg
     original = trainer.compute_loss  # bound: a Trainer subclass's own compute_loss stays in charge
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (
-            model.training
-            and inputs.get("labels") is not None
-            and trainer.compute_loss_func is None
-            and trainer.label_smoother is None
-        ):
+        if model.training and inputs.get("labels") is not None:
+            if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
+                raise ValueError("apply_cggr: a compute_loss_func or label smoothing was set after apply_cggr; "
+                                 "the CGGRModel loss cannot be combined with them")
             # the model the Trainer passes (DDP/compile-wrapped or not) does the forward, so its hooks run
             if cggr_model._modules["model"] is not model:
                 cggr_model._modules["model"] = model
