@@ -120,8 +120,10 @@ class CGGRCallback(TrainerCallback):
     ``step()`` on each module. ``on_save`` writes the modules' curriculum state to ``cggr_state.pt`` inside the
     checkpoint just written (``<output_dir>/checkpoint-<step>``). ``on_train_begin`` of a resumed run
     (``global_step > 0``) loads it back from ``args.resume_from_checkpoint`` or ``<output_dir>/checkpoint-<step>``;
-    without that file the step is set to ``global_step`` (the schedule is exact; the random stream of
-    ``selection='random'``/``'stratified'`` then continues from where the module is, with a warning).
+    without that file (e.g. ``trainer.train(resume_from_checkpoint=path)`` with a path outside ``output_dir`` and
+    not in ``args.resume_from_checkpoint``) the step is set to ``global_step`` (the schedule is exact; the random
+    stream of the drawing selections, ``'random'``, ``'stratified'``, ``'sampled'``, ``'importance'``, continues
+    from where the module is, with a warning).
     """
 
     def __init__(self, *modules: Curriculum) -> None:
