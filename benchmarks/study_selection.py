@@ -587,6 +587,7 @@ def markdown(payload: dict[str, Any]) -> str:
     rows = payload["summary"]
     ref = info["reference"]
     lines = [f"# Selection study, regime `{s['regime']}`", "", payload.get("hypothesis", ""), "",
+             *([f"Note: {payload['note']}", ""] if payload.get("note") else []),
              f"Model: Llama {s['layers']} x {s['hidden']} (intermediate {s['intermediate']}, "
              f"{s['parameters'] / 1e6:.2f}M parameters), `{s['data']}` corpus, T={s['seq_len']}, vocabulary "
              f"{s['vocab']}. {s['steps']} optimizer steps per run, each scanning S={s['scan']} sequences of the "
@@ -710,7 +711,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="benchmarks/results/cpu")
     p.add_argument("--name", default=None, help="output name (default selection_<regime>)")
     p.add_argument("--rerender", default="", help="rewrite the Markdown (and summary) of this JSON and exit")
+    p.add_argument("--combine", nargs="+", default=[], help="regime JSON files: write the rule x regime table")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, Path(args.out), args.name or "selection_regimes")
     if args.rerender:
         payload = json.loads(Path(args.rerender).read_text(encoding="utf-8"))
         payload["summary"] = summarise(payload["runs"], payload["settings"]["rules"])
@@ -760,6 +764,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "wall_seconds": round(time.perf_counter() - t_start, 1), "setup": setup.info,
                "summary": summarise(runs, args.rules), "runs": runs}
     write_outputs(payload, Path(args.out), args.name or f"selection_{args.regime}")
+    return payload
+
+
+def combine(paths: list[str], out: Path, name: str) -> dict[str, Any]:
+    """One rule x regime table from several regimes' JSON files: mean paired Δ vs random [95% CI], seeds won."""
+    regimes = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    rules: list[str] = []
+    for reg in regimes:
+        rules += [r["rule"] for r in reg["summary"] if r["rule"] not in rules]
+    cells = {}
+    for reg in regimes:
+        for r in reg["summary"]:
+            cells[(r["rule"], reg["settings"]["regime"])] = r
+    names = [reg["settings"]["regime"] for reg in regimes]
+    lines = ["# Selection study: every rule x regime", "",
+             "Final held-out loss of each rule minus `random`'s in the same seed: mean [95% Student-t interval] and "
+             "seeds won; negative is better. `random` row: its mean held-out loss. Per-regime details: "
+             + ", ".join(f"[{Path(p).stem}]({Path(p).stem}.md)" for p in paths) + ".", "",
+             "| rule | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    table = {}
+    for rule in rules:
+        row = []
+        for reg in names:
+            c = cells.get((rule, reg))
+            if c is None:
+                row.append("–")
+            elif rule == "random":
+                row.append(f"{c['final_mean']:.3f}")
+            else:
+                v = c["vs_random"]
+                row.append(f"{_ci(v)} {v['won']}/{v['n']}")
+            table[f"{rule}|{reg}"] = c and {k: c.get(k) for k in ("final_mean", "vs_random", "vs_all")}
+        lines.append(f"| {rule} | " + " | ".join(row) + " |")
+    lines += ["", "Commands: " + "; ".join(f"`{reg['environment']['command']}`" for reg in regimes), ""]
+    payload = {"regimes": names, "sources": paths, "cells": table}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
     return payload
 
 
