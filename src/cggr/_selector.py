@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cggr._rng import CounterRNG
+from cggr._rng import CounterRNG, _capturing
 from cggr._validation import (
     SCORING_MODES,
     check_bool,
@@ -55,8 +55,7 @@ class Curriculum(nn.Module):
         self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps)
         self.seed = check_seed(seed)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._step = 0  # host mirror of step_count
-        self._ratio = self.schedule(0)
+        self._set_step(0)  # the host mirror of step_count (see host_step)
         # the random source: a counter-based hash (traceable by torch.compile, no host sync); the counter is saved
         self._rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
         self.register_buffer("rng_counter", torch.zeros((), dtype=torch.long))
@@ -76,14 +75,46 @@ class Curriculum(nn.Module):
 
     @property
     def current_ratio(self) -> float:
-        """Scheduled share kept at the current step (before any dynamic threshold)."""
+        """Scheduled share kept at the current step (before any dynamic threshold), from :meth:`host_step`."""
+        self.host_step()
         return self._ratio
 
+    def _buffer_key(self) -> tuple | None:
+        """What identifies the buffer's current contents without reading them: identity, storage, version counter
+        (every in-place op bumps it: ``fill_``, ``copy_``, ``add_``, a checkpoint loader's ``copy_``). ``None``
+        for an inference tensor (no version counter): never trusted."""
+        b = self.step_count
+        return None if b.is_inference() else (id(b), b.data_ptr(), b._version)
+
+    def _set_step(self, step: int) -> None:
+        self._step = step
+        self._ratio = self.schedule(step)
+        self._seen = self._buffer_key()
+
+    def host_step(self) -> int:
+        """The step on the host; the ``step_count`` buffer is the truth.
+
+        The host mirror is used while the buffer is unchanged since this module last wrote or read it (compared
+        by :meth:`_buffer_key`: no device read); after any outside write (``step_count.fill_(500)``, an in-place
+        checkpoint loader, ``.to()``, DDP's buffer broadcast) the buffer is read once: free on the CPU, a host
+        sync on an accelerator. While ``torch.compile`` traces or a CUDA graph is captured, the mirror (dynamo
+        guards on it; :meth:`step` keeps it current). A write through ``.data`` bypasses the version counter and
+        is not seen: write the buffer itself.
+        """
+        if torch.compiler.is_compiling() or _capturing():
+            return self._step
+        key = self._buffer_key()
+        if key is None or key != self._seen:
+            self._set_step(int(self.step_count))
+        return self._step
+
     def step(self) -> None:
-        """Advance the curriculum by one optimizer step (no host sync)."""
-        self._step += 1
-        self._ratio = self.schedule(self._step)
+        """Advance the curriculum by one optimizer step (``step_count += 1`` in place; no host sync)."""
+        fresh = torch.compiler.is_compiling() or (self._seen is not None and self._buffer_key() == self._seen)
         self.step_count.add_(1)
+        if fresh:
+            self._set_step(self._step + 1)
+        # else: the buffer was written from outside since the mirror was read; the next host_step reads it
 
     def random_generator(self) -> CounterRNG:
         """The module's random source (draws land on their inputs' device; each advances ``rng_counter``)."""
@@ -98,9 +129,8 @@ def _default_rng_counter(module: Curriculum, state_dict, prefix, *_) -> None:
 
 
 def _sync_step(module: Curriculum, incompatible_keys) -> None:
-    module._step = int(module.step_count)
+    module._set_step(int(module.step_count))
     module._rng_seed = int(module.rng_seed) & (2**64 - 1)  # CounterRNG reads the low 64 bits
-    module._ratio = module.schedule(module._step)
 
 
 class TokenSelector(Curriculum):
@@ -140,6 +170,20 @@ class TokenSelector(Curriculum):
     def uses_dynamic_threshold(self) -> bool:
         return self.dynamic_threshold and self.selection != "fixed_quota"
 
+    def scheduled_ratio(self, device: torch.device) -> float | Tensor:
+        """The warm-up share for a call on ``device``, from the ``step_count`` buffer.
+
+        A float when it cannot change (``warmup_steps = 0``) or when the buffer lives on another device (then
+        from :meth:`host_step`); else a 0-d tensor computed from the buffer on its device (fp64 where the device
+        has it: the same value as the host formula), so an in-place write is seen at once, nothing syncs the host
+        and ``torch.compile`` compiles one graph for the whole warm-up.
+        """
+        if self.warmup_steps == 0:
+            return self.min_tokens_ratio
+        if self.step_count.device != device:
+            return self.current_ratio
+        return self.schedule.at(self.step_count)
+
     def selection_generator(self) -> CounterRNG | None:
         """The generator the randomised strategies draw from; ``None`` for the deterministic ones."""
         randomised = ("stratified", "random", "sampled", "importance")
@@ -169,9 +213,9 @@ class TokenSelector(Curriculum):
             diff = difficulty(scores, self.scoring)
         n_valid = valid.sum()
         mean_conf = masked_mean(scores.confidence, valid)  # a select: garbage at invalid positions stays out
-        ratio: float | Tensor = self._ratio
+        ratio = self.scheduled_ratio(valid.device)
         if self.uses_dynamic_threshold:
-            ratio = dynamic_ratio(self._ratio, mean_conf, self.threshold_sensitivity)
+            ratio = dynamic_ratio(ratio, mean_conf, self.threshold_sensitivity)
         pi = None
         rho = None
         if self.selection == "importance":

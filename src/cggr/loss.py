@@ -305,7 +305,7 @@ class CGGRLoss(TokenSelector):
     # ------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, float]:
         """Host-side metrics of the last forward (this syncs; call it outside the hot path)."""
-        out: dict[str, float] = {"step": self._step, "scheduled_ratio": self.current_ratio}
+        out: dict[str, float] = {"step": self.host_step(), "scheduled_ratio": self.current_ratio}
         if self._last:
             vals = {k: float(v) for k, v in self._last.items()}
             total = vals["tokens_total"]

@@ -415,7 +415,7 @@ class CGGRModel(Curriculum):
     # ------------------------------------------------------------------ curriculum
     def num_selected_sequences(self, batch_size: int) -> int:
         """k = max(1, round(ratio · B)) (round half up), at most B."""
-        return min(batch_size, max(1, math.floor(self._ratio * batch_size + 0.5)))
+        return min(batch_size, max(1, math.floor(self.current_ratio * batch_size + 0.5)))
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -734,7 +734,7 @@ class CGGRModel(Curriculum):
     # ------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, Any]:
         """Host-side metrics of the last call (this syncs; call it outside the hot path)."""
-        out: dict[str, Any] = {"step": self._step, "scheduled_ratio": self._ratio}
+        out: dict[str, Any] = {"step": self.host_step(), "scheduled_ratio": self.current_ratio}
         if self._last:
             for key, val in self._last.items():
                 if key == "sequence_scores":  # a (B,) tensor: last_sequence_scores()

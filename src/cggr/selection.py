@@ -74,6 +74,15 @@ class RatioSchedule:
         progress = min(1.0, max(0, step) / self.warmup_steps)
         return 1.0 - progress * (1.0 - self.min_tokens_ratio)
 
+    def at(self, step: Tensor) -> Tensor:
+        """The same ratio from a 0-d integer step tensor, on its device without a host sync: fp64 (fp32 on MPS),
+        the same operations as :meth:`__call__`, so the same value."""
+        if self.warmup_steps == 0:
+            return torch.full((), self.min_tokens_ratio, dtype=torch.float64, device=step.device)
+        dtype = torch.float32 if step.device.type == "mps" else torch.float64
+        progress = (step.clamp(min=0).to(dtype) / self.warmup_steps).clamp(max=1.0)
+        return 1.0 - progress * (1.0 - self.min_tokens_ratio)
+
     def finished(self, step: int) -> bool:
         """True once the ratio no longer changes."""
         return step >= self.warmup_steps
@@ -82,7 +91,7 @@ class RatioSchedule:
         return f"RatioSchedule(min_tokens_ratio={self.min_tokens_ratio}, warmup_steps={self.warmup_steps})"
 
 
-def dynamic_ratio(ratio: float, mean_confidence: Tensor, sensitivity: float) -> Tensor:
+def dynamic_ratio(ratio: float | Tensor, mean_confidence: Tensor, sensitivity: float) -> Tensor:
     """ratio · (1 + (1 - mean confidence) · sensitivity), clamped to [ratio / 2, 1]; a 0-d fp32 tensor.
 
     Low confidence (the model is still learning) keeps more tokens; high confidence keeps fewer. A NaN mean
@@ -90,6 +99,11 @@ def dynamic_ratio(ratio: float, mean_confidence: Tensor, sensitivity: float) -> 
     NaN ratio that would collapse K to 1; the NaN itself is not hidden: it counts as the hardest token and so
     reaches the loss. Compute the mean over valid positions only (:func:`cggr.scoring.masked_mean`).
     """
+    if isinstance(ratio, Tensor):  # a scheduled ratio from the step buffer: fp32 like the float path
+        base = ratio.float()
+        r = base * (1.0 + (1.0 - mean_confidence.float()) * sensitivity)
+        r = torch.minimum(torch.maximum(r, base / 2.0), torch.ones_like(r))
+        return torch.where(torch.isnan(r), base, r)
     r = ratio * (1.0 + (1.0 - mean_confidence.float()) * sensitivity)
     r = r.clamp(min=ratio / 2.0, max=1.0)
     return torch.where(torch.isnan(r), torch.full_like(r, ratio), r)
