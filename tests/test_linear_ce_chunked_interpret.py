@@ -7,7 +7,7 @@ puts its chunks into d_weight's storage, and the scores, loss and gradients agai
 materialised logits at small odd shapes (V not a multiple of 16, N = 1, N > H and N < H, ignored rows, softcap,
 bias, fp16 pre-scale). Skipped without triton (CI); see tests/_interpret.py for the fresh-process fallback.
 
-Tolerances. fp32: DESIGN §6 (1e-5). The kernel stores its logits chunks in the input dtype (one rounding of an
+Tolerances. fp32: docs/design.md §6 (1e-5). The kernel stores its logits chunks in the input dtype (one rounding of an
 fp32-accumulated product), everything after that is fp32: the scores match fp64 statistics of the logits rounded
 once to the input dtype (1e-5). Gradients, unit roundoff u (2^-11 fp16): the softmax of rounded logits is off by
 at most u · max|z| relative; g = softmax - onehot is rounded once to the input dtype, each d_weight / d_bias

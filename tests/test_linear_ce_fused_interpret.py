@@ -9,7 +9,7 @@ module imported triton first in this process, the checks run in a fresh subproce
 The interpreter's tl.dot is wrong for bf16 inputs (Triton 3.9), so fp32 and fp16 here; bf16 is covered by
 tests/gpu/test_linear_ce_gpu.py.
 
-Tolerances. fp32: DESIGN §6 (1e-5). fp16 statistics: the fp16 x fp16 products are exact in fp32 and everything
+Tolerances. fp32: docs/design.md §6 (1e-5). fp16 statistics: the fp16 x fp16 products are exact in fp32 and everything
 after them is fp32, so the scores are fp32-accurate against an fp64 reference on the same fp16 inputs (1e-5).
 fp16 gradients: g = softmax - onehot is rounded once to fp16 before the tile products (relative 2^-11) and every
 output element receives at most ceil(V / 32) <= 4 rounded adds here plus the final rounding ('native'), each at

@@ -17,7 +17,7 @@ K_ROUTER = 2
 
 
 def brute_difficulty(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """'combined' difficulty in fp64 by the definitions of DESIGN §4."""
+    """'combined' difficulty in fp64 by the definitions of docs/design.md §4.2."""
     z = logits.double()
     p = torch.softmax(z, -1)
     ent = -(p * torch.log(p)).sum(-1)

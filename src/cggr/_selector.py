@@ -37,7 +37,7 @@ from cggr.selection import TOKEN_STRATEGIES, RatioSchedule, dynamic_ratio, num_s
 
 
 class Curriculum(nn.Module):
-    """Kept share ratio(step) falling from 1 to ``min_tokens_ratio`` over ``warmup_steps`` (DESIGN §4).
+    """Kept share ratio(step) falling from 1 to ``min_tokens_ratio`` over ``warmup_steps`` (docs/design.md §4.4).
 
     Args:
         min_tokens_ratio: Share kept once warm-up is over, in (0, 1].

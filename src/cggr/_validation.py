@@ -1,7 +1,7 @@
 """Argument checks shared by the public API.
 
 Every check raises ``ValueError`` or ``TypeError`` whose message names the argument, the value received and
-what was expected (DESIGN §7). Checks that need a value from the device are skipped while ``torch.compile``
+what was expected (docs/design.md §8). Checks that need a value from the device are skipped while ``torch.compile``
 traces, and on accelerators they run as device-side asserts so the host never waits.
 """
 

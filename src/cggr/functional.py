@@ -3,7 +3,7 @@
 Shape legend: B batch, T sequence length, N = B·T tokens, H hidden size, V vocabulary, K kept tokens,
 K_max a static (host-side) upper bound on K.
 
-Both ops dispatch on ``impl`` (DESIGN §6): ``'torch'`` is the pure-PyTorch path (CPU path and test oracle),
+Both ops dispatch on ``impl`` (docs/design.md §6): ``'torch'`` is the pure-PyTorch path (CPU path and test oracle),
 ``'triton'`` the CUDA kernels under :mod:`cggr.kernels`, ``'auto'`` picks Triton for CUDA tensors when Triton
 imports. An explicit ``'triton'`` that cannot run raises; the environment variable ``CGGR_IMPL=torch`` forces
 the PyTorch path everywhere.
@@ -84,7 +84,7 @@ def _triton_importable() -> bool:
 
 
 def resolve_impl(impl: str, tensor: Tensor, *, op: str) -> str:
-    """Return ``'torch'`` or ``'triton'`` for ``impl`` and the tensor the op runs on (DESIGN §6)."""
+    """Return ``'torch'`` or ``'triton'`` for ``impl`` and the tensor the op runs on (docs/design.md §6)."""
     check_choice("impl", impl, IMPLS)
     if os.environ.get("CGGR_IMPL", "").strip().lower() == "torch" or impl == "torch":
         return "torch"
@@ -180,17 +180,16 @@ class LinearCrossEntropyOptions:
             (default): ``'atomic'`` for bf16/fp16 inputs on a GPU of compute capability 9.0 or newer with
             Triton >= 3.6, else ``'native'`` (:func:`resolve_accumulate`). ``'native'`` adds fp32 tile partials
             into the output dtype under locks (no extra memory; one bf16 rounding per add), ``'atomic'`` the same
-            with 16-bit hardware atomics instead of locks (bf16: Hopper; 0.37x the tiled backward's time on an
-            H200, benchmarks/results/h200/linear_ce_fused_tiles.md),
-            ``'fp32_hidden'`` keeps d_hidden in an fp32 buffer (N·H·4 extra bytes), ``'fp32'`` both
-            d_hidden and d_weight ((N + V)·H·4 extra bytes). fp32 inputs always accumulate in fp32.
+            with 16-bit hardware atomics instead of locks (bf16: Hopper; no lock round trips, hence the default
+            where it can run; timings: docs/linear_cross_entropy.md), ``'fp32_hidden'`` keeps d_hidden in an
+            fp32 buffer (N·H·4 extra bytes), ``'fp32'`` both d_hidden and d_weight ((N + V)·H·4 extra bytes).
+            fp32 inputs always accumulate in fp32.
         filter_eps: ``kernel='fused'`` only: ``None`` (exact, default) or Cut Cross-Entropy's gradient
             filter: backward tiles (128 vocabulary columns on the GPU) whose every |softmax - onehot| is below
             ``filter_eps`` are skipped (faster when the softmax is peaked or spread thin over a large
             vocabulary; drops those tiles' gradient, at most filter_eps per logit). ``2**-12`` is CCE's bf16
-            default: same semantics as ``cut_cross_entropy.linear_cross_entropy``'s default, and on an H200 the
-            fused kernel with it is within 1.05x of the faster of Liger / CCE at CCE's memory
-            (benchmarks/results/h200/linear_ce.md).
+            default: the same semantics as ``cut_cross_entropy.linear_cross_entropy``'s default, for comparing
+            with CCE at its own settings (timings and gradient errors: docs/linear_cross_entropy.md).
         bwd: ``kernel='fused'`` only: the backward's schedule. ``'tiled'`` (default): one kernel, every logits
             tile adds into both gradient outputs under locks (3 GEMM passes). ``'split'``: one kernel per output,
             each output row owned by one program (no locks unless the d_hidden kernel must split the vocabulary

@@ -2,7 +2,7 @@
 
 Shape legend: B batch, T sequence length, V vocabulary, L the model's layer count, k router layers.
 
-How it is built (DESIGN §5, the "shallow shell"): new objects are made only along the path from the root
+How it is built (docs/design.md §5.2, the "shallow shell"): new objects are made only along the path from the root
 module to the decoder-layer ``ModuleList`` (``copy.copy`` of each module plus copies of its
 ``_modules/_parameters/_buffers`` dicts), that list is replaced by ``nn.ModuleList(layers[:k])`` and every config
 on the path by a copy with ``num_hidden_layers = k`` (and ``layer_types[:k]`` where present). The router then

@@ -11,7 +11,7 @@ O(chunk × V) rather than several fp32 copies of the whole (N, V) tensor:
     margin       = p(1) - p(2)              # exact top-2 (a duplicated maximum gives 0); V = 1 gives 1
     nll          = lse - z[target]          # 0 at ignored positions
 
-``difficulty(scores, mode)`` turns them into one number per token (higher = harder), DESIGN §4.
+``difficulty(scores, mode)`` turns them into one number per token (higher = harder), docs/design.md §4.2.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
 
 
 def difficulty(scores: TokenScores, mode: str) -> Tensor:
-    """One difficulty value per token, fp32, higher = harder (DESIGN §4).
+    """One difficulty value per token, fp32, higher = harder (docs/design.md §4.2).
 
     * ``entropy``: H.
     * ``margin``: 1 - margin.

@@ -6,7 +6,7 @@ Every selector returns a boolean mask of the input's shape rather than a list of
 static whatever the data: the number of kept tokens K lives on the device as a tensor, never on the host.
 That keeps ``torch.compile`` free of recompilations and CUDA graphs capturable.
 
-Rules (DESIGN §4):
+Rules (docs/design.md §4.3, §4.5):
 
 * Invalid tokens (ignored targets) are never selected and do not count in n_valid.
 * K = max(1, floor(ratio · n_valid + 1/2)), and 0 when n_valid = 0 ("round half up").

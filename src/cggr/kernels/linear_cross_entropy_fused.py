@@ -350,19 +350,12 @@ def default_config(
     16-bit inputs: 128 x 128 tiles, 64-deep GEMM steps, 8 warps (two warp groups, each a 64-row warp-group MMA
     on sm_90), 3 pipeline stages (96 KiB of shared memory), operands through TMA descriptors where the rows are
     16-byte aligned (``TMA``; H % 8 == 0). Where the GPU gives a block >= 200 KiB of shared memory (H100 / H200
-    class) the forward takes the tile-sweep winners (benchmarks/results/h200/linear_ce_fused_tiles.md, H200,
-    bf16): for H > 1024 a 128 x 256 tile (``FWD_BLOCK_V=256``, 144 KiB: 1.22 / 1.19 cuBLAS passes at
-    (8192, 2048, 128256) / (8192, 2304, 256000) instead of 1.64 / 1.55), for H <= 1024 four warps
-    (``FWD_num_warps=4``: 1.39 passes at (16384, 576, 49152) instead of 1.75; the wide tile gave 1.56 there).
-    The 128 x 256 tile spills through pointer loads (400 bytes), so it is taken only with TMA operands
-    (H % 8 == 0). The tiled backward takes 128 x 256 tiles there when ``wide_backward`` (hardware atomics; every
-    row, TMA rows: 5.4 / 5.6 / 4.7 cuBLAS passes instead of 6.5 / 6.4 / 5.7 at the three benchmark shapes;
-    atomics per MAC ~ 1 / BLOCK_N + 1 / BLOCK_V; benchmarks/results/h200/linear_ce_tiles_s5_case*.md), computed
-    as two 128-column halves (``HALVES``): as fast exact (9.77 / 38.6 / 87.5 ms fwd+bwd vs 10.1 / 38.4 / 88.0),
-    and the gradient filter skips per half, i.e. as often as with 128-wide tiles (filter_eps=2^-12: 10.2 / 30.2 /
-    39.8 ms vs 9.99 / 35.0 / 44.2 whole, 11.6 / 33.0 / 44.3 at 128 x 128;
-    benchmarks/results/h200/linear_ce_halves.md); over selected rows (ratio 0.25, hidden rows gathered with
-    pointers) 4.42 / 16.4 / 36.5 ms instead of 5.07 / 17.3 / 40.0 at 128 x 128 (linear_ce_halves_r025.md).
+    class) the tiles are the winners of a tile sweep (the measurements: docs/linear_cross_entropy.md, "Tile
+    choices"): the forward takes a 128 x 256 tile (``FWD_BLOCK_V=256``, 144 KiB) for H > 1024, only with TMA
+    operands (H % 8 == 0: it spills through pointer loads), and four warps (``FWD_num_warps=4``) for H <= 1024;
+    the tiled backward takes 128 x 256 tiles when ``wide_backward`` (hardware atomics: fewer atomic adds per MAC,
+    ~ 1 / BLOCK_N + 1 / BLOCK_V), computed as two 128-column halves (``HALVES``) so that the gradient filter
+    skips per half, i.e. as often as with 128-wide tiles, at the wide tile's exact speed.
     fp32: 64 x 64 tiles with 32-deep steps (fp32 products run on FMA units, register-bound; fp32 is the
     correctness path, not the fast one). Under the Triton interpreter (CPU) the tiles are 16 x 32, so that tests
     exercise several blocks per axis.

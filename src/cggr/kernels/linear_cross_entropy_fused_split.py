@@ -325,13 +325,11 @@ def split_config(
     8 warps, 3 stages for the logits recompute and the products, operands through TMA where the rows are
     16-byte aligned. Static check (sm_90 compile, ``benchmarks/sweep_fused_tiles.py --static``): every product a
     warp-group MMA, recompute and product loops pipelined (TMA + mbarriers), no spills, 139 KB of shared memory.
-    Where a block may use >= 200 KiB of shared memory (H100 / H200 class), the tile-sweep winners
-    (benchmarks/results/h200/linear_ce_fused_tiles.md, H200, bf16, at the three benchmark shapes): d_hidden
-    128 x 256 under one lock per row block (``DH_LOCK='block'``; 'native': 4.35 / 3.99 cuBLAS passes at
-    (8192, 2048, 128256) / (8192, 2304, 256000) instead of 5.41 / 4.78; 'atomic': 3.07 / 2.82), d_weight
-    256 x 128 (208 KiB; 4.15 / 3.74 passes instead of 5.23 / 4.56) unless d_weight accumulates in an fp32
-    buffer (``accumulate='fp32'``: the fp32 tile's add takes the 256 x 128 kernel to 256 KiB, over the 227 KiB
-    of an H200 block; 256 x 64 takes 176 KiB).
+    Where a block may use >= 200 KiB of shared memory (H100 / H200 class), the tile-sweep winners (the
+    measurements: docs/linear_cross_entropy.md, "Tile choices"): d_hidden 128 x 256 under one lock per row block
+    (``DH_LOCK='block'``), d_weight 256 x 128 (208 KiB) unless d_weight accumulates in an fp32 buffer
+    (``accumulate='fp32'``: the fp32 tile's add takes the 256 x 128 kernel to 256 KiB, over the 227 KiB of an
+    H200 block; 256 x 64 takes 176 KiB).
 
     Args:
         dtype: Input dtype.
