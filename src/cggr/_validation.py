@@ -40,7 +40,8 @@ def check_ratio_tensor(ratio: torch.Tensor, device: torch.device, name: str = "r
     Shape, dtype and device are metadata (free). The value: a CPU tensor is read eagerly (reading host memory
     never waits for a device) and a bad one is a ``ValueError``; a tensor on an accelerator, or any tensor while
     ``torch.compile`` traces, is checked by a device-side assert (``torch._assert_async``), which raises a
-    ``RuntimeError`` with the same message at the next synchronisation instead of stalling the host now.
+    ``RuntimeError`` at the next synchronisation instead of stalling the host now (on CUDA a device-side assert:
+    the context is unusable afterwards, as with an out-of-range target).
     """
     if not ratio.is_floating_point():
         raise TypeError(f"{name} must be a float or a 0-d floating-point tensor, got {ratio.dtype}")

@@ -131,7 +131,8 @@ class CGGRScorer(TokenSelector):
     Call: ``difficulty, mask, info = scorer(input_ids, targets=None, attention_mask=None)`` where ``targets``
     (B, T) are aligned with the logits (already shifted) and enable the nll term; ``attention_mask`` zeros and
     ``ignore_index`` targets are never selected. ``difficulty`` is (B, T) fp32, ``mask`` (B, T) bool, ``info``
-    a dict of 0-d tensors: current_ratio (a CPU scalar when the ratio is fixed), tokens_selected,
+    a dict of 0-d tensors: current_ratio (a CPU scalar when the ratio is a host value: fixed, or the
+    scorer's step buffer on another device), tokens_selected,
     tokens_total, confidence, entropy (on the device).
     """
 
