@@ -20,6 +20,7 @@ from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
 from cggr.selection import select_tokens
 
 STRATEGIES = ["topk", "stratified", "sequence_aware", "fixed_quota", "random"]
+LOSS_STRATEGIES = [*STRATEGIES, "sampled", "importance"]  # the randomised rules of cggr.sampling
 NAN, INF = float("nan"), float("inf")
 
 
@@ -66,7 +67,7 @@ def _run_loss(crit, logits, targets):
     return loss.detach(), z.grad, crit.get_metrics(), crit._last["tokens_selected"]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", LOSS_STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 13), (29,)])
 def test_cggr_loss_ignores_garbage_at_ignored_positions(strategy, dtype, shape):
@@ -185,7 +186,7 @@ class _FixedRouter:
         return self.logits
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "sampled"])
 @pytest.mark.parametrize("with_targets", [False, True])
 def test_scorer_ignores_garbage_router_logits_at_padded_positions(strategy, with_targets):
     g = torch.Generator().manual_seed(_seed())
@@ -238,8 +239,9 @@ def test_select_tokens_tensor_ratio_type_shape_and_device():
         assert torch.equal(select_tokens(d, None, torch.tensor(r, dtype=torch.float64)), select_tokens(d, None, r))
 
 
-@pytest.mark.parametrize("token_ratio", [None, 0.5])
-def test_model_ignores_garbage_router_logits_at_padded_positions(token_ratio):
+@pytest.mark.parametrize(("selection", "token_ratio"),
+                         [("topk", None), ("topk", 0.5), ("sampled", None), ("importance", None)])
+def test_model_ignores_garbage_router_logits_at_padded_positions(selection, token_ratio):
     pytest.importorskip("transformers")
     from cggr import CGGRModel
     from tests.test_router import V, build_model
@@ -260,7 +262,8 @@ def test_model_ignores_garbage_router_logits_at_padded_positions(token_ratio):
     outs = []
     for lg in (logits, dirty):
         model.zero_grad(set_to_none=True)
-        cm = CGGRModel(model, router=_FixedRouter(lg), min_tokens_ratio=0.5, warmup_steps=0, token_ratio=token_ratio)
+        cm = CGGRModel(model, router=_FixedRouter(lg), min_tokens_ratio=0.5, warmup_steps=0, token_ratio=token_ratio,
+                       selection=selection, seed=7)
         loss = cm(ids, labels=labels, attention_mask=mask).loss
         loss.backward()
         outs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
