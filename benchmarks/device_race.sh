@@ -20,6 +20,9 @@
 #   bash benchmarks/device_race.sh h200-a 570 --model smollm-135m --minutes 10 --data code+packages \
 #       --arms standard,cggr,random
 #   bash benchmarks/device_race.sh h200-a 590        # again, immediately, until it prints DONE
+#
+# Interpreter: $PYTHON when set, else the active virtual environment's ($VIRTUAL_ENV/bin/python), else the first
+# `python3` on PATH; it must have torch and the bench extra installed (e.g. PYTHON=/opt/venv/bin/python).
 set -u -o pipefail
 
 if [ $# -lt 2 ]; then
@@ -36,6 +39,18 @@ case "$wait_s" in
     ''|*[!0-9]*) echo "device_race.sh: WAIT_SECONDS must be a whole number, got '$wait_s'" >&2; exit 2 ;;
 esac
 
+if [ -n "${PYTHON:-}" ]; then
+    python=$PYTHON
+elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then
+    python=$VIRTUAL_ENV/bin/python
+else
+    python=$(command -v python3 || true)
+fi
+if [ -z "$python" ] || ! "$python" -c "import torch" 2>/dev/null; then
+    echo "device_race.sh: no Python with torch (got '${python:-none}'); set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+
 state="${CGGR_RACE_STATE:-$HOME}/cggr-race-$name"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 start=$SECONDS
@@ -43,7 +58,7 @@ start=$SECONDS
 if [ ! -f "$state/pid" ]; then
     mkdir -p "$state/out"
     rm -rf "$state/src" && cp -r "$repo/src" "$state/src"
-    PYTHONPATH="$state/src" PYTHONUNBUFFERED=1 setsid nohup python3 -m cggr.cli.main race "$@" \
+    PYTHONPATH="$state/src" PYTHONUNBUFFERED=1 setsid nohup "$python" -m cggr.cli.main race "$@" \
         --out "$state/out" --name "race-$name" --no-progress > "$state/log" 2>&1 < /dev/null &
     echo $! > "$state/pid"
     echo "started race $name (pid $(cat "$state/pid")): cggr race $* --out $state/out --name race-$name"
