@@ -279,10 +279,17 @@ def _fake_clock_race(monkeypatch, small_config, tmp_path, durations, **overrides
 def test_no_arm_runs_past_its_budget_with_a_fake_clock(small_config, tmp_path, monkeypatch):
     """Steps cost 0.05 / 0.08 / 0.05 / 0.11 s of a fake clock; the budget is 3 s. Every arm stops before the step
     that would overrun it (never after), close to the budget; the ladder's decay branches keep to their own."""
+    from cggr.cli.race import probe_indices
+
     durations = [0.05, 0.08, 0.05, 0.11]
     payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, durations, arms=ARMS)
     budget = 3.0
+    s = payload["settings"]
+    probe = probe_indices(s["heldout_blocks"], s["probe_blocks"]).tolist()
     for a in payload["arms"]:
+        # the curve's last point is the final model's probe loss: the probe blocks of the full evaluation
+        full_blocks = [a["block_losses"][i] for i in probe]
+        assert a["probe_loss"] == pytest.approx(sum(full_blocks) / len(full_blocks), abs=1e-5)
         assert a["budget_seconds"] == pytest.approx(budget)
         assert a["train_seconds"] <= budget + 1e-9, a["arm"]
         assert budget - a["train_seconds"] < 2 * max(durations), a["arm"]  # not stopped long before the end

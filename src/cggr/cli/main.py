@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(text file, folder of text files, JSONL with a 'text' field) or a quoted glob "
                            "('src/**/*.py')")
     race.add_argument("--minutes", type=_positive_float("--minutes"), default=None,
-                      help="wall-clock training budget per arm (default: preset's; tiny 0.45)")
+                      help="wall-clock training budget per arm (default: preset's; tiny 0.4)")
     race.add_argument("--protocol", choices=("free-lunch", "equal-scan"), default="free-lunch",
                       help="free-lunch (default): standard trains on B sequences per step, the selecting arms scan "
                            "B/ratio and train on B; equal-scan: every arm reads the same B sequences per step, the "

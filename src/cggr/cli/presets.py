@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
             hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
         ),
-        vocab_size=4096, seq_len=128, batch_size=8, minutes=0.45, router_layers=2, lr=2e-3,
+        vocab_size=4096, seq_len=128, batch_size=8, minutes=0.4, router_layers=2, lr=2e-3,
         description="6 x 192 Llama, 4k BPE vocab (~3.3M parameters): CPU-sized",
     ),
     # The shape of HuggingFaceTB/SmolLM-135M (random init, our own tokenizer with the same vocabulary size).

@@ -740,10 +740,12 @@ def _full_eval(model, sh: _Shared) -> dict[str, Any]:
     tokens = counts.double().clamp(min=1)
     per_block = (sums / tokens).tolist()
     weights = counts.double().tolist()
+    probe_sums, probe_counts = sums[sh.probe], counts[sh.probe]
     out: dict[str, Any] = {
         "loss": float(sums.sum()) / max(int(counts.sum()), 1),
         "se": bootstrap_se(per_block, weights) if len(per_block) > 1 else None,
         "block_losses": [round(x, 5) for x in per_block],
+        "probe_loss": float(probe_sums.sum()) / max(int(probe_counts.sum()), 1),  # the probe's, same numbers
     }
     groups = sh.data.eval_groups or ["all"] * len(per_block)
     by_group = {}
@@ -794,11 +796,13 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
     next_eval, next_rung, finite = 0, 0, True
     arithmetic = bool(sh.data.problems)
 
-    def evaluate(crossed: list[float]) -> None:
+    def evaluate(crossed: list[float], probe_loss: float | None = None) -> None:
         t0 = time.perf_counter()
         key = str(result.init_digest)
         if result.steps == 0 and key in initial:  # every arm of a replicate starts from the same weights
             point = dict(initial[key])
+        elif probe_loss is not None and not arithmetic:  # read off the full evaluation's probe blocks
+            point = {"heldout_loss": probe_loss}
         else:
             point = _probe_eval(model, sh, accuracy=arithmetic and (cfg.evals <= 8 or next_eval == len(fractions)))
             if result.steps == 0:
@@ -835,11 +839,11 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
                 f"{result.steps}; stopping arm")
     if bar is not None:
         bar.close()
-    if next_eval < len(fractions):  # the arm stopped before its budget's end: its final state closes the curve
-        evaluate(fractions[next_eval:])
     t0 = time.perf_counter()
     result.heldout = _full_eval(model, sh)
     result.eval_seconds += time.perf_counter() - t0
+    if next_eval < len(fractions):  # the arm stopped before its budget's end: its final state closes the curve
+        evaluate(fractions[next_eval:], probe_loss=result.heldout["probe_loss"])
     result.epochs = result.sequences_scanned / env.train_ids.shape[0]
     return result
 
