@@ -133,3 +133,21 @@ def test_compiled_loss_follows_the_buffer_through_warm_up_without_recompiling():
         crit.step()
         eager.step()
     assert counter.frame_count == 1
+
+
+def test_compiled_model_follows_a_write_from_the_next_step_on():
+    pytest.importorskip("transformers")
+    from tests.test_router import V, build_model
+
+    torch._dynamo.reset()
+    model = build_model("llama").train()
+    cm = CGGRModel(model, num_router_layers=2, min_tokens_ratio=MIN_RATIO, warmup_steps=WARMUP)
+    compiled = torch.compile(cm, backend="aot_eager")
+    ids = torch.randint(3, V, (8, 10), generator=torch.Generator().manual_seed(7))
+    compiled(ids, labels=ids)
+    assert cm.get_metrics()["sequences_selected"] == 8
+    cm.step_count.fill_(999)  # a compiled forward uses the host mirror: step() reads the write
+    cm.step()
+    compiled(ids, labels=ids)
+    m = cm.get_metrics()
+    assert m["step"] == 1000 and m["sequences_selected"] == 2

@@ -98,8 +98,8 @@ class Curriculum(nn.Module):
         by :meth:`_buffer_key`: no device read); after any outside write (``step_count.fill_(500)``, an in-place
         checkpoint loader, ``.to()``, DDP's buffer broadcast) the buffer is read once: free on the CPU, a host
         sync on an accelerator. While ``torch.compile`` traces or a CUDA graph is captured, the mirror (dynamo
-        guards on it; :meth:`step` keeps it current). A write through ``.data`` bypasses the version counter and
-        is not seen: write the buffer itself.
+        guards on it; :meth:`step`, called eagerly, reads an outside write). A write through ``.data`` bypasses
+        the version counter and is not seen: write the buffer itself.
         """
         if torch.compiler.is_compiling() or _capturing():
             return self._step
@@ -109,12 +109,14 @@ class Curriculum(nn.Module):
         return self._step
 
     def step(self) -> None:
-        """Advance the curriculum by one optimizer step (``step_count += 1`` in place; no host sync)."""
-        fresh = torch.compiler.is_compiling() or (self._seen is not None and self._buffer_key() == self._seen)
+        """Advance the curriculum by one optimizer step: ``step_count += 1`` in place.
+
+        No host sync, except once after an outside write to the buffer (then it is read here, so that even a
+        compiled module, whose forward uses the mirror, follows the write from the next step on).
+        """
+        self.host_step()
         self.step_count.add_(1)
-        if fresh:
-            self._set_step(self._step + 1)
-        # else: the buffer was written from outside since the mirror was read; the next host_step reads it
+        self._set_step(self._step + 1)
 
     def random_generator(self) -> CounterRNG:
         """The module's random source (draws land on their inputs' device; each advances ``rng_counter``)."""
