@@ -272,3 +272,17 @@ def test_model_ignores_garbage_router_logits_at_padded_positions(selection, toke
     assert torch.isfinite(l_b) and torch.equal(l_a, l_b)
     assert all(torch.equal(x, y) for x, y in zip(g_a, g_b, strict=True))
     assert m_a == m_b and m_b["router_confidence"] == m_b["router_confidence"]  # the metric is not NaN
+
+
+@pytest.mark.parametrize("dynamic", [0.5, None])
+def test_nan_hidden_at_a_valid_row_reaches_the_linear_ce_loss(dynamic):
+    g = torch.Generator().manual_seed(_seed())
+    hidden = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(17, 8, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 17, (30,), generator=g)
+    targets[:4] = -100
+    hidden[9, 2] = NAN
+    loss, info = linear_cross_entropy(hidden, weight, targets, ratio=0.25, impl="torch", return_info=True,
+                                      options=LinearCrossEntropyOptions(threshold_sensitivity=dynamic))
+    assert torch.isnan(loss) and bool(info.mask[9])
+    assert int(info.num_selected) == max(1, int(0.25 * 26 + 0.5))  # K from the scheduled ratio, not collapsed
