@@ -52,7 +52,8 @@ def time_to_target(row: dict[str, Any], target: float) -> float | None:
 
     Points valid at their own budget: the start (0 s, the initial loss), each ladder rung (its budget, the loss
     after its decay) and the end (the main run's time and final probe loss); the first crossing below ``target``
-    is interpolated linearly between the two points around it.
+    is interpolated linearly between the two points around it. (:func:`race_summary` reports it only for rows
+    with a ladder: races run with ``--ladder none`` or recorded before it have no valid points in between.)
     """
     pts: list[tuple[float, float]] = []
     curve = row.get("curve") or []
@@ -110,6 +111,8 @@ def race_summary(payload: dict[str, Any]) -> dict[str, Any]:
             entry[f"vs_{b}"] = None if diff is None else {**diff.as_dict(), "tie": diff.contains_zero}
         ttt = {}
         for s in seeds:
+            if not rs[s].get("ladder"):  # without rungs there are no valid points between the start and the end
+                continue
             base = standard.get(s)
             target = None if base is None else base.get("probe_loss", (base.get("curve") or [{}])[-1].get(
                 "heldout_loss"))
