@@ -510,6 +510,7 @@ def test_head_option_sets_the_head_of_every_arm(small_config, tmp_path, monkeypa
     assert [r.arm for r in runners] == list(ARMS) and [r.arm for r in made[::2]] == list(ARMS)
     for r in made:
         assert r.fused_head is fused, r.arm
+        assert r.pass_mask is False  # code blocks have no padding: no attention mask (no HF host sync on GPUs)
         if r.wrapper is not None:
             assert r.wrapper.fused_head is fused
             assert (r.wrapper._fused_for(r.device) is not None) == fused
@@ -643,3 +644,34 @@ def test_a_registered_arm_runs_in_the_race(small_config, tmp_path, monkeypatch):
         race.register_arm(race.ArmSpec("x", kind="other"))
     with pytest.raises(ValueError, match="cannot scan"):
         race.register_arm(race.ArmSpec("y", kind="plain", scans=True))
+
+
+@pytest.mark.parametrize("arm", ["standard", "cggr", "cggr-loss", "random"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_unpadded_batches_without_an_attention_mask_give_the_same_loss(arm, fused):
+    """On data without padding the race calls the model without an attention mask (no host sync in Hugging Face's
+    mask preparation on GPUs): same loss and same gradients as with an all-ones mask."""
+    import copy
+
+    import torch
+
+    from cggr.cli.race import Arm
+
+    model = _tiny_causal_lm()
+    ids = torch.randint(0, 89, (8, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    labels = ids.clone()
+    cfg = RaceConfig(device="cpu", dtype="float32", ratio=0.25)
+    losses, grads = [], []
+    for pass_mask in (True, False):
+        m = copy.deepcopy(model)
+        runner = Arm(arm, m, cfg, 1, 0.0, torch.device("cpu"), fused_head=fused, seed=5)
+        runner.pass_mask = pass_mask
+        loss = runner.loss(ids, mask, labels)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

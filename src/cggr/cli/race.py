@@ -475,6 +475,7 @@ class Arm:
         self.wrapper = None
         self.criterion = None
         self.head = None
+        self.pass_mask = True  # see loss()
         scoring = spec.scoring or cfg.scoring
         if spec.kind == "model":
             router = create_truncated_router(model, num_layers=router_layers) if spec.router else None
@@ -496,16 +497,22 @@ class Arm:
                 raise CLIError(f"--head fused is not possible for {type(model).__name__}: {reason}")
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad."""
+        """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad.
+
+        ``self.pass_mask = False`` (set by the race when its training data have no padding) calls the model without
+        an attention mask: the same attention, and no host sync in Hugging Face's mask preparation (it reads
+        whether an all-ones mask can be skipped).
+        """
+        attention = mask.long() if self.pass_mask else None
         with autocast_context(self.device, self.cfg.dtype):
             if self.wrapper is not None:
-                loss = self.wrapper(ids, labels=labels, attention_mask=mask.long()).loss
+                loss = self.wrapper(ids, labels=labels, attention_mask=attention).loss
             elif self.head is not None:  # the fused head: logits never stored, fp32 logit math
                 from cggr.functional import linear_cross_entropy
                 from cggr.integrations.hf_quirks import head_operands
 
                 base, spec = self.head
-                hidden = base(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (b, T, H)
+                hidden = base(input_ids=ids, attention_mask=attention).last_hidden_state  # (b, T, H)
                 hidden, weight, bias = head_operands(hidden[:, :-1], spec)  # (b, T-1, H)
                 with torch.autocast(self.device.type, enabled=False):
                     if self.criterion is not None:
@@ -515,10 +522,10 @@ class Arm:
                         loss = linear_cross_entropy(hidden, weight, labels[:, 1:], bias=bias, ratio=1.0,
                                                     softcap=spec.softcap)
             elif self.criterion is not None:
-                logits = self.model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]  # (S, T-1, V)
+                logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # (S, T-1, V)
                 loss = self.criterion(logits, labels[:, 1:])
             else:
-                loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+                loss = self.model(input_ids=ids, attention_mask=attention, labels=labels).loss
         return loss
 
     def step(
@@ -625,6 +632,7 @@ class _Env:
     device: torch.device
     clock: Callable[[], float]
     max_chunk_seconds: float
+    has_padding: bool = True  # False: every training sequence is full, the arms run without an attention mask
 
 
 def _run_chunk(track: _Track, env: _Env, steps: int, lr_at_time: Callable[[float], float],
@@ -775,6 +783,7 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
     # the second one's time is the first step-time estimate of the stop-before-overrun rule
     scratch = Arm(arm, copy.deepcopy(model), cfg, sh.router_layers, 0.0, env.device, fused_head=sh.fused,
                   seed=arm_data_seed)
+    scratch.pass_mask = env.has_padding
     warm_ids, warm_mask = env.train_ids[:per_step].to(env.device), env.train_mask[:per_step].to(env.device)
     estimate = 0.0
     for _ in range(2):
@@ -785,6 +794,7 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
         estimate = env.clock() - t0
     del scratch
     runner = Arm(arm, model, cfg, sh.router_layers, sh.lr, env.device, fused_head=sh.fused, seed=arm_data_seed)
+    runner.pass_mask = env.has_padding
     track = _Track(runner, BatchStream(env.train_ids.shape[0], arm_data_seed), per_step, estimate)
 
     def main_lr(t: float) -> float:
@@ -903,7 +913,7 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
     on_device = device.type == "cuda"
     env = _Env(train_ids=data.train_ids.to(device) if on_device else data.train_ids,
                train_mask=data.train_mask.to(device) if on_device else data.train_mask, device=device, clock=clock,
-               max_chunk_seconds=min(1.0, 0.02 * budget))
+               max_chunk_seconds=min(1.0, 0.02 * budget), has_padding=not bool(data.train_mask.all()))
     probe = probe_indices(data.eval_ids.shape[0], cfg.eval_sequences)
     sh = _Shared(cfg=cfg, data=data, env=env, router_layers=router_layers, lr=lr, budget=budget, batch=batch,
                  scan=scan, fused=fused, eval_bs=max(batch, 16), probe=probe, progress=cfg.progress)
