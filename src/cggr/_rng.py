@@ -40,19 +40,35 @@ class CounterRNG:
     """Uniform random numbers from a hash of (seed, draw counter, index).
 
     Args:
-        seed: Any Python int (its low 64 bits are used).
+        seed: Any Python int (its low 64 bits are used), or a 0-d int64 tensor holding them (two's complement;
+            typically the module's ``rng_seed`` buffer). A tensor is read at every draw, so whatever writes it in
+            place (DDP's buffer broadcast from rank 0, ``load_state_dict``, ``copy_``) takes effect at once.
         counter: 0-d int64 tensor holding the number of draws made so far; every :meth:`uniform` call adds 1 to
             it in place (typically a module buffer, so the stream resumes from a ``state_dict``).
     """
 
-    def __init__(self, seed: int, counter: Tensor) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    def __init__(self, seed: int | Tensor, counter: Tensor) -> None:
+        if isinstance(seed, Tensor):
+            if seed.dim() != 0 or seed.dtype != torch.int64:
+                raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {seed!r}")
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {type(seed).__name__}")
         if not isinstance(counter, Tensor) or counter.dim() != 0 or counter.dtype != torch.int64:
             raise TypeError(f"counter must be a 0-d int64 tensor, got {counter!r}")
-        seed &= (1 << 64) - 1
-        self.seed_lo, self.seed_hi = seed & _M32, seed >> 32
+        self.seed = seed
         self.counter = counter
+
+    def _seed_halves(self, device: torch.device | str) -> tuple[int | Tensor, int | Tensor]:
+        """Low and high 32 bits of the seed: Python ints for an int or a CPU tensor read eagerly (which never
+        waits for a GPU), else 0-d int64 tensors on ``device`` (a device buffer, or any buffer while tracing)."""
+        seed = self.seed
+        if isinstance(seed, Tensor):
+            if seed.device.type != "cpu" or torch.compiler.is_compiling():
+                seed = seed.to(device)
+                return seed & _M32, (seed >> 32) & _M32  # arithmetic shift, then the low 32 bits: exact
+            seed = int(seed)
+        seed &= (1 << 64) - 1
+        return seed & _M32, seed >> 32
 
     def uniform(self, shape: tuple[int, ...] | torch.Size, device: torch.device | str) -> Tensor:
         """fp32 values in [0, 1) (multiples of 2^-24) of the given shape on ``device``; advances the counter."""
@@ -66,9 +82,10 @@ class CounterRNG:
             c = int(self.counter)  # a host value already: no copy to the device, no sync
         else:
             c = self.counter.to(device)  # 0-d (no copy when it lives there, e.g. a module moved with .to())
-        key = _mix32(_mix32((c & _M32) ^ self.seed_lo) ^ ((c >> 32) & _M32) ^ self.seed_hi)  # 0-d, per draw
+        seed_lo, seed_hi = self._seed_halves(device)
+        key = _mix32(_mix32((c & _M32) ^ seed_lo) ^ ((c >> 32) & _M32) ^ seed_hi)  # 0-d, per draw
         idx = torch.arange(shape.numel(), device=device, dtype=torch.int64)  # (n,)
-        h = _mix32(_mix32((idx & _M32) ^ key) ^ (idx >> 32) ^ self.seed_lo)
+        h = _mix32(_mix32((idx & _M32) ^ key) ^ (idx >> 32) ^ seed_lo)
         h = _mix32(h ^ key)
         self.counter.add_(1)
         return ((h >> 8).to(torch.float32) * (2.0**-24)).reshape(shape)

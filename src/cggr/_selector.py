@@ -57,10 +57,11 @@ class Curriculum(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self._set_step(0)  # the host mirror of step_count (see host_step)
         # the random source: a counter-based hash (traceable by torch.compile, no host sync); the counter is saved
-        self._rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
+        rng_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (), dtype=torch.long))
         self.register_buffer("rng_counter", torch.zeros((), dtype=torch.long))
-        # the seed travels with the counter (seed=None draws differ between processes); low 64 bits, as int64
-        low = self._rng_seed & (2**64 - 1)
+        # the seed travels with the counter (seed=None draws differ between processes); low 64 bits, as int64.
+        # The buffer is the seed in use (no host copy): DDP's broadcast of rank 0's buffers reaches the stream
+        low = rng_seed & (2**64 - 1)
         self.register_buffer("rng_seed", torch.tensor(low - 2**64 if low >= 2**63 else low, dtype=torch.long))
         self.register_load_state_dict_pre_hook(_default_rng_counter)
         self.register_load_state_dict_post_hook(_sync_step)
@@ -119,8 +120,12 @@ class Curriculum(nn.Module):
         self._set_step(self._step + 1)
 
     def random_generator(self) -> CounterRNG:
-        """The module's random source (draws land on their inputs' device; each advances ``rng_counter``)."""
-        return CounterRNG(self._rng_seed, self.rng_counter)
+        """The module's random source (draws land on their inputs' device; each advances ``rng_counter``).
+
+        Seed and counter are read from the ``rng_seed`` and ``rng_counter`` buffers at every draw: whatever
+        writes them (``load_state_dict``, DDP broadcasting rank 0's buffers, an in-place ``copy_``) is the stream.
+        """
+        return CounterRNG(self.rng_seed, self.rng_counter)
 
 
 def _default_rng_counter(module: Curriculum, state_dict, prefix, *_) -> None:
@@ -132,7 +137,6 @@ def _default_rng_counter(module: Curriculum, state_dict, prefix, *_) -> None:
 
 def _sync_step(module: Curriculum, incompatible_keys) -> None:
     module._set_step(int(module.step_count))
-    module._rng_seed = int(module.rng_seed) & (2**64 - 1)  # CounterRNG reads the low 64 bits
 
 
 class TokenSelector(Curriculum):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,14 +39,16 @@ from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, l
 from cggr._selector import Curriculum, TokenSelector
 from cggr._validation import (
     SCORING_MODES,
+    check_bool,
     check_choice,
     check_ignore_index,
     check_int,
     check_ratio,
     check_target_range,
 )
+from cggr.distributed import GlobalBatch, process_group_size
 from cggr.functional import IMPLS, LinearCrossEntropyOptions, check_head_options, linear_cross_entropy, token_scores
-from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands
+from cggr.integrations.hf_quirks import HeadSpec, fused_head_parts, head_operands, wrapper_reason
 from cggr.reference import REFERENCE_NORMS, check_reference_loss, excess_scores
 from cggr.router import TruncatedRouter, create_truncated_router, unwrap_model
 from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX, check_temperature, check_uniform_mix
@@ -286,7 +289,9 @@ class CGGRModel(Curriculum):
             :func:`cggr.functional.linear_cross_entropy` instead of materialising the (k, T, V) logits.
             ``None`` (default): when the model is a causal LM on CUDA whose head is a plain linear layer with
             the quirks recorded in :mod:`cggr.integrations.hf_quirks` (not wrapped in DDP/FSDP/DataParallel
-            or ``torch.compile``: the base model is called directly; compile the ``CGGRModel`` instead);
+            or ``torch.compile``: the base model is called directly; put the wrapper around the ``CGGRModel``
+            instead: ``DDP(CGGRModel(model))``, ``fully_shard(CGGRModel(model))``, ``torch.compile(CGGRModel(...))``;
+            a wrapped model warns once and takes the unfused path);
             ``True``: always (``ValueError`` if impossible); ``False``: never. The loss and gradients equal
             the unfused path's (same selection, same mean over kept tokens) up to floating-point rounding.
         temperature: τ > 0 of ``selection='sampled'``, in score units.
@@ -304,6 +309,15 @@ class CGGRModel(Curriculum):
             ``forward_fn(model, input_ids, attention_mask, **kwargs)`` returning the logits (B, T, V) or an output
             holding them (a tuple starting with them, or ``.logits``); also used by the default router. The fused
             head (which calls the base model directly) is off with an adapter.
+        global_selection: Under DDP/FSDP (an initialised ``torch.distributed`` group of W > 1 processes),
+            choose the W·k hardest sequences of all ranks' batches instead of the k hardest of each rank's own,
+            and give every rank k of them (static shapes, balanced work; see :mod:`cggr.distributed`). The
+            loss a rank returns is then its kept tokens' cross-entropy sum · W / (kept tokens of all ranks), so
+            the gradient mean that DDP/FSDP compute is the gradient of the global mean loss (the mean of the
+            ranks' losses is that loss), and the metrics describe the global batch. Every rank must pass the
+            same (B, T). With ``selection`` ``'topk'`` or ``'random'``; not with ``num_items_in_batch``. Off
+            (default): selection and the loss's mean are per rank. A no-op without a group of > 1 processes.
+        process_group: The group that ``global_selection`` selects across (``None``: the default group).
 
     ``forward(input_ids, labels=None, attention_mask=None, reference_loss=None, num_items_in_batch=None,
     **kwargs)`` returns the plain model output when ``labels`` is ``None``, else a :class:`CGGROutput` whose
@@ -341,6 +355,8 @@ class CGGRModel(Curriculum):
         uniform_mix: float = DEFAULT_UNIFORM_MIX,
         reference_norm: str = "none",
         forward_fn: ForwardFn | None = None,
+        global_selection: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -368,16 +384,25 @@ class CGGRModel(Curriculum):
         self.impl = check_choice("impl", impl, IMPLS)
         self.fused_head = fused_head
         self.head_options = check_head_options(head_options, "CGGRModel")
+        self.global_selection = check_bool("global_selection", global_selection)
+        if self.global_selection and self.selection not in ("topk", "random"):
+            raise ValueError(f"global_selection supports selection 'topk' and 'random', got {self.selection!r} (its "
+                             "draws or weights are per rank)")
+        if self.global_selection and self.scoring == "reducible" and self.reference_norm != "none":
+            raise ValueError(f"global_selection needs scores comparable across ranks; reference_norm="
+                             f"{self.reference_norm!r} normalises over each rank's batch (use 'none')")
+        self.process_group = process_group
         if fused_head:
             _, reason = self._fused_parts()
             if reason:
                 raise ValueError(f"fused_head=True is not possible for {type(model).__name__}: {reason}")
         self._last: dict[str, Tensor | int] = {}
+        self._warned_unfused = False
         # the curriculum's buffers start where the model lives (a random draw on a CPU counter inside a compiled
         # CUDA graph would be a host-device copy; CGGRModel.to() moves them like any module's buffers)
         device = next((p.device for p in model.parameters()), None)
         if device is not None:
-            for name in ("step_count", "rng_counter"):
+            for name in ("step_count", "rng_counter", "rng_seed"):
                 self._buffers[name] = self._buffers[name].to(device)
 
     # ------------------------------------------------------------------ Hugging Face passthrough
@@ -494,6 +519,7 @@ class CGGRModel(Curriculum):
         routing = self.training
         token_ratio = self.token_ratio if routing else None
         k = self.num_selected_sequences(batch) if routing else batch
+        glob = self._global_batch(input_ids, targets, attention_mask, kwargs, num_items) if routing else None
 
         need_scores = (self.selection != "random" and k < batch) or token_ratio is not None
         given_scores: Tensor | None = None
@@ -515,7 +541,20 @@ class CGGRModel(Curriculum):
         elif given_scores is not None:
             seq_score = torch.where(valid.any(-1), given_scores, -torch.inf)  # (B,)
         seq_weight: Tensor | None = None  # importance: 1 / π of the selected sequences (k,)
-        if self.selection == "random" and routing:
+        if glob is not None:  # every rank now holds all W·B rows and the same scores; K = W·k are chosen
+            input_ids, targets, attention_mask, gathered = glob.rows()
+            kwargs = {**kwargs, **gathered}
+            if need_scores or given_scores is not None:
+                seq_score, tok_diff = glob.scores(seq_score, tok_diff)
+            valid = targets != self.ignore_index
+            batch, k = batch * glob.world_size, k * glob.world_size
+            if k == batch:
+                idx = torch.arange(batch, device=input_ids.device)
+            else:  # sorted, so that rank r's share is rows [r·k, (r+1)·k) of one list that every rank holds
+                if self.selection == "random":
+                    seq_score = glob.random_scores(self.random_generator(), input_ids.device)
+                idx = torch.sort(select_sequences(seq_score, k)).values  # (K,)
+        elif self.selection == "random" and routing:
             idx = self.random_generator().permutation(batch, input_ids.device)[:k]  # (k,)
         elif k == batch:
             idx = torch.arange(batch, device=input_ids.device)
@@ -542,6 +581,14 @@ class CGGRModel(Curriculum):
             keep = sub_targets != self.ignore_index
             kept_targets = sub_targets
         n_keep = keep.sum()
+        router_selected = (sub_targets != self.ignore_index).sum()
+        if glob is not None:  # this rank's share of the K chosen rows; the global count normalises
+            n_global = n_keep
+            sub_ids, sub_targets, keep, kept_targets = (glob.share(t) for t in (sub_ids, sub_targets, keep,
+                                                                                kept_targets))
+            sub_mask = glob.share(sub_mask) if sub_mask is not None else None
+            sub_kwargs = {key: glob.share(val) if key in gathered else val for key, val in sub_kwargs.items()}
+            n_keep = keep.sum()
         # importance: token weights n_keep / (π_i · N_valid) under the mean over kept tokens, so the loss is
         # Σ nll / (π_i · N_valid) (Horvitz-Thompson over the whole batch's valid targets)
         tok_weight = None
@@ -553,7 +600,8 @@ class CGGRModel(Curriculum):
             base, spec = fused
             out = base(input_ids=sub_ids, attention_mask=sub_mask, **sub_kwargs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (k, T, H)
-            loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio, tok_weight)
+            loss = self._fused_loss(hidden, spec, kept_targets, keep, token_ratio, tok_weight,
+                                    None if glob is None else k)
         else:
             out = call_model(self.model, self._call_style, sub_ids, sub_mask, self.forward_fn, **sub_kwargs)
             logits = logits_of(out, type(self.model).__name__)  # (k, T, V)
@@ -574,20 +622,40 @@ class CGGRModel(Curriculum):
             loss = ce / n_keep.clamp(min=1)  # mean over kept tokens; 0.0 (with grad) when there are none
         if num_items is not None:  # this call's share of the accumulated batch's targets (no host sync)
             loss = loss * (valid.sum() / num_items)
+        if glob is not None:
+            loss = loss * glob.loss_scale(n_keep, n_global)
 
         if not routing:  # the training metrics of the last train step stay readable after an evaluation
             return CGGROutput(loss=loss, logits=logits)
         last.update(
             indices=idx.detach(),
             # the original cggr's key: here the valid targets of the sequences the router selected (docs/compat.md)
-            router_tokens_selected=(sub_targets != self.ignore_index).sum().detach(),
-            tokens_selected=n_keep.detach(),
+            router_tokens_selected=router_selected.detach(),
+            tokens_selected=(n_keep if glob is None else n_global).detach(),
             tokens_total=valid.sum().detach(),
             sequences_selected=k,
             batch_size=batch,
         )
         self._last = last
         return CGGROutput(loss=loss, logits=logits)
+
+    # ------------------------------------------------------------------ distributed
+    def _global_batch(self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None,
+                      kwargs: dict[str, Any], num_items: Any) -> GlobalBatch | None:
+        """Start gathering every rank's batch (``global_selection`` with W > 1 ranks), else ``None``."""
+        if not self.global_selection:
+            return None
+        ranks = process_group_size(self.process_group)
+        if ranks is None:
+            return None
+        if num_items is not None:
+            raise ValueError("num_items_in_batch cannot be combined with global_selection=True: the loss is already "
+                             "normalised by the kept tokens of all ranks (a Trainer scaling it again for its own "
+                             "token averaging across devices would count the ranks twice); use per-rank selection")
+        batch = input_ids.shape[0]
+        batch_kwargs = {key: val for key, val in kwargs.items()
+                        if isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch}
+        return GlobalBatch(self.process_group, *ranks, input_ids, targets, attention_mask, batch_kwargs)
 
     # ------------------------------------------------------------------ fused head
     def _fused_parts(self) -> tuple[tuple[nn.Module, HeadSpec] | None, str]:
@@ -605,6 +673,11 @@ class CGGRModel(Curriculum):
         parts, reason = self._fused_parts()  # re-read every call: heads can be resized or replaced
         if parts is None and self.fused_head:
             raise ValueError(f"fused_head=True is no longer possible for {type(self.model).__name__}: {reason}")
+        if parts is None and not self._warned_unfused and wrapper_reason(self.model):
+            # auto mode on CUDA: a wrapper inside the CGGRModel costs the fused head; say so once, never silently
+            self._warned_unfused = True
+            warnings.warn(f"CGGRModel: fused head off, the loss takes the (k, T, V) logits path: {reason}",
+                          stacklevel=3)
         return parts
 
     def _score(self, input_ids: Tensor, targets: Tensor, valid: Tensor, attention_mask: Tensor | None,
@@ -697,7 +770,7 @@ class CGGRModel(Curriculum):
 
     def _fused_loss(
         self, hidden: Tensor, spec: HeadSpec, kept_targets: Tensor, keep: Tensor, token_ratio: float | None,
-        tok_weight: Tensor | None = None,
+        tok_weight: Tensor | None = None, chosen_rows: int | None = None,
     ) -> Tensor:
         """Mean cross-entropy over the kept targets, straight from the final hidden states.
 
@@ -708,6 +781,8 @@ class CGGRModel(Curriculum):
             keep: (k, T) bool, ``kept_targets != ignore_index``.
             token_ratio: The token share of this call (``None``: every valid token).
             tok_weight: Optional (k, T) per-token weights (importance sampling; ``token_ratio`` is then None).
+            chosen_rows: Rows the tokens were chosen among when more than these k (global selection: the kept
+                tokens of all ranks' K rows were ranked together, so this rank may hold more than its share).
 
         Returns:
             0-d fp32 loss (0.0 with grad when nothing is kept), equal to the unfused path's.
@@ -718,7 +793,8 @@ class CGGRModel(Curriculum):
             # Only the kept rows matter: gather a static K_max ≥ K of them (kept rows first; the rest carry
             # ignore_index targets), so the head costs ~token_ratio of a full one. K = max(1, round(r · n_valid))
             # and n_valid ≤ k·(T - 1) (the last position of a causal sequence predicts nothing).
-            k_max = min(k * t, max(1, math.floor(token_ratio * k * (t - 1) + 0.5)))
+            n_rows = k if chosen_rows is None else chosen_rows
+            k_max = min(k * t, max(1, math.floor(token_ratio * n_rows * (t - 1) + 0.5)))
             rows = torch.argsort((~keep.reshape(-1)).to(torch.int8), stable=True)[:k_max]  # (K_max,)
             h2 = hidden.reshape(-1, hsize).index_select(0, rows)  # (K_max, H)
             t2 = kept_targets.reshape(-1).index_select(0, rows)  # (K_max,)

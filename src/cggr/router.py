@@ -3,8 +3,8 @@
 Shape legend: B batch, T sequence length, V vocabulary, L the model's layer count, k router layers.
 
 How it is built (docs/design.md §5.2, the "shallow shell"): new objects are made only along the path from the root
-module to the decoder-layer ``ModuleList`` (``copy.copy`` of each module plus copies of its
-``_modules/_parameters/_buffers`` dicts), that list is replaced by ``nn.ModuleList(layers[:k])`` and every config
+module to the decoder-layer ``ModuleList`` (a new object of each module's class sharing its attributes, with its
+own copy of the ``_modules`` dict), that list is replaced by ``nn.ModuleList(layers[:k])`` and every config
 on the path by a copy with ``num_hidden_layers = k`` (and ``layer_types[:k]`` where present). The router then
 calls the shell's OWN ``forward``, so every family-specific detail (Gemma's embedding scale and final softcap,
 ALiBi, GPT-2's ``wpe``, BERT's MLM head, Mamba's mixer) applies unchanged. No parameter or buffer is copied:
@@ -88,10 +88,17 @@ def _attn_impl(model: nn.Module) -> str | None:
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
-    shell = copy.copy(module)
+    """A new object of the module's class with the module's attributes and a copy of its child dict.
+
+    Not ``copy.copy``: FSDP2's ``fully_shard`` swaps the class for one whose ``__new__`` re-runs ``__init__``
+    (which needs the model's constructor arguments). The parameter and buffer dicts are the module's own, not
+    copies: FSDP2 swaps sharded and unsharded parameters in them around every forward, and the shell must see
+    what the module sees. Hooks are shared too, so FSDP2's pre-forward hook gathers a sharded root's parameters
+    before the shell's forward runs.
+    """
+    shell = object.__new__(type(module))
+    shell.__dict__.update(module.__dict__)
     shell._modules = dict(module._modules)
-    shell._parameters = dict(module._parameters)
-    shell._buffers = dict(module._buffers)
     # Methods patched onto the instance and bound to it (Accelerate's mixed precision and ``prepare`` wrap
     # ``model.forward`` this way, and so do Trainer runs with bf16/fp16) would still run the ORIGINAL module, i.e.
     # every layer: bind them to the shell instead, keeping the wrapper (e.g. its autocast).

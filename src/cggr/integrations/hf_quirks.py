@@ -179,6 +179,34 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def wrapper_reason(model: nn.Module) -> str:
+    """Why the base of ``model`` cannot be called directly, or ``""``: a wrapper on the way must see the call.
+
+    DDP/DataParallel reduce gradients through hooks of their own forward; an FSDP module gathers its sharded
+    parameters (the head weight among them) only around its own forward; a ``torch.compile``'d module would run
+    uncompiled. Each reason names the arrangement that keeps the fused head: the wrapper around the CGGRModel.
+    """
+    wrapped = model
+    for _ in range(8):  # wrappers must see the call: the base model cannot be called past them
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            return (f"the model is wrapped in {type(wrapped).__name__} (its hooks would be bypassed; wrap the "
+                    f"CGGRModel instead: {type(wrapped).__name__}(CGGRModel(model)))")
+        if _is_fsdp(wrapped):
+            return (f"the model is an FSDP module ({type(wrapped).__name__}: its hooks gather the sharded head "
+                    "weight only around its own forward; shard the CGGRModel as the root instead: "
+                    "fully_shard(CGGRModel(model)) after fully_shard on each layer)")
+        if isinstance(getattr(wrapped, "_orig_mod", None), nn.Module):
+            return (
+                "the model is torch.compile'd (calling its base would bypass compilation; compile the "
+                "CGGRModel instead)"
+            )
+        inner = getattr(wrapped, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        wrapped = inner
+    return ""
+
+
 def fused_head_parts(model: nn.Module) -> tuple[tuple[nn.Module, HeadSpec] | None, str]:
     """The base model (returning ``last_hidden_state`` after the final norm) and the head of a causal LM.
 
@@ -192,19 +220,9 @@ def fused_head_parts(model: nn.Module) -> tuple[tuple[nn.Module, HeadSpec] | Non
     Returns:
         ``((base, spec), "")`` or ``(None, reason)``.
     """
-    wrapped = model
-    for _ in range(8):  # wrappers must see the call: the base model cannot be called past them
-        if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel) or _is_fsdp(wrapped):
-            return None, f"the model is wrapped in {type(wrapped).__name__} (its hooks would be bypassed)"
-        if isinstance(getattr(wrapped, "_orig_mod", None), nn.Module):
-            return None, (
-                "the model is torch.compile'd (calling its base would bypass compilation; compile the "
-                "CGGRModel instead)"
-            )
-        inner = getattr(wrapped, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        wrapped = inner
+    reason = wrapper_reason(model)
+    if reason:
+        return None, reason
     model = unwrap_model(model)
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
@@ -219,4 +237,13 @@ def fused_head_parts(model: nn.Module) -> tuple[tuple[nn.Module, HeadSpec] | Non
     return (base, spec), ""
 
 
-__all__ = ["SCALE_ATTR", "SOFTCAP_ATTR", "UNSUPPORTED", "HeadSpec", "fused_head_parts", "head_operands", "head_spec"]
+__all__ = [
+    "SCALE_ATTR",
+    "SOFTCAP_ATTR",
+    "UNSUPPORTED",
+    "HeadSpec",
+    "fused_head_parts",
+    "head_operands",
+    "head_spec",
+    "wrapper_reason",
+]
