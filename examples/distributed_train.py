@@ -125,7 +125,7 @@ def train(args: argparse.Namespace) -> None:
             ids, labels, mask = (t.to(device) for t in next(batches))
             if accelerator is not None:
                 with accelerator.accumulate(train_model):
-                    loss = train_model(ids, labels=labels, attention_mask=mask)
+                    loss = train_model(ids, labels=labels, attention_mask=mask).loss
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> None:
                 if args.engine == "fsdp2":
                     train_model.set_requires_gradient_sync(sync)
                 with ctx:
-                    loss = train_model(ids, labels=labels, attention_mask=mask)
+                    loss = train_model(ids, labels=labels, attention_mask=mask).loss
                     (loss / args.grad_accum).backward()
             step_loss += loss.detach() / args.grad_accum
         if accelerator is None:
