@@ -207,7 +207,7 @@ def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> 
 
 def needs_scan(rule: str) -> bool:
     """Whether the rule reads the learner's losses (a no-grad forward over the S) before choosing."""
-    return rule not in ("random", "all", "ref-filter", "ref-low")
+    return rule not in ("random", "all", "ref-low") and not rule.startswith("ref-filter")
 
 
 def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | None, ref: torch.Tensor,
@@ -228,8 +228,9 @@ def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | N
         return torch.topk(percentile(loss) - percentile(ref), k).indices, None
     if rule.startswith("sampled-t"):
         return gumbel_topk(zscore(loss) - zscore(ref), k, float(rule[len("sampled-t"):]), g), None
-    if rule == "ref-filter":
-        keep = torch.topk(ref, s - max(1, s // 8), largest=False).indices
+    if rule.startswith("ref-filter"):  # ref-filter: drop 1/8; ref-filter-q<f>: drop the share f
+        drop = max(1, round(s * (float(rule[len("ref-filter-q"):]) if rule != "ref-filter" else 0.125)))
+        keep = torch.topk(ref, s - drop, largest=False).indices
         return keep[torch.randperm(len(keep), generator=g)[:k]], None
     if rule == "ref-low":
         return torch.topk(ref, k, largest=False).indices, None
@@ -520,7 +521,17 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         unique_weight.append(len(rows))
         if step + 1 in eval_steps:
             curve.append({"step": step + 1, **heldout(model, setup)})
+    agreement = None
+    if rule == "random":  # how the learner's losses relate to the reference's at the end (the pilot: r = 0.88)
+        sample = torch.linspace(0, setup.pool.shape[0] - 1, min(512, setup.pool.shape[0])).round().long()
+        model.eval()
+        mine = scan(model, setup.pool[sample])[0]
+        ref = setup.ref_loss[sample]
+        agreement = {"blocks": len(sample), "pearson": float(torch.corrcoef(torch.stack([mine, ref]))[0, 1]),
+                     "learner_sd": float(mine.std()), "reference_sd": float(ref.std()),
+                     "learner_mean": float(mine.mean()), "reference_mean": float(ref.mean())}
     return {
+        "learner_vs_reference": agreement,
         "rule": rule, "seed": seed, "init_digest": digest, "seconds": round(time.perf_counter() - t0, 1),
         "cpu_seconds": round(time.process_time() - c0, 1), "final": curve[-1]["all"],
         "final_by_category": {c: curve[-1][c] for c in CATEGORIES if c in curve[-1]},
@@ -609,7 +620,17 @@ def markdown(payload: dict[str, Any]) -> str:
               f"(cached per block).", "",
               "Pool composition: " + ", ".join(f"{c} {v:.0%}" for c, v in info["pool_category_share"].items()) +
               "; held-out: " + ", ".join(f"{c} {v:.0%}" for c, v in info["eval_category_share"].items() if v) + ".",
-              "", "## Final held-out loss and paired differences", "",
+              ""]
+    lv = [r["learner_vs_reference"] for r in payload["runs"] if r.get("learner_vs_reference")]
+    if lv:
+        lines += [f"Learner (`random`'s final model) vs reference, per-block losses over "
+                  f"{lv[0]['blocks']} pool blocks, "
+                  f"mean over seeds: Pearson r {statistics.fmean(x['pearson'] for x in lv):.2f}, sd "
+                  f"{statistics.fmean(x['learner_sd'] for x in lv):.2f} (learner) vs "
+                  f"{statistics.fmean(x['reference_sd'] for x in lv):.2f} (reference), mean "
+                  f"{statistics.fmean(x['learner_mean'] for x in lv):.2f} vs "
+                  f"{statistics.fmean(x['reference_mean'] for x in lv):.2f}.", ""]
+    lines += ["## Final held-out loss and paired differences", "",
               "Δ: rule − `random` (or − `all`) in the same seed, mean and 95% Student-t interval over the seeds; "
               "won = seeds where the rule's loss is lower. Negative is better.", "",
               "| rule | held-out (mean) | Δ vs random [95% CI] | won | Δ vs all [95% CI] | code | prose |",
@@ -729,8 +750,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.lr = args.lr or (2e-3 if args.init == "scratch" else 1e-3)
     args.ref_lr = args.ref_lr or args.lr
     for rule in args.rules:
-        if rule not in BASE_RULES and not (rule.startswith("sampled-t") and _is_float(rule[len("sampled-t"):])):
-            raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)} or sampled-t<τ>")
+        param = next((rule[len(p):] for p in ("sampled-t", "ref-filter-q") if rule.startswith(p)), None)
+        if rule not in BASE_RULES and not (param is not None and _is_float(param)):
+            raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)}, sampled-t<τ> or "
+                             "ref-filter-q<share>")
     if not (1 <= args.kept <= args.scan) or args.steps < 1:
         raise SystemExit(f"need 1 <= --kept <= --scan and --steps >= 1, got {args.kept}, {args.scan}, {args.steps}")
     torch.set_num_threads(1)
