@@ -76,14 +76,16 @@ def _global_selection_body(rank, world, device, dtype, tol):
 
     ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
     configs = [
-        {},
+        {},  # the router's scores; position_ids (a batch-shaped keyword tensor) travel with the rows
         {"token_ratio": 0.4},
         {"token_ratio": 0.4, "fused_head": True},  # the fused head's static row bound must cover a rank's share
+        {"given": True},  # precomputed sequence_scores (e.g. stale ones) instead of the router's
     ]
     for c, extra in enumerate(configs):
         model = _llama(dtype, device)
         ref_model = copy.deepcopy(model)
         # warm-up 1 -> 0.75 -> 0.5 over three steps: k per rank 4, 3, 2 (K = 8, 6, 4 = round(ratio · 8))
+        given = extra.pop("given", False)
         kw = dict(num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=2, **extra)
         cm = CGGRModel(model, global_selection=True, **kw)
         ddp = DDP(cm, **ddp_kw)
@@ -92,12 +94,20 @@ def _global_selection_body(rank, world, device, dtype, tol):
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
         for step in range(3):
             ids, labels, mask = _global_batch(world, 4, 11, seed=100 * c + step, device=device)
-            loss = ddp(ids[rank], labels=labels[rank], attention_mask=mask[rank]).loss
+            extra_in = {}
+            if c == 0:  # left padding: positions count from the first real token
+                extra_in["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            if given:
+                g = torch.Generator().manual_seed(step)
+                extra_in["sequence_scores"] = torch.randn(world, 4, generator=g, dtype=torch.float64).to(device)
+            loss = ddp(ids[rank], labels=labels[rank], attention_mask=mask[rank],
+                       **{key: val[rank] for key, val in extra_in.items()}).loss
             loss.backward()
-            ref_loss = ref(ids.flatten(0, 1), labels=labels.flatten(0, 1), attention_mask=mask.flatten(0, 1)).loss
+            ref_loss = ref(ids.flatten(0, 1), labels=labels.flatten(0, 1), attention_mask=mask.flatten(0, 1),
+                           **{key: val.flatten(0, 1) for key, val in extra_in.items()}).loss
             ref_loss.backward()
             got, want = cm.get_metrics(), ref.get_metrics()
-            what = f"config {extra}, step {step}"
+            what = f"config {c} {extra}, step {step}"
             assert got["selected_indices"] == sorted(want["selected_indices"]), what
             for key in ("tokens_selected", "tokens_total", "sequences_selected", "batch_size"):
                 assert got[key] == want[key], (what, key, got[key], want[key])
@@ -177,8 +187,8 @@ def _mismatched_shapes_worker(rank, world):
 def test_global_selection_over_ddp_equals_one_process_on_the_concatenated_batch():
     """DDP, 2 ranks x 4 sequences: the 2k hardest of all 8 (warm-up: k = 4, 3, 2), each rank training on k of
     them, equal one process selecting K of the 8 (loss = mean of the ranks' losses, every gradient, the chosen
-    sequences and kept tokens); also with the hardest 40% of tokens and through the fused head, across optimizer
-    steps."""
+    sequences and kept tokens), across optimizer steps: by the router's scores with position_ids, with the
+    hardest 40% of tokens, through the fused head, and by precomputed sequence scores."""
     run_gloo(_global_selection_worker)
 
 
