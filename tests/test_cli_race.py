@@ -179,6 +179,12 @@ def test_a_race_split_by_seed_and_by_arm_merges_into_one_report_with_intervals(s
     capsys.readouterr()
     assert main(["race", "--merge", files[0], str(tmp_path / "d" / "race.json"), "--out", str(tmp_path / "x")]) == 2
     assert "ratio=0.5" in capsys.readouterr().err
+    # another corpus (e.g. other installed packages on another machine) cannot be paired either
+    other = json.loads((tmp_path / "b" / "race.json").read_text())
+    other["settings"]["data_info"]["train_sequences"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["race", "--merge", files[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "data_info.train_sequences" in capsys.readouterr().err
     # a seed whose arms started from different weights (another model) cannot be paired
     other = json.loads((tmp_path / "b" / "race.json").read_text())
     other["arms"][0]["init_digest"] = "0" * 16

@@ -540,6 +540,12 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
             if mine != theirs:
                 raise CLIError(f"--merge: {str(path)!r} has {key}={mine!r}, the first file {theirs!r}; "
                                "not the same race")
+        for key in ("train_sequences", "eval_sequences", "vocab_size"):  # the same corpus (machines differ)
+            mine = payload["settings"].get("data_info", {}).get(key)
+            theirs = first["settings"].get("data_info", {}).get(key)
+            if mine != theirs:
+                raise CLIError(f"--merge: {str(path)!r} has data_info.{key}={mine!r}, the first file {theirs!r}; "
+                               "not the same data (another corpus or tokenizer on that machine?)")
         for arm in payload["arms"]:
             seed = _row_seed(arm, payload["settings"])
             if (arm["arm"], seed) in seen:
