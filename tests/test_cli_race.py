@@ -336,7 +336,7 @@ def test_plan_chunk_stops_before_an_overrun():
 def test_seeds_reproduce_bit_for_bit_and_are_paired(small_config, tmp_path, monkeypatch):
     """With the same (fake) clock two runs of a two-seed race are identical bit for bit; within a seed every arm
     starts from the same weights and (but the A/A arm) the same order; the seeds differ in both."""
-    kwargs = dict(arms=("standard", "random", "standard-aa"), seeds=2, minutes=0.02, ladder=(0.5,))
+    kwargs = dict(arms=("standard", "random", "standard-aa"), seeds=2, minutes=0.012, ladder=(0.5,))
     first, _ = _fake_clock_race(monkeypatch, small_config, tmp_path / "1", [0.05], **kwargs)
     monkeypatch.undo()
     second, _ = _fake_clock_race(monkeypatch, small_config, tmp_path / "2", [0.05], **kwargs)
