@@ -25,18 +25,25 @@ Regimes (``--regime``; each a hypothesis about where selection can pay, see docs
 * ``late``: continue from a model pre-trained on other half-A blocks of the same corpus (the later phase of a
   longer run: a new warm-up + cosine over the study's steps).
 
-Rules (``--rules``): ``random`` (k uniformly), ``all`` (train on all S: the 4x-compute ceiling), ``hardest`` (top k
-by the learner's loss), ``reducible`` (top k by learner loss - reference loss: RHO-LOSS), ``reducible-norm`` (top
-k by z(learner) - z(reference), each standardised over the S), ``sampled-t<τ>`` (Gumbel-top-k over the
-standardised reducible score / τ: τ -> 0 is ``reducible-norm``, τ -> inf is ``random``), ``ref-filter`` (drop the
-S/8 highest reference losses, then k uniformly: no scan at train time), ``ref-low`` (the k lowest reference
-losses), ``importance`` (k draws with replacement, p = ½ ‖softmax − onehot‖-bound share + ½ uniform, each kept
-sequence weighted by 1/(S·p) so the expected gradient is the S-mean's). The learner's losses come from a no-grad
-forward over the S before the step (an oracle scan: the batch split's router would be cheaper and worse).
+Rules (``--rules``): ``random`` (k uniformly), ``all`` (train on all S: 4x the compute), ``hardest`` (top k by the
+learner's loss), ``reducible`` (top k by learner loss - reference loss: RHO-LOSS), ``reducible-norm`` (top k by
+z(learner) - z(reference), each standardised over the S), ``reducible-rank`` (the same with percentile ranks),
+``sampled-t<τ>`` (Gumbel-top-k over the ``reducible-norm`` score / τ: τ -> 0 is ``reducible-norm``, τ -> inf is
+``random``), ``ref-filter`` / ``ref-filter-q<share>`` (drop the S/8, or that share, of highest reference losses,
+then k uniformly: no scan at train time), ``ref-low`` (the k lowest reference losses), ``importance`` (k distinct,
+inclusion probability ∝ the learner's loss mixed ½ with uniform, weights 1/π: unbiased) and ``importance-bound``
+(k draws with replacement, p = ½ ‖softmax − onehot‖-bound share + ½ uniform, weights 1/(S·p)). With ``--impl
+library`` (default) the rules that :class:`cggr.CGGRModel` offers run through it, with the learner itself as the
+router; the others (and all with ``--impl study``) are plain-torch prototypes here, whose top-k choices are
+checked against the library's at every step. The learner's losses come from a no-grad forward of the full
+learner over the S before the step (an oracle scan: a truncated router would be cheaper and worse).
 
-Run one regime (about 10-15 minutes on 2 shared CPU cores)::
+Outputs: ``benchmarks/results/cpu/selection_<regime>.json`` / ``.md`` (settings, command, versions, every run);
+``--combine A.json B.json ...`` writes the rule x regime table (``selection_regimes.md``).
 
-    PYTHONPATH=src python benchmarks/study_selection.py --regime clean --seeds 0 1 2 3 4
+Run one regime (15-35 minutes on 2 shared CPU cores; the commands of the committed results are in their files)::
+
+    PYTHONPATH=src python benchmarks/study_selection.py --regime finetune --steps 60 --pool 3200
 """
 
 from __future__ import annotations
@@ -617,7 +624,8 @@ def markdown(payload: dict[str, Any]) -> str:
               f"{ref['trained_on']} (never on the pool, never on held-out data), from the same kind of initial "
               f"model as the rules; held-out {ref['heldout_loss']:.3f}. One-off cost: {ref['train_seconds']:.0f} s "
               f"training + {ref['score_seconds']:.0f} s scoring the {ref['scored_blocks']} pool blocks once "
-              f"(cached per block).", "",
+              f"(cached per block)" + (f"; CPU time {ref['train_cpu_seconds']:.0f} s + {ref['score_cpu_seconds']:.0f} s"
+                                       if "train_cpu_seconds" in ref else "") + ".", "",
               "Pool composition: " + ", ".join(f"{c} {v:.0%}" for c, v in info["pool_category_share"].items()) +
               "; held-out: " + ", ".join(f"{c} {v:.0%}" for c, v in info["eval_category_share"].items() if v) + ".",
               ""]
