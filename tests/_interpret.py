@@ -49,7 +49,7 @@ def run_in_fresh_process(test_file: str) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorator, Callable, Callable]:
+def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorator, Callable, Callable | None]:
     """What every interpreter test module binds at its top, from whether its kernels are interpreted ones.
 
     Usage (module level): ``needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED,
@@ -59,7 +59,9 @@ def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorato
         ``needs_interp``: a skip mark for checks that need interpreted kernels (compiled ones: the checks run in
         the fresh process instead); an autouse fixture that sets TRITON_INTERPRET=1 around each of the module's
         tests when its kernels are interpreted (the dispatch and the tile choice read it at call time); and
-        ``test_in_fresh_process``, which runs the module in a new interpreter when its kernels are compiled ones.
+        ``test_in_fresh_process``, which runs the module in a new interpreter when its kernels are compiled ones
+        (``None`` when they are interpreted: the checks ran in this process, and there is nothing to collect, so
+        no skip line either).
     """
     needs_interp = pytest.mark.skipif(
         not interpreted, reason="kernels compiled before TRITON_INTERPRET was set: see test_in_fresh_process"
@@ -70,8 +72,7 @@ def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorato
         if interpreted:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-    @pytest.mark.skipif(interpreted, reason="the checks run in this process")
     def test_in_fresh_process():
         run_in_fresh_process(test_file)
 
-    return needs_interp, interpret_env, test_in_fresh_process
+    return needs_interp, interpret_env, (None if interpreted else test_in_fresh_process)

@@ -1,15 +1,125 @@
-"""Shared test configuration: CUDA-only tests (marker ``cuda``) are skipped on machines without a GPU."""
+"""Shared test configuration: the ``cuda`` and ``slow`` markers.
+
+* ``cuda`` (every test under tests/gpu/): skipped on a machine without a CUDA GPU, with the reason saying so.
+* ``slow``: a test that runs a whole race or takes more than ~10 s on 2 CPU cores. A developer's
+  ``python -m pytest`` deselects them (pyproject.toml: ``addopts = "-m 'not slow'"``) and ``python -m pytest -m
+  slow`` runs only them; CI (.ci/run, the README's test command) runs both, i.e. every test. The slow tests are
+  listed here, in :data:`SLOW`, rather than decorated in place, so that one table says what is slow and why; a
+  name listed here that its module does not define is an error (renaming a test cannot silently drop its mark).
+"""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
+#: test file -> {test name pattern: why it is slow}. A pattern with ``[`` is matched against the test's name with its
+#: parametrisation (``*``: anything), e.g. ``test_x[53-*]``; one without, against the function's name (every case).
+#: CPU seconds measured on a 2-core Xeon (one pytest process, OMP_NUM_THREADS=1).
+SLOW: dict[str, dict[str, str]] = {
+    "test_cli_race.py": {  # whole races (the module's first one also trains the BPE tokenizer of its cache)
+        "test_race_on_code_corpus": "whole race, 28 s",
+        "test_race_on_arithmetic": "whole race, 8 s",
+        "test_race_on_a_jsonl_path_through_the_command_line": "whole race",
+        "test_race_with_a_local_pretrained_model_folder": "whole race",
+        "test_a_race_split_by_seed_and_by_arm_merges_into_one_report_with_intervals": "three races",
+        "test_no_arm_runs_past_its_budget_with_a_fake_clock": "whole race, 8 s",
+        "test_a_step_longer_than_the_budget_is_never_started": "whole race (data and tokenizer)",
+        "test_seeds_reproduce_bit_for_bit_and_are_paired": "four races, 10 s",
+        "test_data_seed_is_separate_from_the_init_seed": "two races",
+        "test_device_race_script_starts_waits_and_collects": "a race in a detached process, 30 s",
+        "test_head_option_sets_the_head_of_every_arm": "whole races",
+        "test_head_option_on_the_command_line": "whole race",
+        "test_token_counts_accumulated_on_the_device_match_the_arithmetic": "whole race",
+        "test_a_registered_arm_runs_in_the_race": "whole race",
+    },
+    "test_cli_data_packages.py": {
+        "test_race_on_code_packages_with_the_tiny_preset": "whole race on every installed package, 9 s",
+    },
+    # Triton kernels under the interpreter: the default run keeps each module's fp64 reference checks (every
+    # kernel path at small shapes); the larger shapes, tile variants and accumulation modes run with -m slow
+    "test_linear_ce_fused_interpret.py": {
+        "test_halves_tile_filters_like_the_half_width_tile": "interpreted, 9 s",
+        "test_halves_tile_matches_naive[*]": "interpreted, 7 s each",
+        "test_tma_descriptor_and_pointer_tiles_agree[*]": "interpreted, 6-7 s each",
+        "test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact": "interpreted",
+        "test_accumulate_modes_fp16[*]": "interpreted, 4 modes",
+    },
+    "test_linear_ce_fused_split_interpret.py": {
+        "test_d_hidden_vocabulary_splits_and_selected_rows[*]": "interpreted, 12 cases of 2 s",
+        "test_accumulate_modes_fp16[*]": "interpreted, 8 cases of 1.3 s",
+        "test_large_shared_memory_tiles_match_naive_fp16[*]": "interpreted",
+        "test_other_tiles_and_uneven_chunks_give_the_same_gradients": "interpreted",
+        "test_gradient_filter_error_is_bounded_and_tiny_eps_is_exact": "interpreted",
+        "test_only_some_gradients_requested[*]": "interpreted",
+    },
+    "test_linear_ce_chunked_interpret.py": {
+        "test_forward_stats_outputs_matches_fp64[37-*]": "interpreted, 2 s each",
+        "test_forward_stats_outputs_matches_fp64[53-*]": "interpreted, 5 s each",
+        "test_linear_cross_entropy_outputs_workspace[shape1-*]": "interpreted, 2 s each",
+        "test_only_weight_gradient_and_fallbacks": "interpreted",
+        "test_outputs_passes_split_match_the_one_call_path": "interpreted",
+    },
+    "test_ignored_garbage_interpret.py": {
+        "test_scoring_kernel_ignores_garbage_at_ignored_rows[*-stratified]": "interpreted (topk stays)",
+        "test_scoring_kernel_ignores_garbage_at_ignored_rows[*-sequence_aware]": "interpreted (topk stays)",
+        "test_linear_ce_kernels_ignore_garbage_hidden_rows[0.3-*]": "interpreted (ratio 1 stays)",
+    },
+    "test_moe_triton_interpret.py": {
+        "test_split_and_fused_act_bwd_agree_fp16": "interpreted",
+        "test_fused_route_matches_torch[N300-*]": "interpreted",
+    },
+    "test_row_weights_interpret.py": {
+        "test_row_weights_match_fp64[1.0-sum-*]": "interpreted ('mean' stays)",
+    },
+    # torch.compile: a few seconds of compilation each; one compiled check per module stays in the default run
+    "test_model_fused_head.py": {
+        "test_compiled_fused_head_equals_eager_and_does_not_recompile[*]": "torch.compile, 9 s each",
+    },
+    "test_model.py": {
+        "test_compiled_training_step_does_not_recompile[random]": "torch.compile ([topk] stays)",
+    },
+    "test_reference.py": {
+        "test_compiled_model_step_does_not_recompile[importance]": "torch.compile ([sampled] stays)",
+    },
+    "test_sampling.py": {
+        "test_importance_weighted_gradient_is_unbiased": "statistical check over many draws, 4 s",
+    },
+}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """``*`` matches anything, everything else itself (brackets included: they delimit the parametrisation)."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), name) is not None
+
+
+def _check_slow_table(items) -> None:
+    modules = {item.path.name: item.module for item in items if getattr(item, "module", None) is not None}
+    for file, patterns in SLOW.items():
+        module = modules.get(file)
+        if module is None:
+            continue
+        names = [n for n in vars(module) if n.startswith("test")]
+        for pattern in patterns:
+            base = pattern.split("[", 1)[0]
+            if not any(_matches(base, n) for n in names):
+                raise pytest.UsageError(f"tests/conftest.py SLOW names {file}::{pattern}, which the module does not "
+                                        "define: update the table")
+
 
 def pytest_collection_modifyitems(config, items):
+    _check_slow_table(items)
+    slow = pytest.mark.slow
+    for item in items:
+        patterns = SLOW.get(item.path.name, {})
+        function = getattr(item, "originalname", item.name)  # without the parametrisation
+        if any(_matches(p, item.name if "[" in p else function) for p in patterns):
+            item.add_marker(slow)
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason="CUDA-only test (marker cuda, tests/gpu/): this machine has no CUDA GPU")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

@@ -34,6 +34,9 @@ from tests.test_ignored_garbage import _dirty, _loss_inputs, _run_loss, _seed  #
 @needs_interp
 @pytest.mark.parametrize("strategy", ["topk", "stratified", "sequence_aware"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the interpreter runs the kernel's arithmetic in numpy, which warns on the inf - inf of the planted garbage rows
+# (their scores are NaN by design and never read); on a GPU the same arithmetic is silent
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 def test_scoring_kernel_ignores_garbage_at_ignored_rows(strategy, dtype):
     g = torch.Generator().manual_seed(_seed())
     logits, targets, ignored = _loss_inputs((3, 17), 301, dtype, g)

@@ -15,6 +15,9 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
+# transformers' Trainer pins its data loader's memory by default (right on a GPU, which the README's Trainer example
+# is for); on a CPU-only machine torch says that nothing gets pinned
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator:UserWarning")
 def test_readme_python_examples_run_in_order():
     pytest.importorskip("transformers")
     blocks = _blocks("python")
@@ -32,3 +35,23 @@ def test_ci_runs_the_readme_test_command():
     assert len(test_commands) == 1, test_commands
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_commands[0] in ci.splitlines()
+
+
+def test_the_readme_test_command_runs_every_test():
+    """The quick set (pyproject's addopts deselect the tests marked slow) and then the slow set: together, all."""
+    import shlex
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    opts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    default = shlex.split(opts["addopts"])
+    default_m = default[default.index("-m") + 1] if "-m" in default else None
+    command = next(b.strip() for b in _blocks("bash") if "pytest" in b)
+    selections = []
+    for part in command.split("&&"):
+        words = shlex.split(part)
+        if "pytest" in words:
+            selections.append(words[words.index("-m") + 1] if "-m" in words else default_m)
+    assert default_m == "not slow" and sorted(selections) == ["not slow", "slow"], selections
