@@ -10,10 +10,37 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
 import torch
+
+from tests._interpret import interpreter_env
+
+#: cggr's Triton kernel modules (imported interpreted by :func:`_import_kernels_interpreted`).
+KERNEL_MODULES = ("_utils", "scoring", "linear_cross_entropy", "_linear_ce_tiles", "linear_cross_entropy_fused",
+                  "linear_cross_entropy_fused_halves", "linear_cross_entropy_fused_split", "moe_routing",
+                  "moe_slot_sum", "grouped_gemm")
+
+
+def _import_kernels_interpreted() -> None:
+    """Without a CUDA GPU the Triton kernels run only under the interpreter, which must be on when triton and the
+    kernel modules are imported. Import them so here, before any test module: the tests/gpu/ modules (collected
+    first) import triton, and would otherwise leave compiled kernels that send every interpreter test module to a
+    fresh process (tests/_interpret.py). TRITON_INTERPRET is unset again afterwards (torch.compile must not see
+    it); the interpreter modules set it around their own tests."""
+    if torch.cuda.is_available():
+        return
+    try:
+        with interpreter_env():
+            for name in KERNEL_MODULES:
+                importlib.import_module(f"cggr.kernels.{name}")
+    except ImportError:  # no triton: the interpreter modules skip themselves
+        return
+
+
+_import_kernels_interpreted()
 
 #: test file -> {test name pattern: why it is slow}. A pattern with ``[`` is matched against the test's name with its
 #: parametrisation (``*``: anything), e.g. ``test_x[53-*]``; one without, against the function's name (every case).
@@ -86,6 +113,20 @@ SLOW: dict[str, dict[str, str]] = {
     },
     "test_sampling.py": {
         "test_importance_weighted_gradient_is_unbiased": "statistical check over many draws, 4 s",
+    },
+    "test_step_count.py": {
+        "test_compiled_model_follows_a_write_from_the_next_step_on": "torch.compile of a CGGRModel step, 22 s",
+    },
+    # two processes over gloo (torchrun): ~20 s each
+    "test_distributed.py": {
+        "test_global_selection_over_ddp_equals_one_process_on_the_concatenated_batch": "2 processes, 23 s",
+        "test_global_random_selection_without_a_common_seed_and_layout_checks": "2 processes, 22 s",
+        "test_fsdp2_router_cggr_model_and_fused_head_match_the_unsharded_model": "2 processes, 22 s",
+        "test_ddp_seed_none_random_selection_follows_the_broadcast_seed_and_resumes": "2 processes, 20 s",
+        "test_accelerate_prepare_and_train_with_gradient_accumulation": "2 processes, 20 s",
+    },
+    "test_readme_distributed.py": {
+        "test_readme_distributed_command_runs": "the README's torchrun / accelerate command, 2 processes, 15-17 s each",
     },
 }
 

@@ -7,6 +7,7 @@ import torch
 
 from cggr import AsyncCGGRScorer, CGGRModel, SequenceScoreCache
 from cggr.router import create_truncated_router
+from tests.tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,10 +15,7 @@ V, T = 40, 9
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).train()
+    return tiny_llama(V, seed=seed, max_position_embeddings=32).train()
 
 
 def _batch(b=10, seed=0):

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from cggr.cli.reference_model import build_reference, split_blocks, train_reference
+from tests.tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(37, seed=seed, max_position_embeddings=32)
 
 
 def _fake_clock(step=0.5):

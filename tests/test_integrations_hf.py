@@ -33,16 +33,14 @@ from cggr.integrations.transformers import (  # noqa: E402
     cggr_loss_func,
 )
 from cggr.model import CGGROutput  # noqa: E402
+from tests.tiny_models import tiny_llama as shared_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 96
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+    return shared_tiny_llama(V, seed=seed, intermediate_size=64)
 
 
 def padded_rows(n: int = 16, t: int = 12, seed: int = 1) -> list[dict[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from cggr.functional import linear_cross_entropy
 from cggr.reference import dataset_digest, excess_scores
 from cggr.router import create_truncated_router
 from cggr.sampling import inclusion_probabilities, sampling_weights
+from tests.tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,10 +22,7 @@ V, T = 48, 11
 
 
 def _llama(seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V, seed=seed, layers=layers)
 
 
 def _data(n=13, seed=1):
