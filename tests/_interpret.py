@@ -40,13 +40,16 @@ def is_interpreted(*kernels) -> bool:
     return all(type(k).__name__ == "InterpretedFunction" for k in kernels)
 
 
-def run_in_fresh_process(test_file: str) -> None:
-    """Run ``pytest`` on ``test_file`` in a new interpreter with TRITON_INTERPRET=1; fail with its output."""
+def run_in_fresh_process(test_file: str, markexpr: str = "") -> None:
+    """Run ``pytest`` on ``test_file`` in a new interpreter with TRITON_INTERPRET=1 and the parent's marker
+    selection (``-m``: the quick set, or ``slow``); fail with its output."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+    select = ["-m", markexpr] if markexpr else []
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *select, test_file],
                        env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # 5: no test of the module matches the selection (e.g. -m slow on a module without slow tests)
+    assert r.returncode in (0, 5), r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorator, Callable, Callable | None]:
@@ -72,7 +75,7 @@ def module_hooks(interpreted: bool, test_file: str) -> tuple[pytest.MarkDecorato
         if interpreted:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-    def test_in_fresh_process():
-        run_in_fresh_process(test_file)
+    def test_in_fresh_process(request):
+        run_in_fresh_process(test_file, request.config.getoption("markexpr"))
 
     return needs_interp, interpret_env, (None if interpreted else test_in_fresh_process)

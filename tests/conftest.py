@@ -153,10 +153,15 @@ def _check_slow_table(items) -> None:
 def pytest_collection_modifyitems(config, items):
     _check_slow_table(items)
     slow = pytest.mark.slow
+    slow_run = config.getoption("markexpr") == "slow"
     for item in items:
         patterns = SLOW.get(item.path.name, {})
         function = getattr(item, "originalname", item.name)  # without the parametrisation
         if any(_matches(p, item.name if "[" in p else function) for p in patterns):
+            item.add_marker(slow)
+        elif function == "test_in_fresh_process" and slow_run:
+            # (compiled kernels: a GPU machine) it re-runs its module's selected tests in a new process, with the
+            # parent's -m: it belongs to the quick run and to the slow one
             item.add_marker(slow)
     if torch.cuda.is_available():
         return
