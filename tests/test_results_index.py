@@ -22,6 +22,8 @@ def test_every_readme_result_is_in_the_index_with_its_run():
     targets = [t for _, t in results_index.readme_results()]
     assert len(targets) >= 20
     for target in targets:
+        if target == "INDEX.md":  # the README's link to this index
+            continue
         if target.startswith("INDEX.md#"):
             assert f'<a id="{target.partition("#")[2]}"></a>' in text, target
             continue
