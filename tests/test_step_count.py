@@ -151,3 +151,67 @@ def test_compiled_model_follows_a_write_from_the_next_step_on():
     compiled(ids, labels=ids)
     m = cm.get_metrics()
     assert m["step"] == 1000 and m["sequences_selected"] == 2
+
+
+def _host_reads_of_step_count(module, monkeypatch) -> list[int]:
+    """Record every read of ``step_count`` back to the host (``int(buffer)``: a host sync on an accelerator)."""
+    from cggr import _selector
+
+    reads = []
+    real = _selector.Curriculum._set_step
+
+    def spy(self, step):
+        reads.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(_selector.Curriculum, "_set_step", spy)
+    return reads
+
+
+@pytest.mark.parametrize("copy_kind", ["to_device", "deepcopy", "pickle"])
+def test_a_moved_or_copied_module_trusts_its_mirror_and_still_sees_writes(copy_kind, monkeypatch):
+    """``.to(device)`` and ``copy.deepcopy`` give the buffer a new identity and version counter with the same value:
+    the first step after them must not read it back (a host sync per model move or ladder copy on CUDA, seen in the
+    H200 race test), yet an outside write to the copy is still followed."""
+    import copy
+    import io
+
+    crit = CGGRLoss(dynamic_threshold=False, min_tokens_ratio=MIN_RATIO, warmup_steps=WARMUP)
+    for _ in range(300):
+        crit.step()
+    old = crit.step_count
+    if copy_kind == "to_device":  # a device move, on the CPU: every tensor replaced by a copy of itself
+        moved = crit._apply(lambda t: t.clone())
+    elif copy_kind == "deepcopy":
+        moved = copy.deepcopy(crit)
+    else:
+        buf = io.BytesIO()
+        torch.save(crit, buf)
+        buf.seek(0)
+        moved = torch.load(buf, weights_only=False)
+    assert moved.step_count is not old
+    reads = _host_reads_of_step_count(moved, monkeypatch)
+    logits, targets = _inputs(7)
+    mask = moved.select(logits, targets)[0]
+    assert int(mask.sum()) == k_of(_ratio(300), int((targets != -100).sum()))
+    assert moved.current_ratio == pytest.approx(_ratio(300))
+    moved.step()
+    assert reads == [301]  # step() writes the mirror; nothing was read back from the buffer
+    moved.step_count.fill_(800)  # an outside write to the copy is still seen
+    assert moved.current_ratio == pytest.approx(_ratio(800))
+    if moved is not crit:  # a copy: the original keeps its own step
+        assert crit.current_ratio == pytest.approx(_ratio(300))
+
+
+def test_an_untrusted_mirror_is_not_made_trusted_by_a_copy():
+    """A write before the copy that the module has not read yet is read by the copy (the copy trusts only a mirror
+    that was in sync)."""
+    import copy
+
+    crit = CGGRLoss(dynamic_threshold=False, min_tokens_ratio=MIN_RATIO, warmup_steps=WARMUP)
+    crit.step_count.fill_(600)
+    moved = copy.deepcopy(crit)
+    assert moved.current_ratio == pytest.approx(_ratio(600))
+    crit2 = CGGRLoss(dynamic_threshold=False, min_tokens_ratio=MIN_RATIO, warmup_steps=WARMUP)
+    crit2.step_count.fill_(400)
+    assert crit2._apply(lambda t: t.clone()).current_ratio == pytest.approx(_ratio(400))

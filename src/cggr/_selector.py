@@ -109,6 +109,28 @@ class Curriculum(nn.Module):
             self._set_step(int(self.step_count))
         return self._step
 
+    def _apply(self, fn, recurse=True):
+        # ``.to()``/``.cuda()`` replace the buffer by a copy of the same value: keep the mirror trusted (a first
+        # step after a device move would otherwise read the buffer back, a host sync) if it was in sync before.
+        in_sync = self._buffer_key() is not None and self._buffer_key() == self._seen
+        out = super()._apply(fn, recurse)
+        if in_sync:
+            self._seen = self._buffer_key()
+        return out
+
+    def __getstate__(self):
+        # ``copy.deepcopy``/pickling copy the buffer with its value but a new identity and version counter: carry
+        # whether the mirror held the buffer's value, so the copy trusts it too (no host read at its first step).
+        state = self.__dict__.copy()
+        state["_mirror_in_sync"] = self._buffer_key() is not None and self._buffer_key() == self._seen
+        return state
+
+    def __setstate__(self, state):
+        in_sync = state.pop("_mirror_in_sync", False)
+        super().__setstate__(state)
+        if in_sync:
+            self._seen = self._buffer_key()
+
     def step(self) -> None:
         """Advance the curriculum by one optimizer step: ``step_count += 1`` in place.
 

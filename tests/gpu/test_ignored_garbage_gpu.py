@@ -83,8 +83,11 @@ def test_linear_ce_kernels_ignore_garbage_hidden_rows(name, ratio):
     (la, ma, gha, gwa), (lb, mb, ghb, gwb) = out
     assert torch.equal(ma, mb) and torch.equal(la, lb)
     assert torch.isfinite(ghb).all() and torch.isfinite(gwb).all() and not ghb[ignored.cuda()].any()
-    torch.testing.assert_close(ghb.float(), gha.float(), rtol=2e-2, atol=1e-5)
-    torch.testing.assert_close(gwb.float(), gwa.float(), rtol=2e-2, atol=1e-5)
+    # The fused/split backward adds bf16 partial gradients with atomics in a run-dependent order: two clean runs
+    # differ by bf16 rounding of the largest entries (one element by 1.5e-5 in d_weight on the H200), so the bound
+    # is bf16's unit roundoff (2^-8) times the gradient's scale; garbage leaking in would be NaN/inf or O(1e30).
+    for b, a in ((ghb, gha), (gwb, gwa)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2**-8 * float(a.float().abs().max()))
 
 
 def test_bad_cuda_tensor_ratio_is_a_device_assert():
