@@ -84,11 +84,14 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
         for arm in cfg.arms:
             model = copy.deepcopy(base).to(device)
             model.train()
-            runner = Arm(arm, model, race_cfg, router_layers, 1e-5, device)
+            # the reducible arms look reference losses up by row: synthetic ones here (this times the step only)
+            reference = torch.rand(batch, generator=gen).to(device) * 5
+            block_rows = torch.arange(batch, device=device)
+            runner = Arm(arm, model, race_cfg, router_layers, 1e-5, device, reference=reference)
             row: dict[str, Any] = {"B": batch, "T": seq_len, "arm": arm}
             try:
-                timing = time_fn(lambda r=runner, x=ids, m=mask: r.step(x, m, 1e-5, count=False), warmup=cfg.warmup,
-                                 iters=cfg.iters, device=device)
+                timing = time_fn(lambda r=runner, x=ids, m=mask, i=block_rows: r.step(x, m, 1e-5, count=False, rows=i),
+                                 warmup=cfg.warmup, iters=cfg.iters, device=device)
             except torch.cuda.OutOfMemoryError:
                 row.update({"step ms": None, "samples/s": None, "speed-up": None, "peak mem GiB": None,
                             "status": "out of memory"})

@@ -97,8 +97,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="layers of the truncated router (default: preset's; tiny 2, smollm 4)")
     p.add_argument("--arms", type=_arms, default=None,
                    help="comma-separated arms among standard, cggr, cggr-loss, random, standard-aa (the A/A arm: "
-                        "standard on another data order) and any registered arm (race default: "
-                        "standard,cggr,random,standard-aa; bench default: every arm but the A/A one)")
+                        "standard on another data order), cggr-sampled (Gumbel-top-k by router loss), "
+                        "cggr-importance (importance sampling, 1/p weights), cggr-reducible and "
+                        "cggr-reducible-sampled (RHO-LOSS reducible loss; race: need --reference) and any registered "
+                        "arm (race default: standard,cggr,random,standard-aa; bench default: every arm but the A/A "
+                        "one)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -190,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out blocks (or arithmetic problems) evaluated at the end of each arm (default 1024)")
     race.add_argument("--heldout-cap", type=_positive_int("--heldout-cap"), default=16,
                       help="at most this many held-out blocks from any one held-out file (default 16)")
+    race.add_argument("--reference", action="store_true",
+                      help="train a reference model (the race's architecture, fresh weights) on "
+                           "--reference-fraction of the training blocks before the arms, and score the other blocks "
+                           "with it (RHO-LOSS); every arm then trains on those other blocks only, and the one-off "
+                           "cost is reported on its own line. Needed by the cggr-reducible arms")
+    race.add_argument("--reference-fraction", type=float, default=0.5,
+                      help="share of the training blocks the reference trains on (default 0.5)")
+    race.add_argument("--reference-steps", type=_positive_int("--reference-steps"), default=200,
+                      help="the reference model's optimizer steps, batch = the standard batch (default 200)")
     race.add_argument("--out", default="cggr-race", help="output folder (default ./cggr-race)")
     race.add_argument("--name", default="race", help="file stem of the outputs (default race)")
     race.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -297,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress, name=args.name, ratio_warmup_steps=args.ratio_warmup_steps,
                 scoring=args.scoring, head=args.head, seeds=args.seeds, data_seed=args.data_seed,
                 protocol=args.protocol, heldout_blocks=args.heldout_blocks, heldout_cap=args.heldout_cap,
-                ladder=DEFAULT_LADDER if args.ladder is None else args.ladder,
+                ladder=DEFAULT_LADDER if args.ladder is None else args.ladder, reference=args.reference,
+                reference_fraction=args.reference_fraction, reference_steps=args.reference_steps,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)

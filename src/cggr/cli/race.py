@@ -150,6 +150,26 @@ register_arm(ArmSpec("random", "model", selection="random", scans=True, color="t
 register_arm(ArmSpec("standard-aa", "plain", data_seed_offset=AA_DATA_SEED_OFFSET, color="tab:green", marker="D",
                      description="A/A: standard on another data order (the noise floor)"))
 
+# issue 15's rules: sampled and importance-weighted selection by the router's loss, and RHO-LOSS reducible loss
+# (router loss − a reference model's loss, both z-scored over the scan; needs --reference)
+SAMPLED_TEMPERATURE = 0.5  # nats of router loss (sampled), z-score units (reducible-sampled)
+register_arm(ArmSpec("cggr-sampled", "model", selection="sampled", router=True, scoring="loss", scans=True,
+                     options=(("temperature", SAMPLED_TEMPERATURE),), color="tab:orange", marker="v",
+                     description="k of the S drawn without replacement by Gumbel-top-k over router loss / 0.5 "
+                                 "(Plackett-Luce)"))
+register_arm(ArmSpec("cggr-importance", "model", selection="importance", router=True, scoring="loss", scans=True,
+                     options=(("uniform_mix", 0.1),), color="tab:purple", marker="P",
+                     description="k of the S drawn with probability ∝ router loss (10% uniform), each loss weighted "
+                                 "1/π: an unbiased estimate of the S sequences' mean loss"))
+register_arm(ArmSpec("cggr-reducible", "model", selection="topk", router=True, scoring="reducible", scans=True,
+                     options=(("reference_norm", "zscore"),), color="tab:brown", marker="*",
+                     description="RHO-LOSS: the k of the S with the largest z(router loss) − z(reference loss) "
+                                 "(--reference)"))
+register_arm(ArmSpec("cggr-reducible-sampled", "model", selection="sampled", router=True, scoring="reducible",
+                     scans=True, options=(("reference_norm", "zscore"), ("temperature", SAMPLED_TEMPERATURE)),
+                     color="tab:pink", marker="h",
+                     description="reducible loss as cggr-reducible, k drawn by Gumbel-top-k at tau 0.5 (--reference)"))
+
 ARMS = tuple(ARM_SPECS)  # the arms registered at import
 DEFAULT_ARMS = ("standard", "cggr", "random", "standard-aa")
 
@@ -187,6 +207,9 @@ class RaceConfig:
     heldout_blocks: int = 1024  # the full held-out set, evaluated at the end
     heldout_cap: int = MAX_BLOCKS_PER_FILE  # at most this many held-out blocks per held-out file
     ladder: tuple[float, ...] = DEFAULT_LADDER  # rung budgets as fractions of the budget (time-to-target)
+    reference: bool = False  # train a reference model on a split of the training blocks (reducible arms)
+    reference_fraction: float = 0.5  # share of the training blocks the reference trains on (no arm sees them)
+    reference_steps: int = 200  # the reference's optimizer steps (batch: the standard batch)
 
 
 def validate_config(cfg: RaceConfig) -> None:
@@ -225,6 +248,14 @@ def validate_config(cfg: RaceConfig) -> None:
                        f"starts at {1 - COOLDOWN_FRACTION:g} of it, after the warm-up), got "
                        f"{','.join(map(str, cfg.ladder))}")
     check_arms(cfg.arms)
+    needs = [a for a in cfg.arms if ARM_SPECS[a].scoring == "reducible"]
+    if needs and not cfg.reference:
+        raise CLIError(f"--arms {', '.join(needs)} need --reference (a reference model trained on a split of the "
+                       "training blocks that no arm trains on)")
+    if not (0.0 < cfg.reference_fraction < 1.0):
+        raise CLIError(f"--reference-fraction must be in (0, 1), got {cfg.reference_fraction}")
+    if cfg.reference_steps < 1:
+        raise CLIError(f"--reference-steps must be >= 1, got {cfg.reference_steps}")
 
 
 def check_arms(arms: tuple[str, ...]) -> None:
@@ -460,7 +491,7 @@ class Arm:
     """
 
     def __init__(self, arm: str, model, cfg: RaceConfig, router_layers: int, lr: float, device: torch.device,
-                 *, fused_head: bool | None = None, seed: int | None = None):
+                 *, fused_head: bool | None = None, seed: int | None = None, reference: torch.Tensor | None = None):
         from cggr import CGGRLoss, CGGRModel, create_truncated_router
         from cggr.integrations.hf_quirks import fused_head_parts
 
@@ -477,6 +508,10 @@ class Arm:
         self.head = None
         self.pass_mask = True  # see loss()
         scoring = spec.scoring or cfg.scoring
+        # (N_train,) reference loss of every training block (reducible scoring): looked up by the step's rows
+        self.reference = reference if scoring == "reducible" else None
+        if scoring == "reducible" and reference is None:
+            raise CLIError(f"arm {arm!r} scores reducible loss: it needs the race's reference losses (--reference)")
         if spec.kind == "model":
             router = create_truncated_router(model, num_layers=router_layers) if spec.router else None
             self.wrapper = CGGRModel(
@@ -496,17 +531,24 @@ class Arm:
             if self.head is None:
                 raise CLIError(f"--head fused is not possible for {type(model).__name__}: {reason}")
 
-    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
         """This arm's training loss on (b, T) ``ids`` (``labels``: ids with -100 at padding), with grad.
 
         ``self.pass_mask = False`` (set by the race when its training data have no padding) calls the model without
         an attention mask: the same attention, and no host sync in Hugging Face's mask preparation (it reads
-        whether an all-ones mask can be skipped).
+        whether an all-ones mask can be skipped). ``rows``: the (b,) training-block indices of ``ids`` (the
+        reducible arms look their reference losses up).
         """
         attention = mask.long() if self.pass_mask else None
         with autocast_context(self.device, self.cfg.dtype):
             if self.wrapper is not None:
-                loss = self.wrapper(ids, labels=labels, attention_mask=attention).loss
+                extra = {}
+                if self.reference is not None:
+                    if rows is None:
+                        raise ValueError(f"arm {self.arm!r} needs the rows of its batch (reference losses)")
+                    extra["reference_loss"] = self.reference.index_select(0, rows.to(self.reference.device))
+                loss = self.wrapper(ids, labels=labels, attention_mask=attention, **extra).loss
             elif self.head is not None:  # the fused head: logits never stored, fp32 logit math
                 from cggr.functional import linear_cross_entropy
                 from cggr.integrations.hf_quirks import head_operands
@@ -529,7 +571,8 @@ class Arm:
         return loss
 
     def step(
-        self, ids: torch.Tensor, mask: torch.Tensor, lr: float, *, count: bool = True
+        self, ids: torch.Tensor, mask: torch.Tensor, lr: float, *, count: bool = True,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int, int]:
         """One optimizer step on (S or B, T) ``ids``; returns (loss, tokens back-propagated, tokens in loss).
 
@@ -539,7 +582,7 @@ class Arm:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         labels = ids.masked_fill(~mask, -100)  # (b, T)
-        loss = self.loss(ids, mask, labels)
+        loss = self.loss(ids, mask, labels, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -656,7 +699,7 @@ def _run_chunk(track: _Track, env: _Env, steps: int, lr_at_time: Callable[[float
     for i in range(steps):
         pick = rows[i * per : (i + 1) * per]
         ids, mask = env.train_ids[pick].to(device), env.train_mask[pick].to(device)  # (per, T)
-        loss, _, _ = runner.step(ids, mask, lr_at_time(track.seconds + i * estimate), count=False)
+        loss, _, _ = runner.step(ids, mask, lr_at_time(track.seconds + i * estimate), count=False, rows=pick)
         loss_sum += loss.detach().float()
         if result is not None:
             b, k = runner.device_counts(mask)
@@ -724,6 +767,7 @@ class _Shared:
     eval_bs: int
     probe: torch.Tensor  # (n_probe,) indices of the probe blocks
     progress: bool
+    reference: torch.Tensor | None = None  # (N_train,) reference loss per training block (--reference)
 
 
 def _probe_eval(model, sh: _Shared, *, accuracy: bool) -> dict[str, float]:
@@ -782,18 +826,20 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
     # two untimed warm-up steps on a scratch copy (allocator, kernels, lazy init): no arm pays them on its clock;
     # the second one's time is the first step-time estimate of the stop-before-overrun rule
     scratch = Arm(arm, copy.deepcopy(model), cfg, sh.router_layers, 0.0, env.device, fused_head=sh.fused,
-                  seed=arm_data_seed)
+                  seed=arm_data_seed, reference=sh.reference)
     scratch.pass_mask = env.has_padding
     warm_ids, warm_mask = env.train_ids[:per_step].to(env.device), env.train_mask[:per_step].to(env.device)
     estimate = 0.0
     for _ in range(2):
         synchronize(env.device)
         t0 = env.clock()
-        scratch.step(warm_ids, warm_mask, 0.0, count=False)
+        scratch.step(warm_ids, warm_mask, 0.0, count=False,
+                     rows=torch.arange(warm_ids.shape[0], device=env.train_ids.device))
         synchronize(env.device)
         estimate = env.clock() - t0
     del scratch
-    runner = Arm(arm, model, cfg, sh.router_layers, sh.lr, env.device, fused_head=sh.fused, seed=arm_data_seed)
+    runner = Arm(arm, model, cfg, sh.router_layers, sh.lr, env.device, fused_head=sh.fused, seed=arm_data_seed,
+                 reference=sh.reference)
     runner.pass_mask = env.has_padding
     track = _Track(runner, BatchStream(env.train_ids.shape[0], arm_data_seed), per_step, estimate)
 
@@ -910,13 +956,17 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
     base = build_model(spec, vocab, seed=replicates[0][0])
     n_params = sum(p.numel() for p in base.parameters())
     fused = resolve_head(cfg.head, base, device)  # one head for every arm
+    reference_info, reference = None, None
+    if cfg.reference:  # before the arms: every arm then trains on the blocks the reference never saw
+        data, reference, reference_info = _build_reference(cfg, spec, data, vocab, batch, lr, device, log)
     on_device = device.type == "cuda"
     env = _Env(train_ids=data.train_ids.to(device) if on_device else data.train_ids,
                train_mask=data.train_mask.to(device) if on_device else data.train_mask, device=device, clock=clock,
                max_chunk_seconds=min(1.0, 0.02 * budget), has_padding=not bool(data.train_mask.all()))
     probe = probe_indices(data.eval_ids.shape[0], cfg.eval_sequences)
     sh = _Shared(cfg=cfg, data=data, env=env, router_layers=router_layers, lr=lr, budget=budget, batch=batch,
-                 scan=scan, fused=fused, eval_bs=max(batch, 16), probe=probe, progress=cfg.progress)
+                 scan=scan, fused=fused, eval_bs=max(batch, 16), probe=probe, progress=cfg.progress,
+                 reference=reference.to(device) if reference is not None else None)
     setup_seconds = time.perf_counter() - t_setup
     protocol = protocol_name(cfg, multiplier)
     log(f"cggr race: {spec.name} ({n_params / 1e6:.1f}M parameters) on {data.info['origin']}, device {device}, "
@@ -966,10 +1016,49 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
         "heldout_tokens": data.eval_mask[:, 1:].sum(-1).tolist(),
         "setup_seconds": round(setup_seconds, 1), "data_info": data.info,
     }
+    if reference_info is not None:
+        settings["reference"] = reference_info
     env_info = environment(device, command=command_line())
     payload = {"settings": settings, "environment": env_info, "arms": [r.row() for r in results]}
     payload["paths"] = write_race_outputs(payload, Path(cfg.out), cfg.name, plot=cfg.plot)
     return payload
+
+
+REFERENCE_SEED_OFFSET = 7_919  # the reference model's init seed: --seed + this
+
+
+def _build_reference(cfg: RaceConfig, spec: ModelSpec, data: RaceData, vocab: int | None, batch: int, lr: float,
+                     device: torch.device, log) -> tuple[RaceData, torch.Tensor, dict[str, Any]]:
+    """``--reference``: train a fresh model of the race's architecture on ``reference_fraction`` of the training
+    blocks (seeded split), score the other blocks with it, and return the race data restricted to those blocks
+    (every arm trains on them, paired), their (N_train,) reference losses and the one-off cost (seconds)."""
+    import dataclasses
+
+    from cggr.cli.reference_model import build_reference
+
+    model = build_model(spec, vocab, seed=cfg.seed + REFERENCE_SEED_OFFSET)
+    rows, losses, info = build_reference(
+        model, data.train_ids, data.train_mask, fraction=cfg.reference_fraction, steps=cfg.reference_steps,
+        batch_size=batch, lr=lr, device=device, seed=cfg.seed + REFERENCE_SEED_OFFSET,
+        autocast=lambda: autocast_context(device, cfg.dtype),
+    )
+    del model
+    info.update(fraction=cfg.reference_fraction, seed=cfg.seed + REFERENCE_SEED_OFFSET,
+                train_seconds=round(info["train_seconds"], 2), score_seconds=round(info["score_seconds"], 2),
+                total_seconds=round(info["total_seconds"], 2))
+    log(f"reference model: {info['steps']} steps on {info['reference_blocks']} training blocks in "
+        f"{info['train_seconds']:.1f} s, scored the other {info['train_blocks']} blocks in "
+        f"{info['score_seconds']:.1f} s "
+        f"(mean loss {info['mean_reference_loss']:.3f}; one-off, on no arm's clock); every arm trains on those "
+        f"{info['train_blocks']} blocks")
+    n_all = int(data.train_ids.shape[0])
+    keys = data.train_keys  # per training row for arithmetic (its questions), per document for text corpora
+    new_info = dict(data.info, train_sequences=int(rows.numel()), reference_sequences=n_all - int(rows.numel()))
+    new = dataclasses.replace(
+        data, train_ids=data.train_ids[rows], train_mask=data.train_mask[rows], info=new_info,
+        train_keys=[keys[i] for i in rows.tolist()] if len(keys) == n_all else list(keys),
+    )
+    return new, losses.sequence(torch.arange(len(losses))), info
 
 
 def rungs_of(cfg: RaceConfig) -> tuple[float, ...]:

@@ -420,6 +420,13 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"{_groups_text(info.get('heldout_groups'))}); curve and ladder on {s.get('probe_blocks', '?')} probe "
         "blocks.", "",
     ]
+    ref = s.get("reference")
+    if ref:  # the reducible arms' one-off cost, on its own line (on no arm's clock)
+        md += [f"Reference model (`--reference`, for the reducible arms): {ref['steps']} steps on "
+               f"{ref['reference_blocks']} training blocks in {ref['train_seconds']:.1f} s, then scored the other "
+               f"{ref['train_blocks']} blocks in {ref['score_seconds']:.1f} s (mean loss "
+               f"{ref['mean_reference_loss']:.3f}): a one-off cost of {ref['total_seconds']:.1f} s that no arm's "
+               f"clock includes. Every arm trained on those {ref['train_blocks']} blocks only.", ""]
     demo = demo_note(s["model"], len(seeds))
     if demo:
         md += [f"*{demo[0].upper()}{demo[1:]}*", ""]

@@ -1,0 +1,135 @@
+"""``cggr race`` arms of issue 15: cggr-sampled, cggr-importance and the reducible arms with ``--reference``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from cggr.cli import race  # noqa: E402
+from cggr.cli.main import main  # noqa: E402
+from cggr.cli.presets import CLIError  # noqa: E402
+from cggr.cli.race import ARM_SPECS, RaceConfig, run_race  # noqa: E402
+
+NEW_ARMS = ("cggr-sampled", "cggr-importance", "cggr-reducible", "cggr-reducible-sampled")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CGGR_CACHE_DIR", str(tmp_path_factory.mktemp("cggr-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "config.json"
+    transformers.LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ).to_json_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small JSONL corpus (fast tokenizer training; the default code corpus takes minutes on a busy CPU)."""
+    import json
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6}) for i in range(300)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_new_arms_are_registered_and_named_in_help(capsys):
+    for arm in NEW_ARMS:
+        spec = ARM_SPECS[arm]
+        assert spec.kind == "model" and spec.router and spec.scans and spec.description
+    assert ARM_SPECS["cggr-importance"].selection == "importance"
+    assert dict(ARM_SPECS["cggr-reducible"].options)["reference_norm"] == "zscore"
+    with pytest.raises(SystemExit):
+        main(["race", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for arm in NEW_ARMS:
+        assert arm in text
+    assert "--reference" in text
+
+
+def test_reducible_arms_need_reference():
+    with pytest.raises(CLIError, match="cggr-reducible need --reference"):
+        race.validate_config(RaceConfig(arms=("standard", "cggr-reducible")))
+    with pytest.raises(CLIError, match="--reference-fraction must be in"):
+        race.validate_config(RaceConfig(reference=True, reference_fraction=1.0))
+
+
+def test_race_with_reference_trains_every_arm_on_the_other_blocks(small_config, corpus, tmp_path, monkeypatch):
+    """The reference trains on a seeded split; every arm trains only on the other blocks; the reducible arm's
+    CGGRModel receives, for each scanned batch, the reference losses of exactly those blocks; the one-off cost is in
+    the settings and on its own line of the report."""
+    built = {}
+    real_build = race._build_reference
+
+    def build(cfg, spec, data, *args, **kwargs):
+        new, table, info = real_build(cfg, spec, data, *args, **kwargs)
+        built.update(full=data.train_ids.clone(), train=new.train_ids.clone(), table=table.clone(), info=info)
+        return new, table, info
+
+    monkeypatch.setattr(race, "_build_reference", build)
+    from cggr import model as cggr_model
+
+    seen = []
+    real_forward = cggr_model.CGGRModel.forward
+
+    def forward(self, input_ids=None, labels=None, attention_mask=None, reference_loss=None, **kw):
+        if reference_loss is not None:
+            seen.append((input_ids.detach().clone(), reference_loss.detach().clone()))
+        return real_forward(self, input_ids, labels, attention_mask, reference_loss=reference_loss, **kw)
+
+    monkeypatch.setattr(cggr_model.CGGRModel, "forward", forward)
+    cfg = RaceConfig(model=str(small_config), data=corpus, minutes=0.01, router_layers=1, batch_size=2, seq_len=32,
+                     evals=1, eval_sequences=4, heldout_blocks=8, out=str(tmp_path), progress=False, device="cpu",
+                     arms=("standard", "random", *NEW_ARMS), ladder=(), reference=True, reference_steps=3,
+                     reference_fraction=0.4)
+    payload = run_race(cfg, log=lambda *_: None)
+    info = payload["settings"]["reference"]
+    n_all, n_train = built["full"].shape[0], built["train"].shape[0]
+    assert info["train_blocks"] == n_train and info["reference_blocks"] == n_all - n_train
+    assert info["reference_blocks"] == round(0.4 * n_all) and info["steps"] == 3
+    assert info["total_seconds"] >= info["train_seconds"] >= 0
+    # every arm read only the blocks the reference never trained on
+    for a in payload["arms"]:
+        assert max(a["first_sequences"]) < n_train, a["arm"]
+        assert a["steps"] >= 1
+    # each reducible batch got the reference losses of its own blocks
+    assert seen
+    rows_of = {tuple(r.tolist()): i for i, r in enumerate(built["train"])}
+    for ids, ref in seen:
+        rows = [rows_of[tuple(r.tolist())] for r in ids]
+        assert torch.equal(ref, built["table"][rows].float())
+    text = (tmp_path / "race.md").read_text()
+    assert "Reference model (`--reference`, for the reducible arms)" in text and "no arm's clock" in text
+
+
+def test_importance_arm_loss_is_weighted(small_config, corpus, tmp_path, monkeypatch):
+    """The importance arm trains through CGGRModel(selection='importance') (its metrics carry the variance ratio)."""
+    made = []
+    real_init = race.Arm.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(race.Arm, "__init__", init)
+    cfg = RaceConfig(model=str(small_config), data=corpus, minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
+                     evals=1, eval_sequences=4, heldout_blocks=8, out=str(tmp_path), progress=False, device="cpu",
+                     arms=("cggr-importance", "cggr-sampled"), ladder=())
+    run_race(cfg, log=lambda *_: None)
+    imp = [a for a in made if a.arm == "cggr-importance"][-1].wrapper
+    assert imp.selection == "importance" and imp.scoring == "loss"
+    assert imp.get_metrics()["importance_variance_ratio"] > 0
+    smp = [a for a in made if a.arm == "cggr-sampled"][-1].wrapper
+    assert smp.selection == "sampled" and smp.temperature == race.SAMPLED_TEMPERATURE
