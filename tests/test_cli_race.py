@@ -289,7 +289,7 @@ def test_no_arm_runs_past_its_budget_with_a_fake_clock(small_config, tmp_path, m
 
     durations = [0.05, 0.08, 0.05, 0.11]
     payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, durations, arms=ARMS, reference=True,
-                                  reference_steps=2)  # every arm, the reducible ones with a (2-step) reference
+                                  reference_steps=2, reference_blocks=512)  # reducible arms: a 2-step reference
     budget = 3.0
     s = payload["settings"]
     probe = probe_indices(s["heldout_blocks"], s["probe_blocks"]).tolist()
@@ -508,7 +508,8 @@ def test_head_option_sets_the_head_of_every_arm(small_config, tmp_path, monkeypa
     made = _recording_arms(monkeypatch)
     cfg = RaceConfig(model=str(small_config), data="code", minutes=0.004, router_layers=1, batch_size=2, seq_len=32,
                      evals=1, eval_sequences=4, heldout_blocks=8, out=str(tmp_path), progress=False, device="cpu",
-                     head=head, arms=ARMS, ladder=(), reference=True, reference_steps=2)
+                     head=head, arms=ARMS, ladder=(), reference=True, reference_steps=2,
+                     reference_blocks=256)
     payload = run_race(cfg, log=lambda *_: None)
     fused = head == "fused"
     assert payload["settings"]["head"] == head and payload["settings"]["head_option"] == head

@@ -93,12 +93,13 @@ def test_race_with_reference_trains_every_arm_on_the_other_blocks(small_config, 
     cfg = RaceConfig(model=str(small_config), data=corpus, minutes=0.01, router_layers=1, batch_size=2, seq_len=32,
                      evals=1, eval_sequences=4, heldout_blocks=8, out=str(tmp_path), progress=False, device="cpu",
                      arms=("standard", "random", *NEW_ARMS), ladder=(), reference=True, reference_steps=3,
-                     reference_fraction=0.4)
+                     reference_fraction=0.4, reference_blocks=40)
     payload = run_race(cfg, log=lambda *_: None)
     info = payload["settings"]["reference"]
     n_all, n_train = built["full"].shape[0], built["train"].shape[0]
-    assert info["train_blocks"] == n_train and info["reference_blocks"] == n_all - n_train
+    assert n_train == 40 == info["train_blocks"] and info["unused_blocks"] == n_all - n_train - info["reference_blocks"]
     assert info["reference_blocks"] == round(0.4 * n_all) and info["steps"] == 3
+    assert payload["settings"]["data_info"]["train_sequences"] == 40
     assert info["total_seconds"] >= info["train_seconds"] >= 0
     # every arm read only the blocks the reference never trained on
     for a in payload["arms"]:
@@ -112,6 +113,7 @@ def test_race_with_reference_trains_every_arm_on_the_other_blocks(small_config, 
         assert torch.equal(ref, built["table"][rows].float())
     text = (tmp_path / "race.md").read_text()
     assert "Reference model (`--reference`, for the reducible arms)" in text and "no arm's clock" in text
+    assert "further training blocks unused" in text
 
 
 def test_importance_arm_loss_is_weighted(small_config, corpus, tmp_path, monkeypatch):

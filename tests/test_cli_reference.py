@@ -76,3 +76,16 @@ def per_block_loss(model, ids, mask):
 
 def compute_mean_loss(model, ids, mask):
     return float(per_block_loss(model, ids, mask).mean())
+
+
+def test_max_blocks_scores_a_seeded_subset_of_the_other_blocks():
+    ids = torch.randint(0, 37, (30, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    _, rest = split_blocks(30, 0.5, seed=2)
+    rows, losses, info = build_reference(_tiny(), ids, mask, fraction=0.5, steps=1, batch_size=2, lr=1e-3,
+                                         device=torch.device("cpu"), seed=2, max_blocks=6, score_bytes=1)
+    assert len(rows) == 6 == len(losses) and set(rows.tolist()) <= set(rest.tolist())
+    assert torch.equal(rows, rows.sort().values) and info["unused_blocks"] == 30 - 15 - 6
+    again, _, _ = build_reference(_tiny(), ids, mask, fraction=0.5, steps=1, batch_size=2, lr=1e-3,
+                                  device=torch.device("cpu"), seed=2, max_blocks=6)
+    assert torch.equal(rows, again)

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of the training blocks the reference trains on (default 0.5)")
     race.add_argument("--reference-steps", type=_positive_int("--reference-steps"), default=200,
                       help="the reference model's optimizer steps, batch = the standard batch (default 200)")
+    race.add_argument("--reference-blocks", type=_positive_int("--reference-blocks"), default=None,
+                      help="score at most this many of the other training blocks (a seeded subset; every arm then "
+                           "trains on those only). Default: all of them")
     race.add_argument("--out", default="cggr-race", help="output folder (default ./cggr-race)")
     race.add_argument("--name", default="race", help="file stem of the outputs (default race)")
     race.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -311,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 protocol=args.protocol, heldout_blocks=args.heldout_blocks, heldout_cap=args.heldout_cap,
                 ladder=DEFAULT_LADDER if args.ladder is None else args.ladder, reference=args.reference,
                 reference_fraction=args.reference_fraction, reference_steps=args.reference_steps,
+                reference_blocks=args.reference_blocks,
             ))
     except CLIError as exc:
         print(f"cggr {args.command}: error: {exc}", file=sys.stderr)

@@ -210,6 +210,7 @@ class RaceConfig:
     reference: bool = False  # train a reference model on a split of the training blocks (reducible arms)
     reference_fraction: float = 0.5  # share of the training blocks the reference trains on (no arm sees them)
     reference_steps: int = 200  # the reference's optimizer steps (batch: the standard batch)
+    reference_blocks: int | None = None  # score (and train every arm on) at most this many of the other blocks
 
 
 def validate_config(cfg: RaceConfig) -> None:
@@ -256,6 +257,8 @@ def validate_config(cfg: RaceConfig) -> None:
         raise CLIError(f"--reference-fraction must be in (0, 1), got {cfg.reference_fraction}")
     if cfg.reference_steps < 1:
         raise CLIError(f"--reference-steps must be >= 1, got {cfg.reference_steps}")
+    if cfg.reference_blocks is not None and cfg.reference_blocks < 1:
+        raise CLIError(f"--reference-blocks must be >= 1, got {cfg.reference_blocks}")
 
 
 def check_arms(arms: tuple[str, ...]) -> None:
@@ -1040,7 +1043,7 @@ def _build_reference(cfg: RaceConfig, spec: ModelSpec, data: RaceData, vocab: in
     rows, losses, info = build_reference(
         model, data.train_ids, data.train_mask, fraction=cfg.reference_fraction, steps=cfg.reference_steps,
         batch_size=batch, lr=lr, device=device, seed=cfg.seed + REFERENCE_SEED_OFFSET,
-        autocast=lambda: autocast_context(device, cfg.dtype),
+        autocast=lambda: autocast_context(device, cfg.dtype), max_blocks=cfg.reference_blocks,
     )
     del model
     info.update(fraction=cfg.reference_fraction, seed=cfg.seed + REFERENCE_SEED_OFFSET,

@@ -94,8 +94,14 @@ def build_reference(
     seed: int,
     autocast: Callable[[], Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    max_blocks: int | None = None,
+    score_bytes: int = 1 << 28,
 ) -> tuple[torch.Tensor, ReferenceLosses, dict[str, Any]]:
     """Split, train the reference on the A blocks, compute its losses on the B blocks.
+
+    ``max_blocks``: score (and return) at most this many of the B blocks, a seeded random subset (``None``: all);
+    the caller then trains on those only. ``score_bytes``: bound on the fp32 logits of one scoring batch (rows
+    per batch = max(``batch_size``, score_bytes / (T · V · 4))).
 
     Returns:
         ``(train_rows, losses, info)``: the B rows (indices into ``train_ids``; the race trains on these only),
@@ -106,18 +112,26 @@ def build_reference(
     from cggr.cli.timing import synchronize
 
     ref_rows, train_rows = split_blocks(train_ids.shape[0], fraction, seed)
+    if max_blocks is not None and max_blocks < train_rows.numel():
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 or None, got {max_blocks}")
+        pick = torch.randperm(train_rows.numel(), generator=torch.Generator().manual_seed(seed + 1))[:max_blocks]
+        train_rows = train_rows[pick].sort().values
     info = train_reference(model, train_ids[ref_rows], train_mask[ref_rows], steps=steps, batch_size=batch_size,
                            lr=lr, device=device, seed=seed, autocast=autocast, clock=clock)
     synchronize(device)
     start = clock()
     data = {"input_ids": train_ids[train_rows], "attention_mask": train_mask[train_rows].long()}
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    losses = compute_reference_losses(model, data, batch_size=max(1, batch_size), device=device,
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if hasattr(model, "get_output_embeddings") else 1
+    rows_per_batch = max(1, batch_size, score_bytes // (4 * vocab * train_ids.shape[1]))
+    losses = compute_reference_losses(model, data, batch_size=rows_per_batch, device=device,
                                       autocast_dtype=dtype, store_tokens=False, progress=False)
     synchronize(device)
     seq = losses.sequence_loss
     info.update(
         reference_blocks=int(ref_rows.numel()), train_blocks=int(train_rows.numel()), score_seconds=clock() - start,
+        unused_blocks=int(train_ids.shape[0] - ref_rows.numel() - train_rows.numel()),
         mean_reference_loss=float(seq[~seq.isnan()].mean()) if bool((~seq.isnan()).any()) else math.nan,
     )
     info["train_seconds"] = info.pop("seconds")

@@ -426,7 +426,9 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
                f"{ref['reference_blocks']} training blocks in {ref['train_seconds']:.1f} s, then scored the other "
                f"{ref['train_blocks']} blocks in {ref['score_seconds']:.1f} s (mean loss "
                f"{ref['mean_reference_loss']:.3f}): a one-off cost of {ref['total_seconds']:.1f} s that no arm's "
-               f"clock includes. Every arm trained on those {ref['train_blocks']} blocks only.", ""]
+               f"clock includes. Every arm trained on those {ref['train_blocks']} blocks only"
+               + (f" ({ref['unused_blocks']} further training blocks unused: --reference-blocks)."
+                  if ref.get("unused_blocks") else "."), ""]
     demo = demo_note(s["model"], len(seeds))
     if demo:
         md += [f"*{demo[0].upper()}{demo[1:]}*", ""]
