@@ -404,6 +404,7 @@ class CGGRModel(Curriculum):
         if device is not None:
             for name in ("step_count", "rng_counter", "rng_seed"):
                 self._buffers[name] = self._buffers[name].to(device)
+            self._set_step(0)  # the moved step_count holds 0: keep the host mirror trusted (no read at the 1st step)
 
     # ------------------------------------------------------------------ Hugging Face passthrough
     @property
