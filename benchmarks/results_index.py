@@ -81,11 +81,15 @@ def run_of(path: Path) -> Run:
     js = path.with_name(stem(path) + ".json")
     if js.is_file():
         try:
-            env = json.loads(js.read_text()).get("environment", {})
-        except (json.JSONDecodeError, AttributeError):
-            env = {}
+            record = json.loads(js.read_text())
+        except json.JSONDecodeError:
+            record = {}
+        env = record.get("environment", {}) if isinstance(record, dict) else {}
         if isinstance(env, dict) and env:
             return Run(str(env.get("device", "")), str(env.get("utc", "")), str(env.get("command", "")))
+        sources = record.get("sources") if isinstance(record, dict) else None
+        if isinstance(sources, list) and sources:  # a table combined from other results (their runs: their rows)
+            return Run(command="combined from " + ", ".join(Path(str(src)).name for src in sources))
     if path.suffix in (".log", ".txt") and path.is_file():
         first = path.read_text(errors="replace").splitlines()[:1]
         return Run(command=first[0].lstrip("# ").strip() if first else "")
