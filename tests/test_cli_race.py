@@ -593,7 +593,9 @@ def test_head_option_on_the_command_line(small_config, tmp_path, capsys):
 def test_token_counts_accumulated_on_the_device_match_the_arithmetic(small_config, tmp_path, monkeypatch):
     """The counts summed per chunk without host syncs: every block is full (T = 32 targets 31 tokens), standard
     back-propagates B per step, cggr and random k, cggr-loss all S with a quarter of the tokens in its loss."""
-    payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, [0.05], arms=ARMS, minutes=0.01, ladder=())
+    # the arms whose counts the arithmetic below spells out (the selection-rule arms: tests/test_cli_race_selection.py)
+    arms = ("standard", "cggr", "cggr-loss", "random", "standard-aa")
+    payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, [0.05], arms=arms, minutes=0.01, ladder=())
     s = payload["settings"]
     for a in payload["arms"]:
         per_step = s["scanned_per_step"] if a["arm"] in ("cggr", "cggr-loss", "random") else s["batch_size"]
