@@ -46,6 +46,20 @@ def difficulty_fp64(ref: dict, mode: str, vocab: int) -> torch.Tensor:
     return d + ref["nll"] * inv if has_nll else d
 
 
+def brute_difficulty(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """'combined' difficulty in fp64 by the definitions of docs/design.md §4.2: H / ln V + (1 - top-2 margin)
+    + nll / ln V (nll only where a target is)."""
+    z = logits.double()
+    p = torch.softmax(z, -1)
+    ent = -(p * torch.log(p)).sum(-1)
+    top = torch.sort(p, -1, descending=True).values
+    out = ent / math.log(z.shape[-1]) + 1 - (top[..., 0] - top[..., 1])
+    if targets is not None:
+        nll = torch.logsumexp(z, -1) - torch.gather(z, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out = out + torch.where(targets >= 0, nll, 0.0) / math.log(z.shape[-1])
+    return out
+
+
 def k_of(ratio: float, n_valid: int) -> int:
     """K = max(1, round-half-up(ratio · n_valid)), 0 for an empty batch."""
     if n_valid == 0:

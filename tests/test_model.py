@@ -11,22 +11,10 @@ transformers = pytest.importorskip("transformers")
 
 from cggr import CGGRModel, CGGRScorer, create_truncated_router  # noqa: E402
 from cggr.selection import select_tokens  # noqa: E402
+from tests.reference import brute_difficulty  # noqa: E402
 from tests.test_router import CONFIGS, V, build_model, reference_k_layers  # noqa: E402
 
 K_ROUTER = 2
-
-
-def brute_difficulty(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """'combined' difficulty in fp64 by the definitions of docs/design.md §4.2."""
-    z = logits.double()
-    p = torch.softmax(z, -1)
-    ent = -(p * torch.log(p)).sum(-1)
-    top = torch.sort(p, -1, descending=True).values
-    out = ent / math.log(z.shape[-1]) + 1 - (top[..., 0] - top[..., 1])
-    if targets is not None:
-        nll = torch.logsumexp(z, -1) - torch.gather(z, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out = out + torch.where(targets >= 0, nll, 0.0) / math.log(z.shape[-1])
-    return out
 
 
 def reference_selection(name, model, ids, labels, mask, k, causal=True):

@@ -11,22 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from cggr import CGGRLoss, CGGRModel, CGGRScorer, create_truncated_router
+from tests.reference import brute_difficulty
 from tests.tiny_gpt import IdsGPT, KwGPT, MaskedGPT, TinyGPT, TupleGPT
 
 V = 67
-
-
-def brute_difficulty(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """'combined' difficulty in fp64: H / ln V + (1 - top-2 margin) + nll / ln V (nll only where a target is)."""
-    z = logits.double()
-    p = torch.softmax(z, -1)
-    ent = -(p * torch.log(p)).sum(-1)
-    top = torch.sort(p, -1, descending=True).values
-    out = ent / math.log(z.shape[-1]) + 1 - (top[..., 0] - top[..., 1])
-    if targets is not None:
-        nll = torch.logsumexp(z, -1) - torch.gather(z, -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out = out + torch.where(targets >= 0, nll, 0.0) / math.log(z.shape[-1])
-    return out
 
 
 def shifted_targets(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
