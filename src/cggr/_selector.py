@@ -87,6 +87,11 @@ class Curriculum(nn.Module):
         b = self.step_count
         return None if b.is_inference() else (id(b), b.data_ptr(), b._version)
 
+    def _mirror_in_sync(self) -> bool:
+        """Whether the buffer is unchanged since this module last wrote or read it (no device read)."""
+        key = self._buffer_key()
+        return key is not None and key == self._seen
+
     def _set_step(self, step: int) -> None:
         self._step = step
         self._ratio = self.schedule(step)
@@ -104,15 +109,14 @@ class Curriculum(nn.Module):
         """
         if torch.compiler.is_compiling() or _capturing():
             return self._step
-        key = self._buffer_key()
-        if key is None or key != self._seen:
+        if not self._mirror_in_sync():
             self._set_step(int(self.step_count))
         return self._step
 
     def _apply(self, fn, recurse=True):
         # ``.to()``/``.cuda()`` replace the buffer by a copy of the same value: keep the mirror trusted (a first
         # step after a device move would otherwise read the buffer back, a host sync) if it was in sync before.
-        in_sync = self._buffer_key() is not None and self._buffer_key() == self._seen
+        in_sync = self._mirror_in_sync()
         out = super()._apply(fn, recurse)
         if in_sync:
             self._seen = self._buffer_key()
@@ -122,7 +126,7 @@ class Curriculum(nn.Module):
         # ``copy.deepcopy``/pickling copy the buffer with its value but a new identity and version counter: carry
         # whether the mirror held the buffer's value, so the copy trusts it too (no host read at its first step).
         state = self.__dict__.copy()
-        state["_mirror_in_sync"] = self._buffer_key() is not None and self._buffer_key() == self._seen
+        state["_mirror_in_sync"] = self._mirror_in_sync()
         return state
 
     def __setstate__(self, state):
