@@ -13,6 +13,7 @@ pytest.importorskip("tokenizers")
 from cggr.cli.data import load_text_data  # noqa: E402
 from cggr.cli.main import main  # noqa: E402
 from cggr.cli.race import ARM_SPECS, ARMS, DEFAULT_ARMS, RaceConfig, run_race  # noqa: E402
+from tests import fake_clock  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -246,36 +247,8 @@ def test_cggr_loss_arm_fused_head_equals_loss_on_materialised_logits(softcap):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-class FakeClock:
-    """A training clock that advances only when an arm takes a step: each step costs the next of ``durations``
-    (cycled), so budgets, step counts and the stop rule are exact and independent of the machine."""
-
-    def __init__(self, durations):
-        self.now, self.durations, self.i = 0.0, list(durations), 0
-        self.steps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self) -> None:
-        dt = self.durations[self.i % len(self.durations)]
-        self.i += 1
-        self.now += dt
-        self.steps.append(dt)
-
-
 def _fake_clock_race(monkeypatch, small_config, tmp_path, durations, **overrides):
-    from cggr.cli import race
-
-    clock = FakeClock(durations)
-    real_step = race.Arm.step
-
-    def step(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        clock.advance()
-        return out
-
-    monkeypatch.setattr(race.Arm, "step", step)
+    clock = fake_clock.install(monkeypatch, durations)
     settings = dict(model=str(small_config), data="code", minutes=0.05, router_layers=1, batch_size=2, seq_len=32,
                     evals=4, eval_sequences=4, heldout_blocks=16, out=str(tmp_path), progress=False, plot=False)
     settings.update(overrides)

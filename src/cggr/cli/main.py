@@ -20,8 +20,22 @@ from cggr._validation import SCORING_MODES
 from cggr.cli.presets import PRESETS, CLIError
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help text wrapped at spaces only: arm names such as ``cggr-reducible-self`` stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``cggr race: error: <message> (see cggr race --help)``, exit status 2."""
+    """argparse with one-line errors: ``cggr race: error: <message> (see cggr race --help)``, exit status 2; help
+    wrapped at spaces only."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -99,9 +113,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="comma-separated arms among standard, cggr, cggr-loss, random, standard-aa (the A/A arm: "
                         "standard on another data order), cggr-sampled (Gumbel-top-k by router loss), "
                         "cggr-importance (importance sampling, 1/p weights), cggr-reducible and "
-                        "cggr-reducible-sampled (RHO-LOSS reducible loss; race: need --reference) and any registered "
-                        "arm (race default: standard,cggr,random,standard-aa; bench default: every arm but the A/A "
-                        "one)")
+                        "cggr-reducible-sampled (RHO-LOSS reducible loss by the router's loss), "
+                        "cggr-reducible-self (by the model's own loss, scan 2B; a race's reducible arms need "
+                        "--reference) and any registered arm (race default: standard,cggr,random,standard-aa; "
+                        "bench default: every arm but the A/A one)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")

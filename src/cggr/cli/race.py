@@ -99,9 +99,13 @@ class ArmSpec:
             (:class:`cggr.CGGRModel`: sequence selection among S) or ``'loss'`` (:class:`cggr.CGGRLoss`: token
             selection among S).
         selection: ``selection=`` of CGGRModel / CGGRLoss (``'topk'``, ``'random'``, ...).
-        router: CGGRModel with the truncated router (``--router-layers``); ``False``: no router.
+        router: ``True``: CGGRModel with the truncated router (``--router-layers``); ``'model'``: the learner
+            itself scores (a no-grad forward of the whole model over the S sequences: its own loss, as in
+            RHO-LOSS); ``False``: no router.
         scoring: Difficulty score; ``None`` takes the race's ``--scoring``.
         scans: Reads S sequences per step (a selecting arm); ``False``: B.
+        scan_factor: This arm's S / B under the free-lunch protocol (it still trains on B: ratio B / S); ``None``:
+            the race's (``1 / --ratio``). Under ``--protocol equal-scan`` or ``--scan-multiplier`` the race's.
         data_seed_offset: Added to the replicate's data seed (the A/A arm reads another order).
         options: Further keyword arguments of CGGRModel / CGGRLoss, as ``(name, value)`` pairs.
         color, marker: Plot style.
@@ -111,9 +115,10 @@ class ArmSpec:
     name: str
     kind: str
     selection: str = "topk"
-    router: bool = False
+    router: bool | str = False
     scoring: str | None = None
     scans: bool = False
+    scan_factor: float | None = None
     data_seed_offset: int = 0
     options: tuple[tuple[str, Any], ...] = ()
     color: str | None = None
@@ -135,6 +140,12 @@ def register_arm(spec: ArmSpec) -> ArmSpec:
                          f"got {spec.name!r}")
     if spec.kind == "plain" and spec.scans:
         raise ValueError(f"arm {spec.name!r}: a 'plain' arm trains on what it reads, so it cannot scan S")
+    if spec.router not in (True, False, "model"):
+        raise ValueError(f"ArmSpec.router must be True, False or 'model', got {spec.router!r}")
+    if spec.scan_factor is not None and not (spec.scans and math.isfinite(spec.scan_factor)
+                                             and spec.scan_factor >= 1):
+        raise ValueError(f"arm {spec.name!r}: scan_factor must be a number >= 1 on a scanning arm, got "
+                         f"{spec.scan_factor!r} (scans={spec.scans})")
     ARM_SPECS[spec.name] = spec
     return spec
 
@@ -165,6 +176,11 @@ register_arm(ArmSpec("cggr-reducible", "model", selection="topk", router=True, s
                      options=(("reference_norm", "zscore"),), color="tab:brown", marker="*",
                      description="RHO-LOSS: the k of the S with the largest z(router loss) − z(reference loss) "
                                  "(--reference)"))
+register_arm(ArmSpec("cggr-reducible-self", "model", selection="topk", router="model", scoring="reducible",
+                     scans=True, scan_factor=2.0, options=(("reference_norm", "zscore"),), color="tab:olive",
+                     marker="p",
+                     description="RHO-LOSS with the learner's own loss: the model scores 2B (no grad) and trains on "
+                                 "the B with the largest z(model loss) − z(reference loss) (--reference)"))
 register_arm(ArmSpec("cggr-reducible-sampled", "model", selection="sampled", router=True, scoring="reducible",
                      scans=True, options=(("reference_norm", "zscore"), ("temperature", SAMPLED_TEMPERATURE)),
                      color="tab:pink", marker="h",
@@ -276,6 +292,18 @@ def scan_multiplier(cfg: RaceConfig) -> float:
     if cfg.scan_multiplier is not None:
         return float(cfg.scan_multiplier)
     return 1.0 / cfg.ratio if cfg.protocol == "free-lunch" else 1.0
+
+
+def arm_scan(spec: ArmSpec, cfg: RaceConfig, batch: int, scan: int) -> tuple[int, float]:
+    """(sequences read per step, ``min_tokens_ratio``) of arm ``spec`` in a race of standard batch ``batch`` whose
+    selecting arms scan ``scan``: B and the race's ratio for a plain arm; ``round(scan_factor · B)`` and B / that for
+    a scanning arm with its own :attr:`ArmSpec.scan_factor` under the free-lunch protocol; else S and the ratio."""
+    if not spec.scans:
+        return batch, cfg.ratio
+    if spec.scan_factor is not None and cfg.scan_multiplier is None and cfg.protocol == "free-lunch":
+        per_step = max(batch, round(batch * spec.scan_factor))
+        return per_step, batch / per_step
+    return scan, cfg.ratio
 
 
 def protocol_name(cfg: RaceConfig, multiplier: float) -> str:
@@ -491,10 +519,13 @@ class Arm:
     ``True``: ``standard`` and ``cggr-loss`` compute the loss from the base model's hidden states (``self.head``
     holds the (base model, HeadSpec) pair), the CGGRModel arms run with ``fused_head=True``; ``False``: every
     arm's loss is on the model's logits (``self.head`` is ``None``, ``CGGRModel(fused_head=False)``).
+    ``ratio``: the share of the read sequences (or tokens) the arm trains on (``None``: ``cfg.ratio``; see
+    :func:`arm_scan`).
     """
 
     def __init__(self, arm: str, model, cfg: RaceConfig, router_layers: int, lr: float, device: torch.device,
-                 *, fused_head: bool | None = None, seed: int | None = None, reference: torch.Tensor | None = None):
+                 *, fused_head: bool | None = None, seed: int | None = None, reference: torch.Tensor | None = None,
+                 ratio: float | None = None):
         from cggr import CGGRLoss, CGGRModel, create_truncated_router
         from cggr.integrations.hf_quirks import fused_head_parts
 
@@ -515,10 +546,14 @@ class Arm:
         self.reference = reference if scoring == "reducible" else None
         if scoring == "reducible" and reference is None:
             raise CLIError(f"arm {arm!r} scores reducible loss: it needs the race's reference losses (--reference)")
+        ratio = cfg.ratio if ratio is None else ratio
         if spec.kind == "model":
-            router = create_truncated_router(model, num_layers=router_layers) if spec.router else None
+            if spec.router == "model":  # the learner scores its own loss (a no-grad forward of the whole model)
+                router = model
+            else:
+                router = create_truncated_router(model, num_layers=router_layers) if spec.router else None
             self.wrapper = CGGRModel(
-                model, router=router, num_router_layers=router_layers, min_tokens_ratio=cfg.ratio,
+                model, router=router, num_router_layers=router_layers, min_tokens_ratio=ratio,
                 warmup_steps=cfg.ratio_warmup_steps, scoring=scoring, selection=spec.selection, seed=seed,
                 fused_head=self.fused_head, **dict(spec.options),
             )
@@ -526,7 +561,7 @@ class Arm:
         if spec.kind == "loss":
             options = {"dynamic_threshold": False, **dict(spec.options)}
             self.criterion = CGGRLoss(
-                scoring=scoring, selection=spec.selection, min_tokens_ratio=cfg.ratio,
+                scoring=scoring, selection=spec.selection, min_tokens_ratio=ratio,
                 warmup_steps=cfg.ratio_warmup_steps, seed=seed, **options,
             ).to(device)
         if self.fused_head:
@@ -825,11 +860,11 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
     model.train()
     result = ArmResult(arm=arm, init_digest=weights_digest(model), seed=init_seed, data_seed=arm_data_seed,
                        order=order, budget_seconds=budget)
-    per_step = sh.scan if spec.scans else sh.batch
+    per_step, ratio = arm_scan(spec, cfg, sh.batch, sh.scan)
     # two untimed warm-up steps on a scratch copy (allocator, kernels, lazy init): no arm pays them on its clock;
     # the second one's time is the first step-time estimate of the stop-before-overrun rule
     scratch = Arm(arm, copy.deepcopy(model), cfg, sh.router_layers, 0.0, env.device, fused_head=sh.fused,
-                  seed=arm_data_seed, reference=sh.reference)
+                  seed=arm_data_seed, reference=sh.reference, ratio=ratio)
     scratch.pass_mask = env.has_padding
     warm_ids, warm_mask = env.train_ids[:per_step].to(env.device), env.train_mask[:per_step].to(env.device)
     estimate = 0.0
@@ -842,7 +877,7 @@ def _train_arm(arm: str, base, sh: _Shared, *, init_seed: int, data_seed: int, o
         estimate = env.clock() - t0
     del scratch
     runner = Arm(arm, model, cfg, sh.router_layers, sh.lr, env.device, fused_head=sh.fused, seed=arm_data_seed,
-                 reference=sh.reference)
+                 reference=sh.reference, ratio=ratio)
     runner.pass_mask = env.has_padding
     track = _Track(runner, BatchStream(env.train_ids.shape[0], arm_data_seed), per_step, estimate)
 
@@ -1104,7 +1139,7 @@ def _progress(desc: str, budget: float, enabled: bool):
 
 
 __all__ = ["AA_DATA_SEED_OFFSET", "ARMS", "ARM_SPECS", "COOLDOWN_FRACTION", "DEFAULT_ARMS", "DEFAULT_LADDER",
-           "HEADS", "PROTOCOLS", "Arm", "ArmResult", "ArmSpec", "RaceConfig", "arithmetic_accuracy",
+           "HEADS", "PROTOCOLS", "Arm", "ArmResult", "ArmSpec", "RaceConfig", "arithmetic_accuracy", "arm_scan",
            "autocast_context", "command_line", "demo_note", "heldout_block_losses", "heldout_loss", "lr_at",
            "plan_chunk", "prepare", "probe_indices", "register_arm", "resolve_head", "run_race", "scan_multiplier",
            "validate_config", "weights_digest", "wsd_lr"]
