@@ -398,6 +398,7 @@ class CGGRModel(Curriculum):
                 raise ValueError(f"fused_head=True is not possible for {type(model).__name__}: {reason}")
         self._last: dict[str, Tensor | int] = {}
         self._warned_unfused = False
+        _add_trainer_support(model)
         # the curriculum's buffers start where the model lives (a random draw on a CPU counter inside a compiled
         # CUDA graph would be a host-device copy; CGGRModel.to() moves them like any module's buffers)
         device = next((p.device for p in model.parameters()), None)
@@ -860,6 +861,13 @@ def _batch_kwargs(kwargs: dict[str, Any], batch: int, idx: Tensor | None = None)
             val = val.index_select(0, idx)
         out[key] = val
     return out
+
+
+def _add_trainer_support(model: nn.Module) -> None:
+    """Around a transformers model, import :mod:`cggr.integrations.transformers`: it teaches ``transformers.Trainer``
+    to save ``Trainer(model=CGGRModel(...))`` as the wrapped model's plain checkpoint and to resume from one."""
+    if type(unwrap_model(model)).__module__.startswith("transformers."):
+        import cggr.integrations.transformers  # noqa: F401
 
 
 def _set_router(owner: nn.Module, router: Any) -> None:
