@@ -194,3 +194,38 @@ print(sorted(os.listdir(out)))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'config.json'" in done.stdout and f"'{CGGR_STATE_NAME}'" in done.stdout
+
+
+def test_apply_cggr_resumes_its_curriculum_from_a_checkpoint_outside_output_dir(tmp_path):
+    """CGGRCallback looked for cggr_state.pt only in args.resume_from_checkpoint and <output_dir>/checkpoint-N: a
+    checkpoint elsewhere resumed with the step set from global_step and the random stream lost (a warning). It now
+    reads the checkpoint the Trainer loaded: the resumed run ends exactly where the uninterrupted one does."""
+    from cggr.integrations.transformers import apply_cggr
+
+    def run(out, model, resume=None):
+        args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, learning_rate=0.1,
+                    optim="sgd", lr_scheduler_type="constant", max_grad_norm=1e9, report_to=[], use_cpu=True,
+                    save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=TrainingArguments(str(out), **args), train_dataset=padded_rows())
+        cm = apply_cggr(trainer, **CGGR_KWARGS)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, cm
+
+    full, cm_full = run(tmp_path / "full", tiny_llama())
+    resumed, cm_res = run(tmp_path / "elsewhere", tiny_llama(seed=5), resume=str(tmp_path / "full" / "checkpoint-2"))
+    for name, value in curriculum_state(cm_full).items():
+        assert torch.equal(getattr(cm_res, name), value), name
+    assert_same_weights(resumed.model, full.model.state_dict())
+
+
+def test_a_cggr_state_of_another_module_is_refused(tmp_path):
+    """A checkpoint's cggr_state.pt records the classes of its curricula: a CGGRLoss's state (the same three buffers)
+    must not load into a CGGRModel."""
+    from cggr import CGGRLoss
+
+    cm = CGGRModel(tiny_llama(3), num_router_layers=1)
+    cm.save_pretrained(str(tmp_path))
+    torch.save({"global_step": 5, "modules": [curriculum_state(CGGRLoss())], "classes": ["CGGRLoss"]},
+               tmp_path / CGGR_STATE_NAME)
+    with pytest.raises(ValueError, match=r"curricula of \['CGGRLoss'\], expected \['CGGRModel'\]"):
+        CGGRModel.from_pretrained(str(tmp_path), num_router_layers=1)
