@@ -229,3 +229,21 @@ def test_a_cggr_state_of_another_module_is_refused(tmp_path):
                tmp_path / CGGR_STATE_NAME)
     with pytest.raises(ValueError, match=r"curricula of \['CGGRLoss'\], expected \['CGGRModel'\]"):
         CGGRModel.from_pretrained(str(tmp_path), num_router_layers=1)
+
+
+def test_tied_embeddings_load_although_the_file_holds_them_once(tmp_path):
+    """save_pretrained writes a tied lm_head.weight once (as model.embed_tokens.weight): the check that every tensor
+    is loaded accepts a tensor tied to a loaded one, and the tie survives."""
+    def tied(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+
+    trainer, cm = make_trainer(tmp_path / "out", tied(0), callback=False)
+    trainer.save_model(str(tmp_path / "export"))
+    assert "lm_head.weight" not in safetensors.torch.load_file(str(tmp_path / "export" / "model.safetensors"))
+    fresh, cm_fresh = make_trainer(tmp_path / "other", tied(1), callback=False)
+    fresh._load_from_checkpoint(str(tmp_path / "export"))
+    assert_same_weights(cm_fresh.model, cm.model.state_dict())
+    assert cm_fresh.model.lm_head.weight is cm_fresh.model.model.embed_tokens.weight
