@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import cggr.model as cggr_model  # noqa: E402
+import cggr._fused_head as fused_head_module  # noqa: E402  (CGGRModel's fused head calls linear_cross_entropy here)
 from cggr import CGGRModel  # noqa: E402
 from cggr.integrations.hf_quirks import head_spec  # noqa: E402
 from tests.test_router import _LLAMA, V, build_model  # noqa: E402
@@ -57,13 +57,13 @@ def _loss_and_grads(model, wrapper, ids, labels, mask):
 
 def _count_fused_calls(monkeypatch) -> list[int]:
     calls = [0]
-    real = cggr_model.linear_cross_entropy
+    real = fused_head_module.linear_cross_entropy
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cggr_model, "linear_cross_entropy", counting)
+    monkeypatch.setattr(fused_head_module, "linear_cross_entropy", counting)
     return calls
 
 
@@ -205,8 +205,9 @@ def test_head_options_reach_the_fused_head(monkeypatch):
     from cggr.functional import LinearCrossEntropyOptions
 
     seen = []
-    real = cggr_model.linear_cross_entropy
-    monkeypatch.setattr(cggr_model, "linear_cross_entropy", lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
+    real = fused_head_module.linear_cross_entropy
+    monkeypatch.setattr(fused_head_module, "linear_cross_entropy",
+                        lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
     model = build_model("llama").double()
     head = LinearCrossEntropyOptions(workspace_bytes=V * 8 * 3)  # torch path: 3 rows per chunk
     common = dict(num_router_layers=2, min_tokens_ratio=0.6, warmup_steps=0, impl="torch", fused_head=True)

@@ -22,10 +22,11 @@ _EXPORTS: dict[str, str] = {
     "select_tokens": "cggr.selection",
     "select_sequences": "cggr.selection",
     "RatioSchedule": "cggr.selection",
+    "SelectionConfig": "cggr.config",
     "CGGRLoss": "cggr.loss",
     "TruncatedRouter": "cggr.router",
     "create_truncated_router": "cggr.router",
-    "CGGRScorer": "cggr.model",
+    "CGGRScorer": "cggr.scorer",
     "CGGRModel": "cggr.model",
     "PersistentTRMLP": "cggr.moe",
     "create_persistent_tr_mlp": "cggr.moe",
@@ -57,12 +58,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from cggr.async_scoring import AsyncCGGRScorer, SequenceScoreCache
+    from cggr.config import SelectionConfig
     from cggr.flash import enable_flash_attention, get_flash_attention_info, load_model_with_flash_attention
     from cggr.functional import linear_cross_entropy
     from cggr.loss import CGGRLoss
-    from cggr.model import CGGRModel, CGGRScorer
+    from cggr.model import CGGRModel
     from cggr.moe import PersistentTRMLP, create_persistent_tr_mlp
     from cggr.reference import ReferenceLosses, compute_reference_losses
     from cggr.router import TruncatedRouter, create_truncated_router
+    from cggr.scorer import CGGRScorer
     from cggr.scoring import TokenScores, difficulty, token_scores
     from cggr.selection import RatioSchedule, select_sequences, select_tokens

@@ -5,8 +5,9 @@ Shape legend: B batch, T sequence length, N = B·T tokens.
 * :class:`Curriculum` — the warm-up schedule of the kept share, ``step()``, the ``step_count`` buffer (so
   ``state_dict()`` resumes it) with a host mirror (the schedule never reads the device), and one seedable
   counter-based random source (:class:`cggr._rng.CounterRNG`, its counter the ``rng_counter`` buffer).
-* :class:`TokenSelector` — the validated selection options and one method that turns :class:`TokenScores`
-  into (difficulty, mask, info) with the dynamic threshold applied, without a host sync.
+* :class:`TokenSelector` — the selection settings (a :class:`cggr.SelectionConfig`, checked in :mod:`cggr.config`)
+  and one method that turns :class:`TokenScores` into (difficulty, mask, info) with the dynamic threshold
+  applied, without a host sync.
 """
 
 from __future__ import annotations
@@ -15,25 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from cggr._rng import CounterRNG, _capturing
-from cggr._validation import (
-    SCORING_MODES,
-    check_bool,
-    check_choice,
-    check_ignore_index,
-    check_int,
-    check_seed,
-    check_sensitivity,
-)
-from cggr.reference import REFERENCE_NORMS
-from cggr.sampling import (
-    DEFAULT_TEMPERATURE,
-    DEFAULT_UNIFORM_MIX,
-    check_temperature,
-    check_uniform_mix,
-    importance_select,
-)
+from cggr._validation import check_seed
+from cggr.config import SelectionConfig, config_property, resolve_selection_config
+from cggr.sampling import importance_select
 from cggr.scoring import TokenScores, difficulty, masked_mean
-from cggr.selection import TOKEN_STRATEGIES, RatioSchedule, dynamic_ratio, num_selected, select_tokens
+from cggr.selection import RatioSchedule, dynamic_ratio, num_selected, select_tokens
 
 
 class Curriculum(nn.Module):
@@ -166,37 +153,30 @@ def _sync_step(module: Curriculum, incompatible_keys) -> None:
 
 
 class TokenSelector(Curriculum):
-    """Selection options shared by :class:`cggr.CGGRLoss` and :class:`cggr.CGGRScorer` (see CGGRLoss)."""
+    """The token selection of :class:`cggr.CGGRLoss` and :class:`cggr.CGGRScorer`: a checked
+    :class:`cggr.SelectionConfig` (its fields readable, and assignable with a re-check, as attributes) and one method
+    that turns :class:`TokenScores` into (difficulty, mask, info)."""
 
-    def __init__(
-        self,
-        *,
-        scoring: str,
-        selection: str,
-        num_strata: int,
-        min_tokens_per_sequence: int,
-        dynamic_threshold: bool,
-        threshold_sensitivity: float,
-        min_tokens_ratio: float,
-        warmup_steps: int,
-        ignore_index: int,
-        seed: int | None,
-        temperature: float = DEFAULT_TEMPERATURE,
-        uniform_mix: float = DEFAULT_UNIFORM_MIX,
-        reference_norm: str = "none",
-        scoring_modes: tuple[str, ...] = SCORING_MODES,
-    ) -> None:
-        super().__init__(min_tokens_ratio, warmup_steps, seed)
-        self.scoring = check_choice("scoring", scoring, scoring_modes)
-        self.selection = check_choice("selection", selection, TOKEN_STRATEGIES)
-        self.temperature = check_temperature(temperature)
-        self.uniform_mix = check_uniform_mix(uniform_mix)
-        self.reference_norm = check_choice("reference_norm", reference_norm, REFERENCE_NORMS)
-        self.num_strata = check_int("num_strata", num_strata, minimum=1)
-        self.min_tokens_per_sequence = check_int("min_tokens_per_sequence", min_tokens_per_sequence, minimum=1)
-        self.dynamic_threshold = check_bool("dynamic_threshold", dynamic_threshold)
-        self.threshold_sensitivity = check_sensitivity(threshold_sensitivity)
-        self.ignore_index = check_ignore_index(ignore_index)
+    #: The class name the settings are checked for (:func:`cggr.config.resolve_selection_config`).
+    _selection_owner = "CGGRLoss"
+
+    scoring = config_property("scoring")
+    selection = config_property("selection")
+    num_strata = config_property("num_strata")
+    min_tokens_per_sequence = config_property("min_tokens_per_sequence")
+    dynamic_threshold = config_property("dynamic_threshold")
+    threshold_sensitivity = config_property("threshold_sensitivity")
+    temperature = config_property("temperature")
+    uniform_mix = config_property("uniform_mix")
+    reference_norm = config_property("reference_norm")
+    ignore_index = config_property("ignore_index")
+
+    def __init__(self, config: SelectionConfig) -> None:
+        super().__init__(config.min_tokens_ratio, config.warmup_steps, config.seed)
+        self._set_selection_config(config)
+
+    def _set_selection_config(self, config: SelectionConfig) -> None:
+        self.selection_config = resolve_selection_config(self._selection_owner, config)
 
     @property
     def uses_dynamic_threshold(self) -> bool:

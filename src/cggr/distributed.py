@@ -170,4 +170,22 @@ class GlobalBatch:
         return n_local.clamp(min=1).to(torch.float32) * self.world_size / n_global.clamp(min=1).to(torch.float32)
 
 
-__all__ = ["GlobalBatch", "process_group_size"]
+def start_global_batch(group: Any, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None,
+                       kwargs: dict[str, Any], num_items: Any) -> GlobalBatch | None:
+    """Start gathering every rank's batch for ``global_selection``: a :class:`GlobalBatch`, or ``None`` without an
+    initialised group of W > 1 processes. ``kwargs``: the model call's keyword arguments (its tensors of leading
+    dimension B travel with the rows); ``num_items``: the call's ``num_items_in_batch`` (refused here)."""
+    ranks = process_group_size(group)
+    if ranks is None:
+        return None
+    if num_items is not None:
+        raise ValueError("num_items_in_batch cannot be combined with global_selection=True: the loss is already "
+                         "normalised by the kept tokens of all ranks (a Trainer scaling it again for its own "
+                         "token averaging across devices would count the ranks twice); use per-rank selection")
+    batch = input_ids.shape[0]
+    batch_kwargs = {key: val for key, val in kwargs.items()
+                    if isinstance(val, Tensor) and val.dim() >= 1 and val.shape[0] == batch}
+    return GlobalBatch(group, *ranks, input_ids, targets, attention_mask, batch_kwargs)
+
+
+__all__ = ["GlobalBatch", "process_group_size", "start_global_batch"]

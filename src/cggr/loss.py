@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cggr._inputs import check_num_items
 from cggr._selector import TokenSelector
-from cggr._validation import REDUCTIONS, SCORING_MODES, check_choice, check_int
+from cggr._validation import REDUCTIONS, check_choice, check_int
+from cggr.config import SelectionConfig, resolve_selection_config
 from cggr.functional import (
     IMPLS,
     LinearCrossEntropyOptions,
@@ -35,9 +37,6 @@ from cggr.functional import (
 from cggr.reference import excess_scores
 from cggr.sampling import DEFAULT_TEMPERATURE, DEFAULT_UNIFORM_MIX
 from cggr.scoring import DEFAULT_CHUNK_ELEMENTS, masked_mean
-
-#: Scoring modes of CGGRLoss: the shared ones plus ``'excess'`` (Rho-1: token loss − reference token loss).
-LOSS_SCORING_MODES = (*SCORING_MODES, "excess")
 
 
 def _check_targets(targets: object) -> None:
@@ -111,6 +110,9 @@ class CGGRLoss(TokenSelector):
             LinearCrossEntropyOptions` setting only ``kernel``, ``workspace``, ``workspace_bytes``,
             ``accumulate``, ``filter_eps``, ``bwd``; e.g. ``LinearCrossEntropyOptions(workspace='outputs')`` for
             no logits workspace). ``None``: the defaults.
+        selection_config: The selection settings as one :class:`cggr.SelectionConfig` instead of the keyword
+            arguments above (``scoring`` ... ``reference_norm``, which then stay at their defaults); the attributes
+            of those names read it (``criterion.selection_config``), and assigning one re-checks it.
 
     Call ``step()`` after each optimizer step to advance the curriculum. ``step_count`` is a buffer, so
     ``state_dict()`` carries the curriculum across a resume. In eval mode (``criterion.eval()``) or with grad
@@ -139,14 +141,15 @@ class CGGRLoss(TokenSelector):
         temperature: float = DEFAULT_TEMPERATURE,
         uniform_mix: float = DEFAULT_UNIFORM_MIX,
         reference_norm: str = "none",
+        selection_config: SelectionConfig | None = None,
     ) -> None:
-        super().__init__(
-            scoring=scoring, selection=selection, num_strata=num_strata,
+        super().__init__(resolve_selection_config(
+            "CGGRLoss", selection_config, scoring=scoring, selection=selection, num_strata=num_strata,
             min_tokens_per_sequence=min_tokens_per_sequence, dynamic_threshold=dynamic_threshold,
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, ignore_index=ignore_index, seed=seed, temperature=temperature,
-            uniform_mix=uniform_mix, reference_norm=reference_norm, scoring_modes=LOSS_SCORING_MODES,
-        )
+            uniform_mix=uniform_mix, reference_norm=reference_norm,
+        ))
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         self.impl = check_choice("impl", impl, IMPLS)
@@ -235,13 +238,11 @@ class CGGRLoss(TokenSelector):
         )
 
     def _check_num_items(self, num_items: Any) -> int | Tensor | None:
-        from cggr.model import _check_num_items
-
         if num_items is not None and self.reduction != "mean":
             raise ValueError(
                 f"num_items_in_batch normalises a mean; it is not allowed with reduction={self.reduction!r}"
             )
-        return _check_num_items(num_items)
+        return check_num_items(num_items)
 
     def forward_hidden(
         self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,

@@ -71,11 +71,11 @@ def _close(got, want, rtol):
 def test_trainer_accumulation_on_cuda_equals_the_plain_model_during_warmup(tmp_path, mode, monkeypatch):
     """apply_cggr on CUDA: the fused head (CGGRModel) or the Triton scoring (CGGRLoss) under the Trainer; every
     token kept during warm-up, so accumulation 1 and 4 equal the plain model's run (fp32, TF32 off)."""
-    import cggr.model as cggr_model
+    import cggr._fused_head as fused_head_module  # CGGRModel's fused head calls linear_cross_entropy here
 
     fused_calls = [0]
-    real = cggr_model.linear_cross_entropy
-    monkeypatch.setattr(cggr_model, "linear_cross_entropy",
+    real = fused_head_module.linear_cross_entropy
+    monkeypatch.setattr(fused_head_module, "linear_cross_entropy",
                         lambda *a, **k: fused_calls.__setitem__(0, fused_calls[0] + 1) or real(*a, **k))
 
     def setup(trainer):

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import cggr.model as cggr_model  # noqa: E402
+import cggr._fused_head as fused_head_module  # noqa: E402  (CGGRModel's fused head calls linear_cross_entropy here)
 from cggr import CGGRModel  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
 from tests.test_router import CONFIGS, make_config  # noqa: E402
@@ -57,14 +57,14 @@ def _run(model, wrapper, ids, labels, mask):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fused_head_matches_unfused_cuda(name, token_ratio, dtype, tol, monkeypatch):
     calls = [0]
-    real = cggr_model.linear_cross_entropy
+    real = fused_head_module.linear_cross_entropy
 
     def counting(*args, **kwargs):
         assert kwargs.get("impl") == "triton"
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cggr_model, "linear_cross_entropy", counting)
+    monkeypatch.setattr(fused_head_module, "linear_cross_entropy", counting)
     model = _model(name, dtype)
     common = dict(num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0, token_ratio=token_ratio)
     fused = CGGRModel(model, fused_head=None, impl="triton", **common)  # auto: on for a causal LM on CUDA
