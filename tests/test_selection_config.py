@@ -281,3 +281,18 @@ def test_moved_names_are_still_importable_from_their_old_homes():
     assert cggr.model.CGGROutput is CGGROutput
     assert callable(cggr.model.is_masked_lm)
     assert cggr.SelectionConfig is SelectionConfig
+
+
+def test_a_compiled_module_follows_an_assigned_setting():
+    """The settings live in one frozen object that ``torch.compile`` guards on: assigning ``criterion.selection``
+    recompiles rather than replaying the old rule (compared with fresh eager modules on the same stream)."""
+    logits, targets = _logits_targets(8)
+    crit = CGGRLoss(seed=2, warmup_steps=0, min_tokens_ratio=0.3)
+    compiled = torch.compile(crit, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(logits, targets), CGGRLoss(seed=2, warmup_steps=0, min_tokens_ratio=0.3)(logits,
+                                                                                                          targets))
+    crit.selection = "random"
+    want = CGGRLoss(seed=2, warmup_steps=0, min_tokens_ratio=0.3, selection="random")(logits, targets)
+    got = compiled(logits, targets)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, CGGRLoss(seed=2, warmup_steps=0, min_tokens_ratio=0.3)(logits, targets))
