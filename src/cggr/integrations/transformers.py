@@ -296,42 +296,44 @@ def _inner_state_dict(cggr_model: CGGRModel, state_dict: dict[str, Tensor], pref
     return out
 
 
+def _weight_file(directory: str) -> str | None:
+    """The first weight file the Trainer writes that exists in ``directory`` (an index, or a single file)."""
+    return next((n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))), None)
+
+
 def _checkpoint_keys(directory: str) -> list[str] | None:
     """The tensor names of the weights in ``directory`` (``None``: no weight file the Trainer writes)."""
-    for name in _WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        if name.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                return list(json.load(f)["weight_map"])
-        if name.endswith(".safetensors"):
-            from safetensors import safe_open
+    name = _weight_file(directory)
+    if name is None:
+        return None
+    path = os.path.join(directory, name)
+    if name.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            return list(json.load(f)["weight_map"])
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
 
-            with safe_open(path, framework="pt") as f:
-                return list(f.keys())
-        return list(torch.load(path, map_location="cpu", weights_only=True))
-    return None
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _weight_shards(directory: str):
     """Yield the state dict of each weight file in ``directory`` (one at a time: a shard, or the only file)."""
     from safetensors.torch import load_file
 
-    for name in _WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        if name.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = [name]
-        for file in files:
-            full = os.path.join(directory, file)
-            yield load_file(full) if file.endswith(".safetensors") else torch.load(full, map_location="cpu",
-                                                                                   weights_only=True)
+    name = _weight_file(directory)
+    if name is None:
         return
+    if name.endswith(".json"):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = [name]
+    for file in files:
+        full = os.path.join(directory, file)
+        yield load_file(full) if file.endswith(".safetensors") else torch.load(full, map_location="cpu",
+                                                                               weights_only=True)
 
 
 def _load_checked(target: nn.Module, directory: str, keys: list[str]) -> None:
