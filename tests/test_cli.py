@@ -185,3 +185,27 @@ def test_contention_warnings():
     assert len(warnings) == 2
     assert warnings[0].startswith("cggr: slowest step 4.50 s") and warnings[1].startswith("random: the process got 45%")
     assert stall_warnings([starved], device="cuda:0") == []  # CPU share is only meaningful for CPU runs
+
+
+def test_time_fn_times_each_call_once_on_a_fake_clock():
+    """time_fn on the CPU: exactly warmup + iters calls, one sample per timed call (read off a fake clock that
+    each call advances by a known amount), the median of those. torch.utils.benchmark.Timer, by contrast, runs
+    extra warm-up calls inside every measurement (the docstring's reason for keeping time_fn for training steps)."""
+    from torch.utils.benchmark import Timer
+
+    from cggr.cli.timing import time_fn
+
+    now, calls = [0.0], []
+    costs = [0.5, 0.25, 0.004, 0.002, 0.003, 0.010, 0.001]  # two warm-up calls, then five timed ones
+
+    def step():
+        now[0] += costs[len(calls)]
+        calls.append(1)
+
+    t = time_fn(step, warmup=2, iters=5, device="cpu", clock=lambda: now[0])
+    assert len(calls) == 7 and t.warmup == 2 and t.peak_mem_bytes == 0
+    assert t.times_ms == pytest.approx([4.0, 2.0, 3.0, 10.0, 1.0])
+    assert t.median_ms == pytest.approx(3.0) and t.min_ms == pytest.approx(1.0)
+    counted = []
+    Timer(stmt="f()", globals={"f": lambda: counted.append(1)}).timeit(1)
+    assert len(counted) > 1  # one "timed call" of Timer ran the statement more than once

@@ -71,15 +71,17 @@ def test_race_with_reference_trains_every_arm_on_the_other_blocks(small_config, 
     """The reference trains on a seeded split; every arm trains only on the other blocks; the reducible arm's
     CGGRModel receives, for each scanned batch, the reference losses of exactly those blocks; the one-off cost is in
     the settings and on its own line of the report."""
+    from cggr.cli.race import run as race_run
+
     built = {}
-    real_build = race._build_reference
+    real_build = race_run._build_reference
 
     def build(cfg, spec, data, *args, **kwargs):
         new, table, info = real_build(cfg, spec, data, *args, **kwargs)
         built.update(full=data.train_ids.clone(), train=new.train_ids.clone(), table=table.clone(), info=info)
         return new, table, info
 
-    monkeypatch.setattr(race, "_build_reference", build)
+    monkeypatch.setattr(race_run, "_build_reference", build)
     from cggr import model as cggr_model
 
     seen = []

@@ -7,7 +7,7 @@ program with a one-line ``cggr <command>: error: ...`` message and exit status 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import math
 import os
 import platform
@@ -18,6 +18,7 @@ import torch
 
 from cggr._validation import SCORING_MODES
 from cggr.cli.presets import PRESETS, CLIError
+from cggr.cli.timing import package_version
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cggr",
         description="Confidence-Gated Gradient Routing: measure whether CGGR makes YOUR training faster.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"cggr {package_version('cggr')} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="{info,bench,race}", parser_class=_Parser)
     sub.required = True
 
@@ -230,39 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return None
+def _import_error(module: str) -> str | None:
+    """Why ``module`` cannot be imported (``None`` when it can)."""
     try:
-        mod = __import__(module)
+        importlib.import_module(module)
     except ImportError as exc:
-        return f"installed but not importable ({exc})"
-    return str(getattr(mod, "__version__", "unknown"))
+        return str(exc)
+    return None
 
 
 def info() -> dict[str, object]:
     """Versions, device, kernel and attention-backend availability (printed by ``cggr info``)."""
-    import cggr
-
     cuda = torch.cuda.is_available()
-    triton = _version("triton")
+    triton = package_version("triton")
+    broken = _import_error("triton") if triton is not None else None
+    if broken is not None:
+        triton = f"{triton}, installed but not importable ({broken})"
     forced = os.environ.get("CGGR_IMPL")
     if forced == "torch":
         kernels = "torch (forced by CGGR_IMPL=torch)"
-    elif cuda and triton and not triton.startswith("installed"):
+    elif cuda and triton is not None and broken is None:
         kernels = "triton (CUDA device and Triton importable)"
     elif cuda:
         kernels = "torch (Triton not importable: pip install 'cggr[cuda]')"
     else:
         kernels = "torch (no CUDA device; Triton kernels run on CUDA only)"
     out: dict[str, object] = {
-        "cggr": cggr.__version__,
+        "cggr": package_version("cggr"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton,
-        "transformers": _version("transformers"),
-        "tokenizers": _version("tokenizers"),
-        "flash_attn": _version("flash_attn"),
+        "transformers": package_version("transformers"),
+        "tokenizers": package_version("tokenizers"),
+        "flash_attn": package_version("flash_attn"),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "cuda": torch.version.cuda if cuda else None,
         "cuda_devices": torch.cuda.device_count() if cuda else 0,

@@ -16,8 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cggr.cli.plot import plot_curves
 from cggr.cli.stats import mean_interval, paired_summary
-from cggr.cli.timing import markdown_table
+from cggr.cli.tables import columns_of, markdown_table, text_table
 
 HOW_TO_READ = """\
 How to read it: in each seed every arm trained the same initial model on the same sequence order (the A/A arm
@@ -237,14 +238,11 @@ def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str 
     """Arms slowed by other work on the machine.
 
     Flags an arm whose slowest step took over ``factor`` × its median, and (CPU runs) an arm whose process got
-    less than 60% of its threads' CPU time while its steps ran (``cpu_utilisation``), and an arm whose last step
-    ended past its budget (``overrun_seconds``: the step was slower than the arm's recent steps).
+    less than 60% of its threads' CPU time while its steps ran (``cpu_utilisation``). An arm that trained past its
+    budget: :func:`overrun_warnings`.
     """
     out = []
     for a in arms:
-        over = a.get("overrun_seconds")
-        if over:
-            out.append(f"{_label(a)}: its last step ended {over:.3f} s past the budget (slower than its recent steps)")
         util = a.get("cpu_utilisation")
         if device == "cpu" and util is not None and util < 0.6:
             out.append(f"{_label(a)}: the process got {util:.0%} of its threads' CPU time during its steps")
@@ -252,6 +250,13 @@ def stall_warnings(arms: list[dict[str, Any]], factor: float = 5.0, device: str 
         if med and worst and worst > factor * med and worst - med > 0.5:
             out.append(f"{_label(a)}: slowest step {worst:.2f} s vs median {med:.3f} s")
     return out
+
+
+def overrun_warnings(arms: list[dict[str, Any]]) -> list[str]:
+    """Arm runs whose last step ended past their budget (``overrun_seconds`` > 0: the step was slower than the
+    recent steps that the stop rule went by). The steps past the budget count in that arm's favour."""
+    return [f"{_label(a)} trained {a['overrun_seconds']:.3f} s past its {a.get('budget_seconds', 0):g} s budget"
+            for a in arms if (a.get("overrun_seconds") or 0) > 0]
 
 
 def repeat_warnings(arms: list[dict[str, Any]], data: str | None = None) -> list[str]:
@@ -272,103 +277,6 @@ def repeat_warnings(arms: list[dict[str, Any]], data: str | None = None) -> list
     if out and data == "code":
         out.append("a larger corpus (e.g. --data code+packages) repeats less")
     return out
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    cols: list[str] = []
-    for row in rows:
-        cols += [k for k in row if k not in cols]
-    return cols
-
-
-def text_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table for the terminal."""
-    cols = _columns(rows)
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def plot_curves(payload: dict[str, Any], path: Path) -> Path | None:
-    """Held-out (probe) loss against training wall-clock time, one line per arm (mean over seeds), the budget
-    ladder's rungs as hollow markers; accuracy beside it when measured."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from cggr.cli.race import ARM_SPECS
-
-    arms = payload["arms"]
-    has_acc = any("accuracy" in p for a in arms for p in a["curve"])
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 8, 5), squeeze=False)
-    losses = []
-    for name in arm_names(arms):
-        rows = [a for a in arms if a["arm"] == name]
-        spec = ARM_SPECS.get(name)
-        color, marker = (spec.color, spec.marker) if spec is not None else (None, ".")
-        n = min(len(a["curve"]) for a in rows)
-        t = [statistics.fmean(a["curve"][i]["time_s"] for a in rows) for i in range(n)]
-        y = [statistics.fmean(a["curve"][i]["heldout_loss"] for a in rows) for i in range(n)]
-        losses += y[1:]
-        steps = statistics.fmean(a["steps"] for a in rows)
-        label = f"{name} ({steps:.0f} steps" + (f", mean of {len(rows)} seeds)" if len(rows) > 1 else ")")
-        axes[0][0].plot(t, y, label=label, color=color, marker=marker, linewidth=1.8, markersize=5)
-        rungs = sorted({r["rung"] for a in rows for r in a.get("ladder") or []})
-        pts = []
-        for rung in rungs:
-            got = [r for a in rows for r in a.get("ladder") or [] if r["rung"] == rung]
-            if len(got) == len(rows):
-                pts.append((statistics.fmean(r["budget_s"] for r in got),
-                            statistics.fmean(r["heldout_loss"] for r in got)))
-        if pts:
-            pts.append((t[-1], y[-1]))
-            axes[0][0].plot(*zip(*pts), color=color, marker=marker, linestyle=":", markerfacecolor="none",
-                            markersize=9, linewidth=1.0)
-            losses += [p[1] for p in pts]
-        if has_acc:
-            acc = [(a["curve"][i]["time_s"], 100 * a["curve"][i]["accuracy"]) for a in rows[:1] for i in range(n)
-                   if "accuracy" in a["curve"][i]]
-            if acc:
-                axes[0][1].plot(*zip(*acc), label=name, color=color, marker=marker, linewidth=1.8, markersize=5)
-    losses = [x for x in losses if math.isfinite(x)]
-    if losses:  # zoom past the initial loss (it is identical for every arm and dwarfs the differences)
-        lo, hi = min(losses), max(losses)
-        axes[0][0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    axes[0][0].set_xlabel("training wall-clock time per arm (s; evaluation excluded)")
-    axes[0][0].set_ylabel("held-out loss on the probe blocks (nats/token)")
-    axes[0][0].set_title("lines: the run (WSD schedule); hollow markers: budget ladder (decayed runs)", fontsize=9)
-    axes[0][0].grid(alpha=0.3)
-    axes[0][0].legend()
-    if has_acc:
-        axes[0][1].set_xlabel("training wall-clock time per arm (s)")
-        axes[0][1].set_ylabel("held-out exact-match accuracy (%)")
-        axes[0][1].grid(alpha=0.3)
-        axes[0][1].legend()
-    s, env = payload["settings"], payload["environment"]
-    fig.suptitle(
-        f"cggr race: {s['model']} on {s['data']} · {s['minutes_per_arm']:g} min per arm · ratio {s['ratio']} · "
-        f"scan ×{s['scan_multiplier']:.3g} · {len(race_summary(payload)['seeds'])} seed(s) · {env['device']}",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def head_line(settings: dict[str, Any]) -> str:
@@ -420,6 +328,12 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         f"{_groups_text(info.get('heldout_groups'))}); curve and ladder on {s.get('probe_blocks', '?')} probe "
         "blocks.", "",
     ]
+    partial = s.get("partial")
+    if partial:  # Ctrl-C: the runs that finished, marked as such
+        md.insert(2, f"**Partial results**: interrupted during {partial['interrupted_during']}; "
+                  f"{partial['finished_runs']} of {partial['planned_runs']} arm runs finished and are reported "
+                  "below (intervals and comparisons use only those).")
+        md.insert(3, "")
     ref = s.get("reference")
     if ref:  # the reducible arms' one-off cost, on its own line (on no arm's clock)
         md += [f"Reference model (`--reference`, for the reducible arms): {ref['steps']} steps on "
@@ -432,16 +346,16 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     demo = demo_note(s["model"], len(seeds))
     if demo:
         md += [f"*{demo[0].upper()}{demo[1:]}*", ""]
-    md += [markdown_table(rows, _columns(rows)), ""]
+    md += [markdown_table(rows, columns_of(rows)), ""]
     md += _verdict_lines(summary)
     groups = group_rows(summary)
     if any(len(r) > 1 for r in groups):
         md += ["Held-out loss by kind of block (mean over seeds; Δ vs standard, paired, 95% interval):", "",
-               markdown_table(groups, _columns(groups)), ""]
+               markdown_table(groups, columns_of(groups)), ""]
     if len(seeds) > 1 or len(payload["arms"]) > 1:
         per_seed = seed_rows(payload["arms"], s)
         md += ["Per seed (order: position in that seed's running order):", "",
-               markdown_table(per_seed, _columns(per_seed)), ""]
+               markdown_table(per_seed, columns_of(per_seed)), ""]
     if payload.get("merged_from"):
         runs = [f"run {i}: `{Path(p).name}`" for i, p in enumerate(payload["merged_from"], start=1)]
         md += ["Merged from separate runs (" + "; ".join(runs) + "); arms are paired by seed across runs.", ""]
@@ -449,6 +363,10 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
     if stalls:
         md += ["**Contention** (other work on the machine slowed these arms' steps, which cost them budget, so the "
                "comparison is noisier than the table suggests): " + "; ".join(stalls) + ".", ""]
+    overruns = overrun_warnings(payload["arms"])
+    if overruns:
+        md += ["**Over budget** (a last step slower than the recent ones that the stop rule went by; the steps past "
+               "the budget count in the arm's favour; marked on the plot): " + "; ".join(overruns) + ".", ""]
     repeats = repeat_warnings(payload["arms"], s.get("data"))
     if repeats:
         md += ["**Repeated data**: " + "; ".join(repeats) + ". Past one epoch the held-out loss also measures "
@@ -468,6 +386,11 @@ def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plo
         print("warning: repeated data: " + "; ".join(repeats))
     for line in stalls:
         print(f"warning: contention in {line} (the machine was busy; rerun for a cleaner comparison)")
+    for line in overruns:
+        print(f"warning: over budget: {line} (marked on the plot)")
+    if partial:
+        print(f"warning: partial results: interrupted during {partial['interrupted_during']}; "
+              f"{partial['finished_runs']} of {partial['planned_runs']} arm runs finished")
     print("wrote " + ", ".join(paths.values()))
     return paths
 
@@ -572,10 +495,11 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
     env = dict(first["environment"])
     env["command"] = " + ".join(p["environment"]["command"] for p in payloads)
     settings = dict(first["settings"])
+    settings.pop("partial", None)  # an interrupted run's finished rows merge like any others
     settings["seeds"] = sorted({a["seed"] for a in arms})
     settings["arms"] = list(dict.fromkeys(a["arm"] for a in sorted(arms, key=lambda a: order.get(a["arm"], 99))))
     return {"settings": settings, "environment": env, "arms": arms, "merged_from": [str(p) for p in paths]}
 
 
-__all__ = ["group_rows", "merge_race_files", "plot_curves", "race_summary", "repeat_warnings", "seed_rows",
-           "summary_rows", "text_table", "time_to_target", "write_race_outputs"]
+__all__ = ["group_rows", "merge_race_files", "overrun_warnings", "plot_curves", "race_summary", "repeat_warnings",
+           "seed_rows", "stall_warnings", "summary_rows", "text_table", "time_to_target", "write_race_outputs"]

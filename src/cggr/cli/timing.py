@@ -25,6 +25,7 @@ Figures are only meaningful beside a baseline timed in the same process; report 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import re
@@ -39,7 +40,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "device_tag", "environment", "markdown_table", "synchronize", "time_fn", "write_results"]
+__all__ = ["Timing", "device_tag", "environment", "markdown_table", "package_version", "synchronize", "time_fn",
+           "write_results"]
 
 @dataclass
 class Timing:
@@ -85,12 +87,24 @@ def time_fn(
     warmup: int = 3,
     iters: int = 10,
     device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` timed calls; the median is reported.
+    """Time ``fn()``: ``warmup`` untimed calls, then ``iters`` timed calls, each timed on its own; the median is
+    reported.
 
     On CUDA each call is bracketed by CUDA events (no host sync inside the timed region besides the
     event synchronisation after each call) and the peak allocated memory is reset after warm-up.
-    On CPU ``time.perf_counter`` is used.
+    On CPU ``clock`` (``time.perf_counter``) is read before and after each call.
+
+    Why not :class:`torch.utils.benchmark.Timer`: it measures what a stateless statement costs, and it does that
+    well, but ``cggr bench`` and the benchmark scripts time *one training step per call* (weights and optimizer
+    state change with every call) together with the memory it needs, which Timer cannot: ``Timer.timeit(n)`` runs
+    ``max(n // 100, 2)`` extra warm-up calls inside every measurement and returns one mean over ``n`` calls,
+    ``blocked_autorange`` chooses the number of calls itself, neither reads the peak device memory, and on CPU it
+    times with ``num_threads=1`` unless told otherwise (a step here runs with the process's threads). So this
+    function keeps exactly ``warmup + iters`` calls, one sample per call (median and min of a distribution that
+    contention widens), the device time of each call from CUDA events (without the host's synchronisation
+    latency that Timer's ``synchronize`` + ``perf_counter`` timer adds) and the peak allocated memory.
 
     Args:
         fn: zero-argument callable (e.g. one full training step).
@@ -98,6 +112,7 @@ def time_fn(
         iters: timed calls, >= 1.
         device: device whose events/memory to use; defaults to the current CUDA device when CUDA is
             available, else CPU.
+        clock: the CPU path's clock in seconds (injectable: tests pass a fake one).
 
     Returns:
         A :class:`Timing`.
@@ -126,9 +141,9 @@ def time_fn(
         peak = torch.cuda.max_memory_allocated(device)
     else:
         for _ in range(iters):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((clock() - t0) * 1e3)
         peak = 0
     return Timing(median_ms=statistics.median(times), times_ms=times, peak_mem_bytes=int(peak), warmup=warmup)
 
@@ -146,12 +161,19 @@ def _cpu_name() -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def _version(mod: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of the distribution ``name`` (:func:`importlib.metadata.version`), ``None`` when it is
+    not installed. For ``cggr`` itself: ``cggr.__version__``, the version of the code that runs (the distribution's
+    version is read from it, so the two agree for an installed copy; a source checkout on ``PYTHONPATH`` may
+    shadow an installed copy of another version)."""
+    if name == "cggr":
+        import cggr
+
+        return cggr.__version__
     try:
-        m = __import__(mod)
-    except ImportError:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return getattr(m, "__version__", "unknown")
 
 
 def environment(device: torch.device | str | None = None, command: str | None = None) -> dict[str, Any]:
@@ -170,9 +192,9 @@ def environment(device: torch.device | str | None = None, command: str | None = 
         "device_type": device.type,
         "cuda": cuda,
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "cggr": _version("cggr"),
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "cggr": package_version("cggr"),
         "python": platform.python_version(),
         "command": command if command is not None else " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -192,6 +214,9 @@ def device_tag(device: torch.device | str | None = None) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """A benchmark table's cell: 3 significant digits under 10 (timings, ratios), one decimal from 10 on."""
+    if v is None:
+        return "–"
     if isinstance(v, float):
         if v != v:  # NaN
             return "n/a"
@@ -200,13 +225,11 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Render rows (dicts) as a Markdown table; ``columns`` defaults to the first row's keys."""
-    if not rows:
-        return ""
-    cols = list(columns) if columns is not None else list(rows[0].keys())
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    """Render rows (dicts) as a Markdown table (:func:`cggr.cli.tables.markdown_table`, cells by ``_fmt``);
+    ``columns`` defaults to the first row's keys."""
+    from cggr.cli.tables import markdown_table as table
+
+    return table(rows, list(columns) if columns is not None else list(rows[0]) if rows else [], _fmt)
 
 
 def write_results(
