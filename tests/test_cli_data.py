@@ -141,15 +141,15 @@ def test_batch_stream_order_is_independent_of_read_size():
 
 
 def test_tokenizer_sample_is_spread_and_bounded():
-    from cggr.cli.data import _tokenizer_sample
+    from cggr.cli.tokenizer import tokenizer_sample
 
     docs = [Document(f"f{i}", "x" * (100 + i)) for i in range(1000)]
-    sample = _tokenizer_sample(docs, budget=20_000)
+    sample = tokenizer_sample(docs, budget=20_000)
     assert 0.8 * 20_000 <= sum(map(len, sample)) <= 20_000 + 1100
     picked = [len(t) - 100 for t in sample]  # the document indices
     assert picked[0] == 0 and picked[-1] > 900  # spread over the whole list, in order
     assert picked == sorted(picked)
-    assert _tokenizer_sample(docs[:3], budget=10**9) == [d.text for d in docs[:3]]
+    assert tokenizer_sample(docs[:3], budget=10**9) == [d.text for d in docs[:3]]
 
 
 # ----------------------------------------------------------------------------------- the held-out set

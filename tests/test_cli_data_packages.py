@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 
-from cggr.cli import data as data_mod
+from cggr.cli import corpora
+from cggr.cli import tokenizer as tokenizer_mod
 from cggr.cli.data import (
     CODE_PACKAGES,
     MAX_FILE_BYTES,
@@ -96,8 +97,8 @@ def fake_python(tmp_path, monkeypatch):
     (a / "loop").symlink_to(a, target_is_directory=True)  # a symlink loop: must not be entered
     _write(b / "pkg" / "mod.py", "def f(x):\n    return x - 1\n")  # shadowed by site-a's pkg/mod.py
     _write(b / "other" / "x.py", "VALUE = 3\n")
-    monkeypatch.setattr(data_mod, "stdlib_root", lambda: std)
-    monkeypatch.setattr(data_mod, "package_dirs", lambda: [a, b])
+    monkeypatch.setattr(corpora, "stdlib_root", lambda: std)
+    monkeypatch.setattr(corpora, "package_dirs", lambda: [a, b])
     return tmp_path
 
 
@@ -123,7 +124,7 @@ def test_fake_corpus_keys_skips_and_counts(fake_python):
 
 
 def test_no_packages_is_an_error(fake_python, monkeypatch):
-    monkeypatch.setattr(data_mod, "package_dirs", lambda: [])
+    monkeypatch.setattr(corpora, "package_dirs", lambda: [])
     with pytest.raises(CLIError, match="no installed-package"):
         code_package_documents()
 
@@ -134,10 +135,10 @@ def test_package_dirs_in_import_order_each_once(tmp_path, monkeypatch):
     b.mkdir(parents=True)
     (tmp_path / "alias").symlink_to(a, target_is_directory=True)
     monkeypatch.setattr(sys, "path", ["", str(tmp_path), str(b)])
-    monkeypatch.setattr(data_mod.site, "getsitepackages", lambda: [str(a), str(tmp_path / "alias"), str(b)])
-    monkeypatch.setattr(data_mod.site, "ENABLE_USER_SITE", True)
-    monkeypatch.setattr(data_mod.site, "getusersitepackages", lambda: str(tmp_path / "missing" / "site-packages"))
-    monkeypatch.setattr(data_mod.sysconfig, "get_paths", lambda: {"purelib": str(a), "platlib": str(b)})
+    monkeypatch.setattr(corpora.site, "getsitepackages", lambda: [str(a), str(tmp_path / "alias"), str(b)])
+    monkeypatch.setattr(corpora.site, "ENABLE_USER_SITE", True)
+    monkeypatch.setattr(corpora.site, "getusersitepackages", lambda: str(tmp_path / "missing" / "site-packages"))
+    monkeypatch.setattr(corpora.sysconfig, "get_paths", lambda: {"purelib": str(a), "platlib": str(b)})
     assert package_dirs() == [b, a]
 
 
@@ -156,17 +157,17 @@ def test_train_and_heldout_never_overlap_on_the_fake_corpus(fake_python):
 
 
 def test_chunked_encoding_matches_a_document_by_document_reference(monkeypatch):
-    from cggr.cli.data import _bpe_adapter, _flat_ids, train_bpe
+    from cggr.cli.tokenizer import bpe_tokenizer, encode_documents, train_bpe
 
     texts = [f"def f{i}(x):\n    return x ** {i}  # {'é' * (i % 3)}\n" * (1 + i % 5) for i in range(40)]
-    tok = _bpe_adapter(train_bpe(texts, 300))
-    monkeypatch.setattr(data_mod, "_ENCODE_CHUNK_CHARS", 150)  # many chunks, of uneven sizes
-    flat = _flat_ids(tok, [Document(str(i), t) for i, t in enumerate(texts)])
+    tok = bpe_tokenizer(train_bpe(texts, 300))
+    monkeypatch.setattr(tokenizer_mod, "_ENCODE_CHUNK_CHARS", 150)  # many chunks, of uneven sizes
+    flat = encode_documents(tok, [Document(str(i), t) for i, t in enumerate(texts)])
     reference = []
     for t in texts:
         reference += [*tok.backend.encode(t).ids, tok.eos_id]
     assert flat.dtype.name == "int64" and flat.tolist() == reference
-    assert _flat_ids(tok, []).shape == (0,)
+    assert encode_documents(tok, []).shape == (0,)
 
 
 def test_glob_pattern_source(tmp_path):
@@ -193,9 +194,9 @@ def test_race_on_code_packages_with_the_tiny_preset(tmp_path, monkeypatch, capsy
     torch.optim, standing in for this venv's 200 MB of packages (measured by hand: see docs/race.md)."""
     import torch
 
-    stdlib = Path(data_mod.sysconfig.get_paths()["stdlib"])
-    monkeypatch.setattr(data_mod, "stdlib_root", lambda: stdlib / "email")
-    monkeypatch.setattr(data_mod, "package_dirs", lambda: [Path(torch.__file__).parent / "optim"])
+    stdlib = Path(corpora.sysconfig.get_paths()["stdlib"])
+    monkeypatch.setattr(corpora, "stdlib_root", lambda: stdlib / "email")
+    monkeypatch.setattr(corpora, "package_dirs", lambda: [Path(torch.__file__).parent / "optim"])
     out = tmp_path / "race"
     code = main(["race", "--model", "tiny", "--data", "code+packages", "--minutes", "0.004", "--seq-len", "32",
                  "--batch-size", "2", "--evals", "2", "--eval-sequences", "4", "--out", str(out), "--no-progress"])
