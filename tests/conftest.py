@@ -1,6 +1,7 @@
 """Shared test configuration: the ``cuda`` and ``slow`` markers.
 
-* ``cuda`` (every test under tests/gpu/): skipped on a machine without a CUDA GPU, with the reason saying so.
+* ``cuda`` (every test under tests/gpu/): skipped on a machine without a CUDA GPU, with the reason saying so, in
+  one line of ``-rs`` for all of them (:func:`pytest_runtest_setup`).
 * ``slow``: a test that runs a whole race or takes more than ~10 s on 2 CPU cores. A developer's
   ``python -m pytest`` deselects them (pyproject.toml: ``addopts = "-m 'not slow'"``) and ``python -m pytest -m
   slow`` runs only them; CI (.ci/run, the README's test command) runs both, i.e. every test. The slow tests are
@@ -163,9 +164,15 @@ def pytest_collection_modifyitems(config, items):
             # (compiled kernels: a GPU machine) it re-runs its module's selected tests in a new process, with the
             # parent's -m: it belongs to the quick run and to the slow one
             item.add_marker(slow)
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="CUDA-only test (marker cuda, tests/gpu/): this machine has no CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+
+
+NO_CUDA = "CUDA-only test (tests/gpu/, marker cuda): this machine has no CUDA GPU"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Skip a ``cuda`` test on a machine without a CUDA GPU, before its fixtures run. Raised here rather than as
+    a skip mark on each test, so that ``-rs`` / ``-ra`` fold the hundreds of them into one line (a mark reports
+    each test's own location: one line per test function)."""
+    if "cuda" in item.keywords and not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
