@@ -132,3 +132,20 @@ def test_bpe_text_corpus_is_unchanged(corpus):
     assert Path(first.info["cache"]).name == _expected_cache_name(corpus, 400, "bpe")
     if tokenizers.__version__ == BPE_RECORDED_WITH:  # another version may train other merges
         assert _digest(first) == BPE_DIGEST
+
+
+def test_data_module_keeps_every_public_name_of_the_single_module():
+    """``cggr.cli.data`` still offers what the single module did (its ``__all__`` and the public names that
+    callers imported without it), each the very object of the module that now defines it."""
+    from cggr.cli import batching, cache, corpora, data, dataset, split, tokenizer
+
+    before = ["CODE_PACKAGES", "GROUPS", "MAX_BLOCKS_PER_FILE", "MAX_FILE_BYTES", "BatchStream", "Document",
+              "RaceData", "TextTokenizer", "block_group", "cache_dir", "code_package_documents", "glob_documents",
+              "is_test_path", "load_arithmetic_data", "load_text_data", "package_dirs", "path_documents",
+              "prose_share", "select_heldout_blocks", "split_documents", "stdlib_documents", "stdlib_root",
+              "train_bpe", "EOS", "HELDOUT_PERCENT", "TOKENIZER_SAMPLE_CHARS", "pretrained_tokenizer"]
+    assert set(before) <= set(data.__all__)
+    homes = (batching, cache, corpora, dataset, split, tokenizer)
+    for name in before:
+        defined = [m for m in homes if name in m.__all__]
+        assert len(defined) == 1 and getattr(data, name) is getattr(defined[0], name), name

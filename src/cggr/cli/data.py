@@ -70,10 +70,10 @@ from cggr.cli.split import (
     select_heldout_blocks,
     split_documents,
 )
-from cggr.cli.tokenizer import EOS, TextTokenizer, pretrained_tokenizer, train_bpe
+from cggr.cli.tokenizer import EOS, TOKENIZER_SAMPLE_CHARS, TextTokenizer, pretrained_tokenizer, train_bpe
 
 __all__ = ["CODE_PACKAGES", "EOS", "GROUPS", "HELDOUT_PERCENT", "MAX_BLOCKS_PER_FILE", "MAX_FILE_BYTES",
-           "BatchStream", "Document", "RaceData", "TextTokenizer", "block_group", "cache_dir",
+           "TOKENIZER_SAMPLE_CHARS", "BatchStream", "Document", "RaceData", "TextTokenizer", "block_group", "cache_dir",
            "code_package_documents", "glob_documents", "is_test_path", "load_arithmetic_data", "load_text_data",
            "package_dirs", "path_documents", "pretrained_tokenizer", "prose_share", "select_heldout_blocks",
            "split_documents", "stdlib_documents", "stdlib_root", "train_bpe"]
