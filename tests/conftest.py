@@ -20,9 +20,9 @@ import torch
 from tests._interpret import interpreter_env
 
 #: cggr's Triton kernel modules (imported interpreted by :func:`_import_kernels_interpreted`).
-KERNEL_MODULES = ("_utils", "scoring", "linear_cross_entropy", "_linear_ce_tiles", "linear_cross_entropy_fused",
-                  "linear_cross_entropy_fused_halves", "linear_cross_entropy_fused_split", "moe_routing",
-                  "moe_slot_sum", "grouped_gemm")
+KERNEL_MODULES = ("_utils", "scoring", "linear_cross_entropy", "_linear_ce_tiles", "_linear_ce_launch",
+                  "linear_cross_entropy_fused", "linear_cross_entropy_fused_halves", "linear_cross_entropy_fused_split",
+                  "moe_routing", "moe_slot_sum", "grouped_gemm")
 
 
 def _import_kernels_interpreted() -> None:

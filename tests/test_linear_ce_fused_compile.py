@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from cggr.kernels import _linear_ce_launch as launch
     from cggr.kernels import linear_cross_entropy_fused as fz
     from cggr.kernels import linear_cross_entropy_fused_split as sp
 
@@ -52,7 +53,7 @@ SCRIPT = textwrap.dedent(
     for name, dtype in DTYPES.items():
         cfg = fz.default_config(dtype, False)
         p = "*" + name
-        prec = fz._dot_precision(dtype)
+        prec = launch.dot_precision(dtype)
         bn, bv, bd, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"], cfg["BLOCK_O"]
         variants = ((False, False, False, True, True), (True, True, False, False, False),
                     (False, False, True, True, True), (False, False, False, True, False))
@@ -100,7 +101,7 @@ SCRIPT = textwrap.dedent(
     for name, dtype in DTYPES.items():  # split backward (bwd='split')
         cfg = sp.split_config(dtype, False)
         p = "*" + name
-        prec = fz._dot_precision(dtype)
+        prec = launch.dot_precision(dtype)
         acc = p if dtype != torch.float32 else "*fp32"
         base = {"H": p, "W": p, "Bias": p, "T": "*i64", "LSE": "*fp32", "WROW": "*fp32", "IDX": "*i64"}
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]

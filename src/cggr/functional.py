@@ -56,6 +56,7 @@ from cggr._validation import (
     check_ratio,
     check_target_range,
 )
+from cggr.kernels._linear_ce_modes import ACCUMULATE_MODES
 from cggr.scoring import TokenScores, difficulty, masked_mean
 from cggr.scoring import token_scores as _torch_token_scores
 from cggr.selection import dynamic_ratio, select_tokens
@@ -64,7 +65,6 @@ Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
 KERNELS = ("chunked", "fused")
 WORKSPACES = ("buffer", "outputs")  # LinearCrossEntropyOptions.workspace (kernel='chunked')
-ACCUMULATE_MODES = ("native", "atomic", "fp32_hidden", "fp32")  # what the fused kernels take
 ACCUMULATE_OPTIONS = ("auto", *ACCUMULATE_MODES)  # what LinearCrossEntropyOptions takes
 #: First Triton release whose 16-bit ``atomic_add`` the fused kernels use by default (``accumulate='auto'``): bf16
 #: atomics need sm_90 and a recent Triton; 3.6 is the release verified on an H200 (tests/gpu, the tile sweep).

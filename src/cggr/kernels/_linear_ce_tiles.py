@@ -2,8 +2,9 @@
 
 Used by :mod:`cggr.kernels.linear_cross_entropy_fused` (forward statistics, tiled backward),
 :mod:`cggr.kernels.linear_cross_entropy_fused_halves` (the tiled backward's two-halves tile) and
-:mod:`cggr.kernels.linear_cross_entropy_fused_split` (split backward). Every function here is an inlined
-``@triton.jit`` helper, no kernel and no launcher.
+:mod:`cggr.kernels.linear_cross_entropy_fused_split` (split backward, forward with d_hidden). Every function here is
+an inlined ``@triton.jit`` helper, no kernel and no launcher (the kernels and launch helpers those modules share are
+in :mod:`cggr.kernels._linear_ce_launch`).
 
 Shape legend: BN rows of a tile (hidden rows), BV vocabulary columns (HV = BV / 2 for a half tile), BD the GEMM's
 depth step along H, BO the H chunk of the backward's products, D = H.
@@ -11,6 +12,8 @@ depth step along H, BO the H chunk of the backward's products, D = H.
 Logits: ``_logits_tile`` ([BN, BV] fp32 = hidden[rows] @ weight[cols].T (+ bias) (softcap), the GEMM loop over D
 in BD steps through ``_h_step`` / ``_w_step``: TMA descriptors or pointer gathers) and ``_logits_halves`` (the
 same tile as two [BN, HV] register tensors, each hidden step loaded once for both).
+Forward statistics: ``_fwd_fold`` (one logits tile folded into the online row state: running maximum, Σ exp,
+Σ exp·(z - ref), exact top-2, target logit).
 Gradient epilogue: ``_softmax_grad`` (g = softmax - onehot), ``_live_max`` (the gradient filter's test),
 ``_weighted`` (row weights, softcap derivative), ``_tile_grad`` (all three), ``_tile_sums`` (d_bias and the
 target coefficients).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from cggr.kernels._utils import LOG2E, softcap_fn
+from cggr.kernels._utils import LOG2E, NEG_BIG, softcap_fn
 
 
 @triton.jit
@@ -116,6 +119,40 @@ def _tile_columns(col0, V, BLOCK_V: tl.constexpr):
     and the mask of the columns below V."""
     lcols = tl.arange(0, BLOCK_V)
     return lcols, col0.to(tl.int64) + lcols, lcols < V - col0
+
+
+@triton.jit
+def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
+    """One [BN, BV] logits tile ``z`` (masked columns at -inf) folded into the online row state
+    (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns).
+
+    ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): int32 indices local to the
+    tile, ``cols = arange(BV)`` and ``tgt = target - first column`` (no target in the tile: outside [0, BV)),
+    cheaper in registers than int64 ones."""
+    # exact top-2 of the tile, merged into (a1, a2)
+    t1 = tl.max(z, axis=1)
+    is_top = z == t1[:, None]
+    n_top = tl.sum(is_top.to(tl.int32), axis=1)
+    t2 = tl.max(tl.where(is_top, NEG_BIG, z), axis=1)
+    t2 = tl.where(n_top >= 2, t1, t2)
+    a2 = tl.maximum(tl.minimum(a1, t1), tl.maximum(a2, t2))
+    a1 = tl.maximum(a1, t1)
+    # online Σ exp and Σ exp·(z - ref) (log2 units), rescaled when the reference moves
+    new_ref = tl.maximum(ref, t1)
+    shift2 = (ref - new_ref) * LOG2E  # <= 0, finite
+    alpha = tl.exp2(shift2)
+    t = alpha * (t + shift2 * s)
+    s = alpha * s
+    d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
+    d2 = tl.maximum(d2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)  # -inf logits (a -inf bias): e · d2 = 0, not NaN
+    e = tl.exp2(d2)
+    s = s + tl.sum(e, axis=1)
+    t = t + tl.sum(e * d2, axis=1)
+    # target logit: only a tile that holds some row's target column does the [BN, BV] compare (with random targets
+    # most tiles hold none: 1 - (1 - BV / V)^BN of them do)
+    if tl.max(((tgt >= 0) & (tgt < BLOCK_V)).to(tl.int32), axis=0) > 0:
+        zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
+    return new_ref, s, t, a1, a2, zt, e
 
 
 @triton.jit

@@ -75,12 +75,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cggr.kernels._linear_ce_modes import DEFAULT_WORKSPACE_BYTES, WORKSPACES
 from cggr.kernels._utils import LOG2E, row_block, row_softmax_stats, softcap_fn
 from cggr.kernels.scoring import default_num_warps
 
-#: Default bound on the logits workspace (bytes).
-DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
-WORKSPACES = ("buffer", "outputs")
 #: ``workspace='outputs'``: the vocabulary chunks in d_weight stop once the remaining columns fit this (bytes).
 OUTPUTS_TAIL_BYTES = 512 * 1024
 #: ``workspace='outputs'``: a schedule with more vocabulary chunks than this falls back to the buffer path.

@@ -40,7 +40,9 @@ Backward (gradients of Σ_n w_n · nll_n over R rows: all N at ratio 1, or the K
 With ``HALVES`` (the H100/H200 default where the adds are atomic: a 128 x 256 tile) every tile of _bwd_kernel is
 computed as two 128-column halves with the filter, sums and products per half
 (:mod:`cggr.kernels.linear_cross_entropy_fused_halves`). The tile-level helpers (logits tile, gradient epilogue,
-products) shared with the split backward are in :mod:`cggr.kernels._linear_ce_tiles`.
+products) shared with the split backward are in :mod:`cggr.kernels._linear_ce_tiles`, the kernels and launch helpers
+both schedules use (merge, target fix-up, device queries, TMA descriptors, accumulators) in
+:mod:`cggr.kernels._linear_ce_launch`.
 
 Error model of the 'native' accumulation (bf16/fp16 outputs). Every tile partial is an fp32 sum (the tile
 GEMM of g rounded once to the input dtype, as in the chunked path); the partials of one output element are added
@@ -87,16 +89,28 @@ The public entry point (argument checks, selection, autograd) is :func:`cggr.fun
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from cggr.functional import ACCUMULATE_MODES
+from cggr.kernels._linear_ce_launch import (
+    LARGE_SMEM_BYTES,
+    LAST_LAUNCHED,
+    _merge_kernel,
+    _target_fixup_kernel,
+    descriptor,
+    dot_precision,
+    gradient_accumulators,
+    in_input_dtypes,
+    interpreting,
+    num_sms,
+    on_input_device,
+    smem_per_block,
+    tma_usable,
+)
 from cggr.kernels._linear_ce_tiles import (
+    _fwd_fold,
     _live_max,
     _logits_tile,
     _product_add,
@@ -105,50 +119,11 @@ from cggr.kernels._linear_ce_tiles import (
     _tile_sums,
     _weighted,
 )
-from cggr.kernels._utils import LN2, LOG2E, NEG_BIG
+from cggr.kernels._utils import NEG_BIG
 from cggr.kernels.linear_cross_entropy_fused_halves import _bwd_tile_halves
-
-try:  # host-side TMA descriptors (Triton >= 3.4); without them every tile is loaded through pointers
-    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
-except ImportError:
-    _TensorDescriptor = None
 
 
 # ---------------------------------------------------------------------------------------------- forward
-@triton.jit
-def _fwd_fold(z, cols, tgt, ref, s, t, a1, a2, zt, BLOCK_V: tl.constexpr):
-    """One [BN, BV] logits tile ``z`` (masked columns at -inf) folded into the online row state
-    (ref, s, t, a1, a2, zt); also returns e = exp(z - new_ref) of the tile (0 on masked columns).
-
-    ``cols`` [BV] and ``tgt`` [BN] only mark the target column (``cols == tgt``): int32 indices local to the
-    tile, ``cols = arange(BV)`` and ``tgt = target - first column`` (no target in the tile: outside [0, BV)),
-    cheaper in registers than int64 ones."""
-    # exact top-2 of the tile, merged into (a1, a2)
-    t1 = tl.max(z, axis=1)
-    is_top = z == t1[:, None]
-    n_top = tl.sum(is_top.to(tl.int32), axis=1)
-    t2 = tl.max(tl.where(is_top, NEG_BIG, z), axis=1)
-    t2 = tl.where(n_top >= 2, t1, t2)
-    a2 = tl.maximum(tl.minimum(a1, t1), tl.maximum(a2, t2))
-    a1 = tl.maximum(a1, t1)
-    # online Σ exp and Σ exp·(z - ref) (log2 units), rescaled when the reference moves
-    new_ref = tl.maximum(ref, t1)
-    shift2 = (ref - new_ref) * LOG2E  # <= 0, finite
-    alpha = tl.exp2(shift2)
-    t = alpha * (t + shift2 * s)
-    s = alpha * s
-    d2 = z * LOG2E - (new_ref * LOG2E)[:, None]
-    d2 = tl.maximum(d2, NEG_BIG, propagate_nan=tl.PropagateNan.ALL)  # -inf logits (a -inf bias): e · d2 = 0, not NaN
-    e = tl.exp2(d2)
-    s = s + tl.sum(e, axis=1)
-    t = t + tl.sum(e * d2, axis=1)
-    # target logit: only a tile that holds some row's target column does the [BN, BV] compare (with random targets
-    # most tiles hold none: 1 - (1 - BV / V)^BN of them do)
-    if tl.max(((tgt >= 0) & (tgt < BLOCK_V)).to(tl.int32), axis=0) > 0:
-        zt = tl.maximum(zt, tl.max(tl.where(cols[None, :] == tgt[:, None], z, NEG_BIG), axis=1))
-    return new_ref, s, t, a1, a2, zt, e
-
-
 @triton.jit
 def _fwd_tile(H, W, Bias, HD, WD, rows, row_mask, row0, tgt, vb, V, D, stride_h, stride_w, softcap,
               ref, s, t, a1, a2, zt, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -207,47 +182,6 @@ def _fwd_stats_kernel(
     tl.store(base + 3 * stride_k, a1, mask=row_mask)
     tl.store(base + 4 * stride_k, a2, mask=row_mask)
     tl.store(base + 5 * stride_k, zt, mask=row_mask)
-
-
-@triton.jit
-def _merge_kernel(PART, STATS, T, N, S, ignore_index, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    mask = rows < N
-    stride_k = S * N
-    m = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    for k in range(0, S):
-        m = tl.maximum(m, tl.load(PART + k * N + rows, mask=mask, other=NEG_BIG))
-    s_tot = tl.zeros((BLOCK,), tl.float32)
-    t_tot = tl.zeros((BLOCK,), tl.float32)
-    a1 = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    a2 = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    zt = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    for k in range(0, S):
-        p = PART + k * N + rows
-        ref = tl.load(p, mask=mask, other=NEG_BIG)
-        s = tl.load(p + stride_k, mask=mask, other=1.0)  # 1 on masked rows: no log(0) there
-        t = tl.load(p + 2 * stride_k, mask=mask, other=0.0)
-        b1 = tl.load(p + 3 * stride_k, mask=mask, other=NEG_BIG)
-        b2 = tl.load(p + 4 * stride_k, mask=mask, other=NEG_BIG)
-        shift2 = (ref - m) * LOG2E
-        c = tl.exp2(shift2)
-        s_tot += c * s
-        t_tot += c * (t + shift2 * s)
-        a2 = tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
-        a1 = tl.maximum(a1, b1)
-        zt = tl.maximum(zt, tl.load(p + 5 * stride_k, mask=mask, other=NEG_BIG))
-    log_s = tl.log(s_tot)
-    lse = m + log_s
-    entropy = tl.maximum(log_s - (t_tot * LN2) / s_tot, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    conf = tl.exp(a1 - lse)
-    margin = conf - tl.exp(a2 - lse)
-    tgt = tl.load(T + rows, mask=mask, other=ignore_index)
-    nll = tl.where(tgt != ignore_index, lse - zt, 0.0)
-    tl.store(STATS + rows, lse, mask=mask)
-    tl.store(STATS + N + rows, entropy, mask=mask)
-    tl.store(STATS + 2 * N + rows, conf, mask=mask)
-    tl.store(STATS + 3 * N + rows, margin, mask=mask)
-    tl.store(STATS + 4 * N + rows, nll, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -316,26 +250,6 @@ def _bwd_kernel(
                          False, TMA_H, PROD_STAGES)
 
 
-@triton.jit
-def _target_fixup_kernel(DH, W, T, IDX, CT, D, stride_h, stride_w, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr):
-    """d_hidden[row] += c_row · weight[target_row] in fp32, one rounding (c_row = 0: nothing to add)."""
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.load(CT + r)
-    if c != 0.0:
-        if HAS_IDX:
-            row = tl.load(IDX + r).to(tl.int64)
-        else:
-            row = r
-        tgt = tl.load(T + row).to(tl.int64)  # in [0, V): c is only written by the tile holding the target
-        offs = tl.arange(0, BLOCK)
-        for d0 in range(0, D, BLOCK):
-            m = (offs + d0) < D
-            dh_ptrs = DH + row * stride_h + d0 + offs
-            dh = tl.load(dh_ptrs, mask=m, other=0.0).to(tl.float32)
-            wt = tl.load(W + tgt * stride_w + d0 + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(dh_ptrs, (dh + c * wt).to(DH.dtype.element_ty), mask=m)
-
-
 # ---------------------------------------------------------------------------------------------- launchers
 def default_config(
     dtype: torch.dtype,
@@ -394,87 +308,16 @@ def default_config(
     return cfg
 
 
-#: Shared memory per block (opt-in) from which the tile heuristics take the large tiles of the H200 sweep
-#: (H100 / H200: 227 KiB; A100: 163 KiB; consumer GPUs: ~99 KiB).
-LARGE_SMEM_BYTES = 200 * 1024
-
-
-@functools.lru_cache(maxsize=16)
-def _smem_optin(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is not None:
-        return int(optin)
-    return 227 * 1024 if props.major >= 9 else 0  # older torch: assume Hopper-class only from sm_90
-
-
-def smem_per_block(device: torch.device) -> int | None:
-    """Shared memory (bytes) a block may opt in to on ``device``; ``None`` off CUDA (interpreter)."""
-    if device.type != "cuda":
-        return None
-    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
-
-
-#: The compiled kernel of the last launch of each main kernel ('fwd_stats', 'bwd_tiled', and the split module's
-#: 'bwd_dh', 'bwd_dw', 'fwd_dh'), as Triton's launch returns it: its registers (``n_regs``), spills
-#: (``n_spills``), shared memory and TTGIR, for benchmarks/sweep_fused_tiles.py. ``None`` under the interpreter.
-LAST_LAUNCHED: dict[str, object] = {}
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _programs_target(device: torch.device) -> int:
     """Programs the forward aims for (it splits the vocabulary until it has that many): eight per SM, so that
     the last, partial wave costs at most ~1/8 of the time; the partial states cost 24 · S bytes per row."""
     if device.type != "cuda":
         return 8  # interpreter: a few splits, so that the merge is exercised
-    return 8 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 8 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _on_input_device(fn):
-    """Run ``fn(hidden, ...)`` with ``hidden``'s CUDA device current (Triton launches on the current device)."""
 
-    @functools.wraps(fn)
-    def wrapper(hidden, *args, **kwargs):
-        guard = torch.cuda.device(hidden.device) if hidden.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            return fn(hidden, *args, **kwargs)
-
-    return wrapper
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: true fp32 products, never TF32
-
-
-def _tma_usable(cfg: dict, *tensors: Tensor) -> bool:
-    """Whether the operand tiles of ``tensors`` (2-D, row-major) can come through TMA descriptors: the config
-    allows it (key TMA, default on), this Triton has host-side tensor descriptors, and every tensor is
-    non-empty with a 16-byte aligned base and row stride (the hardware's requirement; H % 8 == 0 for 16-bit)."""
-    if not cfg.get("TMA", True) or _TensorDescriptor is None:
-        return False
-    return all(
-        t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-        and t.data_ptr() % 16 == 0
-        for t in tensors
-    )
-
-
-def _descriptor(t: Tensor, block: tuple[int, int], use: bool):
-    """A TMA descriptor of the 2-D tensor ``t`` with ``block``-shaped tiles, or ``t`` itself (unused) if not ``use``."""
-    return _TensorDescriptor.from_tensor(t, list(block)) if use else t
-
-
-@_on_input_device
+@on_input_device
 def forward_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -511,71 +354,29 @@ def forward_stats(
     if n == 0:
         return stats, (None, None, None)
     bias = bias.contiguous() if bias is not None else None
-    cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
+    cfg = dict(config or default_config(hidden.dtype, interpreting(), d, smem_per_block(hidden.device)))
     bn, bv, bd = (cfg.get("FWD_" + k, cfg[k]) for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"))
     n_nb, n_vb = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     splits = max(1, min(n_vb, triton.cdiv(_programs_target(hidden.device), n_nb)))
     vb_per_split = triton.cdiv(n_vb, splits)
     splits = triton.cdiv(n_vb, vb_per_split)  # no empty split
     part = torch.empty(6, splits, n, dtype=torch.float32, device=hidden.device)
-    tma = _tma_usable(cfg, hidden, weight)
+    tma = tma_usable(cfg, hidden, weight)
     LAST_LAUNCHED["fwd_stats"] = _fwd_stats_kernel[(n_nb, splits)](
         hidden, weight, bias if bias is not None else hidden, targets, part,
-        _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), n, vocab, d,
+        descriptor(hidden, (bn, bd), tma), descriptor(weight, (bv, bd), tma), n, vocab, d,
         hidden.stride(0), weight.stride(0), vb_per_split, float(softcap) if softcap is not None else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-        EVEN_D=d % bd == 0, DOT_PRECISION=_dot_precision(hidden.dtype), FLATTEN=bool(cfg.get("FLATTEN", False)),
+        EVEN_D=d % bd == 0, DOT_PRECISION=dot_precision(hidden.dtype), FLATTEN=bool(cfg.get("FLATTEN", False)),
         TMA_H=tma, TMA_W=tma,
         num_warps=cfg.get("FWD_num_warps", cfg["num_warps"]), num_stages=cfg.get("FWD_num_stages", cfg["num_stages"]),
     )
-    merge_block = 1024 if not _interpreting() else 64
+    merge_block = 1024 if not interpreting() else 64
     _merge_kernel[(triton.cdiv(n, merge_block),)](
         part, stats, targets, n, splits, ignore_index, BLOCK=merge_block, num_warps=4,
     )
     return stats, (None, None, None)
-
-
-def gradient_accumulators(
-    hidden: Tensor,
-    weight: Tensor,
-    accumulate: str,
-    need_hidden_grad: bool,
-    need_weight_grad: bool,
-    need_bias_grad: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool, bool]:
-    """Zeroed gradient outputs of a fused backward, which the kernels accumulate into.
-
-    d_hidden is fp32 for ``accumulate`` in ('fp32_hidden', 'fp32') or fp32 inputs, d_weight for 'fp32' or fp32
-    inputs, else each in its input's dtype; d_bias is always fp32 (it is summed with fp32 atomics / in registers).
-
-    Returns:
-        ``(d_hidden (N, H), d_weight (V, H), d_bias (V,), dh_fp32, dw_fp32)``, ``None`` where not needed.
-    """
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
-    n, d = hidden.shape
-    vocab = weight.shape[0]
-    dev, f32 = hidden.device, torch.float32
-    dh_fp32 = accumulate in ("fp32_hidden", "fp32") or hidden.dtype == f32
-    dw_fp32 = accumulate == "fp32" or hidden.dtype == f32
-    d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev) if need_hidden_grad else None
-    d_w = torch.zeros(vocab, d, dtype=f32 if dw_fp32 else weight.dtype, device=dev) if need_weight_grad else None
-    d_b = torch.zeros(vocab, dtype=f32, device=dev) if need_bias_grad else None
-    return d_h, d_w, d_b, dh_fp32, dw_fp32
-
-
-def in_input_dtypes(
-    d_h: Tensor | None, d_w: Tensor | None, d_b: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The accumulated gradients cast to the dtypes of ``hidden``, ``weight`` and ``bias`` (no copy if equal)."""
-    return (
-        d_h.to(hidden.dtype) if d_h is not None else None,
-        d_w.to(weight.dtype) if d_w is not None else None,
-        d_b.to(bias.dtype) if d_b is not None else None,
-    )
-
-
-@_on_input_device
+@on_input_device
 def backward_selected(
     hidden: Tensor,
     weight: Tensor,
@@ -624,7 +425,7 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or default_config(hidden.dtype, _interpreting(), d, smem_per_block(dev),
+        cfg = dict(config or default_config(hidden.dtype, interpreting(), d, smem_per_block(dev),
                                             wide_backward=atomic))
         bn, bv, bo = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_O"]
         n_nb, n_vb, n_oc = triton.cdiv(r, bn), triton.cdiv(vocab, bv), triton.cdiv(d, bo)
@@ -633,7 +434,7 @@ def backward_selected(
         dummy = lse
         c_t = torch.zeros(r, dtype=torch.float32, device=dev) if d_h is not None else dummy  # (R,) target coeffs
         bd = cfg["BLOCK_D"]
-        tma_w = _tma_usable(cfg, hidden, weight)
+        tma_w = tma_usable(cfg, hidden, weight)
         tma_h = tma_w and idx is None  # selected rows are gathered with pointers
         halves = bool(cfg.get("HALVES", False))
         if halves and not ((d_h is None or dh_fp32 or atomic) and (d_w is None or dw_fp32 or atomic)):
@@ -646,15 +447,15 @@ def backward_selected(
             d_h if d_h is not None else dummy, d_w if d_w is not None else dummy, d_b if d_b is not None else dummy,
             c_t,
             lock_h if lock_h is not None else targets, lock_w if lock_w is not None else targets,
-            _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bvw, bd), tma_w),
-            _descriptor(hidden, (bn, bo), tma_h), _descriptor(weight, (bvw, bo), tma_w),
+            descriptor(hidden, (bn, bd), tma_h), descriptor(weight, (bvw, bd), tma_w),
+            descriptor(hidden, (bn, bo), tma_h), descriptor(weight, (bvw, bo), tma_w),
             r, vocab, d, hidden.stride(0), weight.stride(0),
             float(softcap) if softcap is not None else 1.0, float(filter_eps) if filter_eps is not None else 0.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
             COMPUTE_DH=d_h is not None, COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None,
             DH_ATOMIC=dh_fp32 or atomic, DW_ATOMIC=dw_fp32 or atomic, FILTER=filter_eps is not None,
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, BLOCK_O=bo, GROUP_N=cfg["GROUP_N"],
-            EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=dot_precision(hidden.dtype),
             TMA_H=tma_h, TMA_W=tma_w, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]), HALVES=halves,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

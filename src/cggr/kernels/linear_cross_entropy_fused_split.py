@@ -31,8 +31,8 @@ Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output e
 
 * 'tiled' does 3 GEMM passes (recompute z, g @ W, g.T @ h) but adds partials of every tile into both outputs:
   R·V·H·4·(1/BN + 1/BV) bytes of locked read-modify-write (128 x 128 tiles: R·V·H / 16 bytes, 29 GB at
-  (16384, 576, 49152)), each add a lock round trip on a row block that ~16 resident programs share. Measured on
-  the H200: 18 passes' worth of time at that shape.
+  (16384, 576, 49152)), each add a lock round trip on a row block that ~16 resident programs share (what that
+  costs, measured: docs/linear_cross_entropy.md, "Why a split backward").
 * Owning an output row needs its whole reduction in one program. A register accumulator [BN, H] does not fit
   (H = 2048: 512 KiB fp32 at BN = 64), and splitting H into chunks each owned by its own program costs one
   z recompute per chunk (H / BO passes). So the output itself, in its own dtype, is the accumulator, as in
@@ -42,10 +42,10 @@ Why (arithmetic and traffic; 16-bit inputs, 4 bytes of read + write per output e
 * The price is a second z recompute: 4 GEMM passes instead of 3 (5 with the forward). The adds are cut to
   R·V·H·4·(1/BV_h + 1/BN_w) bytes with long tiles along the reduction axis (BV_h = BN_w = 256: half of 'tiled'
   at 128 x 128), on [BN_h, H] / [BV_w, H] slices that a program keeps revisiting (L2-friendly).
-* Expected per case (R, H, V) = (16384, 576, 49152) / (8192, 2048, 128256) / (8192, 2304, 256000): 4 passes =
-  4 x 1.4 / 6.3 / 15 ms at cuBLAS speed (Triton's tile GEMM is ~1.7x slower: the fused forward, 1 pass,
-  measured 2.8 / 10.9 / 24.7 ms), plus 7 / 34 / 75 GB of unlocked read-modify-write in EACH of the two
-  kernels (R·V·H·4 / 256), against 29 / 134 / 302 GB of locked read-modify-write in 'tiled'.
+* Per case (R, H, V) = (16384, 576, 49152) / (8192, 2048, 128256) / (8192, 2304, 256000): 4 GEMM passes plus
+  7 / 34 / 75 GB of unlocked read-modify-write in EACH of the two kernels (R·V·H·4 / 256), against 29 / 134 /
+  302 GB of locked read-modify-write in 'tiled' (the expected and measured times: docs/linear_cross_entropy.md,
+  "Why a split backward").
 * The d_hidden kernel has only R / BN_h row blocks (BN_h = 64: 128 at R = 8192, about one per SM; 32 at ratio
   0.25), so where there are fewer than SMs it splits the vocabulary S = max(1, SMs // row blocks) ways, and
   only then takes locks (S writers per row block, start chunk rotated per split, so they rarely meet; or, with
@@ -79,25 +79,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cggr.functional import ACCUMULATE_MODES
-from cggr.kernels._linear_ce_tiles import _logits_tile, _product_add, _tile_columns, _tile_grad
-from cggr.kernels._utils import LOG2E, NEG_BIG
-from cggr.kernels.linear_cross_entropy_fused import (
+from cggr.kernels._linear_ce_launch import (
     LARGE_SMEM_BYTES,
     LAST_LAUNCHED,
-    _descriptor,
-    _dot_precision,
-    _fwd_fold,
-    _interpreting,
     _merge_kernel,
-    _num_sms,
-    _on_input_device,
     _target_fixup_kernel,
-    _tma_usable,
+    descriptor,
+    dot_precision,
     gradient_accumulators,
     in_input_dtypes,
+    interpreting,
+    num_sms,
+    on_input_device,
     smem_per_block,
+    tma_usable,
 )
+from cggr.kernels._linear_ce_modes import check_accumulate
+from cggr.kernels._linear_ce_tiles import _fwd_fold, _logits_tile, _product_add, _tile_columns, _tile_grad
+from cggr.kernels._utils import LOG2E, NEG_BIG
 
 #: Accumulation of the d_hidden kernel: one program per row block (S = 1: plain adds), or S > 1 programs per row
 #: block adding under a lock per (row block, H chunk), with atomics, or under one lock per row block held for the
@@ -335,7 +334,7 @@ def split_config(
         dtype: Input dtype.
         interpret: Whether the Triton interpreter runs the kernels.
         hidden_size: H (unused by the current rule; the heuristic's input for H-dependent tiles).
-        smem_bytes: Shared memory a block may opt in to (``linear_cross_entropy_fused.smem_per_block``);
+        smem_bytes: Shared memory a block may opt in to (``_linear_ce_launch.smem_per_block``);
             ``None``: the large-shared-memory tiles are left out.
         fp32_weight_grad: Whether the d_weight kernel adds into an fp32 buffer (its tile stays 256 x 64).
 
@@ -378,11 +377,11 @@ def _dh_splits(cfg: dict, n_nb: int, n_vb: int, device: torch.device) -> int:
     elif device.type != "cuda":
         s = max(1, 4 // n_nb)  # interpreter: split small problems, so that the locked path is exercised
     else:
-        s = max(1, _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // n_nb)
+        s = max(1, num_sms(device.index if device.index is not None else torch.cuda.current_device()) // n_nb)
     return max(1, min(s, n_vb))
 
 
-@_on_input_device
+@on_input_device
 def backward_selected(
     hidden: Tensor,
     weight: Tensor,
@@ -437,12 +436,12 @@ def backward_selected(
     r = n if idx is None else idx.shape[0]
     bias = bias.contiguous() if bias is not None else None
     if r > 0 and (d_h is not None or d_w is not None or d_b is not None):
-        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device),
+        cfg = dict(config or split_config(hidden.dtype, interpreting(), d, smem_per_block(hidden.device),
                                           fp32_weight_grad=dw_fp32))
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
-        prec = _dot_precision(hidden.dtype)
+        prec = dot_precision(hidden.dtype)
         idx_arg = idx if idx is not None else targets
-        tma_w = _tma_usable(cfg, hidden, weight)
+        tma_w = tma_usable(cfg, hidden, weight)
         tma_h = tma_w and idx is None  # selected rows are gathered with pointers
         common = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_IDX=idx is not None,
                       FILTER=filter_eps is not None, BLOCK_D=bd, BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0,
@@ -455,8 +454,8 @@ def backward_selected(
             LAST_LAUNCHED["bwd_dw"] = _bwd_dw_kernel[(triton.cdiv(vocab, bv),)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg,
                 d_w if d_w is not None else lse, d_b if d_b is not None else lse,
-                _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
-                _descriptor(hidden, (bn, bo), tma_h),
+                descriptor(hidden, (bn, bd), tma_h), descriptor(weight, (bv, bd), tma_w),
+                descriptor(hidden, (bn, bo), tma_h),
                 r, vocab, d, hidden.stride(0), weight.stride(0), cap, eps,
                 COMPUTE_DW=d_w is not None, COMPUTE_DB=d_b is not None, BLOCK_N=bn, BLOCK_V=bv, **common,
                 PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
@@ -480,8 +479,8 @@ def backward_selected(
             c_t = torch.zeros(r, dtype=f32, device=dev)  # (R,) target coefficients
             LAST_LAUNCHED["bwd_dh"] = _bwd_dh_kernel[(n_nb, splits)](
                 hidden, weight, b_arg, targets, lse, row_weights, idx_arg, d_h, c_t, lock,
-                _descriptor(hidden, (bn, bd), tma_h), _descriptor(weight, (bv, bd), tma_w),
-                _descriptor(weight, (bv, bo), tma_w),
+                descriptor(hidden, (bn, bd), tma_h), descriptor(weight, (bv, bd), tma_w),
+                descriptor(weight, (bv, bo), tma_w),
                 r, vocab, d, hidden.stride(0), weight.stride(0), vb_per_split, cap, eps,
                 MODE=mode, BLOCK_N=bn, BLOCK_V=bv, **common, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
                 num_warps=cfg.get("DH_num_warps", cfg["num_warps"]),
@@ -494,7 +493,7 @@ def backward_selected(
     return in_input_dtypes(d_h, d_w, d_b, hidden, weight, bias)
 
 
-@_on_input_device
+@on_input_device
 def forward_with_hidden_grad(
     hidden: Tensor,
     weight: Tensor,
@@ -530,8 +529,7 @@ def forward_with_hidden_grad(
     Returns:
         ``(stats (5, N) fp32 = lse, entropy, confidence, margin, nll;  d_hidden (N, H) in the input dtype)``.
     """
-    if accumulate not in ACCUMULATE_MODES:
-        raise ValueError(f"accumulate must be one of {ACCUMULATE_MODES}, got {accumulate!r}")
+    check_accumulate(accumulate)
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -540,24 +538,24 @@ def forward_with_hidden_grad(
     stats = torch.empty(5, n, dtype=f32, device=dev)
     d_h = torch.zeros(n, d, dtype=f32 if dh_fp32 else hidden.dtype, device=dev)
     if n > 0:
-        cfg = dict(config or split_config(hidden.dtype, _interpreting(), d, smem_per_block(hidden.device)))
+        cfg = dict(config or split_config(hidden.dtype, interpreting(), d, smem_per_block(hidden.device)))
         bn, bv = cfg.get("FWD_DH_BLOCK_N", cfg["DH_BLOCK_N"]), cfg.get("FWD_DH_BLOCK_V", cfg["DH_BLOCK_V"])
         bd, bo = cfg["BLOCK_D"], cfg["BLOCK_O"]
         bias = bias.contiguous() if bias is not None else None
         cap = float(softcap) if softcap is not None else 1.0
         part = torch.empty(6, 1, n, dtype=f32, device=dev)
-        tma = _tma_usable(cfg, hidden, weight)
+        tma = tma_usable(cfg, hidden, weight)
         LAST_LAUNCHED["fwd_dh"] = _fwd_dh_kernel[(triton.cdiv(n, bn),)](
             hidden, weight, bias if bias is not None else hidden, targets, part, d_h,
-            _descriptor(hidden, (bn, bd), tma), _descriptor(weight, (bv, bd), tma), _descriptor(weight, (bv, bo), tma),
+            descriptor(hidden, (bn, bd), tma), descriptor(weight, (bv, bd), tma), descriptor(weight, (bv, bo), tma),
             n, vocab, d, hidden.stride(0), weight.stride(0), cap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-            BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=_dot_precision(hidden.dtype),
+            BLOCK_O=bo, EVEN_D=d % bd == 0, EVEN_O=d % bo == 0, DOT_PRECISION=dot_precision(hidden.dtype),
             TMA_H=tma, TMA_W=tma, PROD_STAGES=cfg.get("PROD_STAGES", cfg["num_stages"]),
             num_warps=cfg.get("FWD_DH_num_warps", cfg.get("DH_num_warps", cfg["num_warps"])),
             num_stages=cfg.get("FWD_DH_num_stages", cfg.get("DH_num_stages", cfg["num_stages"])),
         )
-        merge_block = 1024 if not _interpreting() else 64
+        merge_block = 1024 if not interpreting() else 64
         _merge_kernel[(triton.cdiv(n, merge_block),)](
             part, stats, targets, n, 1, ignore_index, BLOCK=merge_block, num_warps=4,
         )
