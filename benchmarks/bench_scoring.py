@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from benchmarks._timing import markdown_table, time_fn, write_results
 
 from cggr.kernels.scoring import default_num_warps, token_scores_triton
-from cggr.scoring import token_scores as torch_token_scores
+from cggr.scoring import token_scores_torch as torch_token_scores
 
 SHAPES = [(8192, 49152), (4096, 128256), (2048, 256000)]
 

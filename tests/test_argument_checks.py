@@ -11,7 +11,7 @@ import torch
 
 from cggr import CGGRLoss, CGGRModel, CGGRScorer
 from cggr.functional import token_scores
-from cggr.scoring import token_scores as torch_token_scores
+from cggr.scoring import token_scores_torch as torch_token_scores
 from cggr.selection import select_tokens
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cggr._rng import CounterRNG
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy, token_scores
 from cggr.loss import CGGRLoss
-from cggr.scoring import token_scores as torch_token_scores
+from cggr.scoring import token_scores_torch as torch_token_scores
 from tests.reference import lce_inputs, lce_logits64, lce_naive
 
 
@@ -36,6 +36,17 @@ def test_token_scores_torch_impl_is_the_reference_and_auto_picks_torch_on_cpu():
         out = token_scores(z, t, impl=impl)
         for name in ("entropy", "confidence", "margin", "nll", "valid"):
             assert torch.equal(getattr(out, name), getattr(ref, name))
+
+
+def test_token_scores_is_one_dispatching_function_under_every_public_name():
+    import cggr
+    from cggr import functional, scoring
+
+    assert cggr.token_scores is functional.token_scores is scoring.token_scores is token_scores
+    z = torch.randn(3, 11)
+    with pytest.raises((RuntimeError, TypeError), match="impl='triton'"):  # impl= reaches the dispatch
+        cggr.token_scores(z, impl="triton")
+    assert torch.equal(cggr.token_scores(z, impl="torch").margin, torch_token_scores(z).margin)
 
 
 def test_token_scores_explicit_triton_on_cpu_raises_and_env_forces_torch(monkeypatch):

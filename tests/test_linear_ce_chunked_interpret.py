@@ -36,7 +36,7 @@ INTERPRETED = is_interpreted(lce._ce_rows_kernel, fz._fwd_stats_kernel, fz._bwd_
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
-from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
+from cggr.scoring import token_scores_torch as torch_token_scores  # noqa: E402
 from tests.reference import lce_inputs, lce_logits64, lce_naive, rel_err  # noqa: E402
 
 OUTPUTS = LinearCrossEntropyOptions(workspace="outputs")

@@ -35,7 +35,7 @@ INTERPRETED = is_interpreted(fz._bwd_kernel, sp._bwd_dh_kernel, sp._fwd_dh_kerne
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy  # noqa: E402
-from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
+from cggr.scoring import token_scores_torch as torch_token_scores  # noqa: E402
 from tests.reference import lce_inputs, lce_logits64, lce_naive, rel_err  # noqa: E402
 
 FUSED = LinearCrossEntropyOptions(kernel="fused")

@@ -7,6 +7,7 @@ import torch
 
 from cggr import functional
 from cggr.functional import LinearCrossEntropyOptions
+from cggr.linear_ce import options as linear_ce_options
 
 
 def test_bwd_choices_and_default():
@@ -43,7 +44,7 @@ def test_accumulate_default_is_auto_and_accepted_with_either_kernel():
     ],
 )
 def test_resolve_accumulate_auto(monkeypatch, device, dtype, capability, triton, want):
-    monkeypatch.setattr(functional, "_triton_version", lambda: triton)
+    monkeypatch.setattr(linear_ce_options, "_triton_version", lambda: triton)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert functional.resolve_accumulate("auto", torch.device(device), dtype) == want
     for explicit in functional.ACCUMULATE_MODES:  # an explicit choice is never overridden

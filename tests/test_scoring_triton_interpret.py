@@ -20,7 +20,7 @@ INTERPRETED = is_interpreted(ks._token_scores_kernel)
 needs_interp, _interpret_env, test_in_fresh_process = module_hooks(INTERPRETED, __file__)
 
 from cggr.functional import token_scores  # noqa: E402
-from cggr.scoring import token_scores as torch_token_scores  # noqa: E402
+from cggr.scoring import token_scores_torch as torch_token_scores  # noqa: E402
 
 FIELDS = ("entropy", "confidence", "margin", "nll")
 

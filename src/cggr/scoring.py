@@ -1,9 +1,12 @@
-"""Per-token difficulty scores from logits, in pure PyTorch (the CPU path and the test oracle).
+"""Per-token difficulty scores from logits.
 
 Shape legend: B batch, T sequence length, N = B·T tokens, V vocabulary.
 
-Every score is computed in fp32 whatever the logits' dtype, in chunks of rows so that the extra memory is
-O(chunk × V) rather than several fp32 copies of the whole (N, V) tensor:
+:func:`token_scores` is the public op (``cggr.token_scores`` and ``cggr.functional.token_scores`` are this
+function): it dispatches on ``impl`` (:mod:`cggr._dispatch`) to the Triton kernel (:mod:`cggr.kernels.scoring`,
+one read of each row) or to :func:`token_scores_torch`, the pure-PyTorch path (the CPU path and the test oracle).
+Both compute every score in fp32 whatever the logits' dtype; the PyTorch path works in chunks of rows so that
+the extra memory is O(chunk × V) rather than several fp32 copies of the whole (N, V) tensor:
 
     p = softmax(z)                          # (chunk, V) fp32, one chunk at a time
     entropy    H = -Σ p log p = log Σ e^(z-m) - Σ p (z - m)   # nats, m = max z; 0 · log 0 = 0 (-inf logits)
@@ -22,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from cggr._dispatch import Impl, resolve_impl
 from cggr._validation import SCORING_MODES, check_choice, check_int, check_logits_targets
 
 #: Elements of fp32 work per chunk (16 Mi elements = 64 MiB per temporary).
@@ -54,15 +58,63 @@ def _row_chunk(vocab_size: int, chunk_size: int | None) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
 
 
-@torch.no_grad()
 def token_scores(
     logits: Tensor,
     targets: Tensor | None = None,
     *,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    impl: Impl = "auto",
 ) -> TokenScores:
-    """Entropy, confidence, top-2 margin and (with targets) nll of every token, in fp32.
+    """Entropy, confidence, top-2 margin and (with targets) nll of every token, fp32, in one read of the logits.
+
+    Scores are statistics, not training signals: they carry no gradient. ``impl='torch'`` runs
+    :func:`token_scores_torch`; the Triton kernel reads each row once (online softmax with the exact top-2 and
+    the target logit) and gives the same fields with the same semantics.
+
+    Args:
+        logits: (N, V) or (B, T, V), any floating dtype (Triton: float16, bfloat16, float32).
+        targets: (N,) or (B, T) class indices aligned with ``logits`` (no shift), or ``None``.
+        ignore_index: Target value marking positions to ignore (nll 0, ``valid`` False).
+        chunk_size: Rows per chunk of the ``'torch'`` path (default ~16 Mi elements); the kernel needs none.
+        impl: ``'auto'``, ``'torch'`` or ``'triton'`` (:func:`cggr._dispatch.resolve_impl`).
+
+    Returns:
+        :class:`TokenScores` with tensors of shape ``logits.shape[:-1]`` on ``logits.device``.
+    """
+    if not isinstance(logits, Tensor):  # before resolve_impl reads its device
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if resolve_impl(impl, logits, op="token_scores") == "torch":  # it checks its inputs itself
+        return token_scores_torch(logits, targets, ignore_index=ignore_index, chunk_size=chunk_size)
+    check_logits_targets(logits, targets, ignore_index=ignore_index)
+    from cggr.kernels.scoring import token_scores_triton
+
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    with torch.no_grad():
+        ent, conf, marg, nll = token_scores_triton(
+            logits.detach().reshape(-1, vocab), targets.reshape(-1).long() if targets is not None else None,
+            ignore_index,
+        )
+    return TokenScores(
+        entropy=ent.view(lead),
+        confidence=conf.view(lead),
+        margin=marg.view(lead),
+        nll=nll.view(lead) if nll is not None else None,
+        valid=(targets != ignore_index) if targets is not None else None,
+        vocab_size=vocab,
+    )
+
+
+@torch.no_grad()
+def token_scores_torch(
+    logits: Tensor,
+    targets: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> TokenScores:
+    """The pure-PyTorch :func:`token_scores` (the CPU path and the test oracle): fp32, in chunks of rows.
 
     Scores are statistics, not training signals: they carry no gradient.
 

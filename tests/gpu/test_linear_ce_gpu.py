@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cggr.functional import LinearCrossEntropyOptions, linear_cross_entropy
 from cggr.scoring import difficulty
-from cggr.scoring import token_scores as torch_token_scores
+from cggr.scoring import token_scores_torch as torch_token_scores
 from cggr.selection import select_tokens
 from tests.reference import rel_err
 

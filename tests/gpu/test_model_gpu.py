@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from cggr import CGGRModel, create_truncated_router, enable_flash_attention, get_flash_attention_info  # noqa: E402
 from cggr.functional import token_scores as fused_token_scores  # noqa: E402
-from cggr.scoring import token_scores  # noqa: E402
+from cggr.scoring import token_scores_torch  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -30,7 +30,7 @@ def test_token_scores_of_router_logits_triton_match_reference(dtype, n, v):
     logits = (torch.randn(n, v, device="cuda", generator=g) * 3).to(dtype)
     targets = torch.randint(0, v, (n,), device="cuda", generator=g)
     targets[::5] = -100
-    ref = token_scores(logits, targets)
+    ref = token_scores_torch(logits, targets)
     got = fused_token_scores(logits, targets, impl="triton")
     for name in ("entropy", "confidence", "margin", "nll"):
         a, b = getattr(got, name), getattr(ref, name)

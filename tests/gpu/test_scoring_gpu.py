@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cggr.functional import token_scores
-from cggr.scoring import token_scores as torch_token_scores
+from cggr.scoring import token_scores_torch as torch_token_scores
 from tests.reference import rel_err, scores_fp64
 
 pytestmark = pytest.mark.cuda
