@@ -92,10 +92,30 @@ def test_setup_phases_are_announced_before_they_run_and_timed():
     now = [0.0]
     lines = []
     p = RaceProgress(seeds=1, arms=1, budget=1.0, bars=False, log=lines.append, clock=lambda: now[0])
-    with p.phase("data: reading x"):
+    with p.phase("data", "reading x"):
         assert lines == ["setup: data: reading x …"]  # said before the work, not after it
         now[0] = 61.0
-    assert lines[-1] == "setup: data: reading x: done in 1 min 01 s"
+    assert lines[-1] == "setup: data: done in 1 min 01 s"
+
+
+def test_the_ticker_redraws_while_the_main_thread_is_busy():
+    """The bar's redraws come from a thread: they go on while the main thread evaluates (no training updates)."""
+    import threading
+
+    from cggr.cli.race.progress import _Ticker
+
+    done, calls = threading.Event(), []
+
+    def redraw():
+        calls.append(1)
+        if len(calls) == 3:
+            done.set()
+
+    ticker = _Ticker(redraw, 0.001)
+    assert done.wait(timeout=60)  # three redraws without the main thread doing anything
+    ticker.stop()
+    n = len(calls)
+    assert not ticker._thread.is_alive() and len(calls) == n  # stopped: no redraw after stop()
 
 
 # --------------------------------------------------------------------------------- a race's display, whole
@@ -142,9 +162,11 @@ def test_a_race_shows_setup_phases_arm_and_seed_counts_time_left_and_evaluations
     setup = [line for line in lines if line.startswith("setup: ")]
     assert len(setup) == 6
     assert setup[0].startswith("setup: data: reading " + corpus) and "BPE tokenizer" in setup[0]
-    assert setup[1].startswith("setup: data: reading ") and setup[1].endswith(": done in 0 s")
-    assert setup[2].startswith("setup: building the model (") and ": done in " in setup[3]
-    assert setup[4].startswith("setup: reference model: 2 steps") and ": done in " in setup[5]
+    assert setup[1] == "setup: data: done in 0 s"  # the fake clock does not move while the data load
+    assert setup[2].startswith("setup: model: building " + str(small_config)) and setup[3].startswith(
+        "setup: model: done in ")
+    assert setup[4].startswith("setup: reference model: 2 steps") and setup[5].startswith(
+        "setup: reference model: done in ")
     header = next(i for i, line in enumerate(lines) if line.startswith("cggr race: "))
     assert all(lines.index(line) < header for line in setup)
     starts = [line for line in lines if " · arm " in line]
@@ -169,6 +191,8 @@ def test_a_race_shows_setup_phases_arm_and_seed_counts_time_left_and_evaluations
     # the bars (progress=True) name the seed and arm counts
     err = capsys.readouterr().err
     assert "s1/2 a1/2 standard" in err and "s2/2 a2/2 standard" in err and "trained" in err
+    assert "evaluating 4 probe blocks (clock stopped)" in err  # drawn at once, not at the next training chunk
+    assert "evaluating the full held-out set (8 blocks, clock stopped)" in err
     # the tables: 4 decimals for every loss, the same strings in the terminal and in the Markdown
     md = (tmp_path / "race.md").read_text()
     out = payload["paths"]

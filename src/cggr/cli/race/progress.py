@@ -99,16 +99,17 @@ class RaceProgress:
 
     # ------------------------------------------------------------------------------------------- setup
     @contextmanager
-    def phase(self, text: str) -> Iterator[None]:
-        """A setup phase: logs ``setup: <text>`` before it starts and ``setup: <text>: done in <t>`` after it,
+    def phase(self, name: str, detail: str = "") -> Iterator[None]:
+        """A setup phase: logs ``setup: <name>: <detail> …`` before it starts and ``setup: <name>: done in <t>``
+        after it,
         with a live elapsed-time bar in between when bars are on and stderr is a terminal (nothing is left on a
         redirected stderr, whose last line stays the error message when a phase fails)."""
-        self.status_text = f"setup: {text}"
-        self.log(f"setup: {text} …")
+        self.status_text = f"setup: {name}"
+        self.log(f"setup: {name}: {detail} …" if detail else f"setup: {name} …")
         start = self.clock()
         bar = None
         if self._tqdm is not None and _is_terminal(sys.stderr):  # a live clock only where it can be redrawn
-            bar = self._tqdm(total=None, desc=f"setup: {text}"[:60], bar_format="{desc}: {elapsed}", leave=False)
+            bar = self._tqdm(total=None, desc=f"setup: {name}", bar_format="{desc}: {elapsed}", leave=False)
             self._start_ticker(bar)
         try:
             yield
@@ -116,7 +117,7 @@ class RaceProgress:
             self._stop_ticker()
             if bar is not None:
                 bar.close()
-        self.log(f"setup: {text}: done in {format_duration(self.clock() - start)}")
+        self.log(f"setup: {name}: done in {format_duration(self.clock() - start)}")
 
     # -------------------------------------------------------------------------------------------- runs
     def seconds_left(self) -> tuple[float, bool]:

@@ -69,14 +69,15 @@ def data_phase(cfg: RaceConfig, spec: ModelSpec) -> str:
     if spec.kind == "pretrained":
         tok = "the model's own tokenizer"
     else:
-        tok = (f"a {spec.preset.vocab_size}-token BPE tokenizer (trained on the first run with these data, about a "
-               f"minute on 2 CPU cores; cached in {cache_dir()})")
+        slow = ", about a minute on 2 CPU cores" if cfg.data in ("code", "code+packages") else ""
+        tok = (f"a {spec.preset.vocab_size}-token BPE tokenizer (trained on the first run with these data{slow}; "
+               f"cached in {cache_dir()})")
     if cfg.data == "arithmetic":
-        return f"data: generating {cfg.train_problems} arithmetic word problems, tokenising them with {tok}"
+        return f"generating {cfg.train_problems} arithmetic word problems, tokenising them with {tok}"
     what = {"code": "the .py files of Python's standard library",
             "code+packages": "the .py files of Python's standard library and installed packages"}.get(cfg.data,
                                                                                                      cfg.data)
-    return f"data: reading {what}, tokenising them with {tok}"
+    return f"reading {what}, tokenising them with {tok}"
 
 
 def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
     budget = minutes * 60.0
     progress = RaceProgress(seeds=cfg.seeds, arms=len(cfg.arms), budget=budget, bars=cfg.progress, log=log,
                             clock=clock, ladder_seconds=COOLDOWN_FRACTION * sum(cfg.ladder) * budget)
-    with progress.phase(data_phase(cfg, spec)):
+    with progress.phase("data", data_phase(cfg, spec)):
         data = load_data(cfg, spec)
     info = data.info
     log(f"data: {info.get('train_sequences')} training and {info.get('eval_sequences')} held-out blocks of "
@@ -111,13 +112,13 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
     vocab = None if spec.kind == "pretrained" else data.tokenizer.vocab_size
     data_seed0 = cfg.seed if cfg.data_seed is None else cfg.data_seed
     replicates = [(cfg.seed + i, data_seed0 + i) for i in range(cfg.seeds)]
-    with progress.phase(f"building the model ({spec.name}, init seed {replicates[0][0]})"):
+    with progress.phase("model", f"building {spec.name} (init seed {replicates[0][0]})"):
         base = build_model(spec, vocab, seed=replicates[0][0])
     n_params = sum(p.numel() for p in base.parameters())
     fused = resolve_head(cfg.head, base, device)  # one head for every arm
     reference_info, reference = None, None
     if cfg.reference:  # before the arms: every arm then trains on the blocks the reference never saw
-        with progress.phase(f"reference model: {cfg.reference_steps} steps on {cfg.reference_fraction:g} of the "
+        with progress.phase("reference model", f"{cfg.reference_steps} steps on {cfg.reference_fraction:g} of the "
                             "training blocks, then scoring the others (one-off, on no arm's clock)"):
             data, reference, reference_info = _build_reference(cfg, spec, data, vocab, batch, lr, device, log)
     on_device = device.type == "cuda"
