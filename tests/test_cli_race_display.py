@@ -88,6 +88,33 @@ def test_time_left_from_a_fake_clock():
                                                                            "59 min 59 s", "1 h 02 min"]
 
 
+def test_phase_steps_are_logged_at_each_quarter_without_a_bar():
+    lines = []
+    p = RaceProgress(seeds=1, arms=1, budget=1.0, bars=False, log=lines.append, clock=lambda: 0.0)
+    with p.phase("reference model", "200 steps"):
+        for i in range(1, 201):
+            p.phase_step(i, 200)
+        assert p.status_text == "setup: reference model: step 200 of 200"
+    assert lines[1:4] == [f"setup: reference model: step {i} of 200" for i in (50, 100, 150)]
+    assert lines[4] == "setup: reference model: done in 0 s" and len(lines) == 5
+
+
+def test_the_reference_model_reports_each_step():
+    import torch
+
+    from cggr.cli.reference_model import train_reference
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16))
+    ids = torch.randint(0, 31, (6, 9))
+    seen = []
+    info = train_reference(model, ids, torch.ones_like(ids, dtype=torch.bool), steps=3, batch_size=2, lr=1e-3,
+                           device=torch.device("cpu"), seed=0, on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)] and info["steps"] == 3
+
+
 def test_setup_phases_are_announced_before_they_run_and_timed():
     now = [0.0]
     lines = []
@@ -159,8 +186,10 @@ def test_a_race_shows_setup_phases_arm_and_seed_counts_time_left_and_evaluations
     payload = run_race(cfg, log=lines.append, clock=clock)
 
     assert events[0] == ("load", "1 lines before")  # the data phase was announced before the data loaded
-    setup = [line for line in lines if line.startswith("setup: ")]
+    setup = [line for line in lines if line.startswith("setup: ") and ": step " not in line]
     assert len(setup) == 6
+    # the reference's steps (2 here), logged at each quarter when there is no bar to show them in
+    assert [line for line in lines if ": step " in line] == ["setup: reference model: step 1 of 2"]
     assert setup[0].startswith("setup: data: reading " + corpus) and "BPE tokenizer" in setup[0]
     assert setup[1] == "setup: data: done in 0 s"  # the fake clock does not move while the data load
     assert setup[2].startswith("setup: model: building " + str(small_config)) and setup[3].startswith(

@@ -46,9 +46,11 @@ def train_reference(
     seed: int,
     autocast: Callable[[], Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    on_step: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``steps`` AdamW steps on random batches of the (N_ref, T) blocks ``ids`` (``mask``:
     False at padding); learning rate: linear warm-up over 5% of the steps, then linear decay to 0.
+    ``on_step(done, steps)`` is called after each step (the race's progress display; no device value is read).
 
     Returns:
         ``{"steps", "seconds", "final_train_loss"}`` (seconds measured with ``clock``, device synchronised).
@@ -77,6 +79,8 @@ def train_reference(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1, steps)
     synchronize(device)
     return {"steps": steps, "seconds": clock() - start, "final_train_loss": float(loss.detach())}
 
@@ -95,13 +99,14 @@ def build_reference(
     autocast: Callable[[], Any] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     max_blocks: int | None = None,
+    on_step: Callable[[int, int], Any] | None = None,
     score_bytes: int = 1 << 28,
 ) -> tuple[torch.Tensor, ReferenceLosses, dict[str, Any]]:
     """Split, train the reference on the A blocks, compute its losses on the B blocks.
 
     ``max_blocks``: score (and return) at most this many of the B blocks, a seeded random subset (``None``: all);
     the caller then trains on those only. ``score_bytes``: bound on the fp32 logits of one scoring batch (rows
-    per batch = max(``batch_size``, score_bytes / (T · V · 4))).
+    per batch = max(``batch_size``, score_bytes / (T · V · 4))). ``on_step``: as in :func:`train_reference`.
 
     Returns:
         ``(train_rows, losses, info)``: the B rows (indices into ``train_ids``; the race trains on these only),
@@ -118,7 +123,8 @@ def build_reference(
         pick = torch.randperm(train_rows.numel(), generator=torch.Generator().manual_seed(seed + 1))[:max_blocks]
         train_rows = train_rows[pick].sort().values
     info = train_reference(model, train_ids[ref_rows], train_mask[ref_rows], steps=steps, batch_size=batch_size,
-                           lr=lr, device=device, seed=seed, autocast=autocast, clock=clock)
+                           lr=lr, device=device, seed=seed, autocast=autocast, clock=clock,
+                           on_step=on_step)
     synchronize(device)
     start = clock()
     data = {"input_ids": train_ids[train_rows], "attention_mask": train_mask[train_rows].long()}

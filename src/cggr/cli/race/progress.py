@@ -92,6 +92,7 @@ class RaceProgress:
         self._trained = 0.0
         self._bar = None
         self._ticker: _Ticker | None = None
+        self._phase, self._phase_bar = "", None
 
     @property
     def runs(self) -> int:
@@ -107,17 +108,29 @@ class RaceProgress:
         self.status_text = f"setup: {name}"
         self.log(f"setup: {name}: {detail} …" if detail else f"setup: {name} …")
         start = self.clock()
+        self._phase = name
         bar = None
         if self._tqdm is not None and _is_terminal(sys.stderr):  # a live clock only where it can be redrawn
             bar = self._tqdm(total=None, desc=f"setup: {name}", bar_format="{desc}: {elapsed}", leave=False)
             self._start_ticker(bar)
+        self._phase_bar = bar
         try:
             yield
         finally:
             self._stop_ticker()
+            self._phase_bar = None
             if bar is not None:
                 bar.close()
         self.log(f"setup: {name}: done in {format_duration(self.clock() - start)}")
+
+    def phase_step(self, done: int, total: int) -> None:
+        """Step ``done`` of ``total`` of the current setup phase (the reference model's training): shown in the
+        phase's bar, and logged at each quarter so that a log without bars also moves."""
+        self.status_text = f"setup: {self._phase}: step {done} of {total}"
+        if self._phase_bar is not None:
+            self._phase_bar.set_description_str(self.status_text, refresh=False)
+        elif done < total and done * 4 // total != (done - 1) * 4 // total:
+            self.log(self.status_text)
 
     # -------------------------------------------------------------------------------------------- runs
     def seconds_left(self) -> tuple[float, bool]:

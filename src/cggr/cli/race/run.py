@@ -120,7 +120,8 @@ def run_race(cfg: RaceConfig, *, log=print, clock: Callable[[], float] = time.pe
     if cfg.reference:  # before the arms: every arm then trains on the blocks the reference never saw
         with progress.phase("reference model", f"{cfg.reference_steps} steps on {cfg.reference_fraction:g} of the "
                             "training blocks, then scoring the others (one-off, on no arm's clock)"):
-            data, reference, reference_info = _build_reference(cfg, spec, data, vocab, batch, lr, device, log)
+            data, reference, reference_info = _build_reference(cfg, spec, data, vocab, batch, lr, device, log,
+                                                               on_step=progress.phase_step)
     on_device = device.type == "cuda"
     env = RaceEnv(train_ids=data.train_ids.to(device) if on_device else data.train_ids,
                   train_mask=data.train_mask.to(device) if on_device else data.train_mask, device=device,
@@ -226,7 +227,7 @@ def _write(cfg: RaceConfig, settings: dict[str, Any], results: list[ArmResult], 
 
 
 def _build_reference(cfg: RaceConfig, spec: ModelSpec, data: RaceData, vocab: int | None, batch: int, lr: float,
-                     device: torch.device, log) -> tuple[RaceData, torch.Tensor, dict[str, Any]]:
+                     device: torch.device, log, on_step=None) -> tuple[RaceData, torch.Tensor, dict[str, Any]]:
     """``--reference``: train a fresh model of the race's architecture on ``reference_fraction`` of the training
     blocks (seeded split), score the other blocks with it, and return the race data restricted to those blocks
     (every arm trains on them, paired), their (N_train,) reference losses and the one-off cost (seconds)."""
@@ -236,7 +237,7 @@ def _build_reference(cfg: RaceConfig, spec: ModelSpec, data: RaceData, vocab: in
     rows, losses, info = build_reference(
         model, data.train_ids, data.train_mask, fraction=cfg.reference_fraction, steps=cfg.reference_steps,
         batch_size=batch, lr=lr, device=device, seed=cfg.seed + REFERENCE_SEED_OFFSET,
-        autocast=lambda: autocast_context(device, cfg.dtype), max_blocks=cfg.reference_blocks,
+        autocast=lambda: autocast_context(device, cfg.dtype), max_blocks=cfg.reference_blocks, on_step=on_step,
     )
     del model
     info.update(fraction=cfg.reference_fraction, seed=cfg.seed + REFERENCE_SEED_OFFSET,
