@@ -40,6 +40,16 @@ def is_interpreted(*kernels) -> bool:
     return all(type(k).__name__ == "InterpretedFunction" for k in kernels)
 
 
+NO_TRITON = ("needs triton (pip install triton, Linux): without it the Triton kernels are not checked, not even in the "
+             "CPU interpreter")
+
+
+def import_triton():
+    """``import triton`` (the caller does it inside :func:`interpreter_env`), or skip the calling module with
+    :data:`NO_TRITON` as the reason."""
+    return pytest.importorskip("triton", reason=NO_TRITON)
+
+
 def run_in_fresh_process(test_file: str, markexpr: str = "") -> None:
     """Run ``pytest`` on ``test_file`` in a new interpreter with TRITON_INTERPRET=1 and the parent's marker
     selection (``-m``: the quick set, or ``slow``); fail with its output."""

@@ -539,21 +539,6 @@ def test_bad_head_value_is_a_one_line_error(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
-def _cli_has_head_option() -> bool:
-    import contextlib
-    import io
-
-    from cggr.cli.main import build_parser
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            args = build_parser().parse_args(["race", "--head", "fused"])
-        except SystemExit:
-            return False
-    return getattr(args, "head", None) == "fused"
-
-
-@pytest.mark.skipif(not _cli_has_head_option(), reason="cggr race --head is not in cggr.cli.main yet")
 def test_head_option_on_the_command_line(small_config, tmp_path, capsys):
     assert main(["race", "--head", "hidden", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._interpret import interpreter_env, is_interpreted, module_hooks
+from tests._interpret import import_triton, interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # see tests/_interpret.py
-    pytest.importorskip("triton")
+    import_triton()
     from cggr.kernels import linear_cross_entropy as lce
     from cggr.kernels import linear_cross_entropy_fused as fz
     from cggr.kernels import linear_cross_entropy_fused_split as sp

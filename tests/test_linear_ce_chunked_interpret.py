@@ -25,10 +25,10 @@ import itertools
 import pytest
 import torch
 
-from tests._interpret import interpreter_env, is_interpreted, module_hooks
+from tests._interpret import import_triton, interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
-    pytest.importorskip("triton")
+    import_triton()
     from cggr.kernels import linear_cross_entropy as lce
     from cggr.kernels import linear_cross_entropy_fused as fz
 

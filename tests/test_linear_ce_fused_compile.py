@@ -20,7 +20,7 @@ import textwrap
 
 import pytest
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", reason="needs triton (pip install triton, Linux): the kernels' compile checks")
 
 SCRIPT = textwrap.dedent(
     """

@@ -24,10 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._interpret import interpreter_env, is_interpreted, module_hooks
+from tests._interpret import import_triton, interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # only this module's tests run interpreted (fixture below)
-    pytest.importorskip("triton")
+    import_triton()
     from cggr.kernels import linear_cross_entropy_fused as fz
     from cggr.kernels import linear_cross_entropy_fused_split as sp  # bwd='split' / 'split_fwd' cases
 

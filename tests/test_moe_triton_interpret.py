@@ -19,10 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._interpret import interpreter_env, is_interpreted, module_hooks
+from tests._interpret import import_triton, interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # see tests/_interpret.py
-    pytest.importorskip("triton")
+    import_triton()
     from cggr.kernels import grouped_gemm as gg
     from cggr.kernels import moe_routing as mr
     from cggr.kernels import moe_slot_sum as ss

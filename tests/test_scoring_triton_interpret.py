@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._interpret import interpreter_env, is_interpreted, module_hooks
+from tests._interpret import import_triton, interpreter_env, is_interpreted, module_hooks
 
 with interpreter_env():  # see tests/_interpret.py
-    pytest.importorskip("triton")
+    import_triton()
     from cggr.kernels import scoring as ks
 
 INTERPRETED = is_interpreted(ks._token_scores_kernel)
