@@ -316,6 +316,20 @@ def test_tables_keep_four_decimals_in_markdown_and_terminal():
     assert markdown_table([]) == "" and text_table([]) == ""
 
 
+def test_tables_without_rich_show_the_same_cells(monkeypatch):
+    """Where rich is not installed (the import fails) the plain writer draws the same Markdown, character for
+    character, and the same terminal table but for the rule's character."""
+    from cggr.cli.tables import markdown_table, text_table
+
+    rows = [{"arm": "standard", "held-out loss": 7.9973, "steps": 1234, "Δ": "+0.1 [-0.2, +0.4] tie"},
+            {"arm": "cggr-reducible-self", "held-out loss": 8.0972, "steps": None, "Δ": "a|b"}]
+    with_rich = markdown_table(rows), text_table(rows)
+    monkeypatch.setitem(sys.modules, "rich", None)  # `from rich import ...` now raises ImportError
+    plain = markdown_table(rows), text_table(rows)
+    assert plain[0] == with_rich[0]
+    assert plain[1] == with_rich[1].replace("─", "-")
+
+
 def test_long_plot_titles_are_wrapped_not_cut():
     from cggr.cli.plot import race_figure, wrap_title
 

@@ -1,5 +1,6 @@
 """The tables of the ``cggr`` command and the benchmark scripts, drawn by rich (a dependency of the ``bench`` and
-``test`` extras): a Markdown pipe table for the ``.md`` files, a fixed-width one for the terminal.
+``test`` extras, and of transformers): a Markdown pipe table for the ``.md`` files, a fixed-width one for the
+terminal. Where rich is not installed (a benchmark machine with torch alone) a plain writer draws the same cells.
 
 Rows are dicts; the columns are their keys in order of first appearance unless given. Each cell is formatted
 once by a ``fmt`` function (default :func:`cell`: 4 decimals for a float under 100, so held-out losses such as
@@ -37,31 +38,42 @@ def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     return cols
 
 
-def _rich():
+def _plain(header: list[str], body: list[list[str]], markdown: bool) -> str:
+    """The same table without rich (only where it is not installed, e.g. a benchmark machine with torch alone):
+    cells padded to their column's width, numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return ("| " + " | ".join(padded) + " |") if markdown else " " + "   ".join(padded)
+
+    if markdown:
+        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    else:
+        rule = "-" * (sum(widths) + 3 * len(widths) - 1)
+    return "\n".join(line_.rstrip() for line_ in [line(header), rule, *map(line, body)])
+
+
+def _render(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None, fmt: Callable[[Any], str], *,
+            markdown: bool) -> str:
+    cols = list(columns) if columns is not None else columns_of(rows)
+    escape = (lambda s: s.replace("|", "\\|")) if markdown else (lambda s: s)
+    header = [escape(str(c)) for c in cols]
+    body = [[escape(fmt(r.get(c))) for c in cols] for r in rows]
     try:
         from rich import box
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
-    except ImportError as exc:
-        raise ImportError("cggr's tables need rich: pip install 'cggr[bench]' (or pip install rich)") from exc
-    return box, Console, Table, Text
-
-
-def _render(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None, fmt: Callable[[Any], str], *,
-            markdown: bool) -> str:
-    box, Console, Table, Text = _rich()
-    cols = list(columns) if columns is not None else columns_of(rows)
-
-    def text(s: str) -> Any:  # rich Text: no markup parsing of cells such as "[+0.28, +0.90]"
-        return Text(s.replace("|", "\\|") if markdown else s)
+    except ImportError:  # rich comes with the bench and test extras (and with transformers); a bare install: plain
+        return _plain(header, body, markdown)
 
     table = Table(box=box.MARKDOWN if markdown else box.SIMPLE_HEAD, show_edge=markdown, header_style="",
                   highlight=False)
-    for i, c in enumerate(cols):
-        table.add_column(text(str(c)), justify="left" if i == 0 else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*(text(fmt(r.get(c))) for c in cols))
+    for i, c in enumerate(header):  # rich Text: no markup parsing of cells such as "[+0.28, +0.90]"
+        table.add_column(Text(c), justify="left" if i == 0 else "right", no_wrap=True)
+    for cells in body:
+        table.add_row(*map(Text, cells))
     out = io.StringIO()
     Console(file=out, width=1_000_000, color_system=None, force_terminal=False, force_jupyter=False,
             legacy_windows=False, emoji=False, markup=False, highlight=False).print(table)
