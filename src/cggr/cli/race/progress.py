@@ -1,6 +1,7 @@
 """What ``cggr race`` shows while it runs: a line per setup phase (with a live elapsed time while it runs), then
 per arm run a line "seed i of S · arm x of N" with the time left in the whole race, and a bar whose status says
-what the arm is doing (warm-up, training, evaluating, a budget-ladder rung) and keeps ticking while it evaluates.
+what the arm is doing (warm-up, training, evaluating, a budget-ladder rung), shown as soon as it changes, and on a
+terminal keeps ticking while it evaluates.
 
 The time left: (runs not finished) × the mean wall-clock time of the finished runs, minus what the current run has
 already spent. Before the first run finishes it is a lower bound: each run's training budget plus its ladder
@@ -161,7 +162,8 @@ class RaceProgress:
                 f"{arm}", unit="s", leave=True, mininterval=0.5,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s trained{postfix}")
             self._postfix()
-            self._start_ticker(self._bar, postfix=True)
+            if _is_terminal(sys.stderr):  # redrawn every second on a terminal; a log file gets the updates only
+                self._start_ticker(self._bar, postfix=True)
 
     def status(self, text: str) -> None:
         """What the current run is doing now (shown at once, not at the next training chunk)."""
