@@ -36,6 +36,24 @@ def check_forward_fn(forward_fn: Any) -> ForwardFn | None:
     return forward_fn
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT (``get_base_model()``) wrappers."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
+            model = model.get_base_model()
+        elif type(model).__name__ == "FullyShardedDataParallel" and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+    return model
+
+
 def call_style(model: nn.Module) -> str:
     """How :func:`call_model` calls ``model`` without an adapter, from the unwrapped model's ``forward`` signature
     (read once, at construction: DDP/compile wrappers take ``*args, **kwargs``).
@@ -43,8 +61,6 @@ def call_style(model: nn.Module) -> str:
     Returns ``'hf'`` (a parameter named ``input_ids``), ``'positional_mask'`` (``forward(idx, attention_mask)``)
     or ``'positional'`` (``forward(idx)``).
     """
-    from cggr.router import unwrap_model  # the router module imports this one
-
     try:
         params = inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):  # no introspectable signature: the Hugging Face convention

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, logits_of
+from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, logits_of, unwrap_model
 from cggr._validation import check_int
 
 # Attribute paths from a (task-head) model to its layer list, per family.
@@ -49,24 +49,6 @@ _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
     ("h",),  # GPT2Model, GPTJModel, FalconModel
     ("encoder", "layer"),  # BertModel, RobertaModel
 )
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT (``get_base_model()``) wrappers."""
-    seen: set[int] = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
-            model = model.get_base_model()
-        elif type(model).__name__ == "FullyShardedDataParallel" and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-    return model
 
 
 def find_layer_path(model: nn.Module) -> tuple[str, ...] | None:
