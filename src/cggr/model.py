@@ -591,9 +591,11 @@ class CGGRModel(Curriculum):
 
 
 def _add_trainer_support(model: nn.Module) -> None:
-    """Around a transformers model, import :mod:`cggr.integrations.transformers`: it teaches ``transformers.Trainer``
-    to save ``Trainer(model=CGGRModel(...))`` as the wrapped model's plain checkpoint and to resume from one."""
+    """Around a transformers model: ``Trainer(model=CGGRModel(...))`` checkpoints (cggr.integrations.checkpoints)."""
     if type(unwrap_model(model)).__module__.startswith("transformers."):
-        import cggr.integrations.transformers  # noqa: F401
+        from cggr.integrations.checkpoints import install_trainer_support
+
+        install_trainer_support(model_class=CGGRModel)
+
 
 __all__ = ["CGGRModel", "CGGROutput", "CGGRScorer", "is_masked_lm"]
