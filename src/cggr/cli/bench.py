@@ -100,8 +100,9 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
                     standard_ms = timing.median_ms
                 row.update({
                     "step ms": round(timing.median_ms, 3),
-                    "samples/s": round(batch / (timing.median_ms / 1e3), 2),
-                    # 4 significant digits: a slow arm's speed-up (0.03x) keeps its precision, unlike 3 decimals
+                    # 4 significant digits: a slow arm's rate (2 samples/s) and speed-up (0.03x) keep their
+                    # precision, which a fixed number of decimals would not
+                    "samples/s": float(f"{batch / (timing.median_ms / 1e3):.4g}"),
                     "speed-up": float(f"{standard_ms / timing.median_ms:.4g}") if standard_ms else None,
                     "peak mem GiB": round(timing.peak_mem_gib, 3) if device.type == "cuda" else None,
                     "min ms": round(timing.min_ms, 3),
