@@ -248,7 +248,7 @@ class CGGRModel(Curriculum):
             **kwargs: Passed to the wrapped model's ``save_pretrained`` (e.g. ``safe_serialization``,
                 ``is_main_process``).
         """
-        from cggr.integrations.transformers import save_pretrained
+        from cggr.integrations.checkpoints import save_pretrained
 
         save_pretrained(self, save_directory, **kwargs)
 
@@ -260,9 +260,9 @@ class CGGRModel(Curriculum):
         """``CGGRModel(model_class.from_pretrained(path, **model_kwargs), **cggr_kwargs)`` (``model_class``
         default ``AutoModelForCausalLM``), with the curriculum of ``cggr_state.pt`` when the directory has one
         (see :meth:`save_pretrained`)."""
-        from cggr.integrations.transformers import from_pretrained
+        from cggr.integrations.checkpoints import from_pretrained
 
-        return from_pretrained(pretrained_model_name_or_path, model_class=model_class, model_kwargs=model_kwargs,
+        return from_pretrained(cls, pretrained_model_name_or_path, model_class=model_class, model_kwargs=model_kwargs,
                                **cggr_kwargs)
 
     # ------------------------------------------------------------------ curriculum

@@ -90,6 +90,45 @@ def step_of(module: Curriculum) -> int:
     return int(module.step_count)
 
 
+# ---------------------------------------------------------------------------------------------- save / load
+def save_pretrained(cggr_model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """See :meth:`cggr.CGGRModel.save_pretrained`: the wrapped model's ``save_pretrained`` plus ``cggr_state.pt``."""
+    from cggr.router import unwrap_model
+
+    inner = unwrap_model(cggr_model.model)
+    if not callable(getattr(inner, "save_pretrained", None)):
+        raise TypeError(
+            f"save_pretrained needs a wrapped model with save_pretrained (a transformers PreTrainedModel), got "
+            f"{type(inner).__name__}; save cggr_model.model.state_dict() and cggr_model's curriculum instead"
+        )
+    inner.save_pretrained(save_directory, **kwargs)
+    if kwargs.get("is_main_process", True):
+        torch.save(curriculum_state(cggr_model), os.path.join(save_directory, CGGR_STATE_NAME))
+
+
+def from_pretrained(
+    wrapper_class: type,
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    model_class: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **cggr_kwargs: Any,
+) -> nn.Module:
+    """Load the plain model with ``model_class.from_pretrained`` (default ``AutoModelForCausalLM``) and wrap it in
+    ``wrapper_class(model, **cggr_kwargs)`` (:class:`cggr.CGGRModel` or a subclass); a ``cggr_state.pt`` in the
+    directory restores the curriculum."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    model = model_class.from_pretrained(pretrained_model_name_or_path, **(model_kwargs or {}))
+    cggr_model = wrapper_class(model, **cggr_kwargs)
+    path = os.path.join(os.fspath(pretrained_model_name_or_path), CGGR_STATE_NAME)
+    if os.path.isfile(path):  # save_pretrained's file, or a Trainer checkpoint's (CGGRCallback: one module)
+        load_saved_states([cggr_model], read_state(path), path)
+    return cggr_model
+
+
 # --------------------------------------------------------------------------------------------- Trainer(model=CGGRModel)
 # transformers' Trainer saves a model that is not a PreTrainedModel as its bare state_dict (model.safetensors, no
 # config.json) and loads checkpoints back with load_state_dict(strict=False). For a CGGRModel around a PreTrainedModel
@@ -342,5 +381,5 @@ def install_trainer_support(*, model_class: type | None = None, callback_class: 
     Trainer._cggr_model_support = True
 
 
-__all__ = ["CGGR_STATE_NAME", "curriculum_state", "install_trainer_support", "load_curriculum_state",
-           "load_saved_states", "read_state", "saved_states", "set_step", "step_of"]
+__all__ = ["CGGR_STATE_NAME", "curriculum_state", "from_pretrained", "install_trainer_support", "load_curriculum_state",
+           "load_saved_states", "read_state", "save_pretrained", "saved_states", "set_step", "step_of"]

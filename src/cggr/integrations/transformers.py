@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 
 from cggr._calling import logits_of
 from cggr._selector import Curriculum
+from cggr.integrations import checkpoints
 from cggr.integrations.checkpoints import (
     CGGR_STATE_NAME,
     curriculum_state,
@@ -63,17 +64,7 @@ from cggr.model import CGGRModel
 # ---------------------------------------------------------------------------------------------- save / load
 def save_pretrained(cggr_model: CGGRModel, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """See :meth:`cggr.CGGRModel.save_pretrained`."""
-    from cggr.router import unwrap_model
-
-    inner = unwrap_model(cggr_model.model)
-    if not callable(getattr(inner, "save_pretrained", None)):
-        raise TypeError(
-            f"save_pretrained needs a wrapped model with save_pretrained (a transformers PreTrainedModel), got "
-            f"{type(inner).__name__}; save cggr_model.model.state_dict() and cggr_model's curriculum instead"
-        )
-    inner.save_pretrained(save_directory, **kwargs)
-    if kwargs.get("is_main_process", True):
-        torch.save(curriculum_state(cggr_model), os.path.join(save_directory, CGGR_STATE_NAME))
+    checkpoints.save_pretrained(cggr_model, save_directory, **kwargs)
 
 
 def from_pretrained(
@@ -85,16 +76,8 @@ def from_pretrained(
 ) -> CGGRModel:
     """Load the plain model with ``model_class.from_pretrained`` (default ``AutoModelForCausalLM``) and wrap it in
     ``CGGRModel(model, **cggr_kwargs)``; a ``cggr_state.pt`` in the directory restores the curriculum."""
-    if model_class is None:
-        from transformers import AutoModelForCausalLM
-
-        model_class = AutoModelForCausalLM
-    model = model_class.from_pretrained(pretrained_model_name_or_path, **(model_kwargs or {}))
-    cggr_model = CGGRModel(model, **cggr_kwargs)
-    path = os.path.join(os.fspath(pretrained_model_name_or_path), CGGR_STATE_NAME)
-    if os.path.isfile(path):  # save_pretrained's file, or a Trainer checkpoint's (CGGRCallback: one module)
-        load_saved_states([cggr_model], read_state(path), path)
-    return cggr_model
+    return checkpoints.from_pretrained(CGGRModel, pretrained_model_name_or_path, model_class=model_class,
+                                       model_kwargs=model_kwargs, **cggr_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- callback
