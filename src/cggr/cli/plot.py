@@ -39,8 +39,8 @@ def race_figure(payload: dict[str, Any]):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from cggr.cli.race import ARM_SPECS
-    from cggr.cli.report import arm_names, race_summary
+    from cggr.cli.race.arms import ARM_SPECS
+    from cggr.cli.records import arm_names, seeds_of
 
     arms = payload["arms"]
     over = overruns(payload)
@@ -103,7 +103,7 @@ def race_figure(payload: dict[str, Any]):
         axes[0][1].grid(alpha=0.3)
         axes[0][1].legend(fontsize=8)
     title = (f"cggr race: {s['model']} on {s['data']} · {s['minutes_per_arm']:g} min per arm · ratio {s['ratio']} · "
-             f"scan ×{s['scan_multiplier']:.3g} · {len(race_summary(payload)['seeds'])} seed(s) · {env['device']}")
+             f"scan ×{s['scan_multiplier']:.3g} · {len(seeds_of(arms, s))} seed(s) · {env['device']}")
     if s.get("partial"):
         title += f" · PARTIAL: interrupted during {s['partial']['interrupted_during']}"
     fig.suptitle(wrap_title(title, fig.get_figwidth(), 11), fontsize=11)

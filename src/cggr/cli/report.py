@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cggr.cli.plot import plot_curves
+from cggr.cli.records import arm_names, row_seed
 from cggr.cli.stats import mean_interval, paired_summary
 from cggr.cli.tables import columns_of, markdown_table, text_table
 
@@ -36,16 +37,6 @@ sequences an arm read. `random` keeps the same share of sequences as `cggr` but 
 running the router: if `cggr` does not beat `random`, the difficulty ranking did not help. `cggr-loss`
 back-propagates through every scanned token (masking the loss does not shrink the backward through the
 transformer body)."""
-
-
-def _row_seed(row: dict[str, Any], settings: dict[str, Any] | None = None) -> int:
-    seed = row.get("seed")
-    return int(seed if seed is not None else (settings or {}).get("seed", 0))
-
-
-def arm_names(arms: list[dict[str, Any]]) -> list[str]:
-    """The arms in order of first appearance."""
-    return list(dict.fromkeys(a["arm"] for a in arms))
 
 
 def time_to_target(row: dict[str, Any], target: float) -> float | None:
@@ -92,7 +83,7 @@ def race_summary(payload: dict[str, Any]) -> dict[str, Any]:
     names = arm_names(rows)
     by_arm: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
     for r in rows:
-        by_arm[r["arm"]][_row_seed(r, settings)] = r
+        by_arm[r["arm"]][row_seed(r, settings)] = r
     finals = {n: {s: r["heldout_loss"] for s, r in rs.items() if r.get("heldout_loss") is not None}
               for n, rs in by_arm.items()}
     finals = {n: v for n, v in finals.items() if v}
@@ -222,9 +213,9 @@ def group_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def seed_rows(arms: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per arm and seed: the raw numbers behind the intervals."""
     out = []
-    for a in sorted(arms, key=lambda r: (_row_seed(r, settings), arm_names(arms).index(r["arm"]))):
+    for a in sorted(arms, key=lambda r: (row_seed(r, settings), arm_names(arms).index(r["arm"]))):
         se = a.get("heldout_se")
-        out.append({"seed": _row_seed(a, settings), "arm": a["arm"], "order": a.get("order"), "steps": a["steps"],
+        out.append({"seed": row_seed(a, settings), "arm": a["arm"], "order": a.get("order"), "steps": a["steps"],
                     "train s": a["train_seconds"], "held-out loss": a.get("heldout_loss"),
                     "bootstrap SE": se, "probe loss": a.get("probe_loss")})
     return out
@@ -300,7 +291,7 @@ def head_line(settings: dict[str, Any]) -> str:
 
 def write_race_outputs(payload: dict[str, Any], out_dir: Path, name: str, *, plot: bool = True) -> dict[str, str]:
     """Write ``<out>/<name>.json``, ``.md`` and ``.png``; print the tables; return the paths written."""
-    from cggr.cli.race import demo_note
+    from cggr.cli.race.config import demo_note
 
     out_dir.mkdir(parents=True, exist_ok=True)
     s, env = payload["settings"], payload["environment"]
@@ -479,7 +470,7 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
                 raise CLIError(f"--merge: {str(path)!r} has data_info.{key}={mine!r}, the first file {theirs!r}; "
                                "not the same data (another corpus or tokenizer on that machine?)")
         for arm in payload["arms"]:
-            seed = _row_seed(arm, payload["settings"])
+            seed = row_seed(arm, payload["settings"])
             if (arm["arm"], seed) in seen:
                 raise CLIError(f"--merge: arm {arm['arm']!r} of seed {seed} appears in more than one file "
                                f"({seen[(arm['arm'], seed)]!r} and {str(path)!r})")
@@ -488,7 +479,7 @@ def merge_race_files(paths: list[Path]) -> dict[str, Any]:
                 raise CLIError(f"--merge: arm {arm['arm']!r} of seed {seed} in {str(path)!r} started from different "
                                "weights than the other arms of that seed")
             arms.append({**arm, "seed": seed, "run": run, "device": payload["environment"].get("device")})
-    from cggr.cli.race import ARM_SPECS
+    from cggr.cli.race.arms import ARM_SPECS
 
     order = {name: i for i, name in enumerate(ARM_SPECS)}
     arms.sort(key=lambda a: (a["seed"], order.get(a["arm"], len(order)), a["run"]))

@@ -73,6 +73,7 @@ from cggr.cli.race.arms import (
     register_arm,
     resolve_head,
     uses_bf16,
+    validate_config,
 )
 from cggr.cli.race.config import (
     COOLDOWN_FRACTION,
@@ -81,17 +82,17 @@ from cggr.cli.race.config import (
     WARMUP_FRACTION,
     RaceConfig,
     check_router_layers,
+    demo_note,
     lr_at,
     protocol_name,
     resolve_device,
     rungs_of,
     scan_multiplier,
-    validate_config,
     wsd_lr,
 )
 from cggr.cli.race.evaluate import arithmetic_accuracy, heldout_block_losses, heldout_loss, probe_indices
 from cggr.cli.race.progress import RaceProgress, format_duration
-from cggr.cli.race.run import REFERENCE_SEED_OFFSET, command_line, demo_note, load_data, prepare, run_race
+from cggr.cli.race.run import REFERENCE_SEED_OFFSET, command_line, load_data, prepare, run_race
 from cggr.cli.race.train import ArmResult, plan_chunk, weights_digest
 
 __all__ = ["AA_DATA_SEED_OFFSET", "ARMS", "ARM_KINDS", "ARM_SPECS", "COOLDOWN_FRACTION", "DEFAULT_ARMS",

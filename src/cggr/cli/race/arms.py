@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from cggr.cli.presets import CLIError
+from cggr.cli.race.config import DEFAULT_ARMS, HEADS, RaceConfig, check_reference_settings, check_settings
 
-if TYPE_CHECKING:
-    from cggr.cli.race.config import RaceConfig
-
-HEADS = ("auto", "fused", "logits")
 HEAD_NAMES = {True: "fused (linear-CE on hidden states)", False: "logits (the model's own)"}
 AA_DATA_SEED_OFFSET = 1_000_003  # the A/A arm's data seed: data_seed + this
 
@@ -125,7 +122,6 @@ register_arm(ArmSpec("cggr-reducible-sampled", "model", selection="sampled", rou
                      description="reducible loss as cggr-reducible, k drawn by Gumbel-top-k at tau 0.5 (--reference)"))
 
 ARMS = tuple(ARM_SPECS)  # the arms registered at import
-DEFAULT_ARMS = ("standard", "cggr", "random", "standard-aa")
 
 
 def check_arms(arms: tuple[str, ...]) -> None:
@@ -136,6 +132,18 @@ def check_arms(arms: tuple[str, ...]) -> None:
         raise CLIError(f"--arms: unknown arm(s) {given}; expected some of {', '.join(ARM_SPECS)}")
     if len(set(arms)) != len(arms):
         raise CLIError(f"--arms: each arm at most once, got {', '.join(arms)}")
+
+
+def validate_config(cfg: RaceConfig) -> None:
+    """Raise :class:`CLIError` (one-line message) for values no race can run with: the settings
+    (:func:`~cggr.cli.race.config.check_settings`), the arms against this registry, then ``--reference-*``."""
+    check_settings(cfg)
+    check_arms(cfg.arms)
+    needs = [a for a in cfg.arms if ARM_SPECS[a].scoring == "reducible"]
+    if needs and not cfg.reference:
+        raise CLIError(f"--arms {', '.join(needs)} need --reference (a reference model trained on a split of the "
+                       "training blocks that no arm trains on)")
+    check_reference_settings(cfg)
 
 
 
@@ -336,4 +344,4 @@ class Arm:
 
 __all__ = ["AA_DATA_SEED_OFFSET", "ARMS", "ARM_KINDS", "ARM_SPECS", "DEFAULT_ARMS", "HEADS", "HEAD_NAMES",
            "SAMPLED_TEMPERATURE", "Arm", "ArmSpec", "arm_scan", "autocast_context", "check_arms", "register_arm",
-           "resolve_head", "uses_bf16"]
+           "resolve_head", "uses_bf16", "validate_config"]

@@ -1,4 +1,4 @@
-"""Settings of ``cggr race``: :class:`RaceConfig` and its checks (:func:`validate_config`, run before any work;
+"""Settings of ``cggr race``: :class:`RaceConfig` and its checks (:func:`check_settings`, run before any work;
 :func:`check_router_layers`, run once the model is known and before the data load), the protocols' scan
 multiplier, the device, and the learning-rate schedules.
 
@@ -16,12 +16,15 @@ import torch
 from cggr._validation import SCORING_MODES
 from cggr.cli.data import MAX_BLOCKS_PER_FILE
 from cggr.cli.presets import CLIError, ModelSpec
-from cggr.cli.race.arms import ARM_SPECS, DEFAULT_ARMS, HEADS, check_arms
 
 WARMUP_FRACTION = 0.05
 COOLDOWN_FRACTION = 0.2  # WSD: the last 20% of a budget decays the learning rate linearly to 0
 PROTOCOLS = ("free-lunch", "equal-scan")
 DEFAULT_LADDER = (0.25, 0.5, 0.75)
+
+
+HEADS = ("auto", "fused", "logits")  # --head
+DEFAULT_ARMS = ("standard", "cggr", "random", "standard-aa")  # --arms (names of cggr.cli.race.arms.ARM_SPECS)
 
 
 @dataclass
@@ -63,8 +66,9 @@ class RaceConfig:
     reference_blocks: int | None = None  # score (and train every arm on) at most this many of the other blocks
 
 
-def validate_config(cfg: RaceConfig) -> None:
-    """Raise :class:`CLIError` (one-line message) for values no race can run with."""
+def check_settings(cfg: RaceConfig) -> None:
+    """Raise :class:`CLIError` (one-line message) for settings no race can run with, the arms aside (those are
+    checked against the registry by :func:`cggr.cli.race.arms.validate_config`)."""
     if cfg.minutes is not None and not (math.isfinite(cfg.minutes) and cfg.minutes > 0):
         raise CLIError(f"--minutes must be a positive number of minutes per arm, got {cfg.minutes}")
     if not (math.isfinite(cfg.ratio) and 0.0 < cfg.ratio <= 1.0):
@@ -98,11 +102,10 @@ def validate_config(cfg: RaceConfig) -> None:
         raise CLIError(f"--ladder: rungs must be distinct fractions of the budget in ({low:.4g}, 1) (a rung's decay "
                        f"starts at {1 - COOLDOWN_FRACTION:g} of it, after the warm-up), got "
                        f"{','.join(map(str, cfg.ladder))}")
-    check_arms(cfg.arms)
-    needs = [a for a in cfg.arms if ARM_SPECS[a].scoring == "reducible"]
-    if needs and not cfg.reference:
-        raise CLIError(f"--arms {', '.join(needs)} need --reference (a reference model trained on a split of the "
-                       "training blocks that no arm trains on)")
+
+
+def check_reference_settings(cfg: RaceConfig) -> None:
+    """The ``--reference-*`` settings (:class:`CLIError` when no race can run with them)."""
     if not (0.0 < cfg.reference_fraction < 1.0):
         raise CLIError(f"--reference-fraction must be in (0, 1), got {cfg.reference_fraction}")
     if cfg.reference_steps < 1:
@@ -183,5 +186,19 @@ def rungs_of(cfg: RaceConfig) -> tuple[float, ...]:
 
 
 
-__all__ = ["COOLDOWN_FRACTION", "DEFAULT_LADDER", "PROTOCOLS", "WARMUP_FRACTION", "RaceConfig", "check_router_layers",
-           "lr_at", "protocol_name", "resolve_device", "rungs_of", "scan_multiplier", "validate_config", "wsd_lr"]
+
+def demo_note(model: str, seeds: int) -> str:
+    """The sentence a small or single-seed race prints about what it can and cannot show ('' when none)."""
+    notes = []
+    if model == "tiny":
+        notes.append("this is a demo-sized race (a 3M-parameter model for well under a minute per arm): it shows "
+                     "how the race works and what it measures, not whether CGGR helps on a real model")
+    if seeds < 2:
+        notes.append("one seed gives no confidence interval (gaps of a few percent are within seed-to-seed "
+                     "noise); use --seeds 3 or more for a verdict")
+    return ("note: " + "; ".join(notes) + ".") if notes else ""
+
+
+__all__ = ["COOLDOWN_FRACTION", "DEFAULT_ARMS", "DEFAULT_LADDER", "HEADS", "PROTOCOLS", "WARMUP_FRACTION", "RaceConfig",
+           "check_reference_settings", "check_router_layers", "check_settings", "demo_note", "lr_at", "protocol_name",
+           "resolve_device", "rungs_of", "scan_multiplier", "wsd_lr"]

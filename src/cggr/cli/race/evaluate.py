@@ -17,7 +17,7 @@ from cggr.cli.data import RaceData
 from cggr.cli.race.arms import autocast_context
 
 if TYPE_CHECKING:
-    from cggr.cli.race.train import RaceContext
+    from cggr.cli.race.context import RaceContext
 
 @torch.no_grad()
 def heldout_block_losses(model, ids: torch.Tensor, mask: torch.Tensor, device: torch.device, dtype: str,

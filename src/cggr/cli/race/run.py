@@ -25,21 +25,29 @@ import torch
 
 from cggr.cli.data import RaceData, cache_dir, load_arithmetic_data, load_text_data, pretrained_tokenizer
 from cggr.cli.presets import ModelSpec, build_model, resolve_model
-from cggr.cli.race.arms import AA_DATA_SEED_OFFSET, HEAD_NAMES, autocast_context, resolve_head, uses_bf16
+from cggr.cli.race.arms import (
+    AA_DATA_SEED_OFFSET,
+    HEAD_NAMES,
+    autocast_context,
+    resolve_head,
+    uses_bf16,
+    validate_config,
+)
 from cggr.cli.race.config import (
     COOLDOWN_FRACTION,
     WARMUP_FRACTION,
     RaceConfig,
     check_router_layers,
+    demo_note,
     protocol_name,
     resolve_device,
     rungs_of,
     scan_multiplier,
-    validate_config,
 )
+from cggr.cli.race.context import RaceContext, RaceEnv
 from cggr.cli.race.evaluate import probe_indices
 from cggr.cli.race.progress import RaceProgress, format_duration
-from cggr.cli.race.train import ArmResult, RaceContext, RaceEnv, train_arm
+from cggr.cli.race.train import ArmResult, train_arm
 
 REFERENCE_SEED_OFFSET = 7_919  # the reference model's init seed: --seed + this
 
@@ -258,18 +266,6 @@ def _build_reference(cfg: RaceConfig, spec: ModelSpec, data: RaceData, vocab: in
     return new, losses.sequence(torch.arange(len(losses))), info
 
 
-def demo_note(model: str, seeds: int) -> str:
-    """The sentence a small or single-seed race prints about what it can and cannot show ('' when none)."""
-    notes = []
-    if model == "tiny":
-        notes.append("this is a demo-sized race (a 3M-parameter model for well under a minute per arm): it shows "
-                     "how the race works and what it measures, not whether CGGR helps on a real model")
-    if seeds < 2:
-        notes.append("one seed gives no confidence interval (gaps of a few percent are within seed-to-seed "
-                     "noise); use --seeds 3 or more for a verdict")
-    return ("note: " + "; ".join(notes) + ".") if notes else ""
-
-
 def command_line() -> str:
     """This process's command line, shell-quoted, with the program shown as ``cggr`` (recorded in the results)."""
     import shlex
@@ -282,4 +278,4 @@ def command_line() -> str:
 
 
 
-__all__ = ["REFERENCE_SEED_OFFSET", "command_line", "data_phase", "demo_note", "load_data", "prepare", "run_race"]
+__all__ = ["REFERENCE_SEED_OFFSET", "command_line", "data_phase", "load_data", "prepare", "run_race"]

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from cggr.cli.data import BatchStream, RaceData
+from cggr.cli.data import BatchStream
 from cggr.cli.race.arms import ARM_SPECS, Arm, arm_scan
-from cggr.cli.race.config import COOLDOWN_FRACTION, RaceConfig, wsd_lr
+from cggr.cli.race.config import COOLDOWN_FRACTION, wsd_lr
+from cggr.cli.race.context import RaceContext, RaceEnv
 from cggr.cli.race.evaluate import full_eval, probe_eval
 from cggr.cli.race.progress import RaceProgress
 
@@ -126,18 +127,6 @@ class _Track:
         return max(self.recent[-8:])
 
 
-@dataclass
-class RaceEnv:
-    """What every chunk of a race needs: data (on the device on CUDA), device, precision, the clock."""
-
-    train_ids: torch.Tensor
-    train_mask: torch.Tensor
-    device: torch.device
-    clock: Callable[[], float]
-    max_chunk_seconds: float
-    has_padding: bool = True  # False: every training sequence is full, the arms run without an attention mask
-
-
 def run_chunk(track: _Track, env: RaceEnv, steps: int, lr_at_time: Callable[[float], float],
               result: ArmResult | None) -> float:
     """Run ``steps`` optimizer steps of ``track``, timed as one chunk (one synchronise, one host read of the
@@ -209,25 +198,6 @@ def train_span(track: _Track, env: RaceEnv, end: float, lr_at_time, result: ArmR
         if not math.isfinite(run_chunk(track, env, n, lr_at_time, result)):
             return False
     return True
-
-
-@dataclass
-class RaceContext:
-    """Per-race context of :func:`train_arm`."""
-
-    cfg: RaceConfig
-    data: RaceData
-    env: RaceEnv
-    router_layers: int
-    lr: float
-    budget: float
-    batch: int
-    scan: int
-    fused: bool
-    eval_bs: int
-    probe: torch.Tensor  # (n_probe,) indices of the probe blocks
-    reference: torch.Tensor | None = None  # (N_train,) reference loss per training block (--reference)
-    progress: RaceProgress | None = None  # the display (None: nothing shown)
 
 
 def train_arm(arm: str, base, sh: RaceContext, *, init_seed: int, data_seed: int, order: int,
