@@ -181,7 +181,8 @@ def test_int32_labels_equal_int64_labels(ratio):
 def test_hf_trainer_reads_num_items_in_batch_from_the_forward():
     """transformers' Trainer (5.x, Trainer.__init__ / training_step) passes ``num_items_in_batch`` to a model that
     says ``accepts_loss_kwargs = True`` and then does not divide its loss by the accumulation steps; CGGRModel's
-    forward takes it and normalises by it (the accumulation equivalence itself: tests/test_integrations_hf.py)."""
+    forward takes it and normalises by it (the accumulation equivalence itself:
+    tests/integrations/test_integrations_hf.py)."""
     import inspect
 
     cm = CGGRModel(build_model("llama"), num_router_layers=K_ROUTER)

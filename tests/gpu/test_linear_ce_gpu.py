@@ -213,7 +213,7 @@ def test_fp16_large_k_does_not_lose_small_gradients(kernel):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_outputs_workspace_against_materialised(dtype, tail_bytes, monkeypatch):
     """workspace='outputs' at ratio 1 with many vocabulary chunks: loss and gradients against fp32 materialised
-    ones (where the chunks live is checked on CPU in tests/test_linear_ce_chunked_interpret.py; memory is
+    ones (where the chunks live is checked on CPU in tests/kernels/test_linear_ce_chunked_interpret.py; memory is
     measured by benchmarks/bench_linear_ce.py, not asserted here). tail_bytes=0 forces the geometric chunks down
     to 8 columns (the 16-byte alignment)."""
     from cggr.kernels import linear_cross_entropy as lce

@@ -61,7 +61,7 @@ def test_race_steps_never_sync_the_host_and_the_race_runs_on_cuda(tiny_config, t
                           seq_len=64, evals=2, eval_sequences=8, heldout_blocks=64, out=str(tmp_path / "out"),
                           progress=False, device="cuda", head=head, ladder=(0.5,),
                           # every registered arm but the reducible ones (they need --reference: a reference model
-                          # trained first; tests/test_cli_race_selection.py covers them on the CPU)
+                          # trained first; tests/cli/test_cli_race_selection.py covers them on the CPU)
                           arms=tuple(a for a in race.ARMS if race.ARM_SPECS[a].scoring != "reducible"))
     payload = race.run_race(cfg, log=lambda *_: None)
     assert len(steps) > 10 * len(cfg.arms)

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, Traini
 
 from cggr import CGGRModel  # noqa: E402
 from cggr.integrations.transformers import CGGR_STATE_NAME, CGGRCallback, curriculum_state  # noqa: E402
-from tests.test_integrations_hf import padded_rows, tiny_llama  # noqa: E402
+from tests.integrations.test_integrations_hf import padded_rows, tiny_llama  # noqa: E402
 
 # pin_memory on a CPU-only machine: torch warns that nothing gets pinned
 pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator:UserWarning")
@@ -178,7 +178,7 @@ def test_the_support_needs_no_import_of_the_integration(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code = f"""
 import os, sys
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments

@@ -359,7 +359,7 @@ def test_device_race_script_starts_waits_and_collects(small_config, tmp_path):
 
     if shutil.which("bash") is None or shutil.which("setsid") is None:
         pytest.skip("needs bash and setsid")
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_race.sh"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "device_race.sh"
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, CGGR_RACE_STATE=str(tmp_path / "state"), OUT=str(out))
@@ -553,7 +553,8 @@ def test_head_option_on_the_command_line(small_config, tmp_path, capsys):
 def test_token_counts_accumulated_on_the_device_match_the_arithmetic(small_config, tmp_path, monkeypatch):
     """The counts summed per chunk without host syncs: every block is full (T = 32 targets 31 tokens), standard
     back-propagates B per step, cggr and random k, cggr-loss all S with a quarter of the tokens in its loss."""
-    # the arms whose counts the arithmetic below spells out (the selection-rule arms: tests/test_cli_race_selection.py)
+    # the arms whose counts the arithmetic below spells out (the selection-rule arms:
+    # tests/cli/test_cli_race_selection.py)
     arms = ("standard", "cggr", "cggr-loss", "random", "standard-aa")
     payload, _ = _fake_clock_race(monkeypatch, small_config, tmp_path, [0.05], arms=arms, minutes=0.01, ladder=())
     s = payload["settings"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "device_race.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("setsid") is None,

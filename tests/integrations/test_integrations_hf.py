@@ -35,7 +35,7 @@ from cggr.integrations.transformers import (  # noqa: E402
 from cggr.model import CGGROutput  # noqa: E402
 from tests.tiny_models import tiny_llama as shared_tiny_llama  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 V = 96
 
 

@@ -8,7 +8,7 @@ plain adds) and split over the vocabulary (locked or atomic adds), every accumul
 another module imported triton first (see tests/_interpret.py).
 
 fp32 and fp16 only (the interpreter's tl.dot is wrong for bf16; bf16 is covered by tests/gpu/test_linear_ce_gpu.py).
-Tolerances as in tests/test_linear_ce_fused_interpret.py: fp32 1e-5 (docs/design.md §6); fp16 gradients 3e-3
+Tolerances as in tests/kernels/test_linear_ce_fused_interpret.py: fp32 1e-5 (docs/design.md §6); fp16 gradients 3e-3
 (g rounded once to fp16, at most ceil(V / 16) <= 7 rounded adds per element here plus the final rounding, each
 at most 2^-11 relative to the running sum, RMS far below).
 
