@@ -16,23 +16,7 @@ from cggr.cli.main import main  # noqa: E402
 from cggr.cli.race import ARM_SPECS, ARMS, DEFAULT_ARMS, RaceConfig, run_race  # noqa: E402
 from tests import fake_clock  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CGGR_CACHE_DIR", str(tmp_path_factory.mktemp("cggr-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    transformers.LlamaConfig(
-        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    ).to_json_file(path)
-    return path
+pytestmark = pytest.mark.usefixtures("race_cache")  # tests/cli/conftest.py: a cache of its own
 
 
 def _check_race(payload, *, with_accuracy: bool):

@@ -21,32 +21,7 @@ from cggr.cli.race import run as race_run  # noqa: E402
 from cggr.cli.race import train as race_train  # noqa: E402
 from tests import fake_clock  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CGGR_CACHE_DIR", str(tmp_path_factory.mktemp("cggr-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    transformers.LlamaConfig(
-        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    ).to_json_file(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small JSONL corpus: its BPE tokenizer trains in well under a second."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6}) for i in range(300)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("race_cache")  # tests/cli/conftest.py: a cache of its own
 
 
 def _config(small_config, corpus, tmp_path, **overrides) -> RaceConfig:

@@ -17,33 +17,7 @@ from tests import fake_clock  # noqa: E402
 NEW_ARMS = ("cggr-sampled", "cggr-importance", "cggr-reducible", "cggr-reducible-sampled", "cggr-reducible-self")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CGGR_CACHE_DIR", str(tmp_path_factory.mktemp("cggr-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "config.json"
-    transformers.LlamaConfig(
-        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    ).to_json_file(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small JSONL corpus (fast tokenizer training; the default code corpus takes minutes on a busy CPU)."""
-    import json
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6}) for i in range(300)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("race_cache")  # tests/cli/conftest.py: a cache of its own
 
 
 def test_new_arms_are_registered_and_named_in_help(capsys):
