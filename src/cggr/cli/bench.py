@@ -125,7 +125,7 @@ def run_bench(cfg: BenchConfig, *, log=print) -> dict[str, Any]:
              "sequences; speed-up = standard's step time / the arm's.")
     json_path, md_path = write_results(cfg.name, rows, title=f"cggr bench: {spec.name}", notes=notes,
                                        columns=columns, out_dir=Path(cfg.out), extra=meta, env=env)
-    from cggr.cli.report import text_table
+    from cggr.cli.tables import text_table
 
     print(text_table([{c: r.get(c) for c in columns} for r in rows]))
     print(f"wrote {json_path}, {md_path}")

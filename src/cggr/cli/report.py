@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cggr.cli.plot import plot_curves
-from cggr.cli.records import arm_names, row_seed
+from cggr.cli.records import arm_names, row_seed, seeds_of
 from cggr.cli.stats import mean_interval, paired_summary
 from cggr.cli.tables import columns_of, markdown_table, text_table
 
@@ -127,7 +127,7 @@ def race_summary(payload: dict[str, Any]) -> dict[str, Any]:
         meds = [rs[s]["median_step_seconds"] for s in seeds if rs[s].get("median_step_seconds")]
         entry["median_step_seconds"] = statistics.median(meds) if meds else None
         out_arms.append(entry)
-    summary: dict[str, Any] = {"arms": out_arms, "seeds": sorted({s for rs in by_arm.values() for s in rs}),
+    summary: dict[str, Any] = {"arms": out_arms, "seeds": seeds_of(rows, settings),
                                "method": "paired Student-t 95% intervals over seeds (cggr.cli.stats)"}
     aa = next((e for e in out_arms if e["arm"] == "standard-aa"), None)
     if aa is not None and aa.get("vs_standard"):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cggr._calling import unwrap_model
 from cggr._selector import Curriculum
 
 #: Classes whose instances the Trainer support treats as a CGGRModel / as a CGGRCallback (see
@@ -93,8 +94,6 @@ def step_of(module: Curriculum) -> int:
 # ---------------------------------------------------------------------------------------------- save / load
 def save_pretrained(cggr_model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """See :meth:`cggr.CGGRModel.save_pretrained`: the wrapped model's ``save_pretrained`` plus ``cggr_state.pt``."""
-    from cggr.router import unwrap_model
-
     inner = unwrap_model(cggr_model.model)
     if not callable(getattr(inner, "save_pretrained", None)):
         raise TypeError(
