@@ -227,8 +227,10 @@ def test_input_validation():
         m(torch.randn(2, 3, 8), token_mask=torch.ones(6, dtype=torch.bool))
     with pytest.raises(TypeError, match="dtype"):
         m(torch.randn(3, 8, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="triton"):
+    with pytest.raises(RuntimeError, match=r"PersistentTRMLP\(impl='triton'\) needs CUDA tensors, got a tensor on cpu"):
         PersistentTRMLP(8, 8, impl="triton")(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"impl must be one of 'auto', 'torch', 'triton', got 'cuda'"):
+        PersistentTRMLP(8, 8, impl="cuda")
 
 
 def test_factory_and_parameter_layout():
@@ -253,6 +255,46 @@ def test_env_forces_torch(monkeypatch):
     m = PersistentTRMLP(8, 8, num_experts=2, top_k=1, impl="triton")
     y, _ = m(torch.randn(3, 8))  # would raise without the override on CPU
     assert y.shape == (3, 8)
+
+
+def test_impl_is_decided_by_the_project_dispatcher(monkeypatch):
+    """The layer and route_tokens ask cggr._dispatch.resolve_impl (MoE dtypes bf16/fp16, not interpretable): the
+    same triton check, errors and environment override as the other ops."""
+    from cggr import _dispatch
+
+    monkeypatch.delenv("CGGR_IMPL", raising=False)
+    monkeypatch.setattr(_dispatch, "triton_importable", lambda: False)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    m = PersistentTRMLP(8, 8, num_experts=2, top_k=1, impl="triton", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"PersistentTRMLP\(impl='triton'\) needs the 'triton' package"):
+        m(x)
+    with pytest.raises(RuntimeError, match=r"route_tokens\(impl='triton'\) needs the 'triton' package"):
+        route_tokens(x, m.router.weight, 1, impl="triton")
+    with pytest.raises(ValueError, match=r"impl must be one of 'auto', 'torch', 'triton', got 'fused'"):
+        route_tokens(x, m.router.weight, 1, impl="fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_interpreter_env_keeps_cpu_layers_on_the_torch_path(monkeypatch, dtype):
+    """TRITON_INTERPRET=1 (the CPU kernel tests) does not send a CPU layer to the kernels, whose entry needs CUDA
+    tensors (and the interpreter's tl.dot is wrong for bf16): 'auto' equals 'torch' exactly, 'triton' raises."""
+    from cggr import _dispatch, moe
+
+    monkeypatch.delenv("CGGR_IMPL", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "triton_importable", lambda: True)
+    monkeypatch.setattr(moe, "grouped_expert_mlp", lambda *a, **k: pytest.fail("the Triton path ran"))
+    g = _gen()
+    m = PersistentTRMLP(16, 12, num_experts=4, top_k=2, dtype=dtype)
+    x = torch.randn(2, 5, 16, generator=g).to(dtype)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    y_auto, aux_auto = m(x, token_mask=mask)
+    m.impl = "torch"
+    y_torch, aux_torch = m(x, token_mask=mask)
+    assert torch.equal(y_auto, y_torch) and torch.equal(aux_auto, aux_torch)
+    m.impl = "triton"
+    with pytest.raises(RuntimeError, match=r"PersistentTRMLP\(impl='triton'\) needs CUDA tensors"):
+        m(x, token_mask=mask)
 
 
 def test_top_k_ties_go_to_the_lowest_expert_index():

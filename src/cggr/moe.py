@@ -26,15 +26,16 @@ the lowest expert index on both paths.
 from __future__ import annotations
 
 import math
-import os
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cggr._autocast import autocast_dtype
-from cggr.kernels.grouped_gemm import HAS_TRITON, GroupedMLPOptions, grouped_expert_mlp
+from cggr._dispatch import IMPLS, Impl, resolve_impl
+from cggr._validation import check_choice
+from cggr.kernels.grouped_gemm import GroupedMLPOptions, grouped_expert_mlp
 
 __all__ = [
     "ACTIVATIONS",
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("swiglu", "silu", "gelu")
-Impl = Literal["auto", "torch", "triton"]
 
 
 class RoutingPlan(NamedTuple):
@@ -81,10 +81,9 @@ def route_tokens(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     """
     n_tok = x.shape[0]
     n_exp = router_weight.shape[0]
+    use_triton = _resolve_impl(impl, x, "route_tokens") == "triton"  # also checks impl
     logits = F.linear(x, router_weight)  # (N, E)
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl != "torch" and _resolve_impl(impl, x) == "triton":
+    if use_triton:
         from cggr.kernels.moe_routing import fused_route
 
         weights, balance, z, probs, top_idx, top_w, counts, offs, tok, pair = fused_route(logits, top_k, token_mask)
@@ -192,16 +191,18 @@ def expert_mlp_torch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: 
     return torch.where(plan.routed[:, None], y, 0) if masked else y
 
 
-def _resolve_impl(impl: str, x: torch.Tensor) -> str:
-    if os.environ.get("CGGR_IMPL", "").strip().lower() == "torch":
-        return "torch"
-    triton_ok = HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    if impl == "auto":
-        return "triton" if triton_ok else "torch"
-    if impl == "triton" and not triton_ok:
-        why = "triton is not importable" if not HAS_TRITON else f"x is {x.dtype} on {x.device}"
-        raise RuntimeError(f"impl='triton' needs triton and CUDA bf16/fp16 inputs, but {why}")
-    return impl
+#: dtypes of the MoE Triton kernels (grouped_expert_mlp): fp32 and fp64 layers run the torch path under 'auto'
+TRITON_MOE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _resolve_impl(impl: str, x: torch.Tensor, op: str) -> str:
+    """``'torch'`` or ``'triton'`` for the MoE layer through the project's one dispatcher (docs/design.md §6).
+
+    Triton needs CUDA bf16/fp16 ``x``; ``interpretable=False``: the kernel entry takes CUDA tensors only and the
+    interpreter's ``tl.dot`` is wrong for bf16, so ``TRITON_INTERPRET=1`` leaves CPU tensors on the torch path
+    (tests/kernels/test_moe_triton_interpret.py calls the kernels themselves).
+    """
+    return resolve_impl(impl, x, op=op, dtypes=TRITON_MOE_DTYPES, interpretable=False)
 
 
 class PersistentTRMLP(nn.Module):
@@ -216,8 +217,9 @@ class PersistentTRMLP(nn.Module):
         aux_loss_coef: weight of the load-balancing loss in the returned ``aux_loss``. With the default 1.0 the
             returned value is the plain Switch loss ``E · Σ_e f_e · P_e`` (add ``0.01 * aux_loss`` to your loss).
         z_loss_coef: weight of the router z-loss ``mean over routed tokens of logsumexp(logits)²`` (0 = off).
-        impl: ``'auto'`` (Triton on CUDA bf16/fp16 when importable), ``'torch'`` or ``'triton'``; the
-            environment variable ``CGGR_IMPL=torch`` forces the torch path.
+        impl: ``'auto'`` (Triton on CUDA bf16/fp16 when importable, else torch), ``'torch'`` or ``'triton'``
+            (RuntimeError without triton or off CUDA, TypeError on another dtype), decided per forward by
+            :func:`cggr._dispatch.resolve_impl`; the environment variable ``CGGR_IMPL=torch`` forces the torch path.
         kernel_options: tile configuration of the Triton kernels.
         device, dtype: of the parameters.
 
@@ -240,8 +242,7 @@ class PersistentTRMLP(nn.Module):
             raise ValueError(f"top_k must be <= num_experts={num_experts}, got {top_k}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if impl not in ("auto", "torch", "triton"):
-            raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        check_choice("impl", impl, IMPLS)
         for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
@@ -309,7 +310,7 @@ class PersistentTRMLP(nn.Module):
             # null-routed tokens take no part: a select (never a multiply) gives them 0 before the router GEMM, so
             # a NaN/inf there reaches neither the routing statistics, aux_loss, nor any gradient (0 · NaN = NaN)
             x2 = torch.where(mask[:, None], x2, 0)
-        impl = _resolve_impl(self.impl, x2)
+        impl = _resolve_impl(self.impl, x2, "PersistentTRMLP")
         empty = x2.shape[0] == 0
         if empty:  # no token: the torch path's per-expert loop runs empty GEMMs; aux_loss is 0 (with gradient)
             impl = "torch"

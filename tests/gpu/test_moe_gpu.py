@@ -235,3 +235,49 @@ def test_zero_tokens_triton(shape):
     assert y.shape == x.shape and float(aux.detach()) == 0.0
     (y.float().sum() + aux).backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_impl_dispatch_on_cuda_full_precision(dtype, monkeypatch):
+    """cggr._dispatch.resolve_impl with the MoE dtypes: a CUDA fp32/fp64 layer runs the torch path under 'auto'
+    (exactly impl='torch'), and an explicit 'triton' raises TypeError naming the argument, value and dtypes."""
+    from cggr import moe
+
+    monkeypatch.delenv("CGGR_IMPL", raising=False)
+    g = _gen()
+    m = PersistentTRMLP(64, 96, num_experts=4, top_k=2, device="cuda", dtype=dtype)
+    x = torch.randn(3, 17, 64, device="cuda", generator=g, dtype=dtype)
+    mask = torch.rand(3, 17, device="cuda", generator=g) > 0.4
+    monkeypatch.setattr(moe, "grouped_expert_mlp", lambda *a, **k: pytest.fail("the Triton path ran"))
+    y_auto, aux_auto = m(x, token_mask=mask)
+    m.impl = "torch"
+    y_torch, aux_torch = m(x, token_mask=mask)
+    assert torch.equal(y_auto, y_torch) and torch.equal(aux_auto, aux_torch)
+    m.impl = "triton"
+    expected = rf"PersistentTRMLP\(impl='triton'\) supports bfloat16 and float16, got {dtype}"
+    with pytest.raises(TypeError, match=expected):
+        m(x, token_mask=mask)
+    with pytest.raises(TypeError, match=r"route_tokens\(impl='triton'\) supports bfloat16 and float16"):
+        route_tokens(x.view(-1, 64), m.router.weight, 2, impl="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_impl_auto_picks_triton_on_cuda_half(dtype, monkeypatch):
+    """'auto' on a CUDA bf16/fp16 layer runs the grouped-GEMM kernels (counted) and the fused routing."""
+    from cggr import moe
+
+    monkeypatch.delenv("CGGR_IMPL", raising=False)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return grouped_expert_mlp(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "grouped_expert_mlp", counting)
+    m = PersistentTRMLP(64, 96, num_experts=4, top_k=2, device="cuda", dtype=dtype)
+    x = torch.randn(2, 33, 64, device="cuda", dtype=dtype)
+    y, _ = m(x)
+    assert calls == [dtype] and y.dtype == dtype
+    monkeypatch.setenv("CGGR_IMPL", "torch")
+    m(x)
+    assert calls == [dtype]
