@@ -61,19 +61,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from _study_report import CATEGORIES, combine, is_float, summarise, write_outputs
+from _study_rules import (
+    CapturingRouter,
+    choose,
+    library_settings,
+    logits_losses,
+    make_optimizer,
+    needs_scan,
+    scan,
+    train_plain,
+    train_step,
+)
 from cggr.cli.data import BatchStream, RaceData, package_dirs
 from cggr.cli.presets import build_model
 from cggr.cli.race import RaceConfig, command_line, lr_at, prepare, weights_digest
-from cggr.cli.stats import paired_interval
 from cggr.cli.timing import environment
 
 REGIMES = ("clean", "noise", "repeat", "finetune", "late")
 BASE_RULES = ("random", "all", "hardest", "reducible", "reducible-norm", "reducible-rank", "ref-filter", "ref-low",
               "importance", "importance-bound")
 DEFAULT_RULES = ("random", "hardest", "reducible", "reducible-norm", "sampled-t1", "ref-filter", "importance")
-CATEGORIES = ("code", "prose", "noise")
 CACHE = Path("/tmp/cggr-study-cache")
 
 
@@ -135,159 +144,6 @@ def package_blocks(data: RaceData, *, max_chars: int, seq_len: int) -> tuple[tor
     blocks = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return blocks, {"files": len(texts), "of_files": len(files), "characters": sum(map(len, texts)),
                     "blocks": n, "folders": [str(r) for r in package_dirs()]}
-
-
-# ------------------------------------------------------------------------------------------------ model
-@torch.no_grad()
-def scan(model, ids: torch.Tensor, *, bound: bool = False, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-sequence mean next-token loss of (n, T) ``ids`` (every token valid), and optionally the mean over
-    tokens of ‖softmax(z) − onehot(y)‖₂ (the per-token bound on the last layer's gradient norm): (n,), (n,)."""
-    losses, bounds = [], []
-    for chunk in ids.split(batch):
-        logits = model(input_ids=chunk).logits[:, :-1].float()  # (b, T-1, V)
-        targets = chunk[:, 1:]  # (b, T-1)
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(-1, targets[..., None])[..., 0]  # (b, T-1)
-        losses.append(nll.mean(-1))
-        if bound:
-            p = logp.exp()
-            sq = (p * p).sum(-1) - 2 * p.gather(-1, targets[..., None])[..., 0] + 1  # (b, T-1)
-            bounds.append(sq.clamp(min=0).sqrt().mean(-1))
-    return torch.cat(losses), (torch.cat(bounds) if bound else None)
-
-
-def seq_losses(model, ids: torch.Tensor) -> torch.Tensor:
-    """(n,) per-sequence mean next-token loss of (n, T) ``ids``, with grad."""
-    logits = model(input_ids=ids).logits[:, :-1]  # (n, T-1, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (n, T-1)
-    return nll.mean(-1)
-
-
-def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
-    """The race's optimizer: AdamW, betas (0.9, 0.95), weight decay 0.1."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-
-
-def train_step(model, opt, ids: torch.Tensor, lr: float, weights: torch.Tensor | None = None) -> float:
-    """One AdamW step on the (weighted) mean of the per-sequence losses of (n, T) ``ids``; clip at 1 (the race's)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    per_seq = seq_losses(model, ids)  # (n,)
-    loss = per_seq.mean() if weights is None else (per_seq * weights).sum()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int) -> tuple[float, float]:
-    """``steps`` steps of plain training on ``batch`` blocks per step (seeded order); returns (wall, CPU) seconds
-    (the CPU time is the cost on a shared machine; the wall time includes waiting for other processes)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    opt = make_optimizer(model, lr)
-    stream = BatchStream(blocks.shape[0], seed)
-    model.train()
-    for step in range(steps):
-        train_step(model, opt, blocks[stream.take(batch)], lr_at(step / steps, lr))
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-# ------------------------------------------------------------------------------------------------ rules
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    """Standardised over the S (population sd, as ``cggr.reference.excess_scores(normalize='zscore')``)."""
-    return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-6)
-
-
-def percentile(x: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry over the S scaled to [0, 1] (0 = lowest; ties by position), as the library's 'rank'."""
-    rank = torch.empty_like(x, dtype=torch.long)
-    rank[torch.argsort(x, stable=True)] = torch.arange(len(x))
-    return rank.float() / max(len(x) - 1, 1)
-
-
-def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> torch.Tensor:
-    """k indices without replacement with Plackett-Luce probabilities ∝ exp(score / τ) (Gumbel-top-k)."""
-    u = torch.rand(score.shape, generator=g).clamp(1e-12, 1 - 1e-12)
-    return torch.topk(score / tau - torch.log(-torch.log(u)), k).indices
-
-
-def needs_scan(rule: str) -> bool:
-    """Whether the rule reads the learner's losses (a no-grad forward over the S) before choosing."""
-    return rule not in ("random", "all", "ref-low") and not rule.startswith("ref-filter")
-
-
-def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | None, ref: torch.Tensor,
-           g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(chosen rows of the S, per-row loss weights or None for the plain mean) of one rule on one step."""
-    s = ref.shape[0]
-    if rule == "random":
-        return torch.randperm(s, generator=g)[:k], None
-    if rule == "all":
-        return torch.arange(s), None
-    if rule == "hardest":
-        return torch.topk(loss, k).indices, None
-    if rule == "reducible":
-        return torch.topk(loss - ref, k).indices, None
-    if rule == "reducible-norm":
-        return torch.topk(zscore(loss) - zscore(ref), k).indices, None
-    if rule == "reducible-rank":
-        return torch.topk(percentile(loss) - percentile(ref), k).indices, None
-    if rule.startswith("sampled-t"):
-        return gumbel_topk(zscore(loss) - zscore(ref), k, float(rule[len("sampled-t"):]), g), None
-    if rule.startswith("ref-filter"):  # ref-filter: drop 1/8; ref-filter-q<f>: drop the share f
-        drop = max(1, round(s * (float(rule[len("ref-filter-q"):]) if rule != "ref-filter" else 0.125)))
-        keep = torch.topk(ref, s - drop, largest=False).indices
-        return keep[torch.randperm(len(keep), generator=g)[:k]], None
-    if rule == "ref-low":
-        return torch.topk(ref, k, largest=False).indices, None
-    if rule in ("importance", "importance-bound"):  # with replacement; size: the loss, or the gradient bound
-        size = loss if rule == "importance" else bound
-        p = 0.5 * size / size.sum() + 0.5 / s  # (S,)
-        draws = torch.multinomial(p, k, replacement=True, generator=g)  # (k,)
-        rows, counts = torch.unique(draws, return_counts=True)
-        return rows, counts.double() / (k * s * p[rows].double())  # sum_j w(i_j) L(i_j) / k, w = 1 / (S p)
-    raise ValueError(f"unknown rule {rule!r}")
-
-
-#: Rules the library offers, as ``CGGRModel`` settings (``--impl library`` routes them through it).
-def library_settings(rule: str) -> dict[str, Any] | None:
-    """``CGGRModel`` keyword arguments of ``rule``, or ``None`` when the library has no such rule."""
-    if rule == "random":
-        return {"selection": "random"}
-    if rule == "hardest":
-        return {"scoring": "loss", "selection": "topk"}
-    if rule == "reducible":
-        return {"scoring": "reducible", "selection": "topk", "reference_norm": "none"}
-    if rule == "reducible-norm":
-        return {"scoring": "reducible", "selection": "topk", "reference_norm": "zscore"}
-    if rule == "reducible-rank":
-        return {"scoring": "reducible", "selection": "topk", "reference_norm": "rank"}
-    if rule.startswith("sampled-t"):
-        return {"scoring": "reducible", "selection": "sampled", "reference_norm": "zscore",
-                "temperature": float(rule[len("sampled-t"):])}
-    if rule == "importance":
-        return {"scoring": "loss", "selection": "importance", "uniform_mix": 0.5}
-    return None
-
-
-class CapturingRouter:
-    """The learner itself as ``CGGRModel``'s router (an oracle scan: full model, no grad inside CGGRModel); keeps
-    the last logits so the study can place the picks among the S without a second forward."""
-
-    def __init__(self, model) -> None:
-        self.model, self.logits = model, None
-
-    def __call__(self, input_ids: torch.Tensor, **kwargs):
-        out = self.model(input_ids=input_ids, **kwargs)
-        self.logits = out.logits  # (S, T, V), computed under CGGRModel's no_grad
-        return out
-
-
-def logits_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(S,) per-sequence mean next-token loss from (S, T, V) logits of (S, T) ids."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return -logp.gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -555,130 +411,6 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
     }
 
 
-# ------------------------------------------------------------------------------------------------ summary
-def summarise(runs: list[dict[str, Any]], rules: list[str]) -> list[dict[str, Any]]:
-    by = {(r["rule"], r["seed"]): r for r in runs}
-    rows = []
-    for rule in rules:
-        mine = [r for r in runs if r["rule"] == rule]
-        if not mine:
-            continue
-        seeds = [r["seed"] for r in mine]
-        row: dict[str, Any] = {"rule": rule, "seeds": seeds, "finals": [r["final"] for r in mine],
-                               "final_mean": statistics.fmean(r["final"] for r in mine)}
-        for base in ("random", "all"):
-            paired = [r for r in mine if (base, r["seed"]) in by]
-            if paired and rule != base:
-                base_finals = [by[(base, r["seed"])]["final"] for r in paired]
-                ci = paired_interval([r["final"] for r in paired], base_finals)  # Student-t, 95%
-                pairs = [r["final"] - b for r, b in zip(paired, base_finals)]
-                row[f"vs_{base}"] = {"n": ci.n, "mean": ci.mean, "low": ci.low, "high": ci.high, "sd": ci.sd,
-                                     "deltas": pairs, "won": sum(d < 0 for d in pairs)}
-        for c in CATEGORIES:
-            vals = [r["final_by_category"][c] for r in mine if c in r["final_by_category"]]
-            if vals:
-                row[f"final_{c}"] = statistics.fmean(vals)
-        row["picks_decile_share"] = np.mean([r["picks_decile_share"] for r in mine], axis=0).round(3).tolist()
-        row["picks_category_share"] = {c: round(statistics.fmean(r["picks_category_share"][c] for r in mine), 3)
-                                       for c in CATEGORIES}
-        for key in ("picks_mean_rank", "picks_learner_loss", "scanned_learner_loss"):
-            vals = [r[key] for r in mine if r[key] is not None]
-            row[key] = statistics.fmean(vals) if vals else None
-        steps = [p["step"] for p in mine[0]["curve"]]
-        row["curve_mean"] = [{"step": s, "heldout": statistics.fmean(r["curve"][i]["all"] for r in mine)}
-                             for i, s in enumerate(steps)]
-        row["seconds_mean"] = statistics.fmean(r["seconds"] for r in mine)
-        rows.append(row)
-    return rows
-
-
-def _ci(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "–"
-    if d["low"] is None:
-        return f"{d['mean']:+.3f}"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    s, env, info = payload["settings"], payload["environment"], payload["setup"]
-    rows = payload["summary"]
-    ref = info["reference"]
-    lines = [f"# Selection study, regime `{s['regime']}`", "", payload.get("hypothesis", ""), "",
-             *([f"Note: {payload['note']}", ""] if payload.get("note") else []),
-             f"Model: Llama {s['layers']} x {s['hidden']} (intermediate {s['intermediate']}, "
-             f"{s['parameters'] / 1e6:.2f}M parameters), `{s['data']}` corpus, T={s['seq_len']}, vocabulary "
-             f"{s['vocab']}. {s['steps']} optimizer steps per run, each scanning S={s['scan']} sequences of the "
-             f"pool and training on k={s['kept']}; "
-             f"AdamW peak lr {s['lr']}, warm-up 5% then cosine to 0. Pool: {info['pool_blocks']} blocks of half A "
-             f"({s['epochs']} epoch(s) per run); seeds {s['seeds']} (same seed = same initial weights and stream for "
-             f"every rule). Held-out: {info['eval_blocks']} blocks of held-out documents.", ""]
-    if "init" in info:
-        i = info["init"]
-        lines += [f"Initial model: pre-trained on `{i['corpus']}` for {i['steps']} steps x {i['batch']} (lr "
-                  f"{i['lr']}), held-out {i['heldout_loss']:.3f}, {i['train_seconds']:.0f} s one-off.", ""]
-    if s["noise"]:
-        lines += [f"Noise: {s['noise']:.0%} of the pool's and of half B's blocks replaced (half uniform random tokens, "
-                  "half the block's own tokens shuffled); held-out data clean.", ""]
-    lines += [f"Reference model: the same model trained {ref['steps']} steps x {ref['batch']} (lr {ref['lr']}) on "
-              f"{ref['trained_on']} (never on the pool, never on held-out data), from the same kind of initial "
-              f"model as the rules; held-out {ref['heldout_loss']:.3f}. One-off cost: {ref['train_seconds']:.0f} s "
-              f"training + {ref['score_seconds']:.0f} s scoring the {ref['scored_blocks']} pool blocks once "
-              f"(cached per block)" + (f"; CPU time {ref['train_cpu_seconds']:.0f} s + {ref['score_cpu_seconds']:.0f} s"
-                                       if "train_cpu_seconds" in ref else "") + ".", "",
-              "Pool composition: " + ", ".join(f"{c} {v:.0%}" for c, v in info["pool_category_share"].items()) +
-              "; held-out: " + ", ".join(f"{c} {v:.0%}" for c, v in info["eval_category_share"].items() if v) + ".",
-              ""]
-    lv = [r["learner_vs_reference"] for r in payload["runs"] if r.get("learner_vs_reference")]
-    if lv:
-        lines += [f"Learner (`random`'s final model) vs reference, per-block losses over "
-                  f"{lv[0]['blocks']} pool blocks, "
-                  f"mean over seeds: Pearson r {statistics.fmean(x['pearson'] for x in lv):.2f}, sd "
-                  f"{statistics.fmean(x['learner_sd'] for x in lv):.2f} (learner) vs "
-                  f"{statistics.fmean(x['reference_sd'] for x in lv):.2f} (reference), mean "
-                  f"{statistics.fmean(x['learner_mean'] for x in lv):.2f} vs "
-                  f"{statistics.fmean(x['reference_mean'] for x in lv):.2f}.", ""]
-    lines += ["## Final held-out loss and paired differences", "",
-              "Δ: rule − `random` (or − `all`) in the same seed, mean and 95% Student-t interval over the seeds; "
-              "won = seeds where the rule's loss is lower. Negative is better.", "",
-              "| rule | held-out (mean) | Δ vs random [95% CI] | won | Δ vs all [95% CI] | code | prose |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        vr, va = r.get("vs_random"), r.get("vs_all")
-        won = f"{vr['won']}/{vr['n']}" if vr else "–"
-        lines.append(f"| {r['rule']} | {r['final_mean']:.4f} | {_ci(vr)} | {won} | {_ci(va)} | "
-                     f"{r.get('final_code', float('nan')):.3f} | {r.get('final_prose', float('nan')):.3f} |")
-    lines += ["", "## Where the picks fall", "",
-              "Share of the picks in each decile of the reference loss over the pool (d1 = lowest reference loss; a "
-              "uniform pick puts 10% in each), by category, and the picks' mean rank among the S by the learner's "
-              "own loss (1 = hardest; uniform: (S+1)/2) where the rule scans.", "",
-              "| rule | " + " | ".join(f"d{i + 1}" for i in range(10)) + " | code | prose | noise | rank | "
-              "learner loss picked / scanned |", "|---|" + "---:|" * 15]
-    for r in rows:
-        d = " | ".join(f"{x:.0%}" for x in r["picks_decile_share"])
-        c = r["picks_category_share"]
-        rank = f"{r['picks_mean_rank']:.1f}" if r["picks_mean_rank"] is not None else "–"
-        ll = (f"{r['picks_learner_loss']:.3f} / {r['scanned_learner_loss']:.3f}"
-              if r["picks_learner_loss"] is not None else "–")
-        lines.append(f"| {r['rule']} | {d} | {c['code']:.0%} | {c['prose']:.0%} | {c['noise']:.0%} | {rank} | {ll} |")
-    steps = [p["step"] for p in rows[0]["curve_mean"]]
-    lines += ["", "## Held-out loss over the steps (mean over seeds)", "",
-              "| rule | " + " | ".join(f"step {t}" for t in steps) + " |", "|---|" + "---:|" * len(steps)]
-    for r in rows:
-        lines.append(f"| {r['rule']} | " + " | ".join(f"{p['heldout']:.3f}" for p in r["curve_mean"]) + " |")
-    lines += ["", "## Per seed", "", "| rule | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |",
-              "|---|" + "---:|" * len(s["seeds"])]
-    for r in rows:
-        lines.append(f"| {r['rule']} | " + " | ".join(f"{x:.4f}" for x in r["finals"]) + " |")
-    lines += ["", "## Environment", "", f"- command: `{env['command']}`",
-              f"- device: {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
-              f"python {env['python']}, {env['utc']}",
-              f"- wall time: {payload['wall_seconds'] / 60:.1f} min (one-off reference / pre-training included "
-              "unless cached); mean seconds per run: "
-              + ", ".join(f"{r['rule']} {r['seconds_mean']:.0f}" for r in rows), ""]
-    return "\n".join(lines)
-
-
 HYPOTHESES = {
     "clean": "Hypothesis: on a clean corpus seen once, early in training, no rule beats `random` (the pilot): "
              "nearly every block is learnable and diversity wins. Refuted if a rule's 95% interval vs random "
@@ -759,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.ref_lr = args.ref_lr or args.lr
     for rule in args.rules:
         param = next((rule[len(p):] for p in ("sampled-t", "ref-filter-q") if rule.startswith(p)), None)
-        if rule not in BASE_RULES and not (param is not None and _is_float(param)):
+        if rule not in BASE_RULES and not (param is not None and is_float(param)):
             raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)}, sampled-t<τ> or "
                              "ref-filter-q<share>")
     if not (1 <= args.kept <= args.scan) or args.steps < 1:
@@ -796,64 +528,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "summary": summarise(runs, args.rules), "runs": runs}
     write_outputs(payload, Path(args.out), args.name or f"selection_{args.regime}")
     return payload
-
-
-def combine(paths: list[str], out: Path, name: str) -> dict[str, Any]:
-    """One rule x regime table from several regimes' JSON files: mean paired Δ vs random [95% CI], seeds won."""
-    regimes = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    rules: list[str] = []
-    for reg in regimes:
-        rules += [r["rule"] for r in reg["summary"] if r["rule"] not in rules]
-    cells = {}
-    for reg in regimes:
-        for r in reg["summary"]:
-            cells[(r["rule"], reg["settings"]["regime"])] = r
-    names = [reg["settings"]["regime"] for reg in regimes]
-    lines = ["# Selection study: every rule x regime", "",
-             "Final held-out loss of each rule minus `random`'s in the same seed: mean [95% Student-t interval] and "
-             "seeds won; negative is better. `random` row: its mean held-out loss. Per-regime details: "
-             + ", ".join(f"[{Path(p).stem}]({Path(p).stem}.md)" for p in paths) + ".", "",
-             "| rule | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    table = {}
-    for rule in rules:
-        row = []
-        for reg in names:
-            c = cells.get((rule, reg))
-            if c is None:
-                row.append("–")
-            elif rule == "random":
-                row.append(f"{c['final_mean']:.3f}")
-            else:
-                v = c["vs_random"]
-                row.append(f"{_ci(v)} {v['won']}/{v['n']}")
-            table[f"{rule}|{reg}"] = c and {k: c.get(k) for k in ("final_mean", "vs_random", "vs_all")}
-        lines.append(f"| {rule} | " + " | ".join(row) + " |")
-    lines += ["", "Commands: " + "; ".join(f"`{reg['environment']['command']}`" for reg in regimes), ""]
-    payload = {"regimes": names, "sources": paths, "cells": table}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    (out / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
-    return payload
-
-
-def _is_float(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
-
-
-def write_outputs(payload: dict[str, Any], out: Path, name: str) -> None:
-    """``<out>/<name>.json`` and ``.md``, and the summary on stdout."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    (out / f"{name}.md").write_text(markdown(payload), encoding="utf-8")
-    print()
-    for r in payload["summary"]:
-        vr = r.get("vs_random")
-        print(f"{r['rule']:>15}: held-out {r['final_mean']:.4f}" + (f", vs random {_ci(vr)} won {vr['won']}/{vr['n']}"
-                                                                     if vr else ""))
 
 
 if __name__ == "__main__":
