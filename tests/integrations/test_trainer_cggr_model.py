@@ -101,6 +101,37 @@ def test_resume_from_a_plain_checkpoint_continues_bit_for_bit(tmp_path, callback
     assert int(cm_res.step_count) == (4 if callback else 0) and int(cm_res.rng_counter) > 0
 
 
+def test_a_pytorch_model_bin_checkpoint_is_read_once_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A single ``pytorch_model.bin`` (what transformers 4.x writes with ``save_safetensors=False``) has no header to
+    list its tensor names: the support used to torch.load the whole file for the names and again for the tensors
+    (twice the read time and host memory of a multi-GB model). Now one read: the resumed run still ends on the
+    uninterrupted run's losses and weights, and the loaded tensors are the file's."""
+    full, cm_full = make_trainer(tmp_path / "full", tiny_llama())
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    want_ckpt = safetensors.torch.load_file(str(ckpt / "model.safetensors"))
+    os.remove(ckpt / "model.safetensors")
+    torch.save(want_ckpt, ckpt / "pytorch_model.bin")
+
+    real_load, reads = torch.load, []
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(os.path.basename(os.fspath(f)) if isinstance(f, str | os.PathLike) else repr(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    resumed, cm_res = make_trainer(tmp_path / "elsewhere", tiny_llama(seed=5))
+    assert not torch.equal(cm_res.model.lm_head.weight, want_ckpt["lm_head.weight"])
+    resumed._load_from_checkpoint(str(ckpt))
+    assert reads.count("pytorch_model.bin") == 1, reads
+    assert_same_weights(cm_res.model, want_ckpt)  # the tensors really arrived from the one read
+    reads.clear()
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert reads.count("pytorch_model.bin") == 1, reads
+    assert losses(resumed) == losses(full)
+    assert_same_weights(cm_res.model, cm_full.model.state_dict())
+
+
 def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
     """load_best_model_at_end reads the best checkpoint with strict=False: the plain layout must load into the
     wrapped model (a lower learning rate makes eval_loss fall, so checkpoint-4 is not the best: metric inverted)."""

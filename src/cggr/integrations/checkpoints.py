@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -191,42 +192,62 @@ def _weight_file(directory: str) -> str | None:
     return next((n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))), None)
 
 
-def _checkpoint_keys(directory: str) -> list[str] | None:
-    """The tensor names of the weights in ``directory`` (``None``: no weight file the Trainer writes)."""
-    name = _weight_file(directory)
-    if name is None:
-        return None
-    path = os.path.join(directory, name)
-    if name.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return list(json.load(f)["weight_map"])
-    if name.endswith(".safetensors"):
-        from safetensors import safe_open
+class _CheckpointWeights:
+    """The weight files of a checkpoint directory: their tensor names (``keys``) and their state dicts, one file at a
+    time (:meth:`shards`).
 
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(path, map_location="cpu", weights_only=True))
+    Each file is read once. The names of an index or a safetensors file come from its header; a single
+    ``pytorch_model.bin`` (transformers 4.x ``save_safetensors=False``) has none, so it is loaded for its names and
+    that dict is what :meth:`shards` yields, then dropped, instead of a second read of a file of the model's size.
+    """
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.directory, self.name = directory, name
+        path = os.path.join(directory, name)
+        self._state: dict[str, Tensor] | None = None
+        if name.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                self.keys = list(json.load(f)["weight_map"])
+        elif name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                self.keys = list(f.keys())
+        else:
+            self._state = torch.load(path, map_location="cpu", weights_only=True)
+            self.keys = list(self._state)
+
+    @classmethod
+    def find(cls, directory: str) -> _CheckpointWeights | None:
+        """The weights in ``directory`` (``None``: no weight file the Trainer writes)."""
+        name = _weight_file(directory)
+        return None if name is None else cls(directory, name)
+
+    def release(self) -> None:
+        """Drop the loaded ``.bin`` dict (before a load that reads the files itself: no second copy in memory)."""
+        self._state = None
+
+    def shards(self) -> Iterator[dict[str, Tensor]]:
+        """Yield the state dict of each weight file (a shard, or the only file); a ``.bin`` loaded for its names is
+        handed out (once) rather than read again."""
+        if self._state is not None:
+            state, self._state = self._state, None
+            yield state
+            return
+        from safetensors.torch import load_file
+
+        if self.name.endswith(".json"):
+            with open(os.path.join(self.directory, self.name), encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = [self.name]
+        for file in files:
+            full = os.path.join(self.directory, file)
+            yield load_file(full) if file.endswith(".safetensors") else torch.load(full, map_location="cpu",
+                                                                                   weights_only=True)
 
 
-def _weight_shards(directory: str):
-    """Yield the state dict of each weight file in ``directory`` (one at a time: a shard, or the only file)."""
-    from safetensors.torch import load_file
-
-    name = _weight_file(directory)
-    if name is None:
-        return
-    if name.endswith(".json"):
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = [name]
-    for file in files:
-        full = os.path.join(directory, file)
-        yield load_file(full) if file.endswith(".safetensors") else torch.load(full, map_location="cpu",
-                                                                               weights_only=True)
-
-
-def _load_checked(target: nn.Module, directory: str, keys: list[str]) -> None:
+def _load_checked(target: nn.Module, directory: str, weights: _CheckpointWeights) -> None:
     """Copy the checkpoint in ``directory`` into ``target`` (the wrapped model, or the CGGRModel for a checkpoint of
     its own state dict), in place.
 
@@ -235,18 +256,19 @@ def _load_checked(target: nn.Module, directory: str, keys: list[str]) -> None:
     original (converted) layout of models whose weights transformers converts on load (e.g. fused MoE experts) go
     through ``from_pretrained`` and are then copied, under the same checks."""
     own = target.state_dict(keep_vars=True)
-    unexpected = sorted(set(keys) - set(own))
+    unexpected = sorted(set(weights.keys) - set(own))
     if unexpected and not _converted_layout(target):
         raise ValueError(f"the checkpoint in {directory} has tensors that {type(target).__name__} does not: "
                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; it is not this model's")
     if unexpected:  # e.g. per-expert tensors that this transformers version fuses: its loader converts them
+        weights.release()
         converted, info = type(target).from_pretrained(directory, config=target.config, output_loading_info=True)
         problems = {k: v for k, v in info.items() if v}
         if problems:
             raise ValueError(f"the checkpoint in {directory} does not load into {type(target).__name__}: {problems}")
         shards = [converted.state_dict()]
     else:
-        shards = _weight_shards(directory)
+        shards = weights.shards()
     loaded: set[str] = set()
     for shard in shards:
         result = target.load_state_dict(shard, strict=False)  # a shape mismatch raises here
@@ -278,20 +300,21 @@ def _converted_layout(model: nn.Module) -> bool:
 
 
 def _checkpoint_target(parts: tuple[nn.Module, nn.Module, str], directory: str
-                       ) -> tuple[nn.Module, list[str]] | None:
-    """``(module, tensor names)``: the wrapped model for a checkpoint of its save_pretrained (with config.json), the
+                       ) -> tuple[nn.Module, _CheckpointWeights] | None:
+    """``(module, weights)``: the wrapped model for a checkpoint of its save_pretrained (with config.json), the
     CGGRModel for one of its own state dict (written before this support existed); ``None`` without a weight file
     (the Trainer's own loader then says so)."""
-    keys = _checkpoint_keys(directory)
-    if keys is None:
+    weights = _CheckpointWeights.find(directory)
+    if weights is None:
         return None
+    keys = weights.keys
     cggr_model, inner, _ = parts
     if set(keys) <= set(cggr_model.state_dict(keep_vars=True)) and not set(keys) <= set(inner.state_dict()):
-        return cggr_model, keys
+        return cggr_model, weights
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ValueError(f"{directory} holds neither the wrapped model's save_pretrained (no config.json) nor a "
                          f"CGGRModel state dict (tensor names {keys[:4]} ...)")
-    return inner, keys
+    return inner, weights
 
 
 def _trainer_save(original):
