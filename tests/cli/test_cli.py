@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -142,6 +143,42 @@ def test_summary_rows_differences_to_standard():
     rows = summary_rows([row("standard", s, x) for s, x in enumerate(std)]
                         + [row("random", s, x + d) for s, (x, d) in enumerate(zip(std, (-0.2, 0.1, 0.05)))])
     assert rows[1]["Δ vs standard"].endswith(" tie")  # the interval contains 0
+
+
+def test_summary_counts_print_as_counts_and_losses_keep_4_decimals():
+    """Steps, sequences and backprop tokens are means over seeds: the count when the seeds agree, else one decimal
+    (was 51.3000, and 80,000 for 80,000.5: the 4-decimal float format, and whole numbers from 100 on); losses keep
+    4 decimals. The same cells in the terminal table and the Markdown, and on the plot's legend."""
+    from cggr.cli.plot import race_figure
+    from cggr.cli.tables import cell, count_over_seeds, markdown_table, text_table
+
+    def row(arm, seed, steps, seqs, train_loss, held):
+        curve = [{"fraction": f, "time_s": 3.0 * f, "heldout_loss": held + 1 - f} for f in (0.0, 1.0)]
+        return {"arm": arm, "seed": seed, "steps": steps, "sequences_scanned": seqs, "tokens_scanned": 32 * seqs,
+                "tokens_backpropagated": 1_234_567, "tokens_in_loss": 1_234_567, "train_seconds": 3.0,
+                "heldout_loss": held, "last_train_loss": train_loss, "curve": curve}
+
+    arms = [row("standard", 0, 51, 80_000, 4.25, 4.0), row("standard", 1, 52, 80_001, 4.5, 4.5),
+            row("standard", 2, 51, 80_000, 4.5, 4.25),
+            row("cggr", 0, 10, 640, 3.0, 3.9), row("cggr", 1, 10, 640, 3.5, 4.4), row("cggr", 2, 10, 640, 3.75, 4.15)]
+    std, cggr = summary_rows(arms)
+    assert (std["steps"], std["sequences"], std["backprop tok"]) == ("51.3", "80,000.3", 1_234_567)
+    assert (cggr["steps"], cggr["sequences"], cggr["backprop tok"]) == (10, 640, 1_234_567)
+    assert [cell(std[k]) for k in ("steps", "sequences", "backprop tok")] == ["51.3", "80,000.3", "1,234,567"]
+    assert cell(cggr["steps"]) == "10" and cell(std["train loss"]) == "4.4167"  # (4.25 + 4.5 + 4.5) / 3
+    assert std["held-out loss"].startswith("4.2500 ± ")
+    for table in (text_table([std, cggr]), markdown_table([std, cggr])):
+        cells = re.split(r"[\s|]+", table)
+        assert {"51.3", "80,000.3", "1,234,567", "10", "640", "4.4167", "3.4167"} <= set(cells), table
+        assert "51.3000" not in table and "80,000.0" not in table
+    assert count_over_seeds([]) is None and count_over_seeds([7]) == 7 and count_over_seeds([1, 2]) == "1.5"
+    assert count_over_seeds([999, 1000]) == "999.5" and count_over_seeds([2.0, 2.0]) == 2
+
+    payload = {"settings": {"model": "m", "data": "d", "minutes_per_arm": 0.05, "ratio": 0.25,
+                            "scan_multiplier": 4.0},
+               "environment": {"device": "cpu"}, "arms": arms}
+    legend = [t.get_text() for t in race_figure(payload).axes[0].get_legend().get_texts()]
+    assert legend[:2] == ["standard (51.3 steps, mean of 3 seeds)", "cggr (10 steps, mean of 3 seeds)"]
 
 
 def test_time_to_target_reads_the_ladder():

@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from cggr.cli.tables import cell, count_over_seeds
+
 
 def wrap_title(text: str, width_inches: float, fontsize: float) -> str:
     """``text`` broken at spaces into lines that fit ``width_inches`` at ``fontsize`` points (a character is about
@@ -56,8 +58,8 @@ def race_figure(payload: dict[str, Any]):
         t = [statistics.fmean(a["curve"][i]["time_s"] for a in rows) for i in range(n)]
         y = [statistics.fmean(a["curve"][i]["heldout_loss"] for a in rows) for i in range(n)]
         losses += y[1:]
-        steps = statistics.fmean(a["steps"] for a in rows)
-        label = f"{name} ({steps:.0f} steps" + (f", mean of {len(rows)} seeds" if len(rows) > 1 else "")
+        steps = cell(count_over_seeds([a["steps"] for a in rows]))  # 51.3 over seeds, not 51 nor 51.3000
+        label = f"{name} ({steps} steps" + (f", mean of {len(rows)} seeds" if len(rows) > 1 else "")
         label += f"; {over[name]:.2f} s over budget)" if name in over else ")"
         ax.plot(t, y, label=label, color=color, marker=marker, linewidth=1.8, markersize=5)
         if name in over and n:  # the end of an arm that trained past its budget: a red ring and a note

@@ -4,7 +4,8 @@ terminal. Where rich is not installed (a benchmark machine with torch alone) a p
 
 Rows are dicts; the columns are their keys in order of first appearance unless given. Each cell is formatted
 once by a ``fmt`` function (default :func:`cell`: 4 decimals for a float under 100, so held-out losses such as
-7.9973 and 8.0972 stay apart), and the same strings go to the terminal and to the Markdown.
+7.9973 and 8.0972 stay apart), and the same strings go to the terminal and to the Markdown. A count averaged over
+seeds (steps, sequences, tokens) goes in as :func:`count_over_seeds` makes it: a count, not a loss.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def count_over_seeds(values: Sequence[int | float]) -> int | str | None:
+    """A count over seeds (steps, sequences, tokens) for a table cell or a label: the count itself (an int,
+    which :func:`cell` prints with thousands separators) when every seed has the same, else the mean with one
+    decimal (``'51.3'``, ``'1,234.5'``) rather than :func:`cell`'s 4 decimals of a loss, or a whole number it is
+    not. ``None`` without values."""
+    if not values:
+        return None
+    if all(v == values[0] for v in values) and float(values[0]).is_integer():
+        return int(values[0])
+    return f"{sum(values) / len(values):,.1f}"
 
 
 def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -97,4 +110,4 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return _render(rows, columns, fmt, markdown=False) if rows else ""
 
 
-__all__ = ["cell", "columns_of", "markdown_table", "text_table"]
+__all__ = ["cell", "columns_of", "count_over_seeds", "markdown_table", "text_table"]
