@@ -241,7 +241,8 @@ class CGGRModel(Curriculum):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save the wrapped model with its own ``save_pretrained`` (so ``AutoModelForCausalLM.from_pretrained``
-        loads it back as the plain model) plus the curriculum (``cggr_state.pt``: step and random stream).
+        loads it back as the plain model) plus the curriculum (``cggr_state.pt``: step and random stream). A PEFT
+        model saves as ``PeftModel.save_pretrained`` does: its adapters, not the frozen base weights.
 
         Args:
             save_directory: Directory to write.
@@ -255,15 +256,17 @@ class CGGRModel(Curriculum):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *, model_class: Any = None,
-        model_kwargs: dict[str, Any] | None = None, **cggr_kwargs: Any,
+        model_kwargs: dict[str, Any] | None = None, base_model: nn.Module | None = None, **cggr_kwargs: Any,
     ) -> CGGRModel:
         """``CGGRModel(model_class.from_pretrained(path, **model_kwargs), **cggr_kwargs)`` (``model_class``
         default ``AutoModelForCausalLM``), with the curriculum of ``cggr_state.pt`` when the directory has one
-        (see :meth:`save_pretrained`)."""
+        (see :meth:`save_pretrained`). A PEFT adapter directory loads as a trainable ``PeftModel``: on
+        ``base_model`` (the plain model the adapter was trained on) when given, else on the base model named in
+        its ``adapter_config.json``."""
         from cggr.integrations.checkpoints import from_pretrained
 
         return from_pretrained(cls, pretrained_model_name_or_path, model_class=model_class, model_kwargs=model_kwargs,
-                               **cggr_kwargs)
+                               base_model=base_model, **cggr_kwargs)
 
     # ------------------------------------------------------------------ curriculum
     def num_selected_sequences(self, batch_size: int) -> int:

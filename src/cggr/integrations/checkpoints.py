@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from cggr._calling import unwrap_model
 from cggr._selector import Curriculum
+from cggr.integrations.peft_models import adapter_files, check_adapter_checkpoints, is_peft_model, peft_model_of
 
 #: Classes whose instances the Trainer support treats as a CGGRModel / as a CGGRCallback (see
 #: :func:`install_trainer_support`).
@@ -94,8 +95,9 @@ def step_of(module: Curriculum) -> int:
 
 # ---------------------------------------------------------------------------------------------- save / load
 def save_pretrained(cggr_model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-    """See :meth:`cggr.CGGRModel.save_pretrained`: the wrapped model's ``save_pretrained`` plus ``cggr_state.pt``."""
-    inner = unwrap_model(cggr_model.model)
+    """See :meth:`cggr.CGGRModel.save_pretrained`: the wrapped model's ``save_pretrained`` plus ``cggr_state.pt``;
+    for a PEFT model ``PeftModel.save_pretrained`` (the adapters, not the frozen base weights)."""
+    inner = peft_model_of(cggr_model.model) or unwrap_model(cggr_model.model)
     if not callable(getattr(inner, "save_pretrained", None)):
         raise TypeError(
             f"save_pretrained needs a wrapped model with save_pretrained (a transformers PreTrainedModel), got "
@@ -112,20 +114,38 @@ def from_pretrained(
     *,
     model_class: Any = None,
     model_kwargs: dict[str, Any] | None = None,
+    base_model: nn.Module | None = None,
     **cggr_kwargs: Any,
 ) -> nn.Module:
     """Load the plain model with ``model_class.from_pretrained`` (default ``AutoModelForCausalLM``) and wrap it in
     ``wrapper_class(model, **cggr_kwargs)`` (:class:`cggr.CGGRModel` or a subclass); a ``cggr_state.pt`` in the
-    directory restores the curriculum."""
-    if model_class is None:
-        from transformers import AutoModelForCausalLM
+    directory restores the curriculum.
 
-        model_class = AutoModelForCausalLM
-    model = model_class.from_pretrained(pretrained_model_name_or_path, **(model_kwargs or {}))
+    A directory with a PEFT adapter (``adapter_config.json``, what :func:`save_pretrained` writes for a PEFT model)
+    loads as a trainable ``PeftModel`` (:func:`cggr.integrations.peft_models.load_peft_model`): on ``base_model``
+    when given, else on the base model its config names; ``model_class`` then must be None."""
+    path = os.fspath(pretrained_model_name_or_path)
+    peft_dir = adapter_files(path)
+    if base_model is not None and not peft_dir:
+        raise ValueError(f"base_model is for a PEFT adapter directory, but {path} holds no adapter "
+                         "(adapter_config.json and adapter_model.safetensors); load it without base_model")
+    if peft_dir and model_class is None:
+        from cggr.integrations.peft_models import load_peft_model
+
+        model = load_peft_model(path, base_model, model_kwargs or {})
+    elif base_model is not None:
+        raise ValueError(f"give base_model (a PEFT adapter on it) or model_class, not both (model_class="
+                         f"{getattr(model_class, '__name__', model_class)!r})")
+    else:
+        if model_class is None:
+            from transformers import AutoModelForCausalLM
+
+            model_class = AutoModelForCausalLM
+        model = model_class.from_pretrained(pretrained_model_name_or_path, **(model_kwargs or {}))
     cggr_model = wrapper_class(model, **cggr_kwargs)
-    path = os.path.join(os.fspath(pretrained_model_name_or_path), CGGR_STATE_NAME)
-    if os.path.isfile(path):  # save_pretrained's file, or a Trainer checkpoint's (CGGRCallback: one module)
-        load_saved_states([cggr_model], read_state(path), path)
+    state_path = os.path.join(path, CGGR_STATE_NAME)
+    if os.path.isfile(state_path):  # save_pretrained's file, or a Trainer checkpoint's (CGGRCallback: one module)
+        load_saved_states([cggr_model], read_state(state_path), state_path)
     return cggr_model
 
 
@@ -152,8 +172,9 @@ def _strip_wrappers(module: nn.Module, prefix: str) -> tuple[nn.Module, str]:
 
 
 def _wrapped_pretrained(model: nn.Module | None) -> tuple[nn.Module, nn.Module, str] | None:
-    """``(cggr_model, wrapped PreTrainedModel, its key prefix in cggr_model.state_dict())`` when ``model`` (a
-    Trainer's model, DDP- or compile-wrapped or not) is a CGGRModel around a transformers PreTrainedModel."""
+    """``(cggr_model, wrapped PreTrainedModel or PeftModel, its key prefix in cggr_model.state_dict())`` when
+    ``model`` (a Trainer's model, DDP- or compile-wrapped or not) is a CGGRModel around a transformers
+    PreTrainedModel or a ``peft.PeftModel`` (the Trainer saves and loads either through its own branch for it)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, nn.Module):
@@ -162,7 +183,7 @@ def _wrapped_pretrained(model: nn.Module | None) -> tuple[nn.Module, nn.Module, 
     if not _MODEL_CLASSES or not isinstance(root, tuple(_MODEL_CLASSES)):
         return None
     inner, prefix = _strip_wrappers(root.model, "model.")
-    return (root, inner, prefix) if isinstance(inner, PreTrainedModel) else None
+    return (root, inner, prefix) if isinstance(inner, PreTrainedModel) or is_peft_model(inner) else None
 
 
 def _engine_loads(trainer: Any) -> bool:
@@ -327,7 +348,7 @@ def _trainer_save(original):
         if state_dict is not None:  # gathered by FSDP/DeepSpeed/SageMaker from the wrapper
             state_dict = _inner_state_dict(cggr_model, state_dict, prefix)
         model = self.model
-        self.model = inner  # the Trainer's own PreTrainedModel branch: save_pretrained, tokenizer, training args
+        self.model = inner  # the Trainer's own branch for it: (Peft)save_pretrained, tokenizer, training args
         try:
             original(self, output_dir, state_dict=state_dict)
         finally:
@@ -346,6 +367,9 @@ def _trainer_load_from_checkpoint(original):
         for cb in callbacks:  # on_train_begin restores the curricula from this very checkpoint
             cb.resumed_from = os.fspath(resume_from_checkpoint)
         parts = _wrapped_pretrained(model if model is not None else self.model)
+        if parts is not None and not _engine_loads(self) and _load_peft_checkpoint(
+                self, original, parts, os.fspath(resume_from_checkpoint), callbacks):
+            return None
         found = None if parts is None or _engine_loads(self) else _checkpoint_target(parts, resume_from_checkpoint)
         if found is None:
             return original(self, resume_from_checkpoint, model)
@@ -353,20 +377,41 @@ def _trainer_load_from_checkpoint(original):
         _load_checked(found[0], resume_from_checkpoint, found[1])
         if found[0] is cggr_model:  # the wrapper's own state dict carried the curriculum
             return
-        path = os.path.join(resume_from_checkpoint, CGGR_STATE_NAME)
-        if not os.path.isfile(path):
-            if not callbacks:  # a CGGRCallback sets the step from global_step and warns
-                warnings.warn(f"{resume_from_checkpoint} has no {CGGR_STATE_NAME}: the CGGRModel's curriculum "
-                              "(step, random stream) is not restored", stacklevel=2)
-            return
-        saved = read_state(path)
-        if callbacks and isinstance(saved, dict) and "global_step" in saved:
-            return  # a CGGRCallback's file: the callback loads it into its modules at on_train_begin
-        modules = [cggr_model] if not (isinstance(saved, dict) and "modules" in saved) else [
-            m for m in cggr_model.modules() if isinstance(m, Curriculum)]  # as a CGGRCallback() finds them
-        load_saved_states(modules, saved, path)
+        _load_curriculum(cggr_model, resume_from_checkpoint, callbacks)
 
     return _load_from_checkpoint
+
+
+def _load_peft_checkpoint(trainer: Any, original: Any, parts: tuple[nn.Module, nn.Module, str], directory: str,
+                          callbacks: list) -> bool:
+    """Resume a CGGRModel around a PeftModel from the adapters in ``directory`` through the Trainer's own PEFT
+    branch (``load_adapter`` into the active adapter, subdirectories for the others), after checking that they are
+    exactly this model's adapter tensors; then its curriculum. ``False``: no adapter there (another layout)."""
+    cggr_model, inner, _ = parts
+    if not is_peft_model(inner) or not (adapter_files(directory) or any(
+            adapter_files(os.path.join(directory, name)) for name in os.listdir(directory))):
+        return False
+    check_adapter_checkpoints(inner, directory)
+    original(trainer, directory, inner)
+    _load_curriculum(cggr_model, directory, callbacks)
+    return True
+
+
+def _load_curriculum(cggr_model: nn.Module, resume_from_checkpoint: str, callbacks: list) -> None:
+    """The curriculum of a checkpoint's ``cggr_state.pt`` into ``cggr_model`` (a CGGRCallback's file is left to
+    the callback, which loads it into its modules at on_train_begin); a warning when there is none to restore."""
+    path = os.path.join(resume_from_checkpoint, CGGR_STATE_NAME)
+    if not os.path.isfile(path):
+        if not callbacks:  # a CGGRCallback sets the step from global_step and warns
+            warnings.warn(f"{resume_from_checkpoint} has no {CGGR_STATE_NAME}: the CGGRModel's curriculum "
+                          "(step, random stream) is not restored", stacklevel=3)
+        return
+    saved = read_state(path)
+    if callbacks and isinstance(saved, dict) and "global_step" in saved:
+        return  # a CGGRCallback's file: the callback loads it into its modules at on_train_begin
+    modules = [cggr_model] if not (isinstance(saved, dict) and "modules" in saved) else [
+        m for m in cggr_model.modules() if isinstance(m, Curriculum)]  # as a CGGRCallback() finds them
+    load_saved_states(modules, saved, path)
 
 
 def _trainer_load_best_model(original):
@@ -374,6 +419,15 @@ def _trainer_load_best_model(original):
     def _load_best_model(self) -> None:
         parts = _wrapped_pretrained(self.model)
         best = self.state.best_model_checkpoint
+        if parts is not None and best is not None and not _engine_loads(self) and is_peft_model(parts[1]) and (
+                adapter_files(best)):
+            check_adapter_checkpoints(parts[1], best)
+            model = self.model
+            self.model = parts[1]  # the Trainer's own PEFT branch: load_adapter into the active adapter
+            try:
+                return original(self)
+            finally:
+                self.model = model
         found = None if parts is None or best is None or _engine_loads(self) else _checkpoint_target(parts, best)
         if found is None:
             return original(self)

@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from cggr._autocast import autocast_dtype
+from cggr.integrations.peft_models import prompt_learning_reason
 from cggr.router import unwrap_model
 
 # model_type -> config attribute holding the final-logit soft-capping value (logits = c · tanh(logits / c)).
@@ -184,8 +185,13 @@ def wrapper_reason(model: nn.Module) -> str:
 
     DDP/DataParallel reduce gradients through hooks of their own forward; an FSDP module gathers its sharded
     parameters (the head weight among them) only around its own forward; a ``torch.compile``'d module would run
-    uncompiled. Each reason names the arrangement that keeps the fused head: the wrapper around the CGGRModel.
+    uncompiled. Each reason names the arrangement that keeps the fused head: the wrapper around the CGGRModel. A
+    PEFT model's LoRA layers sit inside the base model (calling it runs them), but a prompt-learning adapter lives
+    in ``PeftModel.forward`` (:func:`cggr.integrations.peft_models.prompt_learning_reason`).
     """
+    reason = prompt_learning_reason(model)
+    if reason:
+        return reason
     wrapped = model
     for _ in range(8):  # wrappers must see the call: the base model cannot be called past them
         if isinstance(wrapped, nn.parallel.DistributedDataParallel | nn.DataParallel):
