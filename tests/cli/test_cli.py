@@ -173,6 +173,7 @@ def test_summary_counts_print_as_counts_and_losses_keep_4_decimals():
         assert "51.3000" not in table and "80,000.0" not in table
     assert count_over_seeds([]) is None and count_over_seeds([7]) == 7 and count_over_seeds([1, 2]) == "1.5"
     assert count_over_seeds([999, 1000]) == "999.5" and count_over_seeds([2.0, 2.0]) == 2
+    assert count_over_seeds([752, 754]) == 753 and count_over_seeds([96_190, 96_194]) == 96_192  # whole means
 
     payload = {"settings": {"model": "m", "data": "d", "minutes_per_arm": 0.05, "ratio": 0.25,
                             "scan_multiplier": 4.0},

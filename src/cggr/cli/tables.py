@@ -32,15 +32,14 @@ def cell(value: Any) -> str:
 
 
 def count_over_seeds(values: Sequence[int | float]) -> int | str | None:
-    """A count over seeds (steps, sequences, tokens) for a table cell or a label: the count itself (an int,
-    which :func:`cell` prints with thousands separators) when every seed has the same, else the mean with one
-    decimal (``'51.3'``, ``'1,234.5'``) rather than :func:`cell`'s 4 decimals of a loss, or a whole number it is
-    not. ``None`` without values."""
+    """A count over seeds (steps, sequences, tokens) for a table cell or a label: the mean as an int (which
+    :func:`cell` prints with thousands separators) when it is a whole number (every seed the same, or seeds that
+    average to one: 752 and 754 give 753), else with one decimal (``'51.3'``, ``'1,234.5'``) rather than
+    :func:`cell`'s 4 decimals of a loss, or a whole number it is not. ``None`` without values."""
     if not values:
         return None
-    if all(v == values[0] for v in values) and float(values[0]).is_integer():
-        return int(values[0])
-    return f"{sum(values) / len(values):,.1f}"
+    mean = sum(values) / len(values)
+    return int(mean) if float(mean).is_integer() else f"{mean:,.1f}"
 
 
 def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
