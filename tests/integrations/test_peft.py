@@ -29,10 +29,9 @@ from cggr.integrations.transformers import CGGR_STATE_NAME, CGGRCallback, curric
 from tests.integrations.test_integrations_hf import padded_rows  # noqa: E402
 
 # pin_memory on a CPU-only machine: torch warns that nothing gets pinned
-# peft 0.21 calls transformers APIs that transformers 5.24 deprecates (their code, not cggr's)
+# prefix tuning: peft 0.21 passes past_key_values, which transformers 5.24 deprecates (their code, not cggr's)
 pytestmark = [
     pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
 ]
 
