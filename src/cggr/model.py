@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -594,11 +595,17 @@ class CGGRModel(Curriculum):
 
 
 def _add_trainer_support(model: nn.Module) -> None:
-    """Around a transformers model: ``Trainer(model=CGGRModel(...))`` checkpoints (cggr.integrations.checkpoints)."""
-    if type(unwrap_model(model)).__module__.startswith("transformers."):
+    """Around a transformers model, or once ``transformers.Trainer`` is imported: ``Trainer(model=CGGRModel(...))``
+    checkpoints and a curriculum that steps without ``callbacks=[CGGRCallback()]`` (cggr.integrations.checkpoints)."""
+    if type(unwrap_model(model)).__module__.startswith("transformers.") or "transformers.trainer" in sys.modules:
+        try:
+            import transformers.trainer_callback  # noqa: F401
+        except ImportError:  # transformers without its Trainer (e.g. no torch.distributed): nothing to support
+            return
+        from cggr.integrations.callback import CGGRCallback
         from cggr.integrations.checkpoints import install_trainer_support
 
-        install_trainer_support(model_class=CGGRModel)
+        install_trainer_support(model_class=CGGRModel, callback_class=CGGRCallback)
 
 
 __all__ = ["CGGRModel", "CGGROutput", "CGGRScorer", "is_masked_lm"]

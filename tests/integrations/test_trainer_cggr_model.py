@@ -82,7 +82,7 @@ def test_resume_from_a_plain_checkpoint_continues_bit_for_bit(tmp_path, callback
     """An uninterrupted 4-step run vs 2 steps + resume from checkpoint-2 into a model with OTHER initial weights, from
     another output_dir (so nothing is found by name): the same last losses, weights and curriculum, exactly. Without
     the load the weights differ; with a silent non-load (strict=False and other key names) too. Without a
-    CGGRCallback the step stays 0 but the random stream (rng_counter) still moves with every draw and must resume."""
+    CGGRCallback passed, the one train() adds steps and saves the curriculum all the same (it used to stay at 0)."""
     full, cm_full = make_trainer(tmp_path / "full", tiny_llama(), callback=callback)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
@@ -98,7 +98,7 @@ def test_resume_from_a_plain_checkpoint_continues_bit_for_bit(tmp_path, callback
     assert_same_weights(cm_res.model, cm_full.model.state_dict())
     for name, value in curriculum_state(cm_full).items():
         assert torch.equal(getattr(cm_res, name), value), name
-    assert int(cm_res.step_count) == (4 if callback else 0) and int(cm_res.rng_counter) > 0
+    assert int(cm_res.step_count) == 4 and int(cm_res.rng_counter) > 0
 
 
 def test_a_pytorch_model_bin_checkpoint_is_read_once_and_resumes_bit_for_bit(tmp_path, monkeypatch):
@@ -203,8 +203,8 @@ def test_a_model_whose_weights_transformers_converts_saves_and_resumes(tmp_path)
 
 
 def test_the_support_needs_no_import_of_the_integration(tmp_path):
-    """A script that never imports cggr.integrations.transformers (no CGGRCallback) gets plain checkpoints too:
-    CGGRModel around a transformers model brings the support."""
+    """A script that never imports cggr.integrations.transformers (no CGGRCallback) gets plain checkpoints too, and a
+    curriculum that steps: CGGRModel around a transformers model brings the support and the callback."""
     import subprocess
     import sys
     from pathlib import Path
@@ -220,11 +220,18 @@ out = {str(tmp_path / "export")!r}
 Trainer(model=cm, args=TrainingArguments(out, report_to=[], use_cpu=True)).save_model(out)
 AutoModelForCausalLM.from_pretrained(out)
 print(sorted(os.listdir(out)))
+import torch
+rows = [{{"input_ids": ids, "labels": ids.clone()}} for ids in torch.randint(0, 96, (8, 8))]
+args = TrainingArguments(out + "-train", per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
+                         save_strategy="no")
+Trainer(model=cm, args=args, train_dataset=rows).train()
+print("step", int(cm.step_count), "integration imported:", "cggr.integrations.transformers" in sys.modules)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'config.json'" in done.stdout and f"'{CGGR_STATE_NAME}'" in done.stdout
+    assert "step 2 integration imported: False" in done.stdout
 
 
 def test_apply_cggr_resumes_its_curriculum_from_a_checkpoint_outside_output_dir(tmp_path):

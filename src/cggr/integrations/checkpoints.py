@@ -1,5 +1,6 @@
 """Checkpoints of CGGR modules: the curriculum state file (``cggr_state.pt``) and the ``transformers.Trainer``
-support that saves ``Trainer(model=CGGRModel(...))`` as the wrapped model's plain checkpoint and resumes from one.
+support that saves ``Trainer(model=CGGRModel(...))`` as the wrapped model's plain checkpoint, resumes from one, and
+gives it a ``CGGRCallback`` when none was passed (its curriculum steps only through one).
 
 This module imports neither :mod:`cggr.model` nor :mod:`cggr.integrations.transformers`: the classes it acts on are
 registered through :func:`install_trainer_support` (by :class:`cggr.CGGRModel` when it wraps a transformers model,
@@ -13,6 +14,7 @@ import functools
 import json
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -436,11 +438,76 @@ def _trainer_load_best_model(original):
     return _load_best_model
 
 
+# A Trainer whose model is a CGGRModel steps its curriculum only through a CGGRCallback (the Trainer knows nothing of
+# CGGRModel.step()). Without one the warm-up ratio would hold for good, silently: train() adds one when none is there.
+#: The callbacks :func:`_trainer_train` added (the user's own are never removed).
+_ADDED_CALLBACKS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _cggr_root(model: Any) -> nn.Module | None:
+    """The registered CGGR model that ``model`` (a Trainer's model) is or wraps (DDP, ``torch.compile``, PEFT, FSDP
+    stripped), else ``None``."""
+    if not isinstance(model, nn.Module) or not _MODEL_CLASSES:
+        return None
+    root = unwrap_model(model)
+    return root if isinstance(root, tuple(_MODEL_CLASSES)) else None
+
+
+def ensure_curriculum_callback(trainer: Any) -> None:
+    """Give ``trainer`` exactly one registered callback (a ``CGGRCallback()``) when its model is a CGGR model.
+
+    None among its callbacks: one is added (and remembered as added here). One of the user's there as well (passed,
+    or added with ``add_callback`` after a ``train()`` in which this one was added): the added one is removed, so
+    the curriculum never steps twice per optimizer step. The user's callbacks all given other modules than the
+    model (``CGGRCallback(loss)``): a warning, and no second callback (its ``on_save`` would write ``cggr_state.pt``
+    over the first one's). Any other model: a callback added here earlier is removed."""
+    callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, tuple(_CALLBACK_CLASSES))]
+    added = [cb for cb in callbacks if cb in _ADDED_CALLBACKS]
+    own = [cb for cb in callbacks if cb not in _ADDED_CALLBACKS]
+    root = _cggr_root(trainer.model)
+    for cb in added if own or root is None else added[1:]:
+        trainer.callback_handler.remove_callback(cb)
+    if root is None:
+        return
+    if own:
+        if not any(cb.steps(root) if callable(getattr(cb, "steps", None)) else True for cb in own):
+            name = type(own[0]).__name__
+            warnings.warn(f"the Trainer's {type(root).__name__} is not stepped by its {name} (given other modules "
+                          f"only): its curriculum stays at step {step_of(root)}; pass {name}() (every CGGR module of "
+                          "the model) or add the model to its modules", stacklevel=3)
+    elif not added:
+        callback = _CALLBACK_CLASSES[0]()
+        trainer.add_callback(callback)
+        _ADDED_CALLBACKS.add(callback)
+
+
+def _trainer_train(original):
+    """Wrap ``Trainer.train``: :func:`ensure_curriculum_callback` first.
+
+    Why ``train()`` and not ``__init__``: at the start of ``train()`` the callback list is final (``callbacks=``,
+    ``add_callback``/``remove_callback`` after construction, an earlier ``train()``), so exactly one callback is
+    there whatever the order; ``__init__`` would see only ``callbacks=``, and transformers' ``add_callback`` of a
+    second ``CGGRCallback`` merely logs the duplicate and appends it (the curriculum would step twice). Not later
+    (``_inner_training_loop``, ``on_train_begin``): ``train()`` calls ``_load_from_checkpoint`` before those, and the
+    callback must already be there to restore the curriculum from the checkpoint it resumes from. ``model_init``
+    rebuilds the model inside ``train()`` after this point; the added ``CGGRCallback()`` finds its modules in the
+    Trainer's model at ``on_train_begin``, so it steps the rebuilt one."""
+    @functools.wraps(original)
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if _CALLBACK_CLASSES:
+            ensure_curriculum_callback(self)
+        return original(self, *args, **kwargs)
+
+    return train
+
+
 def install_trainer_support(*, model_class: type | None = None, callback_class: type | None = None) -> None:
-    """Patch ``transformers.Trainer`` (once) so that a ``model_class`` instance (:class:`cggr.CGGRModel`) around a
-    PreTrainedModel saves and loads as one; ``callback_class`` (:class:`~cggr.integrations.transformers.CGGRCallback`)
-    instances are told which checkpoint the Trainer resumed from. The classes are registered here rather than
-    imported, so that :mod:`cggr.model` can install this without an import cycle."""
+    """Patch ``transformers.Trainer`` (once) so that a ``model_class`` instance (:class:`cggr.CGGRModel`) saves and
+    loads as the PreTrainedModel it wraps and, wrapped or not, has its curriculum stepped; ``callback_class``
+    (:class:`~cggr.integrations.callback.CGGRCallback`) instances are told which checkpoint the Trainer resumed
+    from, and ``train()`` adds one when the model is a ``model_class`` instance and none is among the callbacks
+    (:func:`ensure_curriculum_callback`). The classes are registered here rather than imported, so that
+    :mod:`cggr.model` can install this without an import cycle."""
     if model_class is not None and model_class not in _MODEL_CLASSES:
         _MODEL_CLASSES.append(model_class)
     if callback_class is not None and callback_class not in _CALLBACK_CLASSES:
@@ -454,6 +521,7 @@ def install_trainer_support(*, model_class: type | None = None, callback_class: 
     Trainer._save = _trainer_save(Trainer._save)
     Trainer._load_from_checkpoint = _trainer_load_from_checkpoint(Trainer._load_from_checkpoint)
     Trainer._load_best_model = _trainer_load_best_model(Trainer._load_best_model)
+    Trainer.train = _trainer_train(Trainer.train)
     Trainer._cggr_model_support = True
 
 

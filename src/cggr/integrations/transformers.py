@@ -15,8 +15,11 @@ What ``apply_cggr(trainer, ...)`` does (the one-liner, in the spirit of ``use_li
                              its state (step, random stream) saved in each checkpoint as cggr_state.pt and
                              restored on resume
 
-What ``Trainer(model=CGGRModel(model, ...), callbacks=[CGGRCallback()])`` does (importing this module, or building a
-``CGGRModel`` around a ``PreTrainedModel``, adds it to ``transformers.Trainer``; other models are untouched)::
+What ``Trainer(model=CGGRModel(model, ...))`` does (importing this module, or building a ``CGGRModel`` around a
+``PreTrainedModel``, adds it to ``transformers.Trainer``; other models are untouched)::
+
+    train()                      adds a CGGRCallback() when none is among the callbacks (a CGGRModel's curriculum
+                                 steps only through one); one passed or added by the user is then the only one
 
     save_model() / checkpoints   the wrapped model's save_pretrained (config.json, weights without the wrapper's
                                  ``model.`` prefix: AutoModelForCausalLM.from_pretrained loads them) + cggr_state.pt
@@ -36,26 +39,20 @@ Selection itself is per micro-batch (the Trainer never shows the whole accumulat
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import TrainerCallback
 
 from cggr._calling import logits_of
 from cggr._selector import Curriculum
 from cggr.integrations import checkpoints
+from cggr.integrations.callback import CGGRCallback
 from cggr.integrations.checkpoints import (
     CGGR_STATE_NAME,
     curriculum_state,
     install_trainer_support,
     load_curriculum_state,
-    load_saved_states,
-    read_state,
-    set_step,
-    step_of,
 )
 from cggr.loss import CGGRLoss
 from cggr.model import CGGRModel
@@ -78,91 +75,6 @@ def from_pretrained(
     ``CGGRModel(model, **cggr_kwargs)``; a ``cggr_state.pt`` in the directory restores the curriculum."""
     return checkpoints.from_pretrained(CGGRModel, pretrained_model_name_or_path, model_class=model_class,
                                        model_kwargs=model_kwargs, **cggr_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- callback
-class CGGRCallback(TrainerCallback):
-    """Advance CGGR curricula once per optimizer step and carry them through Trainer checkpoints.
-
-    Args:
-        *modules: The :class:`cggr.CGGRModel` / :class:`cggr.CGGRLoss` / :class:`cggr.CGGRScorer` instances to
-            step. None given: every one found in the Trainer's model at ``on_train_begin`` (e.g.
-            ``Trainer(model=CGGRModel(...))``).
-
-    ``on_step_end`` (the Trainer calls it after each optimizer step, not after each accumulated micro-batch) calls
-    ``step()`` on each module. ``on_save`` writes the modules' curriculum state to ``cggr_state.pt`` inside the
-    checkpoint just written (``<output_dir>/checkpoint-<step>``). ``on_train_begin`` of a resumed run
-    (``global_step > 0``) loads it back from the checkpoint the Trainer resumed from (``train(resume_from_checkpoint=
-    path)``, wherever it lies), ``args.resume_from_checkpoint`` or ``<output_dir>/checkpoint-<step>``; without that
-    file the step is set to ``global_step`` (the schedule is exact; the random stream of the drawing selections,
-    ``'random'``, ``'stratified'``, ``'sampled'``, ``'importance'``, continues from where the module is, with a
-    warning).
-    """
-
-    def __init__(self, *modules: Curriculum) -> None:
-        for i, module in enumerate(modules):
-            if not isinstance(module, Curriculum):
-                raise TypeError(
-                    f"CGGRCallback modules[{i}] must be a CGGRModel, CGGRLoss or CGGRScorer, "
-                    f"got {type(module).__name__}"
-                )
-        self.modules: list[Curriculum] = list(modules)
-        #: The checkpoint ``Trainer._load_from_checkpoint`` loaded (set by the Trainer support of this module).
-        self.resumed_from: str | None = None
-
-    def _discover(self, model: nn.Module | None) -> None:
-        if self.modules or model is None:
-            return
-        self.modules = [m for m in model.modules() if isinstance(m, Curriculum)]
-        if not self.modules:
-            warnings.warn(
-                f"CGGRCallback: no CGGR module given and none found in {type(model).__name__}; nothing to step",
-                stacklevel=2,
-            )
-
-    def _checkpoint_dirs(self, args: Any, state: Any) -> list[str]:
-        dirs = [self.resumed_from] if self.resumed_from is not None else []
-        resume = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(resume, str | os.PathLike):
-            dirs.append(os.fspath(resume))
-        dirs.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        return dirs
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._discover(model)
-        if state.global_step <= 0 or not self.modules:
-            return
-        for directory in self._checkpoint_dirs(args, state):
-            path = os.path.join(directory, CGGR_STATE_NAME)
-            if os.path.isfile(path):
-                saved = read_state(path)
-                if isinstance(saved, dict) and int(saved.get("global_step", -1)) == state.global_step:
-                    load_saved_states(self.modules, saved, path)
-                    return
-        for module in self.modules:
-            if step_of(module) != state.global_step:
-                warnings.warn(
-                    f"CGGRCallback: resumed at step {state.global_step} without {CGGR_STATE_NAME}; "
-                    f"{type(module).__name__}'s curriculum moves from step {step_of(module)} to {state.global_step} "
-                    "(its random stream is not restored)",
-                    stacklevel=2,
-                )
-                set_step(module, state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        for module in self.modules:
-            module.step()
-
-    def on_save(self, args, state, control, **kwargs):
-        if not self.modules or not state.is_world_process_zero:
-            return
-        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(directory):
-            torch.save(
-                {"global_step": state.global_step, "modules": [curriculum_state(m) for m in self.modules],
-                 "classes": [type(m).__name__ for m in self.modules]},
-                os.path.join(directory, CGGR_STATE_NAME),
-            )
 
 
 # ---------------------------------------------------------------------------------------------- loss function
@@ -227,7 +139,7 @@ def apply_cggr(trainer: Any, *, loss: CGGRLoss | None = None, **cggr_model_kwarg
     if isinstance(trainer.model, Curriculum):
         raise TypeError(
             "apply_cggr wraps the Trainer's plain model itself; build the Trainer with the model, not a "
-            f"{type(trainer.model).__name__} (or keep Trainer(model=CGGRModel(...)) and add CGGRCallback())"
+            f"{type(trainer.model).__name__} (or keep Trainer(model=CGGRModel(...)): its train() adds a CGGRCallback)"
         )
     if any(isinstance(cb, CGGRCallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("the Trainer already has a CGGRCallback (apply_cggr applied twice, or one passed in "
