@@ -230,3 +230,11 @@ def test_plain_model_errors_name_the_problem():
         CGGRModel(model, router=create_truncated_router(model, 1, layer_path="blocks"), forward_fn="call")
     with pytest.raises(ValueError, match="forward_fn"):
         CGGRModel(model, forward_fn=kw_forward, fused_head=True, router=lambda i, attention_mask=None: None)
+
+
+def test_activation_checkpointing_of_a_model_without_it_names_the_model():
+    """CGGRModel.activation_checkpointing_enable (what transformers' Trainer calls) is the wrapped model's: a plain
+    model without one gets an AttributeError that names it."""
+    cm = CGGRModel(TinyGPT(), router=lambda ids, **kw: torch.zeros(*ids.shape, 8))
+    with pytest.raises(AttributeError, match=r"the wrapped model TinyGPT has no activation_checkpointing_enable"):
+        cm.activation_checkpointing_enable()

@@ -254,6 +254,17 @@ class CGGRModel(Curriculum):
 
         save_pretrained(self, save_directory, **kwargs)
 
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``activation_checkpointing_enable(*args, **kwargs)`` (what transformers' Trainer calls
+        for ``TrainingArguments(activation_checkpointing=True)``; for a PEFT or other frozen-embedding model it also
+        makes the embeddings' output require grad, so that the gradient reaches the adapters through recomputed
+        layers). The router runs without grad and stores nothing to recompute."""
+        return _hf_method(self.model, "activation_checkpointing_enable")(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``gradient_checkpointing_enable``: the name transformers' Trainer calls before 5.x."""
+        return _hf_method(self.model, "gradient_checkpointing_enable")(*args, **kwargs)
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *, model_class: Any = None,
@@ -592,6 +603,16 @@ class CGGRModel(Curriculum):
             f"scoring={self.scoring!r}, selection={self.selection!r}, token_ratio={self.token_ratio}, "
             f"causal={self.causal}, fused_head={self.fused_head}"
         )
+
+
+def _hf_method(model: nn.Module, name: str) -> Callable[..., Any]:
+    """``name`` of the model inside DDP/compile/PEFT wrappers, or an AttributeError saying which model lacks it."""
+    inner = unwrap_model(model)
+    method = getattr(inner, name, None)
+    if not callable(method):
+        raise AttributeError(f"CGGRModel.{name}: the wrapped model {type(inner).__name__} has no {name} (a "
+                             "transformers PreTrainedModel has); enable checkpointing on the model itself")
+    return method
 
 
 def _add_trainer_support(model: nn.Module) -> None:

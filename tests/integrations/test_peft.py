@@ -349,3 +349,57 @@ def test_trainer_load_best_model_at_end_loads_the_best_adapter(tmp_path):
     want = safetensors.torch.load_file(os.path.join(best, "adapter_model.safetensors"))
     assert_same(peft.get_peft_model_state_dict(cm.model), want)
     assert {n for n, p in cm.model.named_parameters() if p.requires_grad} == set(lora_params(cm.model))
+
+
+def test_apply_cggr_on_a_peft_trainer_resumes_bit_for_bit(tmp_path):
+    """apply_cggr(Trainer(model=peft_model)): the Trainer's model stays the PeftModel (its own PEFT checkpoints);
+    a resumed run ends on the uninterrupted run's adapters and curriculum."""
+    from cggr.integrations.transformers import apply_cggr
+
+    def run(out, peft_model, resume=None):
+        args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, learning_rate=0.1,
+                    optim="sgd", lr_scheduler_type="constant", max_grad_norm=1e9, report_to=[], use_cpu=True,
+                    save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0, logging_steps=1)
+        trainer = Trainer(model=peft_model, args=TrainingArguments(str(out), **args), train_dataset=padded_rows())
+        cm = apply_cggr(trainer, **TRAINER_CGGR)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, cm
+
+    full, cm_full = run(tmp_path / "full", lora(tiny()))
+    assert {"adapter_model.safetensors", CGGR_STATE_NAME} <= set(os.listdir(tmp_path / "full" / "checkpoint-2"))
+    resumed, cm_res = run(tmp_path / "elsewhere", lora(tiny(), seed=9), resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert len(losses(full)) == 4 and losses(resumed) == losses(full)  # steps 1-2 from trainer_state.json
+    assert_same(resumed.model.state_dict(), full.model.state_dict())
+    for name, value in curriculum_state(cm_full).items():
+        assert torch.equal(getattr(cm_res, name), value), name
+
+
+def test_trainer_activation_checkpointing_recomputes_the_lora_layers(tmp_path):
+    """TrainingArguments(activation_checkpointing=True) called CGGRModel.activation_checkpointing_enable, which did
+    not exist (AttributeError before the first step). It now enables it on the wrapped model: the last layer (not in
+    the router) runs its MLP twice per micro-batch (forward, then recomputed in backward), and the losses and adapters
+    equal the run without checkpointing."""
+    flag = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else (
+        "gradient_checkpointing")
+
+    def run(out, checkpointing):
+        trainer, cm = make_trainer(out, lora(tiny()), steps=2, save_strategy="no", **{flag: checkpointing})
+        calls, mlp = [], cm.model.get_base_model().model.layers[-1].mlp
+        forward = mlp.forward  # counted in forward itself: torch's recomputation runs no module hooks
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+
+        mlp.forward = counted
+        trainer.train()
+        return trainer, cm, len(calls)
+
+    plain, cm_plain, n_plain = run(tmp_path / "plain", False)
+    ckpt, cm_ckpt, n_ckpt = run(tmp_path / "ckpt", True)
+    assert n_plain == 4 and n_ckpt == 8  # 2 steps x 2 micro-batches, each recomputed once in backward
+    assert torch.allclose(torch.tensor(losses(ckpt)), torch.tensor(losses(plain)), rtol=1e-6)
+    for (name, a), b in zip(lora_params(cm_ckpt.model).items(), lora_params(cm_plain.model).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+        assert not torch.equal(a, lora_params(lora(tiny()))[name])  # trained
+
