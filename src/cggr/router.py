@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from cggr._calling import ForwardFn, call_model, call_style, check_forward_fn, logits_of, unwrap_model
 from cggr._validation import check_int
+from cggr.integrations.peft_models import prompt_learning_reason
 
 # Attribute paths from a (task-head) model to its layer list, per family.
 _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
@@ -133,6 +134,10 @@ class TruncatedRouter(nn.Module):
         self.num_layers = check_int("num_layers", num_layers, minimum=1)
         self.forward_fn = check_forward_fn(forward_fn)
         self._layer_path = _check_layer_path(unwrap_model(model), layer_path)
+        reason = prompt_learning_reason(model)
+        if reason:  # the router calls the base model (LoRA layers sit inside it; a prompt or prefix does not)
+            warnings.warn(f"create_truncated_router: {reason}: the router scores the base model's first layers "
+                          "without them (pass router= to score another way)", stacklevel=3)
         self._call_style = call_style(model)
         # Plain references (object.__setattr__ bypasses nn.Module registration): no duplicate parameters.
         object.__setattr__(self, "_wrapped", model)

@@ -11,6 +11,7 @@ PEFT's default B = 0 they would change nothing and any test of them would pass v
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -121,7 +122,9 @@ def test_the_router_runs_the_lora_adapted_layers():
     """The truncated router of a PEFT model = the hand-made LoRA model's first 2 layers (fp64), and not the base's
     (adapters disabled), with and without padding."""
     peft_model = lora(tiny("qwen2")).eval()
-    router = create_truncated_router(peft_model, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # LoRA runs inside the base model: nothing to warn about
+        router = create_truncated_router(peft_model, 2)
     _, _, call = hand_lora(peft_model, num_layers=2)
     ids, mask, _ = batch(3, left=True)
     for m in (mask, None):
@@ -187,12 +190,15 @@ def test_loss_and_lora_gradients_equal_the_hand_made_lora_on_the_selected_rows(f
 def test_the_fused_head_refuses_a_prompt_learning_adapter():
     """Prefix tuning lives in PeftModel.forward: the fused head calls the base model past it, so the loss came out
     of the untouched base model (no gradient for the prefix at all). It is refused; auto mode on CUDA takes the
-    logits path (through PeftModel.forward), which trains the prefix."""
+    logits path (through PeftModel.forward), which trains the prefix; the router (the base model's first layers)
+    says that it scores without the prefix."""
     peft_model = get_peft_model(tiny(), PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match=r"fused_head=True is not possible .*'default' \(PREFIX_TUNING\) is a "
-                                         r"prompt-learning method"):
+                                         r"prompt-learning method"), pytest.warns(UserWarning):
         CGGRModel(peft_model, num_router_layers=2, fused_head=True)
-    cm = CGGRModel(peft_model, num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0)
+    with pytest.warns(UserWarning, match=r"prompt-learning method.*the router scores the base model's first layers "
+                                         r"without them"):
+        cm = CGGRModel(peft_model, num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0)
     ids, mask, labels = batch(4)
     cm(ids, labels=labels, attention_mask=mask).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.parameters() if p.requires_grad)
@@ -403,3 +409,29 @@ def test_trainer_activation_checkpointing_recomputes_the_lora_layers(tmp_path):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
         assert not torch.equal(a, lora_params(lora(tiny()))[name])  # trained
 
+
+
+def test_trainer_resumes_every_adapter_of_a_multi_adapter_model(tmp_path):
+    """Two adapters: PeftModel.save_pretrained writes the inactive one in a subdirectory named after it, and the
+    Trainer's PEFT branch loads both; the key check covers the subdirectory's adapter too (another LoraConfig for
+    'second' is refused, naming it)."""
+    def two(seed, second_targets=("k_proj",)):
+        peft_model = lora(tiny(), seed=seed)
+        torch.manual_seed(seed + 100)
+        peft_model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=list(second_targets),
+                                                    init_lora_weights=False))
+        return peft_model
+
+    full, cm_full = make_trainer(tmp_path / "full", two(1), callback=False)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(ckpt / "second"))
+    resumed, cm_res = make_trainer(tmp_path / "elsewhere", two(9), callback=False)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert losses(resumed) == losses(full)
+    assert_same(cm_res.model.state_dict(), cm_full.model.state_dict())  # 'second' (never trained) included
+    assert cm_res.model.active_adapters == ["default"]
+
+    other, _ = make_trainer(tmp_path / "other", two(9, second_targets=("o_proj",)), callback=False)
+    with pytest.raises(ValueError, match=r"adapter 'second': missing \[.*o_proj"):
+        other._load_from_checkpoint(str(ckpt))
