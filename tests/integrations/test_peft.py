@@ -250,6 +250,20 @@ def test_save_pretrained_writes_the_adapters_and_from_pretrained_loads_them(tmp_
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def test_from_pretrained_without_base_model_loads_the_base_named_in_the_adapter_config(tmp_path):
+    """No base_model: AutoPeftModelForCausalLM reads base_model_name_or_path from adapter_config.json (here a local
+    directory), loads it and the adapters, trainable."""
+    tiny().save_pretrained(str(tmp_path / "base"))
+    peft_model = lora(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")))
+    cm = CGGRModel(peft_model, num_router_layers=1)
+    cm.step()
+    cm.save_pretrained(str(tmp_path / "adapter"))
+    back = CGGRModel.from_pretrained(str(tmp_path / "adapter"), num_router_layers=1)
+    assert isinstance(back.model, PeftModel) and int(back.step_count) == 1
+    assert_same(back.model.state_dict(), peft_model.state_dict())
+    assert {n for n, p in back.model.named_parameters() if p.requires_grad} == set(lora_params(peft_model))
+
+
 def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
     cm, _ = trained_cggr()
     cm.save_pretrained(str(tmp_path / "adapter"))
