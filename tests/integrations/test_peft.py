@@ -351,6 +351,8 @@ def test_trainer_resume_refuses_an_adapter_of_another_config(tmp_path):
     with pytest.raises(ValueError, match=r"does not match the PEFT model's adapter 'default': missing \[.*k_proj"):
         other._load_from_checkpoint(str(tmp_path / "out" / "checkpoint-2"))
     assert_same(cm_other.model.state_dict(), before)
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint"):  # the Trainer's own message
+        other._load_from_checkpoint(str(tmp_path / "nowhere"))
     plain = tmp_path / "plain"  # a full-model checkpoint is not an adapter of this PeftModel either
     CGGRModel(tiny(), num_router_layers=1).save_pretrained(str(plain))
     with pytest.raises(ValueError, match="has tensors that PeftModel does not"):

@@ -125,7 +125,9 @@ def from_pretrained(
 
     A directory with a PEFT adapter (``adapter_config.json``, what :func:`save_pretrained` writes for a PEFT model)
     loads as a trainable ``PeftModel`` (:func:`cggr.integrations.peft_models.load_peft_model`): on ``base_model``
-    when given, else on the base model its config names; ``model_class`` then must be None."""
+    when given (``model_class`` must then be None), else on the base model its config names. An explicit
+    ``model_class`` loads such a directory its own way (e.g. ``AutoPeftModelForSequenceClassification``, whose
+    adapters PEFT freezes unless ``model_kwargs={"is_trainable": True}``)."""
     path = os.fspath(pretrained_model_name_or_path)
     peft_dir = adapter_files(path)
     if base_model is not None and not peft_dir:
@@ -390,7 +392,7 @@ def _load_peft_checkpoint(trainer: Any, original: Any, parts: tuple[nn.Module, n
     branch (``load_adapter`` into the active adapter, subdirectories for the others), after checking that they are
     exactly this model's adapter tensors; then its curriculum. ``False``: no adapter there (another layout)."""
     cggr_model, inner, _ = parts
-    if not is_peft_model(inner) or not (adapter_files(directory) or any(
+    if not is_peft_model(inner) or not os.path.isdir(directory) or not (adapter_files(directory) or any(
             adapter_files(os.path.join(directory, name)) for name in os.listdir(directory))):
         return False
     check_adapter_checkpoints(inner, directory)
