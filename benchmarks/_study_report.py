@@ -43,6 +43,9 @@ def summarise(runs: list[dict[str, Any]], rules: list[str]) -> list[dict[str, An
         for key in ("picks_mean_rank", "picks_learner_loss", "scanned_learner_loss"):
             vals = [r[key] for r in mine if r[key] is not None]
             row[key] = statistics.fmean(vals) if vals else None
+        for key in ("train_time_scans", "picks_unseen_share", "scanned_unseen_share", "pool_trained_share"):
+            vals = [r[key] for r in mine if r.get(key) is not None]  # absent from runs before the stale rules
+            row[key] = statistics.fmean(vals) if vals else None
         steps = [p["step"] for p in mine[0]["curve"]]
         row["curve_mean"] = [{"step": s, "heldout": statistics.fmean(r["curve"][i]["all"] for r in mine)}
                              for i, s in enumerate(steps)]
@@ -120,6 +123,19 @@ def markdown(payload: dict[str, Any]) -> str:
         ll = (f"{r['picks_learner_loss']:.3f} / {r['scanned_learner_loss']:.3f}"
               if r["picks_learner_loss"] is not None else "–")
         lines.append(f"| {r['rule']} | {d} | {c['code']:.0%} | {c['prose']:.0%} | {c['noise']:.0%} | {rank} | {ll} |")
+    if any(r.get("pool_trained_share") is not None for r in rows):
+        lines += ["", "## Coverage and scans", "",
+                  "Per run, mean over seeds: no-grad scans at train time (the study's prototypes; – where "
+                  "`CGGRModel` ran the rule), share of the picks that were blocks never trained before in the run, "
+                  "share of the scanned candidates that were, and share of the pool trained at least once by the "
+                  "end.", "", "| rule | scans per run | picks never trained | candidates never trained | "
+                  "pool trained at least once |", "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            if r.get("pool_trained_share") is None:
+                continue
+            sc = f"{r['train_time_scans']:.0f}" if r.get("train_time_scans") is not None else "–"
+            lines.append(f"| {r['rule']} | {sc} | {r['picks_unseen_share']:.1%} | {r['scanned_unseen_share']:.1%} | "
+                         f"{r['pool_trained_share']:.1%} |")
     steps = [p["step"] for p in rows[0]["curve_mean"]]
     lines += ["", "## Held-out loss over the steps (mean over seeds)", "",
               "| rule | " + " | ".join(f"step {t}" for t in steps) + " |", "|---|" + "---:|" * len(steps)]

@@ -47,8 +47,11 @@ def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def train_step(model, opt, ids: torch.Tensor, lr: float, weights: torch.Tensor | None = None) -> float:
-    """One AdamW step on the (weighted) mean of the per-sequence losses of (n, T) ``ids``; clip at 1 (the race's)."""
+def train_step(model, opt, ids: torch.Tensor, lr: float,
+               weights: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """One AdamW step on the (weighted) mean of the per-sequence losses of (n, T) ``ids``; clip at 1 (the race's).
+    Returns (the step's loss, the (n,) detached per-sequence losses of the training forward, i.e. before the
+    update): the second is what the stale rules keep, at no extra cost."""
     for g in opt.param_groups:
         g["lr"] = lr
     per_seq = seq_losses(model, ids)  # (n,)
@@ -57,7 +60,7 @@ def train_step(model, opt, ids: torch.Tensor, lr: float, weights: torch.Tensor |
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(loss.detach()), per_seq.detach()
 
 
 def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int) -> tuple[float, float]:
@@ -68,7 +71,7 @@ def train_plain(model, blocks: torch.Tensor, *, steps: int, batch: int, lr: floa
     stream = BatchStream(blocks.shape[0], seed)
     model.train()
     for step in range(steps):
-        train_step(model, opt, blocks[stream.take(batch)], lr_at(step / steps, lr))
+        train_step(model, opt, blocks[stream.take(batch)], lr_at(step / steps, lr))  # (loss, per-seq): unused
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -90,9 +93,61 @@ def gumbel_topk(score: torch.Tensor, k: int, tau: float, g: torch.Generator) -> 
     return torch.topk(score / tau - torch.log(-torch.log(u)), k).indices
 
 
+STALE_RULES = ("unseen-first", "stale-hardest", "stale-reducible-norm")  # and stale-sampled-t<τ>
+
+
+def is_stale(rule: str) -> bool:
+    """Whether the rule chooses from the per-block table of stale training losses (never from a scan)."""
+    return rule in STALE_RULES or rule.startswith("stale-sampled-t")
+
+
 def needs_scan(rule: str) -> bool:
     """Whether the rule reads the learner's losses (a no-grad forward over the S) before choosing."""
-    return rule not in ("random", "all", "ref-low") and not rule.startswith("ref-filter")
+    return (rule not in ("random", "all", "ref-low") and not rule.startswith("ref-filter")
+            and not is_stale(rule))
+
+
+def update_stale(table: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, per_seq: torch.Tensor) -> None:
+    """Write the (k,) training losses ``per_seq`` of the trained ``rows`` of the S into the (P,) per-pool-block
+    ``table`` at their pool indices ``idx[rows]``; every other entry keeps its value (+inf: never trained)."""
+    table[idx[rows]] = per_seq.to(table.dtype)
+
+
+def unseen_first_order(stale: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(S,) the candidates in a uniformly random order, then stably the never-trained ones (stale = +inf) first:
+    ties among the unseen, and among the seen, are broken uniformly at random (not by position)."""
+    perm = torch.randperm(stale.shape[0], generator=g)
+    return perm[torch.argsort((~torch.isinf(stale[perm])).long(), stable=True)]
+
+
+def choose_stale(rule: str, k: int, stale: torch.Tensor, ref: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(k,) chosen rows of the S from the (S,) stale training losses (+inf = never trained) and (S,) reference
+    losses; no forward. Every stale rule takes the unseen first (uniformly among them); the rules differ in how
+    they rank the seen:
+
+    * ``unseen-first``: uniformly at random (the coverage control);
+    * ``stale-hardest``: by stale loss, highest first;
+    * ``stale-reducible-norm``: by z(stale) − z(reference), z over the seen candidates of the step;
+    * ``stale-sampled-t<τ>``: Gumbel-top-k over that score / τ.
+    """
+    order = unseen_first_order(stale, g)  # (S,)
+    if rule == "unseen-first":
+        return order[:k]
+    if rule == "stale-hardest":  # stable over the random order: equal losses (the +inf above all) tie uniformly
+        return order[torch.argsort(-stale[order], stable=True)][:k]
+    seen = order[~torch.isinf(stale[order])]
+    unseen = order[: len(order) - len(seen)]
+    need = k - len(unseen)
+    if need <= 0:
+        return unseen[:k]
+    score = zscore(stale[seen].double()) - zscore(ref[seen].double())  # (n_seen,)
+    if rule == "stale-reducible-norm":
+        pick = torch.topk(score, need).indices
+    elif rule.startswith("stale-sampled-t"):
+        pick = gumbel_topk(score, need, float(rule[len("stale-sampled-t"):]), g)
+    else:
+        raise ValueError(f"unknown stale rule {rule!r}")
+    return torch.cat([unseen, seen[pick]])
 
 
 def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | None, ref: torch.Tensor,
@@ -119,6 +174,8 @@ def choose(rule: str, k: int, loss: torch.Tensor | None, bound: torch.Tensor | N
         return keep[torch.randperm(len(keep), generator=g)[:k]], None
     if rule == "ref-low":
         return torch.topk(ref, k, largest=False).indices, None
+    if is_stale(rule):
+        raise ValueError(f"{rule!r} chooses from stale losses: call choose_stale")
     if rule in ("importance", "importance-bound"):  # with replacement; size: the loss, or the gradient bound
         size = loss if rule == "importance" else bound
         p = 0.5 * size / size.sum() + 0.5 / s  # (S,)

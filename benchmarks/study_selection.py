@@ -32,7 +32,19 @@ z(learner) - z(reference), each standardised over the S), ``reducible-rank`` (th
 ``random``), ``ref-filter`` / ``ref-filter-q<share>`` (drop the S/8, or that share, of highest reference losses,
 then k uniformly: no scan at train time), ``ref-low`` (the k lowest reference losses), ``importance`` (k distinct,
 inclusion probability ∝ the learner's loss mixed ½ with uniform, weights 1/π: unbiased) and ``importance-bound``
-(k draws with replacement, p = ½ ‖softmax − onehot‖-bound share + ½ uniform, weights 1/(S·p)). With ``--impl
+(k draws with replacement, p = ½ ‖softmax − onehot‖-bound share + ½ uniform, weights 1/(S·p)).
+
+Stale rules (no scan: a step costs what a ``random`` step costs, so equal steps is equal wall-clock): each run keeps
+a (P,) table of the learner's last training loss per pool block (the mean next-token loss of the block in the
+training forward of the step that last trained it, detached; +inf for blocks never trained), updated after every
+step for the k trained blocks only. Every stale rule takes the never-trained candidates first, ties broken
+uniformly at random with the run's seeded generator; they differ on the seen candidates: ``unseen-first`` (then
+uniformly at random: the coverage control), ``stale-hardest`` (then by stale loss, highest first),
+``stale-reducible-norm`` (then top k by z(stale loss) − z(reference loss), z over the seen candidates of the step)
+and ``stale-sampled-t<τ>`` (then Gumbel-top-k over that score / τ). In a regime where every block is scanned once
+(``clean``) no candidate has been trained, so they choose k uniformly, as ``random`` does (the very same picks as
+the study's own ``random`` prototype, ``--impl study``; ``CGGRModel``'s ``random`` draws from its own generator).
+With ``--impl
 library`` (default) the rules that :class:`cggr.CGGRModel` offers run through it, with the learner itself as the
 router; the others (and all with ``--impl study``) are plain-torch prototypes here, whose top-k choices are
 checked against the library's at every step. The learner's losses come from a no-grad forward of the full
@@ -64,8 +76,11 @@ import torch
 
 from _study_report import CATEGORIES, combine, is_float, summarise, write_outputs
 from _study_rules import (
+    STALE_RULES,
     CapturingRouter,
     choose,
+    choose_stale,
+    is_stale,
     library_settings,
     logits_losses,
     make_optimizer,
@@ -73,6 +88,7 @@ from _study_rules import (
     scan,
     train_plain,
     train_step,
+    update_stale,
 )
 from cggr.cli.data import BatchStream, RaceData, package_dirs
 from cggr.cli.presets import build_model
@@ -81,7 +97,8 @@ from cggr.cli.timing import environment
 
 REGIMES = ("clean", "noise", "repeat", "finetune", "late")
 BASE_RULES = ("random", "all", "hardest", "reducible", "reducible-norm", "reducible-rank", "ref-filter", "ref-low",
-              "importance", "importance-bound")
+              "importance", "importance-bound", *STALE_RULES)
+PARAMETRIC_RULES = ("sampled-t", "stale-sampled-t", "ref-filter-q")  # prefix + a positive number
 DEFAULT_RULES = ("random", "hardest", "reducible", "reducible-norm", "sampled-t1", "ref-filter", "importance")
 CACHE = Path("/tmp/cggr-study-cache")
 
@@ -338,6 +355,9 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
     pool_category = np.zeros(len(CATEGORIES))
     rank_sum, rank_n, picked_loss, pool_loss = 0.0, 0, [], []
     unique_weight, t0, c0 = [], time.perf_counter(), time.process_time()
+    stale = torch.full((setup.pool.shape[0],), math.inf) if is_stale(rule) else None  # (P,) last training loss
+    trained = np.zeros(setup.pool.shape[0], dtype=bool)  # (P,) blocks trained at least once
+    scans = unseen_picked = unseen_scanned = picked = 0
     for step in range(args.steps):
         idx = stream.take(args.scan)  # (S,) pool positions
         ids = setup.pool[idx]  # (S, T)
@@ -364,12 +384,22 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         else:
             if needs_scan(rule):
                 loss, bound = scan(model, ids, bound=rule == "importance-bound")
-            rows, weights = choose(rule, args.kept, loss, bound, ref, g)
-            train_loss = train_step(model, opt, ids[rows], lr_at(step / args.steps, args.lr),
-                                    None if weights is None else weights.float())
+                scans += 1
+            if stale is not None:  # no forward: the table holds the training losses of earlier steps
+                rows, weights = choose_stale(rule, args.kept, stale[idx], ref, g), None
+            else:
+                rows, weights = choose(rule, args.kept, loss, bound, ref, g)
+            train_loss, per_seq = train_step(model, opt, ids[rows], lr_at(step / args.steps, args.lr),
+                                             None if weights is None else weights.float())
+            if stale is not None:
+                update_stale(stale, idx, rows, per_seq)
         if not math.isfinite(train_loss):
             raise RuntimeError(f"{rule} seed {seed}: training loss {train_loss} at step {step}")
         chosen = idx[rows].numpy()
+        unseen_picked += int((~trained[chosen]).sum())
+        picked += len(chosen)
+        unseen_scanned += int((~trained[idx.numpy()]).sum())
+        trained[chosen] = True
         picks_decile += np.bincount(setup.ref_decile[chosen], minlength=10)
         picks_category += np.bincount(setup.pool_category[chosen], minlength=len(CATEGORIES))
         pool_category += np.bincount(setup.pool_category[idx.numpy()], minlength=len(CATEGORIES))
@@ -384,6 +414,8 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         unique_weight.append(len(rows))
         if step + 1 in eval_steps:
             curve.append({"step": step + 1, **heldout(model, setup)})
+    if stale is not None and scans:
+        raise RuntimeError(f"{rule} ran {scans} scans: a stale rule must choose without a forward")
     agreement = None
     if rule == "random":  # how the learner's losses relate to the reference's at the end (the pilot: r = 0.88)
         sample = torch.linspace(0, setup.pool.shape[0] - 1, min(512, setup.pool.shape[0])).round().long()
@@ -406,6 +438,10 @@ def run_rule(rule: str, setup: Setup, args, seed: int, eval_steps: list[int], in
         "picks_learner_loss": statistics.fmean(picked_loss) if picked_loss else None,
         "scanned_learner_loss": statistics.fmean(pool_loss) if pool_loss else None,
         "distinct_rows_per_step": statistics.fmean(unique_weight),
+        "train_time_scans": scans if wrapper is None else None,  # None: CGGRModel scanned (or not) inside
+        "picks_unseen_share": unseen_picked / picked,  # picks of never-trained blocks
+        "scanned_unseen_share": unseen_scanned / (args.steps * args.scan),
+        "pool_trained_share": float(trained.mean()),  # coverage: blocks of the pool trained at least once
         "impl": "library (CGGRModel)" if wrapper is not None else "study prototype",
         "library_settings": settings, "prototype_agreement": (agree / compared) if compared else None,
     }
@@ -429,6 +465,20 @@ HYPOTHESES = {
             "reducible / hardest-type rules beat `random`. Refuted if their intervals vs random include 0.",
 }
 
+STALE_HYPOTHESIS = (
+    "Hypothesis (stale scores): a rule that ranks the S by the learner's own training loss from the last step "
+    "that trained each block (kept in a per-block table, +inf for blocks never trained: no scan, so a step costs "
+    "what a `random` step costs) keeps a useful part of the oracle-scan `reducible-norm`'s gain. Refuted if no "
+    "stale rule's 95% interval vs random lies entirely below 0, or if a stale rule's gain is no larger than "
+    "`unseen-first`'s (never-trained blocks first, then uniformly: the coverage effect alone).")
+STALE_HYPOTHESES = {
+    **{regime: STALE_HYPOTHESIS for regime in REGIMES},
+    "clean": "Hypothesis (stale scores, sanity check): each pool block is scanned once per run, so no block is "
+             "ever trained before it is scanned again and every stale loss is +inf: the stale rules choose "
+             "exactly as `unseen-first`, which chooses uniformly, i.e. as `random` does (ties within noise). "
+             "Refuted if a stale rule's or `unseen-first`'s 95% interval vs random excludes 0.",
+}
+
 REGIME_DEFAULTS = {
     "clean": {},
     "noise": {"noise": 0.25},
@@ -442,7 +492,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regime", choices=REGIMES, default="clean")
     p.add_argument("--data", default="code")
-    p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES))
+    p.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
+                   help="selection rules (see the module docstring): " + ", ".join(BASE_RULES)
+                   + ", sampled-t<τ>, stale-sampled-t<τ>, ref-filter-q<share>. The stale rules (unseen-first, "
+                   "stale-*) choose from a per-block table of the learner's training losses: no scan")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scan", type=int, default=32, help="S: sequences scanned per step")
@@ -490,10 +543,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.lr = args.lr or (2e-3 if args.init == "scratch" else 1e-3)
     args.ref_lr = args.ref_lr or args.lr
     for rule in args.rules:
-        param = next((rule[len(p):] for p in ("sampled-t", "ref-filter-q") if rule.startswith(p)), None)
+        param = next((rule[len(p):] for p in PARAMETRIC_RULES if rule.startswith(p)), None)
         if rule not in BASE_RULES and not (param is not None and is_float(param)):
-            raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)}, sampled-t<τ> or "
-                             "ref-filter-q<share>")
+            raise SystemExit(f"--rules: unknown rule {rule!r}; expected {', '.join(BASE_RULES)}, sampled-t<τ>, "
+                             "stale-sampled-t<τ> or ref-filter-q<share>")
     if not (1 <= args.kept <= args.scan) or args.steps < 1:
         raise SystemExit(f"need 1 <= --kept <= --scan and --steps >= 1, got {args.kept}, {args.scan}, {args.steps}")
     torch.set_num_threads(1)
@@ -522,7 +575,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k not in ("rerender",)}
     settings.update({"parameters": parameters, "vocab": setup.data.tokenizer.vocab_size, "eval_steps": eval_steps,
                      "data_info": {k: v for k, v in setup.data.info.items() if k != "cache"}})
-    payload = {"settings": settings, "hypothesis": HYPOTHESES[args.regime],
+    stale_run = any(is_stale(r) for r in args.rules)
+    payload = {"settings": settings,
+               "hypothesis": STALE_HYPOTHESES[args.regime] if stale_run else HYPOTHESES[args.regime],
                "environment": environment("cpu", command=command_line()),
                "wall_seconds": round(time.perf_counter() - t_start, 1), "setup": setup.info,
                "summary": summarise(runs, args.rules), "runs": runs}
