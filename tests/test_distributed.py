@@ -3,9 +3,9 @@
 Every check compares against an independent single-process reference built from the same initial weights:
 per-rank selection against the mean of per-rank single-process gradients (what DDP/FSDP compute), global
 selection against ONE process on the concatenated batch of both ranks (loss, chosen sequences, kept tokens and
-every gradient). Models are fp64 (the loss itself is fp32, as HF computes it), batches are fresh random tokens
-with left and right padding and ignored labels. The bodies take a device so that tests/gpu/test_distributed_gpu.py
-runs the same checks over NCCL on 2 GPUs.
+every gradient). Models are fp64 (the loss itself is fp32, as HF computes it; the LoRA test's model is fp32),
+batches are fresh random tokens with left and right padding and ignored labels. The bodies take a device so that
+tests/gpu/test_distributed_gpu.py runs the same checks over NCCL on 2 GPUs.
 """
 
 from __future__ import annotations
@@ -357,6 +357,97 @@ def test_accelerate_prepare_and_train_with_gradient_accumulation():
     two optimizer steps equal a single-process reference that averages the per-rank losses."""
     pytest.importorskip("accelerate")
     run_gloo(_accelerate_worker)
+
+
+# --------------------------------------------------------------------------- LoRA (peft) under DDP
+def _lora_llama():
+    """A tiny fp32 Llama with random non-zero LoRA adapters (``init_lora_weights=False``: PEFT's default B = 0
+    would make the adapters change nothing, and their gradients A = 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _llama(torch.float32)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
+                        init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def _peft_ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rtol, atol = 1e-5, 1e-6  # fp32
+    # fused_head=True: the fused selective head (torch path on the CPU) runs the base model past the PeftModel;
+    # on CUDA auto mode takes it, so it is what DDP + LoRA runs there by default
+    for global_selection, fused in ((False, False), (True, False), (False, True), (True, True)):
+        peft_model = _lora_llama()
+        ref_model = copy.deepcopy(peft_model)
+        lora = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        ref_lora = {n: p for n, p in ref_model.named_parameters() if p.requires_grad}
+        assert lora and all("lora_" in n for n in lora)
+        base = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+        init = {n: p.detach().clone() for n, p in lora.items()}
+        # warm-up 1 -> 0.75 -> 0.5 over the three steps: k per rank 4, 3, 2
+        kw = dict(num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=2, fused_head=fused)
+        cm = CGGRModel(peft_model, global_selection=global_selection, **kw)
+        ddp = DDP(cm)  # the README's recipe as it stands: no find_unused_parameters, no static_graph
+        assert not ddp.find_unused_parameters
+        ref = CGGRModel(ref_model, **kw)
+        opt = torch.optim.SGD(list(lora.values()), lr=0.5)
+        ref_opt = torch.optim.SGD(list(ref_lora.values()), lr=0.5)
+        for step in range(3):
+            what = f"global_selection={global_selection}, fused_head={fused}, step {step}"
+            ids, labels, mask = _global_batch(world, 4, 11, seed=50 + 10 * global_selection + 20 * fused + step)
+            loss = ddp(ids[rank], labels=labels[rank], attention_mask=mask[rank]).loss
+            loss.backward()
+            if global_selection:  # one process on the concatenated batch
+                ref_loss = ref(ids.flatten(0, 1), labels=labels.flatten(0, 1), attention_mask=mask.flatten(0, 1)).loss
+                ref_loss.backward()
+                assert cm.get_metrics()["selected_indices"] == sorted(ref.get_metrics()["selected_indices"]), what
+            else:  # one process per rank's rows, gradients averaged (what DDP computes)
+                ref_losses = []
+                for r in range(world):
+                    r_loss = ref(ids[r], labels=labels[r], attention_mask=mask[r]).loss
+                    (r_loss / world).backward()
+                    ref_losses.append(r_loss.detach())
+                    if r == rank:
+                        want = ref.get_metrics()["selected_indices"]
+                assert cm.get_metrics()["selected_indices"] == want, what
+                assert torch.allclose(loss, ref_losses[rank], rtol=rtol, atol=atol), (what, loss, ref_losses)
+                ref_loss = torch.stack(ref_losses).mean()
+            assert torch.allclose(_mean_over_ranks(loss), ref_loss, rtol=rtol, atol=atol), (what, loss, ref_loss)
+            for name, p in lora.items():
+                g, want_g = p.grad, ref_lora[name].grad
+                assert g is not None and want_g is not None and want_g.abs().max() > 0, (what, name)
+                assert torch.allclose(g, want_g, rtol=rtol, atol=atol), (what, name, (g - want_g).abs().max())
+            assert all(p.grad is None for n, p in peft_model.named_parameters() if n not in lora), what
+            for o in (opt, ref_opt):
+                o.step()
+                o.zero_grad(set_to_none=True)
+            cm.step()
+            ref.step()
+            flat = torch.cat([p.detach().flatten() for p in lora.values()])
+            every = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(every, flat)
+            assert all(torch.equal(e, every[0]) for e in every), what  # the same adapters on every rank
+            for name, p in lora.items():
+                q = ref_lora[name]
+                assert torch.allclose(p, q, rtol=rtol, atol=atol), (what, name, (p - q).abs().max())
+            for name, p in peft_model.named_parameters():
+                if name not in lora:
+                    assert not p.requires_grad and torch.equal(p, base[name]), (what, name)
+        assert int(cm.step_count) == 3 and cm.current_ratio == 0.5
+        assert all(not torch.equal(p, init[n]) for n, p in lora.items())  # every adapter trained
+
+
+def test_lora_under_ddp_equals_one_process():
+    """``DDP(CGGRModel(get_peft_model(llama, LoraConfig(...))))`` on 2 ranks, random non-zero adapters, 3 SGD steps
+    through the warm-up, DDP as the README builds it (no ``find_unused_parameters``), logits path and fused head:
+    per-rank selection against one process per rank's rows (gradients averaged), global selection against one
+    process on the concatenated batch. Each step: the chosen rows, the loss, every LoRA gradient (non-zero: none
+    unused), no gradient on a base weight; after each step the adapters are identical on both ranks and equal the
+    reference's, the frozen base weights unchanged."""
+    pytest.importorskip("peft")
+    run_gloo(_peft_ddp_worker)
 
 
 # --------------------------------------------------------------------------- single process
