@@ -12,9 +12,9 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-import cggr._fused_head as fused_head_module  # noqa: E402
 from cggr import CGGRModel  # noqa: E402
 from tests.reference import rel_err  # noqa: E402
+from tests.test_model_fused_head import _count_fused_calls  # noqa: E402
 
 # prefix tuning: peft 0.21 passes past_key_values, which transformers 5.24 deprecates (their code, not cggr's)
 pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
@@ -54,14 +54,7 @@ def _run(peft_model, wrapper, ids, labels, mask):
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("token_ratio", [None, 0.3])
 def test_lora_fused_head_matches_the_peft_forward_cuda(dtype, tol, token_ratio, monkeypatch):
-    calls = [0]
-    real = fused_head_module.linear_cross_entropy
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_head_module, "linear_cross_entropy", counting)
+    calls = _count_fused_calls(monkeypatch)
     peft_model = _peft_model(dtype)
     lora = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     common = dict(num_router_layers=2, min_tokens_ratio=0.5, warmup_steps=0, token_ratio=token_ratio)

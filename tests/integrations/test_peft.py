@@ -26,8 +26,9 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model  # no
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from cggr import CGGRModel, create_truncated_router  # noqa: E402
-from cggr.integrations.transformers import CGGR_STATE_NAME, CGGRCallback, curriculum_state  # noqa: E402
+from cggr.integrations.transformers import CGGR_STATE_NAME, curriculum_state  # noqa: E402
 from tests.integrations.test_integrations_hf import padded_rows  # noqa: E402
+from tests.integrations.test_trainer_cggr_model import CGGR_KWARGS, losses, make_trainer  # noqa: E402
 
 # pin_memory on a CPU-only machine: torch warns that nothing gets pinned
 # prefix tuning: peft 0.21 passes past_key_values, which transformers 5.24 deprecates (their code, not cggr's)
@@ -280,22 +281,7 @@ def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Trainer
-TRAINER_CGGR = dict(num_router_layers=1, min_tokens_ratio=0.5, warmup_steps=3, selection="random", seed=4)
-
-
-def make_trainer(out, peft_model, *, callback=True, steps=4, **overrides):
-    args = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=steps, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", logging_steps=1, max_grad_norm=1e9, report_to=[],
-                use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0)
-    args.update(overrides)
-    cm = CGGRModel(peft_model, **TRAINER_CGGR)
-    trainer = Trainer(model=cm, args=TrainingArguments(str(out), **args), train_dataset=padded_rows(),
-                      eval_dataset=padded_rows(), callbacks=[CGGRCallback()] if callback else None)
-    return trainer, cm
-
-
-def losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "grad_norm" in h]
+TRAINER_CGGR = CGGR_KWARGS  # the same Trainer setup as test_trainer_cggr_model.py, on a PEFT model
 
 
 def assert_same(got: dict, want: dict):
