@@ -14,12 +14,13 @@ What must go through the ``PeftModel`` itself:
 * the forward of prompt-learning methods (prompt, prefix, p-tuning): ``PeftModel.forward`` adds virtual tokens or
   a prefix cache, so calling the base model directly would train without them (:func:`prompt_learning_reason`).
 
-``peft`` is imported only inside functions: without it installed nothing here is ever a PEFT model.
+``peft`` is imported only inside functions that load or save adapters; :func:`is_peft_model` never imports it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from torch import nn
@@ -30,12 +31,14 @@ ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (any task subclass); ``False`` without ``peft`` installed."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    """Whether ``model`` is a ``peft.PeftModel`` (any task subclass).
+
+    Looked up in ``sys.modules``, never imported: a PeftModel exists only once ``peft`` is imported, and this runs
+    at every ``CGGRModel`` forward (the fused head's checks), where importing ``peft`` (or failing to, without it
+    installed: a search of the import path each time) would be work for nothing."""
+    peft = sys.modules.get("peft")
+    peft_model = getattr(peft, "PeftModel", None) if peft is not None else None
+    return isinstance(peft_model, type) and isinstance(model, peft_model)
 
 
 def peft_model_of(model: nn.Module) -> nn.Module | None:
