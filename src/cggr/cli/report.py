@@ -19,7 +19,7 @@ from typing import Any
 from cggr.cli.plot import plot_curves
 from cggr.cli.records import arm_names, row_seed, seeds_of
 from cggr.cli.stats import mean_interval, paired_summary
-from cggr.cli.tables import columns_of, count_over_seeds, markdown_table, text_table
+from cggr.cli.tables import columns_of, count_cell, markdown_table, text_table
 
 HOW_TO_READ = """\
 How to read it: in each seed every arm trained the same initial model on the same sequence order (the A/A arm
@@ -139,13 +139,6 @@ def summary_rows(arms: list[dict[str, Any]], settings: dict[str, Any] | None = N
     """One display row per arm (means over seeds; the intervals of :func:`race_summary`)."""
     summ = race_summary({"settings": settings or {}, "arms": arms})
     one_seed = len(summ["seeds"]) == 1
-    per_seed: dict[str, dict[int, dict[str, Any]]] = {}  # the rows race_summary averaged (the last per seed)
-    for r in arms:
-        per_seed.setdefault(r["arm"], {})[row_seed(r, settings or {})] = r
-
-    def count(arm: str, key: str) -> int | str | None:
-        return count_over_seeds([r[key] for r in per_seed[arm].values() if r.get(key) is not None])
-
     rows = []
     for e in summ["arms"]:
         h = e.get("heldout")
@@ -158,9 +151,9 @@ def summary_rows(arms: list[dict[str, Any]], settings: dict[str, Any] | None = N
         else:
             loss = f"{h['mean']:.4f}"
         row: dict[str, Any] = {
-            "arm": e["arm"], "seeds": len(e["seeds"]), "steps": count(e["arm"], "steps"),
-            "sequences": count(e["arm"], "sequences_scanned"),
-            "backprop tok": count(e["arm"], "tokens_backpropagated"), "step s (median)": e["median_step_seconds"],
+            "arm": e["arm"], "seeds": len(e["seeds"]), "steps": count_cell(e["steps"]),
+            "sequences": count_cell(e["sequences_scanned"]),
+            "backprop tok": count_cell(e["tokens_backpropagated"]), "step s (median)": e["median_step_seconds"],
             "epochs": e["epochs"], "train loss": e["last_train_loss"], "held-out loss": loss,
         }
         for b in ("standard", "random"):

@@ -5,7 +5,7 @@ terminal. Where rich is not installed (a benchmark machine with torch alone) a p
 Rows are dicts; the columns are their keys in order of first appearance unless given. Each cell is formatted
 once by a ``fmt`` function (default :func:`cell`: 4 decimals for a float under 100, so held-out losses such as
 7.9973 and 8.0972 stay apart), and the same strings go to the terminal and to the Markdown. A count averaged over
-seeds (steps, sequences, tokens) goes in as :func:`count_over_seeds` makes it: a count, not a loss.
+seeds (steps, sequences, tokens) goes in as :func:`count_cell` makes it: a count, not a loss.
 """
 
 from __future__ import annotations
@@ -31,15 +31,19 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def count_over_seeds(values: Sequence[int | float]) -> int | str | None:
-    """A count over seeds (steps, sequences, tokens) for a table cell or a label: the mean as an int (which
-    :func:`cell` prints with thousands separators) when it is a whole number (every seed the same, or seeds that
-    average to one: 752 and 754 give 753), else with one decimal (``'51.3'``, ``'1,234.5'``) rather than
-    :func:`cell`'s 4 decimals of a loss, or a whole number it is not. ``None`` without values."""
-    if not values:
+def count_cell(mean: float | None) -> int | str | None:
+    """A count averaged over seeds (steps, sequences, tokens) for a table cell or a label: an int (which
+    :func:`cell` prints with thousands separators) when the mean is a whole number (every seed the same, or seeds
+    that average to one: 752 and 754 give 753), else the mean with one decimal (``'51.3'``, ``'1,234.5'``) rather
+    than :func:`cell`'s 4 decimals of a loss, or a whole number it is not. ``None`` stays ``None``."""
+    if mean is None:
         return None
-    mean = sum(values) / len(values)
     return int(mean) if float(mean).is_integer() else f"{mean:,.1f}"
+
+
+def count_over_seeds(values: Sequence[int | float]) -> int | str | None:
+    """:func:`count_cell` of the mean of ``values`` (one count per seed); ``None`` without values."""
+    return count_cell(sum(values) / len(values)) if values else None
 
 
 def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -109,4 +113,4 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return _render(rows, columns, fmt, markdown=False) if rows else ""
 
 
-__all__ = ["cell", "columns_of", "count_over_seeds", "markdown_table", "text_table"]
+__all__ = ["cell", "columns_of", "count_cell", "count_over_seeds", "markdown_table", "text_table"]
